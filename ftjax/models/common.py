@@ -1,0 +1,186 @@
+"""What every model family shares: converted checkpoints, the merge into a model, the load report.
+
+A family converter turns a checkpoint's tensors (any layout) into a
+:class:`Converted`: the architecture (from the checkpoint's own metadata), the
+variables as a flat ``{"params/...": array, "batch_stats/...": array}`` dict in
+ftjax's Flax layout, the preprocessing the checkpoint expects and its class
+names.  :func:`merge` then fits those variables into the model the user asked
+for (other class count, other image size, ``dont_load`` rules) and records every
+decision in a :class:`LoadReport`.  Any difference nobody asked for is an error
+naming the key and both shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ftjax.errors import CheckpointError
+from ftjax.tree import any_match
+
+HEAD_PATHS = ("params/head/kernel", "params/head/bias")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+
+@dataclasses.dataclass
+class Converted:
+  """A checkpoint in ftjax's layout, before it is fitted to a model."""
+
+  family: str  # key of ftjax.models.FAMILIES
+  arch: dict  # keyword arguments of the family's create_model (variant, pooling, ...)
+  num_classes: int  # classes of the checkpoint's head (0 when it has none)
+  image_size: tuple[int, int]  # resolution the checkpoint was trained at
+  variables: dict[str, np.ndarray]  # flat, collection-prefixed: "params/head/kernel"
+  mean: tuple[float, float, float] = IMAGENET_MEAN
+  std: tuple[float, float, float] = IMAGENET_STD
+  class_names: list[str] | None = None
+  dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (key, why)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How ftjax builds and fits one model family.
+
+  Attributes:
+    name: the family's key ("vit", "resnet", ...).
+    create_model: ``(arch: dict, num_classes: int, dtype) -> flax module``.
+    resizers: ``(arch, image_size) -> {regex: fn(array, target_shape) -> array}``
+      for leaves whose shape legitimately follows the image size (ViT position
+      embeddings).
+    check_image_size: ``(arch, image_size) -> None``; raises ConfigError.
+  """
+
+  name: str
+  create_model: Callable[..., Any]
+  resizers: Callable[[dict, tuple[int, int]], dict[str, Callable]] = lambda arch, size: {}
+  check_image_size: Callable[[dict, tuple[int, int]], None] = lambda arch, size: None
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """Everything :func:`ftjax.models.from_pretrained` decided, key by key."""
+
+  source: str
+  family: str
+  arch: dict
+  num_classes: int
+  image_size: tuple[int, int]
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  class_names: list[str] | None = None
+  matched: list[str] = dataclasses.field(default_factory=list)
+  resized: list[tuple[str, tuple, tuple]] = dataclasses.field(default_factory=list)
+  reinitialized: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  missing: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def preprocessing(self) -> dict:
+    """What the checkpoint expects of its input: ``x = (pixels/255 - mean) / std``."""
+    return {"mean": tuple(self.mean), "std": tuple(self.std), "image_size": tuple(self.image_size)}
+
+  def __str__(self) -> str:
+    arch = ", ".join(f"{k}={v}" for k, v in self.arch.items())
+    lines = [f"loaded {self.source}",
+             f"  family {self.family} ({arch}); {self.num_classes} classes; "
+             f"image {self.image_size[0]}x{self.image_size[1]}; mean {self.mean} std {self.std}",
+             f"  {len(self.matched)} tensors matched"]
+    sections = [("resized", [f"{p}: {a} -> {b}" for p, a, b in self.resized]),
+                ("re-initialised", [f"{p}: {why}" for p, why in self.reinitialized]),
+                ("dropped from checkpoint", [f"{p}: {why}" for p, why in self.dropped]),
+                ("missing", list(self.missing))]
+    for title, rows in sections:
+      if rows:
+        lines.append(f"  {title} ({len(rows)}):")
+        lines.extend(f"    {r}" for r in rows)
+    return "\n".join(lines)
+
+
+def merge(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], report: LoadReport, *,
+          replace_head: bool, resizers: Mapping[str, Callable] = (),
+          dont_load: Sequence[str] = (), init: Callable[[], Mapping[str, Any]] | None = None,
+          ) -> dict[str, np.ndarray]:
+  """Fits checkpoint tensors into a model's variables; records every decision in ``report``.
+
+  Args:
+    target: flat ``{path: ShapeDtypeStruct-like}`` of the model being built.
+    loaded: flat ``{path: array}`` from the converter, same path convention.
+    report: filled in place.
+    replace_head: the class count changed: the head is zero-initialised.
+    resizers: ``{regex: fn(array, target_shape)}`` for leaves allowed to change shape.
+    dont_load: regexes of model paths to leave at their initial value (and of
+      checkpoint keys to drop).
+    init: called at most once, only when some leaf needs real initial values.
+
+  Returns:
+    flat ``{path: np.ndarray}`` with exactly the target's paths, shapes and dtypes.
+
+  >>> import numpy as np, jax
+  >>> t = {"params/w": jax.ShapeDtypeStruct((2,), np.float32),
+  ...      "params/head/kernel": jax.ShapeDtypeStruct((2, 3), np.float32),
+  ...      "params/head/bias": jax.ShapeDtypeStruct((3,), np.float32)}
+  >>> l = {"params/w": np.ones(2), "params/head/kernel": np.ones((2, 5)),
+  ...      "params/head/bias": np.ones(5)}
+  >>> r = LoadReport("x", "f", {}, 3, (1, 1), (0,) * 3, (1,) * 3)
+  >>> out = merge(t, l, r, replace_head=True)
+  >>> out["params/head/kernel"].sum(), r.matched, [p for p, _ in r.reinitialized]
+  (np.float32(0.0), ['params/w'], ['params/head/bias', 'params/head/kernel'])
+  """
+  resize_items = list(dict(resizers).items())
+  out: dict[str, np.ndarray] = {}
+  initial: Mapping[str, Any] | None = None
+
+  def initial_value(path):
+    nonlocal initial
+    if initial is None:
+      if init is None:
+        raise CheckpointError("leaf needs initialising but no initialiser was given", where=path)
+      initial = init()
+    return np.asarray(initial[path])
+
+  for path in sorted(target):
+    spec = target[path]
+    shape, dtype = tuple(spec.shape), np.dtype(spec.dtype)
+    if dont_load and any_match(path, dont_load):
+      out[path] = initial_value(path).astype(dtype)
+      report.reinitialized.append((path, "dont_load"))
+      continue
+    if replace_head and path in HEAD_PATHS:
+      out[path] = np.zeros(shape, dtype)
+      old = tuple(loaded[path].shape) if path in loaded else None
+      report.reinitialized.append((path, f"new head, zeros {shape} (checkpoint {old})"))
+      continue
+    if path not in loaded:
+      report.missing.append(path)
+      raise CheckpointError("model key missing from the checkpoint", where=report.source,
+                            value=f"{path} {shape}",
+                            hint="pass dont_load=[regex] to initialise it instead")
+    arr = loaded[path]
+    if tuple(arr.shape) != shape:
+      fn = next((f for rx, f in resize_items if any_match(path, [rx])), None)
+      if fn is None:
+        raise CheckpointError("shape mismatch", where=path,
+                              value=f"checkpoint {tuple(arr.shape)} vs model {shape}",
+                              hint="a checkpoint for another architecture or variant?")
+      new = np.asarray(fn(arr, shape))
+      report.resized.append((path, tuple(arr.shape), shape))
+      arr = new
+    else:
+      report.matched.append(path)
+    out[path] = arr if arr.dtype == dtype else arr.astype(dtype)
+
+  for path in sorted(set(loaded) - set(target)):
+    if dont_load and any_match(path, dont_load):
+      report.dropped.append((path, "dont_load"))
+      continue
+    raise CheckpointError("checkpoint key the model does not have", where=report.source,
+                          value=f"{path} {tuple(loaded[path].shape)}",
+                          hint="a checkpoint for another architecture or variant?")
+  return out

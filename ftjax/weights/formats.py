@@ -1,0 +1,197 @@
+"""Readers for weight files: safetensors, numpy .npz, PyTorch pickles.
+
+Nothing in a file is ever executed: safetensors headers are validated before a
+single tensor byte is read (no allocation of a claimed size, no read out of
+bounds), ``.npz`` files are opened with ``allow_pickle=False``, and PyTorch
+files only with ``torch.load(..., weights_only=True)`` on a torch release
+without known bypasses of it (2.10 or newer).  Every reader returns a flat
+``{name: np.ndarray}`` dict and raises :class:`ftjax.errors.CheckpointError`
+naming the file on any problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ftjax.errors import CheckpointError
+
+# A safetensors header larger than this is refused without reading it.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+
+# torch.load(weights_only=True) had known bypasses before 2.10 (pickle payloads
+# reaching code through allow-listed globals); older releases are refused.
+MIN_TORCH = (2, 10)
+
+
+def _check_file(path: str | os.PathLike) -> Path:
+  p = Path(path)
+  if not p.exists():
+    raise CheckpointError("weight file not found", where=str(p), hint="check the path")
+  if not p.is_file():
+    raise CheckpointError("not a file", where=str(p), hint="pass the weight file, not a folder")
+  return p
+
+
+def parse_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+  """Reads and validates a safetensors header; returns (entries, data offset).
+
+  Every entry's dtype, shape and byte range is checked against the file size,
+  so a hostile header can neither make us allocate its claimed sizes nor read
+  out of bounds.
+  """
+  p = _check_file(path)
+  size = p.stat().st_size
+  with open(p, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise CheckpointError("truncated safetensors file (no header)", where=str(p),
+                            value=f"{size} bytes")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER_BYTES or 8 + n > size:
+      raise CheckpointError("invalid safetensors header length", where=str(p),
+                            value=f"claims {n} bytes, file has {size}",
+                            hint="the file is truncated or not safetensors")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError("invalid safetensors header", where=str(p), value=str(e)) from None
+  if not isinstance(header, dict):
+    raise CheckpointError("invalid safetensors header", where=str(p), value="not a JSON object")
+  data_len = size - 8 - n
+  entries = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dtype = _ST_DTYPES[info["dtype"]]
+      shape = tuple(int(d) for d in info["shape"])
+      begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise CheckpointError("invalid safetensors entry", where=f"{p}:{name}",
+                            value=repr(info)[:200]) from None
+    if any(d < 0 for d in shape):
+      raise CheckpointError("negative dimension in safetensors entry", where=f"{p}:{name}",
+                            value=shape)
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if not 0 <= begin <= end or end - begin != nbytes:
+      raise CheckpointError("safetensors entry size disagrees with its shape",
+                            where=f"{p}:{name}", value=f"offsets {begin}..{end} for {shape} {dtype}")
+    if end > data_len:
+      raise CheckpointError("truncated safetensors file", where=f"{p}:{name}",
+                            value=f"needs byte {end}, data has {data_len}")
+    entries[name] = (dtype, shape, begin, end)
+  return entries, 8 + n
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """All tensors of a safetensors file as numpy arrays (one read, zero-copy views)."""
+  entries, offset = parse_safetensors_header(path)
+  with open(path, "rb") as f:
+    f.seek(offset)
+    end = max((e for *_, e in entries.values()), default=0)
+    buf = bytearray(end)
+    got = f.readinto(buf)
+  if got != end:
+    raise CheckpointError("truncated safetensors file", where=str(path), value=f"{got} of {end} bytes")
+  return {name: np.frombuffer(buf, dtype=dt, count=int(np.prod(shape, dtype=np.int64)),
+                              offset=b).reshape(shape)
+          for name, (dt, shape, b, _) in entries.items()}
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict:
+  p = _check_file(path)
+  with open(p, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > _MAX_HEADER_BYTES:
+      return {}
+    return json.loads(f.read(n)).get("__metadata__", {}) or {}
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """All arrays of an ``.npz`` file; object arrays (pickles) are refused."""
+  p = _check_file(path)
+  try:
+    with np.load(p, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except ValueError as e:
+    if "allow_pickle" in str(e):
+      raise CheckpointError("refused .npz holding pickled objects", where=str(p),
+                            hint="only plain numeric arrays are read; objects could run code") from None
+    raise CheckpointError("corrupted .npz file", where=str(p), value=str(e)) from None
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise CheckpointError("corrupted .npz file", where=str(p), value=str(e)) from None
+
+
+def torch_version_ok(version: str) -> bool:
+  """True where ``torch.load(weights_only=True)`` has no known bypass.
+
+  >>> torch_version_ok("2.13.0+cpu"), torch_version_ok("2.5.1")
+  (True, False)
+  """
+  parts = []
+  for piece in version.split("+")[0].split(".")[:2]:
+    digits = "".join(c for c in piece if c.isdigit())
+    parts.append(int(digits or 0))
+  return tuple(parts) >= MIN_TORCH
+
+
+def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A PyTorch state dict (``.pth``/``.bin``/``.pt``), read with ``weights_only=True``.
+
+  A checkpoint that wraps the state dict (``{"state_dict": ...}``, ``{"model": ...}``)
+  is unwrapped.  bf16 tensors come back as float32.
+  """
+  p = _check_file(path)
+  try:
+    import torch
+  except ImportError:
+    raise CheckpointError("reading a PyTorch file needs torch", where=str(p),
+                          hint="pip install 'ftjax[torch]', or convert it to safetensors") from None
+  if not torch_version_ok(torch.__version__):
+    raise CheckpointError("refused: this torch release has known weights_only bypasses",
+                          where=str(p), value=torch.__version__, hint="install torch>=2.10")
+  try:
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, zip errors...
+    msg = " ".join(str(e).split())
+    if "Weights only load failed" in msg or "Unsupported global" in msg or "UnpicklingError" in type(e).__name__:
+      raise CheckpointError("refused PyTorch file: it holds objects other than tensors", where=str(p),
+                            value=msg[:160], hint="only plain state dicts are loaded; nothing was run") from None
+    raise CheckpointError("unreadable PyTorch file", where=str(p), value=msg[:160]) from None
+  for key in ("state_dict", "model", "model_state_dict", "module"):
+    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+      obj = obj[key]
+  if not isinstance(obj, dict):
+    raise CheckpointError("PyTorch file is not a state dict", where=str(p), value=type(obj).__name__)
+  out = {}
+  for k, v in obj.items():
+    if isinstance(v, torch.Tensor):
+      if v.dtype == torch.bfloat16:
+        v = v.float()
+      out[k] = v.detach().cpu().numpy()
+  return out
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Dispatches on the file's extension: .safetensors, .npz, else a torch pickle."""
+  name = str(path)
+  if name.endswith(".safetensors"):
+    return read_safetensors(path)
+  if name.endswith(".npz"):
+    return read_npz(path)
+  return read_torch(path)

@@ -1,0 +1,61 @@
+"""Fetching checkpoints: Hugging Face hub repos and plain URLs, with clear offline errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from ftjax.errors import CheckpointError
+
+CACHE_DIR = Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax"))
+
+
+def hf_file(repo_id: str, filenames: tuple[str, ...], *, source: str) -> tuple[str, str]:
+  """Downloads the first of ``filenames`` that ``repo_id`` has; returns (local path, filename)."""
+  try:
+    from huggingface_hub import hf_hub_download
+  except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+    raise CheckpointError("huggingface_hub is not installed", where=source) from None
+  last = None
+  for name in filenames:
+    try:
+      return hf_hub_download(repo_id, name), name
+    except Exception as e:  # EntryNotFound -> try the next name; offline -> stop
+      last = e
+      if "EntryNotFound" in type(e).__name__ or "404" in str(e):
+        continue
+      break
+  raise CheckpointError("cannot fetch from the Hugging Face hub", where=source,
+                        value=f"{type(last).__name__}: {' '.join(str(last).split())[:120]}",
+                        hint="offline? download the files elsewhere and pass a local path, "
+                             "e.g. hf:/path/to/dir or timm:<name>@/path/to/model.safetensors")
+
+
+def url_file(url: str, *, source: str) -> str:
+  """Downloads ``url`` (http(s) or gs://) into the cache once; returns the local path."""
+  if url.startswith("gs://"):
+    url = "https://storage.googleapis.com/" + url[len("gs://"):]
+  digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+  dest = CACHE_DIR / digest / url.rsplit("/", 1)[-1]
+  if dest.exists():
+    return str(dest)
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    # Download to a temporary name first: an interrupted download never
+    # leaves a half-written file under the final name.
+    with urllib.request.urlopen(url, timeout=30) as r, tempfile.NamedTemporaryFile(
+        dir=dest.parent, delete=False) as tmp:
+      shutil.copyfileobj(r, tmp)
+    os.replace(tmp.name, dest)
+  except OSError as e:
+    raise CheckpointError("cannot download", where=source, value=f"{url}: {e}",
+                          hint="offline? download the file elsewhere and pass its local path") from None
+  return str(dest)
+
+
+def is_url(s: str) -> bool:
+  return s.startswith(("http://", "https://", "gs://"))

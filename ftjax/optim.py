@@ -1,0 +1,1029 @@
+"""Which parameters train, and how fast: param-group rules -> one ``optax.multi_transform``.
+
+A fine-tuning recipe is data.  ``param_groups`` is a list of ``(regex, spec)``
+rules over '/'-joined parameter paths (full match, first match wins, see
+:mod:`ftjax.tree`); ``spec`` is ``None`` (frozen for the whole run) or a dict
+``{lr_mult, wd_mult, schedule?, name?, kwargs?}``.  On top of the groups:
+
+* ``layer_decay``: a per-depth learning-rate multiplier ``decay ** (top - depth)``
+  whose depths each model family defines in :data:`LAYER_DEPTHS`;
+* ``unfreeze``: ``[(step, regex), ...]``: matching leaves stay frozen until
+  ``step``, then train with their group's spec;
+* decoupled weight decay on kernels only (``wd_rules`` override the mask).
+
+Every leaf gets a *label*: ``frozen``, or ``g<group>[.d<depth>][.p<phase>]``.  A
+label's leaves share one learning rate, so the rules compile into one
+``optax.multi_transform`` whose frozen label is ``optax.set_to_zero()``: frozen
+leaves keep no optimizer state, and since nothing reads their gradients (global
+norm clipping is masked to trainable leaves) XLA drops their backward pass.
+
+>>> import numpy as np
+>>> params = {"body": {"kernel": np.ones((2, 2), np.float32)},
+...           "head": {"bias": np.zeros(2, np.float32), "kernel": np.ones((2, 2), np.float32)}}
+>>> config = {"name": "sgd", "kwargs": {}, "lr": 0.5, "schedule": {"name": "constant"},
+...           "param_groups": [("head/.*", {}), (".*", None)]}
+>>> param_labels(params, config)
+{'body': {'kernel': 'frozen'}, 'head': {'bias': 'g0', 'kernel': 'g0'}}
+>>> tx = make_optimizer(params, config, total_steps=10)
+>>> grads = {"body": {"kernel": np.ones((2, 2), np.float32)},
+...          "head": {"bias": np.ones(2, np.float32), "kernel": np.ones((2, 2), np.float32)}}
+>>> updates, _ = tx.update(grads, tx.init(params), params)
+>>> updates["body"]["kernel"].tolist(), updates["head"]["bias"].tolist()
+([[0.0, 0.0], [0.0, 0.0]], [-0.5, -0.5])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from ml_collections import config_dict
+
+from ftjax import tree as tree_lib
+from ftjax.errors import ConfigError
+
+FROZEN = "frozen"
+
+SCHEDULES = ("warmup_cosine", "cosine", "linear", "constant", "rsqrt", "step")
+
+# Per-family layer depths for ``layer_decay``: ``(path regex, base depth)``.  In a
+# regex, ``{i}`` stands for a block or stage index and the depth is ``base + i``;
+# "top" is one more than the deepest other level, and its multiplier is 1.
+#   vit:          embeddings (patch, cls, pos) 0, encoderblock_i -> i + 1,
+#                 encoder_norm, pre_logits, head -> L + 1.
+#   resnet(v2):   per stage: stem 0, stage s (1..4) -> s, final norm + head -> 5;
+#                 ResNet-50 with decay d: head 1, stage4 d, stage3 d^2, stage2 d^3,
+#                 stage1 d^4, stem d^5.
+#   efficientnet: stem 0, stage s (0..6) -> s + 1, conv_head + head -> 8.
+_TOP = "top"
+_RESNET_DEPTHS = ((r"stem/.*", 0), (r"stage{i}/.*", 0), (r"norm/.*|head/.*", _TOP))
+LAYER_DEPTHS: dict[str, tuple[tuple[str, int | str], ...]] = {
+    "vit": ((r"embedding/.*|cls|Transformer/posembed_input/.*", 0),
+            (r"Transformer/encoderblock_{i}/.*", 1),
+            (r"Transformer/encoder_norm/.*|pre_logits/.*|head/.*", _TOP)),
+    "resnet": _RESNET_DEPTHS,
+    "resnetv2": _RESNET_DEPTHS,
+    "efficientnet": ((r"stem/.*", 0), (r"stage{i}/.*", 1), (r"conv_head/.*|head/.*", _TOP)),
+}
+
+# Weight decay by default: kernels (dense and conv) only; no biases, norms,
+# position embeddings or class token.
+DEFAULT_WD_RULES = ((r"(?:.*/)?kernel", 1.0), (r".*", 0.0))
+
+# Optimizers whose step size does not scale with the gradient: the "high
+# learning rate" warning uses a lower threshold for them than for SGD.
+_ADAPTIVE = ("adam", "adamw", "nadam", "nadamw", "radam", "adamax", "adamaxw", "amsgrad", "lamb",
+             "lion", "adafactor", "adabelief", "adan", "novograd", "rmsprop", "adagrad", "lars",
+             "sm3", "yogi", "fromage", "adadelta")
+
+# Optimizer kwargs that would bypass optim.lr / optim.weight_decay / optim.wd_rules.
+_OWNED_KWARGS = {"learning_rate": "optim.lr", "weight_decay": "optim.weight_decay",
+                 "weight_decay_rate": "optim.weight_decay", "weight_decay_mask": "optim.wd_rules",
+                 "mask": "optim.wd_rules"}
+
+# A leaf no user wd rule covers (None would vanish from a pytree).
+_UNSET = object()
+
+_GROUP_KEYS = ("lr_mult", "wd_mult", "schedule", "name", "kwargs")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key :func:`make_optimizer` understands, with its default.
+
+  The defaults are the vit_jax fine-tuning recipe: SGD with momentum 0.9, no
+  weight decay, a cosine decay (set ``schedule.warmup_steps``).
+
+  >>> c = default_config()
+  >>> c.name, c.kwargs.momentum, c.param_groups, c.accum_steps
+  ('sgd', 0.9, [('.*', {})], 1)
+  """
+  c = ml_collections.ConfigDict()
+  c.name = "sgd"  # any optax optimizer taking learning_rate
+  c.kwargs = {"momentum": 0.9}  # passed to it
+  c.lr = 0.01  # peak learning rate
+  c.schedule = ml_collections.ConfigDict(dict(
+      name="warmup_cosine",  # one of SCHEDULES; every schedule starts with the warm-up
+      warmup_steps=0,
+      warmup_epochs=config_dict.placeholder(float),  # instead of warmup_steps
+      end_factor=0.0,  # cosine / linear: final lr as a fraction of the peak
+      timescale=10_000,  # rsqrt: lr = peak / sqrt(1 + (step - warmup) / timescale)
+      boundaries=[],  # step: global steps where lr is multiplied by decay_factor
+      boundary_epochs=[],  # instead of boundaries
+      decay_factor=0.1,
+  ))
+  c.total_steps = config_dict.placeholder(int)  # the trainer's total_steps wins
+  c.weight_decay = 0.0  # decoupled: update -= lr * weight_decay * wd multiplier * param
+  c.wd_rules = []  # [(regex, mult)], tried before the kernel-only default
+  c.grad_clip_norm = config_dict.placeholder(float)  # global norm over trainable leaves
+  c.param_groups = [(".*", {})]  # [(regex, None | {lr_mult, wd_mult, schedule, name, kwargs})]
+  c.layer_decay = config_dict.placeholder(float)  # needs the model family
+  c.unfreeze = []  # [(step, regex)]: leaves frozen until step
+  c.accum_steps = 1  # microbatches per step (the trainer accumulates)
+  return c
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+  """One validated param-group spec; ``None`` stands for a frozen group."""
+  rule: str
+  lr_mult: float
+  wd_mult: float
+  schedule: dict
+  name: str
+  kwargs: dict
+
+
+def _plain(value):
+  """ConfigDicts (at any depth) -> dicts, so user and default values compare alike."""
+  if isinstance(value, ml_collections.ConfigDict):
+    return value.to_dict()
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  return value
+
+
+def _close(word, options) -> str:
+  match = difflib.get_close_matches(str(word), list(options), n=1)
+  return f"did you mean {match[0]}?" if match else f"choose from {', '.join(options)}"
+
+
+def _merge(defaults: dict, given: Mapping, where: str) -> dict:
+  out = dict(defaults)
+  for key, value in given.items():
+    if key not in defaults:
+      raise ConfigError("unknown optimizer key", where=f"{where}.{key}", value=repr(value),
+                        hint=_close(key, defaults))
+    out[key] = value
+  return out
+
+
+def _options(config) -> dict:
+  """The optim config (ConfigDict, dict, or a bare param-group list) with defaults filled."""
+  defaults = default_config().to_dict()
+  if config is None:
+    return defaults
+  if isinstance(config, Sequence) and not isinstance(config, str):
+    config = {"param_groups": list(config)}
+  opts = _merge(defaults, _plain(config), "optim")
+  opts["kwargs"] = dict(_plain(opts["kwargs"]) or {})
+  opts["schedule"] = _merge(defaults["schedule"], _plain(opts["schedule"]) or {}, "optim.schedule")
+  accum = opts["accum_steps"]
+  if not (isinstance(accum, (int, np.integer)) and not isinstance(accum, bool) and accum >= 1):
+    raise ConfigError("accum_steps must be a positive integer", where="optim.accum_steps",
+                      value=repr(accum))
+  _nonnegative(opts["lr"], "optim.lr")
+  _nonnegative(opts["weight_decay"], "optim.weight_decay")
+  if opts["grad_clip_norm"] is not None and not opts["grad_clip_norm"] > 0:
+    raise ConfigError("grad_clip_norm must be positive or None", where="optim.grad_clip_norm",
+                      value=opts["grad_clip_norm"])
+  if opts["layer_decay"] is not None and not opts["layer_decay"] > 0:
+    raise ConfigError("layer_decay must be positive", where="optim.layer_decay",
+                      value=opts["layer_decay"], hint="0.65-0.9 is usual; None turns it off")
+  return opts
+
+
+def _nonnegative(value, where: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value >= 0:
+    raise ConfigError("multiplier or rate must be a non-negative number", where=where,
+                      value=repr(value))
+  return float(value)
+
+
+def _groups(opts: dict) -> list[_Group | None]:
+  """Validates ``param_groups`` specs; ``None`` stays ``None`` (frozen)."""
+  groups = []
+  rules = opts["param_groups"]
+  if not isinstance(rules, Sequence) or isinstance(rules, str):
+    raise ConfigError("param_groups must be a list of (regex, spec)", where="optim.param_groups",
+                      value=repr(rules))
+  for i, rule in enumerate(rules):
+    where = f"optim.param_groups #{i}"
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError("a param group must be a (regex, spec) pair", where=where, value=repr(rule))
+    spec = _plain(rule[1])
+    if spec is None:
+      groups.append(None)
+      continue
+    if not isinstance(spec, Mapping):
+      raise ConfigError("a param group spec must be None (frozen) or a dict", where=where,
+                        value=repr(spec), hint=f"keys: {', '.join(_GROUP_KEYS)}")
+    for key in spec:
+      if key not in _GROUP_KEYS:
+        raise ConfigError("unknown param group key", where=f"{where}.{key}", value=repr(spec[key]),
+                          hint=_close(key, _GROUP_KEYS))
+    name = spec.get("name", opts["name"])
+    # A group that names its own optimizer starts from empty kwargs: the global
+    # kwargs belong to the global optimizer (momentum means nothing to adamw).
+    kwargs = {} if "name" in spec else dict(opts["kwargs"])
+    kwargs.update(_plain(spec.get("kwargs")) or {})
+    groups.append(_Group(
+        rule=rule[0],
+        lr_mult=_nonnegative(spec.get("lr_mult", 1.0), f"{where}.lr_mult"),
+        wd_mult=_nonnegative(spec.get("wd_mult", 1.0), f"{where}.wd_mult"),
+        schedule=_merge(opts["schedule"], _plain(spec.get("schedule")) or {}, f"{where}.schedule"),
+        name=name, kwargs=kwargs))
+  return groups
+
+
+def _total_steps(opts: dict, total_steps: int | None) -> int:
+  total = total_steps if total_steps is not None else opts["total_steps"]
+  if total is None:
+    raise ConfigError("the number of training steps is unknown", where="optim.total_steps",
+                      hint="pass total_steps= or set optim.total_steps")
+  if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 1:
+    raise ConfigError("total_steps must be a positive integer", where="optim.total_steps",
+                      value=repr(total))
+  return int(total)
+
+
+# ----------------------------------------------------------------------------- layer depths
+
+
+def _family_rules(family: str | None):
+  if family not in LAYER_DEPTHS:
+    raise ConfigError("unknown model family for layer decay", where="family", value=repr(family),
+                      hint=_close(family, LAYER_DEPTHS))
+  return LAYER_DEPTHS[family]
+
+
+def layer_depths(params, family: str):
+  """Tree of depths per :data:`LAYER_DEPTHS`; every leaf must be covered.
+
+  >>> params = {"cls": 0, "head": {"kernel": 0},
+  ...           "Transformer": {"encoderblock_0": {"w": 0}, "encoderblock_1": {"w": 0}}}
+  >>> layer_depths(params, "vit")
+  {'Transformer': {'encoderblock_0': {'w': 1}, 'encoderblock_1': {'w': 2}}, 'cls': 0, 'head': {'kernel': 3}}
+  """
+  table = _family_rules(family)
+  regexes = [rx.replace("{i}", r"(\d+)") for rx, _ in table]
+  which = tree_lib.flatten(tree_lib.rule_tree(
+      params, [(rx, i) for i, rx in enumerate(regexes)], what=f"{family} layer-depth rule",
+      allow_unused=True))
+  depth = {}
+  for path, i in which.items():
+    base = table[i][1]
+    if base == _TOP:
+      depth[path] = _TOP
+    else:
+      match = re.fullmatch(regexes[i], path)
+      depth[path] = base + (int(match[1]) if match.groups() else 0)
+  top = max((d for d in depth.values() if d != _TOP), default=-1) + 1
+  return tree_lib.map_with_path(lambda p, _: top if depth[p] == _TOP else depth[p], params)
+
+
+def layer_decay_multipliers(params, family: str, decay: float):
+  """Tree of learning-rate multipliers ``decay ** (top - depth)`` (the head gets 1).
+
+  >>> params = {"cls": 0, "head": {"kernel": 0},
+  ...           "Transformer": {"encoderblock_0": {"w": 0}, "encoderblock_1": {"w": 0}}}
+  >>> tree_lib.flatten(layer_decay_multipliers(params, "vit", 0.5))
+  {'Transformer/encoderblock_0/w': 0.25, 'Transformer/encoderblock_1/w': 0.5, 'cls': 0.125, 'head/kernel': 1.0}
+  """
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay > 0:
+    raise ConfigError("layer_decay must be positive", where="optim.layer_decay", value=repr(decay))
+  depths = layer_depths(params, family)
+  top = max(jax.tree.leaves(depths))
+  return jax.tree.map(lambda d: float(decay) ** (top - d), depths)
+
+
+def gradual_unfreezing(family: str, *, depth: int | None = None, every: int,
+                       k: int = 1) -> list[tuple[int, str]]:
+  """``unfreeze`` rules that train the last ``k`` more levels every ``every`` steps.
+
+  Levels are the family's depths below the head (:data:`LAYER_DEPTHS`): ViT
+  blocks (``depth`` = number of blocks) then the embeddings; ResNet stages 4..1
+  then the stem (``depth`` 4); EfficientNet stages 6..0 then the stem (``depth``
+  7).  The head level trains from step 0; everything else must have a training
+  spec in ``param_groups``.
+
+  >>> gradual_unfreezing("vit", depth=3, every=100, k=2)
+  [(100, 'Transformer/encoderblock_2/.*|Transformer/encoderblock_1/.*'), (200, 'Transformer/encoderblock_0/.*|embedding/.*|cls|Transformer/posembed_input/.*')]
+  >>> gradual_unfreezing("resnet", every=50)[0]
+  (50, 'stage4/.*')
+  """
+  table = _family_rules(family)
+  if depth is None:
+    if family == "vit":
+      raise ConfigError("gradual unfreezing of a ViT needs its number of blocks", where="depth")
+    depth = {"resnet": 4, "resnetv2": 4, "efficientnet": 7}[family]
+  for value, name in ((every, "every"), (k, "k"), (depth, "depth")):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError("gradual unfreezing needs a positive integer", where=name, value=repr(value))
+
+  def regex_at(d):
+    parts = []
+    for rx, base in table:
+      if base == _TOP:
+        continue
+      if "{i}" in rx:
+        if d - base >= 0:
+          parts.append(rx.replace("{i}", str(d - base)))
+      elif base == d:
+        parts.append(rx)
+    return "|".join(p for p in parts)
+
+  levels = [regex_at(d) for d in range(depth, -1, -1)]
+  levels = [rx for rx in levels if rx]
+  return [(every * (j + 1), "|".join(levels[j * k:(j + 1) * k]))
+          for j in range(math.ceil(len(levels) / k))]
+
+
+# ----------------------------------------------------------------------------- unfreezing
+
+
+def _unfreeze_rules(opts: dict) -> list[tuple[int, str]]:
+  rules = opts["unfreeze"]
+  if not isinstance(rules, Sequence) or isinstance(rules, str):
+    raise ConfigError("unfreeze must be a list of (step, regex)", where="optim.unfreeze",
+                      value=repr(rules))
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], str)
+            and isinstance(rule[0], (int, np.integer)) and not isinstance(rule[0], bool)):
+      raise ConfigError("an unfreeze rule must be a (step, regex) pair", where=f"optim.unfreeze #{i}",
+                        value=repr(rule))
+  return [(int(s), rx) for s, rx in rules]
+
+
+def unfreeze_phases(config, total_steps: int | None = None) -> list[int]:
+  """Start steps of the training phases: ``[0]`` plus each distinct unfreeze step.
+
+  >>> unfreeze_phases({"unfreeze": [(300, "a/.*"), (100, "b/.*"), (300, "c")]}, 1000)
+  [0, 100, 300]
+  >>> unfreeze_phases({"unfreeze": [(1000, "a/.*")]}, 1000)
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: unfreeze step beyond the run (optim.unfreeze #0): 1000; the run has steps 0..999
+  """
+  opts = _options(config)
+  rules = _unfreeze_rules(opts)
+  if total_steps is not None or opts["total_steps"] is not None:
+    total = _total_steps(opts, total_steps)
+    for i, (step, _) in enumerate(rules):
+      if not 0 <= step < total:
+        raise ConfigError("unfreeze step beyond the run", where=f"optim.unfreeze #{i}", value=step,
+                          hint=f"the run has steps 0..{total - 1}")
+  return [0] + sorted({s for s, _ in rules if s > 0})
+
+
+def phase_at(step: int, config) -> int:
+  """Index of the phase that ``step`` belongs to.
+
+  >>> [phase_at(s, {"unfreeze": [(100, "a")]}) for s in (0, 99, 100, 500)]
+  [0, 0, 1, 1]
+  """
+  starts = unfreeze_phases(config)
+  return sum(1 for s in starts if s <= step) - 1
+
+
+# ----------------------------------------------------------------------------- leaf table
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  """How one parameter trains over the whole run."""
+  group: int | None  # index into param_groups; None: frozen for the whole run
+  depth: int | None  # layer-decay depth, None without layer decay
+  lr_mult: float  # group lr_mult times the layer-decay multiplier
+  wd: float  # weight_decay * group wd_mult * wd rule multiplier
+  phase: int  # phase in which it starts training
+  size: int
+
+  def label(self, phase: int) -> str:
+    if self.group is None or self.phase > phase:
+      return FROZEN
+    return (f"g{self.group}" + ("" if self.depth is None else f".d{self.depth}")
+            + (f".p{self.phase}" if self.phase else ""))
+
+
+def _size(leaf) -> int:
+  return int(np.prod(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf), dtype=np.int64))
+
+
+def _leaf_table(params, opts: dict, *, family: str | None = None,
+                total_steps: int | None = None, need_depths: bool = True) -> dict[str, _Leaf]:
+  groups = _groups(opts)
+  group_of = tree_lib.flatten(tree_lib.rule_tree(
+      params, [(g[0], i) for i, g in enumerate(opts["param_groups"])], what="param group"))
+
+  starts = unfreeze_phases(opts, total_steps)
+  rules = _unfreeze_rules(opts)
+  step_of = tree_lib.flatten(tree_lib.rule_tree(
+      params, [(rx, s) for s, rx in rules], what="unfreeze rule", default=0)) if rules else {}
+  for path, step in step_of.items():
+    if step and groups[group_of[path]] is None:
+      raise ConfigError("unfreeze rule matches a parameter its param group freezes for good",
+                        where=path, value=f"param group #{group_of[path]}",
+                        hint="give it a training spec in param_groups; unfreeze only delays it")
+
+  depth_of, decay_of = {}, {}
+  if opts["layer_decay"] is not None and need_depths:
+    if family is None:
+      raise ConfigError("layer_decay needs the model family", where="optim.layer_decay",
+                        value=opts["layer_decay"], hint=f"one of {', '.join(LAYER_DEPTHS)}")
+    depth_of = tree_lib.flatten(layer_depths(params, family))
+    decay_of = tree_lib.flatten(layer_decay_multipliers(params, family, opts["layer_decay"]))
+
+  user_wd = tree_lib.flatten(tree_lib.rule_tree(params, opts["wd_rules"], what="wd rule",
+                                                default=_UNSET))
+  default_wd = tree_lib.flatten(tree_lib.rule_tree(params, DEFAULT_WD_RULES, what="wd rule",
+                                                   allow_unused=True))
+  table = {}
+  for path, leaf in tree_lib.flatten(params).items():
+    gi = group_of[path]
+    group = groups[gi]
+    wd_rule = default_wd[path] if user_wd[path] is _UNSET else user_wd[path]
+    wd_rule = _nonnegative(wd_rule, f"optim.wd_rules ({path})")
+    table[path] = _Leaf(
+        group=None if group is None else gi,
+        depth=depth_of.get(path),
+        lr_mult=0.0 if group is None else group.lr_mult * decay_of.get(path, 1.0),
+        wd=0.0 if group is None else float(opts["weight_decay"]) * group.wd_mult * wd_rule,
+        phase=starts.index(step_of.get(path, 0)) if step_of.get(path, 0) else 0,
+        size=_size(leaf))
+  return table
+
+
+def param_labels(params, config, *, family: str | None = None, phase: int = 0):
+  """The label tree: ``frozen`` or ``g<group>[.d<depth>][.p<start phase>]`` per leaf.
+
+  ``config`` is the optim config, or just the ``param_groups`` list.  The tree
+  keeps the container types of ``params`` (dict or FrozenDict), which is what
+  ``optax.multi_transform`` needs.
+
+  >>> params = {"head": {"kernel": 0, "bias": 0}, "body": {"kernel": 0}}
+  >>> param_labels(params, [("head/.*", {"lr_mult": 10}), (".*", {})])
+  {'body': {'kernel': 'g1'}, 'head': {'bias': 'g0', 'kernel': 'g0'}}
+  >>> param_labels(params, {"unfreeze": [(100, "body/.*")], "total_steps": 200})
+  {'body': {'kernel': 'frozen'}, 'head': {'bias': 'g0', 'kernel': 'g0'}}
+  """
+  table = _leaf_table(params, _options(config), family=family)
+  return tree_lib.map_with_path(lambda p, _: table[p].label(phase), params)
+
+
+def trainable_mask(params, config, phase: int = 0):
+  """Tree of bools, False for the leaves frozen during ``phase``.
+
+  >>> trainable_mask({"a": 0, "b": 0}, {"param_groups": [("a", None), ("b", {})]})
+  {'a': False, 'b': True}
+  """
+  table = _leaf_table(params, _options(config), need_depths=False)
+  return tree_lib.map_with_path(lambda p, _: table[p].label(phase) != FROZEN, params)
+
+
+def trainable_norm(tree, mask) -> jax.Array:
+  """Global L2 norm over the leaves where ``mask`` is True (gradient logging).
+
+  Reading the frozen gradients would bring their backward pass back; this does not.
+
+  >>> float(trainable_norm({"a": np.full(4, 3.0), "b": np.ones(2)}, {"a": False, "b": True}))
+  1.4142135381698608
+  """
+  leaves = [x for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if m]
+  if not leaves:
+    return jnp.zeros([], jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves))
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def _steps(cfg: dict, steps_key: str, epochs_key: str, steps_per_epoch, where: str):
+  """A length (or list of them) given in steps or in epochs, as steps."""
+  epochs = cfg.get(epochs_key)
+  if epochs is None or (isinstance(epochs, (list, tuple)) and not epochs):
+    return cfg[steps_key]
+  if cfg[steps_key]:
+    raise ConfigError(f"give {steps_key} or {epochs_key}, not both", where=f"{where}.{epochs_key}",
+                      value=repr(epochs))
+  if not steps_per_epoch:
+    raise ConfigError("a length in epochs needs steps_per_epoch", where=f"{where}.{epochs_key}",
+                      value=repr(epochs), hint="the trainer passes it; or give it in steps")
+  if isinstance(epochs, (list, tuple)):
+    return [int(round(e * steps_per_epoch)) for e in epochs]
+  return int(round(epochs * steps_per_epoch))
+
+
+def _schedule(cfg: dict, *, peak: float, total_steps: int, steps_per_epoch=None,
+              where: str = "optim.schedule") -> Callable[[Any], jax.Array]:
+  """Linear warm-up from 0 to ``peak``, then the named decay until ``total_steps``."""
+  name = cfg["name"]
+  if name not in SCHEDULES:
+    raise ConfigError("unknown learning-rate schedule", where=f"{where}.name", value=repr(name),
+                      hint=_close(name, SCHEDULES))
+  warmup = _steps(cfg, "warmup_steps", "warmup_epochs", steps_per_epoch, where)
+  if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+    raise ConfigError("warm-up must be a non-negative number of steps", where=f"{where}.warmup_steps",
+                      value=repr(warmup))
+  if warmup >= total_steps:
+    raise ConfigError("warm-up as long as the run", where=f"{where}.warmup_steps", value=warmup,
+                      hint=f"the run has {total_steps} steps")
+  length = total_steps - warmup
+  end = float(cfg["end_factor"]) * peak
+  if name == "step":
+    bounds = _steps(cfg, "boundaries", "boundary_epochs", steps_per_epoch, where)
+    if not bounds or list(bounds) != sorted(bounds) or not 0 < bounds[0] or bounds[-1] >= total_steps:
+      raise ConfigError("step decay needs increasing boundaries inside the run",
+                        where=f"{where}.boundaries", value=repr(bounds),
+                        hint=f"global steps in 1..{total_steps - 1}")
+    # Python products, so each level is exactly peak * factor**n in float32.
+    levels = jnp.asarray([peak * float(cfg["decay_factor"]) ** n for n in range(len(bounds) + 1)],
+                         jnp.float32)
+  timescale = float(cfg["timescale"])
+  if name == "rsqrt" and not timescale > 0:
+    raise ConfigError("rsqrt needs a positive timescale", where=f"{where}.timescale", value=timescale)
+
+  def decay(t, step):  # t: steps since the warm-up ended; step: global step
+    frac = jnp.clip(t / length, 0.0, 1.0)
+    if name in ("warmup_cosine", "cosine"):
+      return end + (peak - end) * (0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
+    if name == "linear":
+      return peak + (end - peak) * frac
+    if name == "rsqrt":
+      return peak * jax.lax.rsqrt(1.0 + t / timescale)
+    if name == "step":
+      return levels[jnp.sum(step >= jnp.asarray(bounds))]
+    return jnp.full([], peak, jnp.float32)
+
+  def schedule(count):
+    step = jnp.asarray(count, jnp.float32)
+    if not warmup:
+      return decay(step, step)
+    return jnp.where(step < warmup, peak * step / warmup, decay(step - warmup, step))
+
+  return schedule
+
+
+def make_schedule(config, *, total_steps: int | None = None, steps_per_epoch: int | None = None,
+                  lr_mult: float = 1.0) -> Callable[[Any], jax.Array]:
+  """The learning rate at each global step (for logging, or for research code).
+
+  >>> s = make_schedule({"lr": 0.1, "schedule": {"name": "warmup_cosine", "warmup_steps": 10}},
+  ...                   total_steps=110)
+  >>> [round(float(s(t)), 6) for t in (0, 5, 10, 60, 110)]
+  [0.0, 0.05, 0.1, 0.05, 0.0]
+  >>> make_schedule({"schedule": {"name": "cosin"}}, total_steps=10)
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: unknown learning-rate schedule (optim.schedule.name): 'cosin'; did you mean cosine?
+  """
+  opts = _options(config)
+  return _schedule(opts["schedule"], peak=float(opts["lr"]) * lr_mult,
+                   total_steps=_total_steps(opts, total_steps), steps_per_epoch=steps_per_epoch)
+
+
+def _describe_schedule(cfg: dict, steps_per_epoch=None) -> str:
+  warmup = _steps(cfg, "warmup_steps", "warmup_epochs", steps_per_epoch, "optim.schedule")
+  extra = {"warmup_cosine": f"end={cfg['end_factor']:g}", "cosine": f"end={cfg['end_factor']:g}",
+           "linear": f"end={cfg['end_factor']:g}", "rsqrt": f"timescale={cfg['timescale']:g}",
+           "constant": "",
+           "step": f"x{cfg['decay_factor']:g} at "
+                   f"{_steps(cfg, 'boundaries', 'boundary_epochs', steps_per_epoch, 'optim.schedule')}"}
+  args = ", ".join(a for a in (f"warmup={warmup}" if warmup else "", extra.get(cfg["name"], "")) if a)
+  return f"{cfg['name']}({args})"
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def _optimizer_names() -> list[str]:
+  names = []
+  for name in dir(optax):
+    fn = getattr(optax, name)
+    if name.startswith("_") or inspect.isclass(fn) or not callable(fn):
+      continue
+    try:
+      if "learning_rate" in inspect.signature(fn).parameters:
+        names.append(name)
+    except (TypeError, ValueError):
+      pass
+  return names
+
+
+def named_optimizer(name: str, kwargs: Mapping[str, Any] | None,
+                    learning_rate: float | Callable[[Any], Any], *,
+                    where: str = "optim") -> optax.GradientTransformation:
+  """``optax.<name>(learning_rate, **kwargs)`` with its built-in weight decay off.
+
+  Weight decay is ours (decoupled, masked by rules), so ``weight_decay`` and
+  friends are refused in ``kwargs``; optimizers that decay by default (adamw,
+  lion) get ``weight_decay=0``.
+
+  >>> tx = named_optimizer("sgd", {"momentum": 0.9}, 0.1)
+  >>> named_optimizer("adamw", {"momentum": 0.9}, 0.1)
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: adamw takes no argument momentum (optim.kwargs.momentum): 0.9; it takes b1, b2, eps, eps_root, mu_dtype, nesterov
+  """
+  kwargs = dict(_plain(kwargs) or {})
+  fn = getattr(optax, name, None) if isinstance(name, str) and not name.startswith("_") else None
+  try:
+    signature = inspect.signature(fn) if callable(fn) and not inspect.isclass(fn) else None
+  except (TypeError, ValueError):
+    signature = None
+  if signature is None or "learning_rate" not in signature.parameters:
+    raise ConfigError("unknown optimizer", where=f"{where}.name", value=repr(name),
+                      hint=_close(name, _optimizer_names()) + " (any optax optimizer by name)")
+  accepted = [p for p in signature.parameters if p not in _OWNED_KWARGS]
+  for key, value in kwargs.items():
+    if key in _OWNED_KWARGS:
+      raise ConfigError(f"{name} kwarg {key} is set elsewhere", where=f"{where}.kwargs.{key}",
+                        value=repr(value), hint=f"use {_OWNED_KWARGS[key]}")
+    if key not in signature.parameters:
+      raise ConfigError(f"{name} takes no argument {key}", where=f"{where}.kwargs.{key}",
+                        value=repr(value), hint=f"it takes {', '.join(accepted)}")
+  if "weight_decay" in signature.parameters:
+    kwargs["weight_decay"] = 0.0
+  try:
+    return fn(learning_rate=learning_rate, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"bad arguments for {name}", where=f"{where}.kwargs", value=repr(kwargs),
+                      hint=str(e)) from None
+
+
+def decoupled_weight_decay(learning_rate: float | Callable[[Any], Any],
+                           rates: Mapping[str, float]) -> optax.GradientTransformation:
+  """Adds ``-lr(step) * rate[path] * param`` to each update (AdamW-style, any optimizer).
+
+  ``rates`` maps '/'-joined paths to decay rates; absent paths do not decay.  It
+  goes after the optimizer in a chain, so the decay skips momentum and Adam's
+  normalisation.  Works inside ``optax.multi_transform`` (masked leaves are
+  skipped, paths are those of the full tree).
+
+  >>> tx = decoupled_weight_decay(0.5, {"w": 0.1})
+  >>> p = {"w": np.full(2, 2.0, np.float32), "b": np.full(2, 2.0, np.float32)}
+  >>> u, _ = tx.update({"w": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}, tx.init(p), p)
+  >>> u["w"].tolist(), u["b"].tolist()
+  ([-0.10000000149011612, -0.10000000149011612], [0.0, 0.0])
+  """
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("decoupled_weight_decay needs params in update()")
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+
+    def one(key_path, u, p):
+      rate = rates.get(tree_lib.path_str(key_path), 0.0)
+      if not rate:
+        return u
+      return u - jnp.asarray(lr * rate, p.dtype) * p
+
+    new = jax.tree_util.tree_map_with_path(one, updates, params)
+    return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LabelPlan:
+  """Everything one label's transform is built from."""
+  label: str
+  group: _Group
+  lr_mult: float
+  phase: int
+  start_step: int
+  paths: tuple[str, ...]
+  rates: dict
+
+
+def _label_plans(table: dict[str, _Leaf], opts: dict, phase: int, starts: list[int]):
+  groups = _groups(opts)
+  by_label: dict[str, list[str]] = {}
+  for path, leaf in table.items():
+    by_label.setdefault(leaf.label(phase), []).append(path)
+  plans = {}
+  for label, paths in sorted(by_label.items()):
+    if label == FROZEN:
+      continue
+    first = table[paths[0]]
+    plans[label] = _LabelPlan(
+        label=label, group=groups[first.group], lr_mult=first.lr_mult, phase=first.phase,
+        start_step=starts[first.phase], paths=tuple(paths),
+        rates={p: table[p].wd for p in paths if table[p].wd})
+  return by_label, plans
+
+
+def _label_transform(plan: _LabelPlan, opts: dict, total_steps: int, steps_per_epoch):
+  where = f"optim.param_groups #{plan.label[1:].split('.')[0]}"
+  base = _schedule(plan.group.schedule, peak=float(opts["lr"]) * plan.lr_mult,
+                   total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                   where=f"{where}.schedule")
+  # A label unfrozen at step s counts its own steps from 0; shifting keeps its
+  # learning rate on the global schedule while its moments start fresh.
+  schedule = base if not plan.start_step else (lambda count: base(count + plan.start_step))
+  opt = named_optimizer(plan.group.name, plan.group.kwargs, schedule,
+                        where="optim" if plan.group.name == opts["name"] else where)
+  if plan.rates:
+    opt = optax.chain(opt, decoupled_weight_decay(schedule, plan.rates))
+  return opt
+
+
+def make_optimizer(params, config, *, family: str | None = None, total_steps: int | None = None,
+                   steps_per_epoch: int | None = None, phase: int = 0
+                   ) -> optax.GradientTransformation:
+  """The whole optimizer of one training phase, as one ``optax.GradientTransformation``.
+
+  ``chain(masked(clip_by_global_norm, trainable), multi_transform({label: tx}))``
+  where frozen leaves map to ``optax.set_to_zero()`` (no state, gradients never
+  read) and each other label runs ``optax.<name>`` at ``lr * lr_mult`` followed
+  by its decoupled weight decay.  Build one per phase of :func:`unfreeze_phases`
+  and carry the state over with :func:`transition_opt_state`.
+
+  >>> params = {"head": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)},
+  ...           "body": {"kernel": np.ones((3, 3), np.float32)}}
+  >>> tx = make_optimizer(params, {"name": "adamw", "kwargs": {}, "lr": 1e-3,
+  ...                              "param_groups": [("head/.*", {}), (".*", None)]}, total_steps=100)
+  >>> sum(x.size for x in jax.tree.leaves(tx.init(params)) if x.dtype == np.float32)  # mu + nu, head
+  16
+  """
+  opts = _options(config)
+  total = _total_steps(opts, total_steps)
+  starts = unfreeze_phases(opts, total)
+  if isinstance(phase, bool) or not isinstance(phase, (int, np.integer)) or not 0 <= phase < len(starts):
+    raise ConfigError("no such training phase", where="phase", value=repr(phase),
+                      hint=f"phases start at steps {starts}")
+  table = _leaf_table(params, opts, family=family, total_steps=total)
+  by_label, plans = _label_plans(table, opts, phase, starts)
+  labels = {path: label for label, paths in by_label.items() for path in paths}
+
+  def lookup(path):
+    if path not in labels:
+      raise ConfigError("parameter unknown to this optimizer", where=path,
+                        hint="build the optimizer from the same params tree")
+    return labels[path]
+
+  transforms = {label: _label_transform(plan, opts, total, steps_per_epoch)
+                for label, plan in plans.items()}
+  if FROZEN in by_label:
+    transforms[FROZEN] = optax.set_to_zero()
+  # Callables (not fixed trees) so the labels follow whatever container the
+  # caller's params and grads use: dict or FrozenDict (optax issues #160, #1148).
+  tx = optax.multi_transform(
+      transforms, lambda tree: tree_lib.map_with_path(lambda p, _: lookup(p), tree))
+  if opts["grad_clip_norm"] is not None:
+    # Masked, so the norm (and hence the step) never reads a frozen gradient.
+    clip = optax.masked(
+        optax.clip_by_global_norm(float(opts["grad_clip_norm"])),
+        lambda tree: tree_lib.map_with_path(lambda p, _: lookup(p) != FROZEN, tree))
+    tx = optax.chain(clip, tx)
+  return tx
+
+
+# ----------------------------------------------------------------------------- transitions
+
+
+def _partition_state(state):
+  """The ``multi_transform`` state inside a (chained) optimizer state."""
+  if isinstance(state, optax.transforms.PartitionState):
+    return state
+  if isinstance(state, tuple):
+    for sub in state:
+      found = _partition_state(sub)
+      if found is not None:
+        return found
+  return None
+
+
+def _replace_partition(state, new):
+  if isinstance(state, optax.transforms.PartitionState):
+    return new
+  if isinstance(state, tuple) and hasattr(state, "_fields"):
+    return type(state)(*(_replace_partition(s, new) for s in state))
+  if isinstance(state, tuple):
+    return tuple(_replace_partition(s, new) for s in state)
+  return state
+
+
+def _shapes(tree):
+  return jax.tree.structure(tree), [(np.shape(x), np.result_type(x)) for x in jax.tree.leaves(tree)]
+
+
+def transition_opt_state(old_state, new_tx: optax.GradientTransformation, params):
+  """The state for ``new_tx`` (next phase) that keeps every label already training.
+
+  Labels present in ``old_state`` keep their state exactly (moments and step
+  counts); labels new in this phase (the newly unfrozen leaves) start from
+  ``new_tx.init``: zero moments, step count 0.  Call it once at each phase start.
+
+  >>> p = {"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)}
+  >>> cfg = {"name": "adam", "kwargs": {}, "unfreeze": [(5, "b")], "total_steps": 10}
+  >>> tx0, tx1 = make_optimizer(p, cfg, phase=0), make_optimizer(p, cfg, phase=1)
+  >>> _, s0 = tx0.update(p, tx0.init(p), p)
+  >>> s1 = transition_opt_state(s0, tx1, p)
+  >>> sorted(s1.inner_states), int(s1.inner_states["g0"].inner_state[0].count)
+  (['g0', 'g0.p1'], 1)
+  """
+  fresh = new_tx.init(params)
+  old, new = _partition_state(old_state), _partition_state(fresh)
+  if old is None or new is None:
+    raise ConfigError("optimizer state is not a multi_transform state",
+                      where="transition_opt_state", hint="build both with make_optimizer")
+  inner = dict(new.inner_states)
+  for label, state in old.inner_states.items():
+    if label == FROZEN:
+      continue
+    if label not in inner:
+      raise ConfigError("a training group disappears at the phase transition", where=label,
+                        hint="unfreezing never freezes again; build both optimizers from one config")
+    if _shapes(state) != _shapes(inner[label]):
+      raise ConfigError("the optimizer state of a group changes shape at the transition",
+                        where=label, hint="build both optimizers from one config and params tree")
+    inner[label] = state
+  return _replace_partition(fresh, type(new)(inner))
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+  """One label of the plan: a set of leaves sharing one transform."""
+  label: str
+  modules: str  # the modules the leaves belong to, shortened
+  rule: str | None  # the param-group regex; None for the frozen row
+  depth: int | None
+  leaves: int
+  params: int
+  frozen: bool  # frozen for the whole run
+  start_step: int  # first step it trains
+  lr_mult: float  # group lr_mult * layer-decay multiplier
+  peak_lr: float
+  wd_mult: float
+  decayed_params: int  # parameters with a non-zero weight decay
+  optimizer: str
+  schedule: str
+  state_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What trains and how, per label; ``str(plan)`` is the table printed before compiling."""
+  rows: tuple[PlanRow, ...]
+  trainable_params: int  # at step 0
+  frozen_params: int  # at step 0
+  final_trainable_params: int  # after the last unfreezing
+  state_bytes: int  # optimizer state of the last phase (the largest)
+  total_steps: int
+  phases: tuple[int, ...]
+  family: str | None
+  layer_decay: float | None
+  warnings: tuple[str, ...]
+
+  def row(self, label: str) -> PlanRow:
+    for r in self.rows:
+      if r.label == label:
+        return r
+    raise KeyError(label)
+
+  def __str__(self) -> str:
+    head = (f"fine-tuning plan: {self.total_steps:,} steps"
+            + (f", unfreezing at steps {list(self.phases[1:])}" if len(self.phases) > 1 else "")
+            + (f", layer_decay {self.layer_decay:g} ({self.family})" if self.layer_decay else ""))
+    cols = ("label", "from", "params", "lr_mult", "peak_lr", "wd_mult", "decayed", "optimizer",
+            "schedule", "state_bytes", "modules")
+    cells = [cols]
+    for r in self.rows:
+      if r.frozen:
+        cells.append((r.label, "-", f"{r.params:,}", "-", "-", "-", "-", "-", "-",
+                      f"{r.state_bytes:,}", r.modules))
+      else:
+        cells.append((r.label, str(r.start_step), f"{r.params:,}", f"{r.lr_mult:.6g}",
+                      f"{r.peak_lr:.6g}", f"{r.wd_mult:.6g}", f"{r.decayed_params:,}", r.optimizer,
+                      r.schedule, f"{r.state_bytes:,}", r.modules))
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.append(f"trainable at step 0: {self.trainable_params:,} params"
+                 + (f" ({self.final_trainable_params:,} after unfreezing)"
+                    if self.final_trainable_params != self.trainable_params else "")
+                 + f"; frozen: {self.frozen_params:,}; optimizer state: {self.state_bytes:,} bytes"
+                 + f" ({self.state_bytes / 2**20:.1f} MiB)")
+    lines += [f"warning: {w}" for w in self.warnings]
+    return "\n".join(lines)
+
+
+def _modules(paths: Sequence[str], limit: int = 60) -> str:
+  """``Transformer/encoderblock_3/.../kernel`` -> ``Transformer/encoderblock_3``, deduplicated."""
+  seen = []
+  for path in paths:
+    parts = path.split("/")
+    short = "/".join(parts[:2]) if len(parts) > 2 else (parts[0] if len(parts) == 2 else path)
+    if short not in seen:
+      seen.append(short)
+  text = ", ".join(seen)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _state_bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _plan_warnings(opts, table, rows, trainable0, total_params, num_train_examples, total_steps,
+                   steps_per_epoch) -> list[str]:
+  out = []
+  head = [p for p in table if p.split("/")[0] == "head"]
+  if trainable0 == 0:
+    out.append("nothing trains at step 0: every parameter is frozen (the head too?)")
+  elif head and all(table[p].group is None for p in head):
+    out.append("the head is frozen for the whole run: a new head would keep its initialisation")
+  name = opts["name"]
+  limit = 1e-3 if name in _ADAPTIVE else 0.1
+  if (trainable0 == total_params and num_train_examples is not None
+      and num_train_examples < 10_000 and float(opts["lr"]) > limit):
+    out.append(f"full fine-tune of all {total_params:,} parameters with {name} lr {opts['lr']:g} "
+               f"(> {limit:g}) on {num_train_examples:,} examples: likely to wreck the pretrained "
+               "features; lower lr, freeze the backbone or use layer_decay")
+  for i, group in enumerate(_groups(opts)):
+    if group is not None and group.lr_mult == 0:
+      out.append(f"param group #{i} ({group.rule!r}) has lr_mult 0: it still costs gradients and "
+                 "optimizer state; use None to freeze it")
+  if opts["layer_decay"] is not None and opts["layer_decay"] > 1:
+    out.append(f"layer_decay {opts['layer_decay']:g} > 1: lower layers learn faster than the head")
+  for group in {id(g): g for g in _groups(opts) if g is not None}.values():
+    warmup = _steps(group.schedule, "warmup_steps", "warmup_epochs", steps_per_epoch,
+                    "optim.schedule")
+    if warmup > total_steps // 2:
+      out.append(f"warm-up of {warmup} steps is over half of the {total_steps}-step run")
+      break
+  if float(opts["weight_decay"]) > 0 and not any(r.decayed_params for r in rows):
+    out.append("weight_decay is set but no trainable parameter decays (check wd_rules)")
+  return out
+
+
+def fine_tuning_plan(params, config, *, family: str | None = None, total_steps: int | None = None,
+                     num_train_examples: int | None = None,
+                     steps_per_epoch: int | None = None) -> Plan:
+  """The plan of the whole run as data; ``print(plan)`` before compiling.
+
+  Rows are labels of the last phase (those unfrozen later say from which
+  step), then one row for the leaves frozen for the whole run.  Works on arrays
+  or ``jax.ShapeDtypeStruct`` leaves: the optimizer state is sized with
+  ``jax.eval_shape``, nothing is allocated.
+
+  >>> params = {"head": {"kernel": np.zeros((4, 2), np.float32), "bias": np.zeros(2, np.float32)},
+  ...           "body": {"kernel": np.zeros((4, 4), np.float32)}}
+  >>> plan = fine_tuning_plan(params, {"param_groups": [("head/.*", {}), (".*", None)]},
+  ...                         total_steps=100)
+  >>> plan.trainable_params, plan.frozen_params, plan.state_bytes  # sgd momentum: 10 floats, 1 step count
+  (10, 16, 44)
+  >>> print(plan)  # doctest: +NORMALIZE_WHITESPACE
+  fine-tuning plan: 100 steps
+  label   from  params  lr_mult  peak_lr  wd_mult  decayed  optimizer          schedule              state_bytes  modules
+  g0      0     10      1        0.01     1        0        sgd(momentum=0.9)  warmup_cosine(end=0)  44           head
+  frozen  -     16      -        -        -        -        -                  -                     0            body
+  trainable at step 0: 10 params; frozen: 16; optimizer state: 44 bytes (0.0 MiB)
+  """
+  opts = _options(config)
+  total = _total_steps(opts, total_steps)
+  starts = unfreeze_phases(opts, total)
+  last = len(starts) - 1
+  table = _leaf_table(params, opts, family=family, total_steps=total)
+  by_label, plans = _label_plans(table, opts, last, starts)
+  tx = make_optimizer(params, opts, family=family, total_steps=total,
+                      steps_per_epoch=steps_per_epoch, phase=last)
+  state = _partition_state(jax.eval_shape(tx.init, params))
+  rows = []
+  for label, plan in plans.items():
+    g = plan.group
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in sorted(g.kwargs.items()))
+    rows.append(PlanRow(
+        label=label, modules=_modules(plan.paths), rule=g.rule,
+        depth=table[plan.paths[0]].depth, leaves=len(plan.paths),
+        params=sum(table[p].size for p in plan.paths), frozen=False, start_step=plan.start_step,
+        lr_mult=plan.lr_mult, peak_lr=float(opts["lr"]) * plan.lr_mult, wd_mult=g.wd_mult,
+        decayed_params=sum(table[p].size for p in plan.rates),
+        optimizer=f"{g.name}({kwargs})", schedule=_describe_schedule(g.schedule, steps_per_epoch),
+        state_bytes=_state_bytes(state.inner_states[label])))
+  # Leaves that wait for a later phase train then; only the never-trained stay here.
+  rows.sort(key=lambda r: (r.start_step, -(r.depth or 0), r.label))
+  frozen = by_label.get(FROZEN, [])
+  if frozen:
+    rows.append(PlanRow(
+        label=FROZEN, modules=_modules(frozen), rule=None, depth=None, leaves=len(frozen),
+        params=sum(table[p].size for p in frozen), frozen=True, start_step=total, lr_mult=0.0,
+        peak_lr=0.0, wd_mult=0.0, decayed_params=0, optimizer="-", schedule="-",
+        state_bytes=_state_bytes(state.inner_states[FROZEN])))
+  total_params = sum(leaf.size for leaf in table.values())
+  trainable0 = sum(leaf.size for leaf in table.values() if leaf.label(0) != FROZEN)
+  final = sum(leaf.size for leaf in table.values() if leaf.label(last) != FROZEN)
+  warnings = _plan_warnings(opts, table, rows, trainable0, total_params, num_train_examples, total,
+                            steps_per_epoch)
+  return Plan(rows=tuple(rows), trainable_params=trainable0, frozen_params=total_params - trainable0,
+              final_trainable_params=final, state_bytes=_state_bytes(jax.eval_shape(tx.init, params)),
+              total_steps=total, phases=tuple(starts), family=family,
+              layer_decay=opts["layer_decay"], warnings=tuple(warnings))

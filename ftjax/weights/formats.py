@@ -127,7 +127,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   p = _check_file(path)
   try:
     with np.load(p, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+      out = {k: z[k] for k in z.files}
   except ValueError as e:
     if "allow_pickle" in str(e):
       raise CheckpointError("refused .npz holding pickled objects", where=str(p),
@@ -135,6 +135,10 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise CheckpointError("corrupted .npz file", where=str(p), value=str(e)) from None
   except (zipfile.BadZipFile, OSError, EOFError) as e:
     raise CheckpointError("corrupted .npz file", where=str(p), value=str(e)) from None
+  for k, v in out.items():
+    if not isinstance(v, np.ndarray):  # numpy hands back raw bytes for a member that is not .npy
+      raise CheckpointError("corrupted .npz file: member is not an array", where=f"{p}:{k}")
+  return out
 
 
 def torch_version_ok(version: str) -> bool:

@@ -1,0 +1,178 @@
+"""Weight-file readers: values round-trip, and hostile or damaged files are refused without running anything."""
+
+import json
+import pickle
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+
+from ftjax import weights
+from ftjax.errors import CheckpointError
+
+torch = pytest.importorskip("torch")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+
+def _tensors():
+  rng = np.random.default_rng(0)
+  return {"a.weight": rng.standard_normal((3, 4)).astype(np.float32),
+          "b.bias": rng.standard_normal(5).astype(np.float16),
+          "c.idx": np.arange(6, dtype=np.int64).reshape(2, 3)}
+
+
+def test_safetensors_roundtrip_equals_reference(tmp_path):
+  path = tmp_path / "m.safetensors"
+  safetensors_numpy.save_file(_tensors(), str(path))
+  ours = weights.read_safetensors(path)
+  ref = safetensors_numpy.load_file(str(path))
+  assert sorted(ours) == sorted(ref)
+  for k in ref:
+    assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape
+    np.testing.assert_array_equal(ours[k], ref[k])
+
+
+def test_safetensors_bf16_from_torch(tmp_path):
+  path = tmp_path / "m.safetensors"
+  t = torch.randn(4, 3).to(torch.bfloat16)
+  from safetensors.torch import save_file
+  save_file({"w": t}, str(path))
+  got = weights.read_safetensors(path)["w"]
+  np.testing.assert_array_equal(got.astype(np.float32), t.float().numpy())
+
+
+def _write_raw_safetensors(path, header: dict, data: bytes):
+  raw = json.dumps(header).encode()
+  path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("case", ["truncated", "huge_header", "absurd_shape", "offset_out_of_range",
+                                  "bad_json", "empty"])
+def test_safetensors_hostile_or_damaged_refused(tmp_path, case):
+  path = tmp_path / "bad.safetensors"
+  if case == "truncated":
+    safetensors_numpy.save_file(_tensors(), str(path))
+    path.write_bytes(path.read_bytes()[:-10])
+  elif case == "huge_header":
+    path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+  elif case == "absurd_shape":  # claims ~2^80 bytes: must not try to allocate them
+    _write_raw_safetensors(path, {"w": {"dtype": "F32", "shape": [2**40, 2**40],
+                                        "data_offsets": [0, 16]}}, b"\0" * 16)
+  elif case == "offset_out_of_range":
+    _write_raw_safetensors(path, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [100, 116]}},
+                           b"\0" * 16)
+  elif case == "bad_json":
+    path.write_bytes(struct.pack("<Q", 5) + b"{nope")
+  elif case == "empty":
+    path.write_bytes(b"")
+  with pytest.raises(CheckpointError) as e:
+    weights.read_safetensors(path)
+  assert str(e.value).startswith("ftjax: error: ") and "\n" not in str(e.value)
+  assert str(path) in str(e.value)
+
+
+def test_npz_roundtrip_and_object_payload_refused(tmp_path):
+  good = tmp_path / "good.npz"
+  np.savez(good, **{"x/kernel": np.ones((2, 2), np.float32)})
+  np.testing.assert_array_equal(weights.read_npz(good)["x/kernel"], np.ones((2, 2)))
+
+  marker = tmp_path / "payload_ran"
+
+  class Payload:
+    def __reduce__(self):
+      return (open, (str(marker), "w"))
+
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, w=np.array([Payload()], dtype=object))
+  with pytest.raises(CheckpointError, match="pickled objects"):
+    weights.read_npz(bad)
+  assert not marker.exists()
+
+
+def test_corrupted_npz_refused(tmp_path):
+  path = tmp_path / "c.npz"
+  np.savez(path, w=np.arange(1000, dtype=np.float32))
+  raw = bytearray(path.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF  # flip bits inside the stored array: the zip CRC catches it
+  path.write_bytes(bytes(raw))
+  with pytest.raises(CheckpointError, match="corrupted .npz"):
+    weights.read_npz(path)
+  path.write_bytes(b"PK\x03\x04 not really a zip")
+  with pytest.raises(CheckpointError, match="corrupted .npz"):
+    weights.read_npz(path)
+
+
+def test_torch_state_dict_roundtrip_and_unwrap(tmp_path):
+  sd = {"w": torch.randn(3, 2), "b": torch.randn(2).to(torch.bfloat16), "n": torch.tensor(3)}
+  path = tmp_path / "m.pth"
+  torch.save({"state_dict": sd, "epoch": 3}, path)
+  got = weights.read_torch(path)
+  np.testing.assert_array_equal(got["w"], sd["w"].numpy())
+  np.testing.assert_array_equal(got["b"], sd["b"].float().numpy())
+  assert got["n"] == 3
+
+
+def test_torch_pickle_payload_never_runs(tmp_path):
+  marker = tmp_path / "payload_ran"
+
+  class Payload:
+    def __reduce__(self):
+      return (open, (str(marker), "w"))
+
+  path = tmp_path / "evil.pth"
+  torch.save({"w": torch.ones(1), "evil": Payload()}, path)
+  with pytest.raises(CheckpointError, match="refused PyTorch file"):
+    weights.read_torch(path)
+  assert not marker.exists()
+  # A legacy (non-zip) pickle with the payload at top level too.
+  path2 = tmp_path / "evil_legacy.bin"
+  with open(path2, "wb") as f:
+    pickle.dump(Payload(), f)
+  assert not marker.exists()
+  with pytest.raises(CheckpointError):
+    weights.read_torch(path2)
+  assert not marker.exists()
+
+
+def test_missing_and_wrong_kind_of_file(tmp_path):
+  with pytest.raises(CheckpointError, match="not found"):
+    weights.read_tensors(tmp_path / "nope.safetensors")
+  with pytest.raises(CheckpointError, match="not a file"):
+    weights.read_tensors(tmp_path)
+  junk = tmp_path / "junk.pth"
+  junk.write_bytes(b"\x00\x01garbage")
+  with pytest.raises(CheckpointError, match="unreadable PyTorch file|refused"):
+    weights.read_torch(junk)
+
+
+def test_old_torch_releases_refused():
+  assert weights.torch_version_ok("2.10.0")
+  assert weights.torch_version_ok("2.14.1+cu130")
+  assert not weights.torch_version_ok("2.9.1")
+  assert not weights.torch_version_ok("1.13.1")
+
+
+def test_offline_hub_error_is_one_line(monkeypatch, tmp_path):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  with pytest.raises(CheckpointError) as e:
+    weights.hf_file("google/vit-base-patch16-224", ("config.json",), source="hf:google/vit-base-patch16-224")
+  msg = str(e.value)
+  assert "hf:google/vit-base-patch16-224" in msg and "local path" in msg and "\n" not in msg
+
+
+def test_zip_named_npz_with_pickle_member_is_refused(tmp_path):
+  # An .npz whose member is a pickle, not an .npy: numpy would unpickle it with allow_pickle=True.
+  marker = tmp_path / "payload_ran"
+
+  class Payload:
+    def __reduce__(self):
+      return (open, (str(marker), "w"))
+
+  path = tmp_path / "p.npz"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("w.npy", pickle.dumps(Payload()))
+  with pytest.raises(CheckpointError):
+    weights.read_npz(path)
+  assert not marker.exists()

@@ -1,0 +1,566 @@
+"""What a run records: the metrics file, TensorBoard, evaluation metrics, plots, MFU, early stopping.
+
+Every event of a run is one JSON line in ``DIR/metrics.jsonl``,
+``{"step": 120, "kind": "train", "loss": 0.43, ...}``, mirrored as TensorBoard
+scalars tagged ``kind/key``.  A resumed run first cuts the file back to the
+restored checkpoint's step, so each step's rows appear exactly once however
+often the run was killed.
+
+Evaluation metrics are sums accumulated on device (:func:`eval_counts`, added
+batch by batch with :func:`add_counts`) and turned into rates once at the end
+(:func:`summarize`); a mask keeps padding examples out, so every example counts
+exactly once.
+
+>>> import jax.numpy as jnp
+>>> logits = jnp.array([[2., 0., 0.], [0., 3., 0.], [9., 9., 9.]])
+>>> counts = eval_counts(logits, jnp.array([0, 2, 1]), jnp.array([1, 1, 0]), num_classes=3)
+>>> s = summarize(counts)
+>>> s["n"], s["top1"], s["confusion"]
+(2, 0.5, [[1, 0, 0], [0, 0, 0], [0, 1, 0]])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.figure import Figure  # pyplot is never imported: no backend, no window
+
+from ftjax.errors import ConfigError, DataError
+
+METRICS_FILE = "metrics.jsonl"
+
+# ---------------------------------------------------------------------------
+# The metrics file
+
+
+def _to_python(x):
+  """numpy / jax scalars and arrays -> python numbers and (nested) lists."""
+  if x is None or isinstance(x, (bool, int, float, str)):
+    return x
+  if isinstance(x, Mapping):
+    return {str(k): _to_python(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_python(v) for v in x]
+  if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+    return _to_python(np.asarray(x).tolist())
+  raise TypeError(f"cannot write a {type(x).__name__} to {METRICS_FILE}: {x!r}")
+
+
+def _nonfinite_to_str(x):
+  # JSON has no NaN or infinity; the strings keep the information and the line stays valid JSON.
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)  # 'nan', 'inf', '-inf'
+  if isinstance(x, dict):
+    return {k: _nonfinite_to_str(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_nonfinite_to_str(v) for v in x]
+  return x
+
+
+def _str_to_nonfinite(x):
+  if x in ("nan", "inf", "-inf"):
+    return float(x)
+  if isinstance(x, dict):
+    return {k: _str_to_nonfinite(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_str_to_nonfinite(v) for v in x]
+  return x
+
+
+def encode_row(step: int, kind: str, values: Mapping[str, Any]) -> str:
+  """One metrics row as one line of strict JSON (with its newline).
+
+  >>> import numpy as np
+  >>> encode_row(3, "eval", {"top1": np.float32(0.5), "loss": float("nan"), "pc": np.array([1, 2])})
+  '{"step": 3, "kind": "eval", "top1": 0.5, "loss": "nan", "pc": [1, 2]}\\n'
+  """
+  clash = {"step", "kind"} & set(values)
+  if clash:
+    raise ValueError(f"metric names {sorted(clash)} are reserved in {METRICS_FILE} rows")
+  row = {"step": int(step), "kind": str(kind), **_to_python(dict(values))}
+  return json.dumps(_nonfinite_to_str(row), allow_nan=False) + "\n"
+
+
+def _parse_lines(path: str) -> tuple[list[tuple[str, dict]], bool]:
+  """``(line, row)`` for every complete line, and whether a torn last line (a kill mid-write) was left out."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines(keepends=True)
+  except FileNotFoundError:
+    return [], False
+  torn = bool(lines) and not lines[-1].endswith("\n")
+  if torn:
+    lines.pop()
+  parsed = []
+  for i, line in enumerate(lines):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError("damaged metrics file", where=f"{path}:{i + 1}", value=repr(line[:80]),
+                      hint=f"{e.msg}; only a torn last line is repaired automatically") from None
+    parsed.append((line, row))
+  return parsed, torn
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+  """The rows of a metrics file (or of ``DIR/metrics.jsonl`` when given a directory).
+
+  Non-finite values written as ``"nan"``/``"inf"``/``"-inf"`` come back as floats;
+  a torn last line is skipped, so a file being written can be read.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, METRICS_FILE)
+  return [_str_to_nonfinite(row) for _, row in _parse_lines(path)[0]]
+
+
+def _write_atomically(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class MetricsWriter:
+  """Appends metric rows to ``workdir/metrics.jsonl`` and TensorBoard scalars to ``workdir``.
+
+  Args:
+    workdir: the run's directory (created if missing).
+    resume_step: the step of the checkpoint the run restored.  Rows with a larger
+      step were written by a run killed after that checkpoint and are about to be
+      produced again, so they are removed first (and hidden in TensorBoard).
+      ``None`` means a new run from scratch: any rows left in the file came from
+      a run that never saved a checkpoint, and are all removed.
+    tensorboard: also write TensorBoard event files.
+
+  >>> import tempfile
+  >>> d = tempfile.mkdtemp()
+  >>> with MetricsWriter(d, tensorboard=False) as w:
+  ...   w.write(1, "train", {"loss": 0.5})
+  ...   w.write(2, "train", {"loss": 0.25})
+  >>> with MetricsWriter(d, resume_step=1, tensorboard=False) as w:
+  ...   w.write(2, "train", {"loss": 0.3})
+  >>> read_metrics(d)
+  [{'step': 1, 'kind': 'train', 'loss': 0.5}, {'step': 2, 'kind': 'train', 'loss': 0.3}]
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, resume_step: int | None = None,
+               tensorboard: bool = True):
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, METRICS_FILE)
+    old, torn = _parse_lines(self.path)
+    kept = [line for line, row in old if resume_step is not None and row["step"] <= resume_step]
+    if torn or len(kept) != len(old):
+      _write_atomically(self.path, "".join(kept))
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # heavy (protobuf); only runs that want it pay
+      # purge_step hides the killed run's events at or after it, like the JSONL cut above.
+      purge = 0 if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(logdir=workdir, purge_step=purge)
+
+  def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
+    """Appends ``{"step": step, "kind": kind, **values}``; numeric scalars also go to TensorBoard."""
+    line = encode_row(step, kind, values)
+    # One write and a flush per row: a kill loses no finished row and tears at most the last.
+    self._file.write(line)
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in _to_python(dict(values)).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(f"{kind}/{key}", value, global_step=int(step))
+
+  def flush(self) -> None:
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._file.closed:
+      return
+    self.flush()
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# ---------------------------------------------------------------------------
+# Evaluation metrics
+
+
+def eval_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int, *,
+                num_bins: int = 15) -> dict[str, jax.Array]:
+  """Sums over one batch of the examples where ``mask`` is true; pure, usable inside jit.
+
+  Args:
+    logits: ``[batch, num_classes]``.
+    labels: ``[batch]`` integer class ids (anything where ``mask`` is false).
+    mask: ``[batch]``, true for real examples, false for padding.
+    num_classes: the number of classes (static).
+    num_bins: equal-width confidence bins for the expected calibration error;
+      bin ``b`` holds confidences in ``[b/num_bins, (b+1)/num_bins)``, the last also 1.
+
+  Returns:
+    ``n``, ``loss_sum`` (softmax cross-entropy), ``top1``, ``top5`` (correct
+    counts; top-k with k = min(5, num_classes)), ``confusion``
+    ``[num_classes, num_classes]`` (row = true label, column = prediction) and,
+    per confidence bin, ``bin_count``, ``bin_conf_sum``, ``bin_correct``.
+
+  >>> c = eval_counts(jnp.array([[0., 1.], [5., 0.]]), jnp.array([1, 1]), jnp.array([True, True]), 2)
+  >>> int(c["n"]), int(c["top1"]), int(c["top5"]), c["confusion"].tolist()
+  (2, 1, 2, [[0, 0], [1, 1]])
+  """
+  if logits.ndim != 2 or logits.shape[-1] != num_classes:
+    raise ValueError(f"logits must be [batch, {num_classes}], got {logits.shape}")
+  if labels.shape != logits.shape[:1] or mask.shape != logits.shape[:1]:
+    raise ValueError(f"labels {labels.shape} and mask {mask.shape} must be [{logits.shape[0]}]")
+  mask = mask.astype(bool)
+  # Padding rows may carry any label (-1, garbage) and any logits: keep both out of every sum
+  # with where(), not by multiplying (0 * nan is nan).
+  labels = jnp.where(mask, labels, 0).astype(jnp.int32)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  loss = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  correct = pred == labels
+  _, topk = jax.lax.top_k(logits, min(5, num_classes))
+  in_topk = jnp.any(topk == labels[:, None], axis=-1)
+  confidence = jnp.exp(jnp.max(logp, axis=-1))
+  bins = jnp.clip(jnp.floor(confidence * num_bins).astype(jnp.int32), 0, num_bins - 1)
+  ones = mask.astype(jnp.int32)
+
+  def masked_sum(x):
+    return jnp.sum(jnp.where(mask, x, 0))
+
+  def per_bin(x, dtype):
+    return jnp.zeros(num_bins, dtype).at[bins].add(jnp.where(mask, x, 0).astype(dtype))
+
+  return {
+      "n": jnp.sum(ones),
+      "loss_sum": masked_sum(loss),
+      "top1": masked_sum(correct.astype(jnp.int32)),
+      "top5": masked_sum(in_topk.astype(jnp.int32)),
+      "confusion": jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, pred].add(ones),
+      "bin_count": per_bin(ones, jnp.int32),
+      "bin_conf_sum": per_bin(confidence, jnp.float32),
+      "bin_correct": per_bin(correct, jnp.int32),
+  }
+
+
+def add_counts(a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Adds two :func:`eval_counts` results (use ``None`` as the empty start).
+
+  >>> add_counts({"n": 2}, {"n": 3})
+  {'n': 5}
+  >>> add_counts(None, {"n": 3})
+  {'n': 3}
+  """
+  if a is None:
+    return dict(b)
+  return jax.tree.map(lambda x, y: x + y, dict(a), dict(b))
+
+
+def summarize(counts: Mapping[str, Any], class_names: Sequence[str] | None = None) -> dict:
+  """Summed counts -> python numbers ready for :class:`MetricsWriter`.
+
+  Returns ``loss``, ``top1``, ``top5``, ``mean_class_accuracy`` (over classes
+  with examples), ``per_class_accuracy`` (``None`` for a class without
+  examples), ``confusion`` (nested lists), ``ece`` and ``n``; plus
+  ``class_names`` when given.
+  """
+  c = {k: np.asarray(v) for k, v in counts.items()}  # one device -> host copy
+  n = int(c["n"])
+  if n == 0:
+    raise DataError("no examples were evaluated", where="summarize", value=0,
+                    hint="the evaluation split is empty or its mask is all false")
+  confusion = c["confusion"].astype(np.int64)
+  support = confusion.sum(axis=1)
+  per_class = [float(confusion[i, i] / s) if s else None for i, s in enumerate(support)]
+  seen = [a for a in per_class if a is not None]
+  out = {
+      "loss": float(c["loss_sum"]) / n,
+      "top1": int(c["top1"]) / n,
+      "top5": int(c["top5"]) / n,
+      "mean_class_accuracy": float(np.mean(seen)),
+      "per_class_accuracy": per_class,
+      "confusion": confusion.tolist(),
+      # sum over bins of |accuracy - confidence| weighted by the bin's share of examples
+      "ece": float(np.abs(c["bin_correct"] - c["bin_conf_sum"].astype(np.float64)).sum() / n),
+      "n": n,
+  }
+  if class_names is not None:
+    if len(class_names) != confusion.shape[0]:
+      raise ConfigError("class names do not match the classifier", where="summarize",
+                        value=f"{len(class_names)} names for {confusion.shape[0]} classes")
+    out["class_names"] = list(class_names)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Plots
+
+
+def _save_png(fig: Figure, path: str | os.PathLike) -> None:
+  path = os.fspath(path)
+  tmp = path + ".tmp"
+  fig.savefig(tmp, format="png", dpi=100)
+  os.replace(tmp, path)  # a kill never leaves half a PNG
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _series(rows: Iterable[Mapping], kind: str, key: str) -> tuple[list, list]:
+  pts = [(r["step"], r[key]) for r in rows if r.get("kind") == kind and _is_number(r.get(key))]
+  return [s for s, _ in pts], [v for _, v in pts]
+
+
+def plot_learning_curves(rows: Sequence[Mapping], path: str | os.PathLike) -> None:
+  """Writes a PNG: the loss of every kind vs step (left), other evaluation metrics vs step (right).
+
+  ``rows`` are :func:`read_metrics` rows; lists, strings and ``n`` are not plotted.
+  """
+  kinds = list(dict.fromkeys(r["kind"] for r in rows))
+  fig = Figure(figsize=(12, 4.5), layout="constrained")
+  ax_loss, ax_eval = fig.subplots(1, 2)
+  for kind in kinds:
+    steps, values = _series(rows, kind, "loss")
+    if steps:
+      ax_loss.plot(steps, values, label=f"{kind} loss", marker="" if kind == "train" else "o")
+  for kind in kinds:
+    if kind == "train":
+      continue  # train rows hold loss, lr, throughput: not evaluation metrics
+    keys = dict.fromkeys(k for r in rows if r["kind"] == kind for k, v in r.items()
+                         if _is_number(v) and k not in ("step", "loss", "n"))
+    for key in keys:
+      ax_eval.plot(*_series(rows, kind, key), label=f"{kind} {key}", marker="o")
+  for ax, title in ((ax_loss, "loss"), (ax_eval, "evaluation")):
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend()
+    else:
+      ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
+  _save_png(fig, path)
+
+
+def plot_confusion(matrix, class_names: Sequence[str] | None, path: str | os.PathLike) -> None:
+  """Writes a PNG of a confusion matrix (rows = true label), coloured by each row's fractions.
+
+  Class names are shown up to 50 classes, counts in the cells up to 20.
+  """
+  m = np.asarray(matrix)
+  if m.ndim != 2 or m.shape[0] != m.shape[1]:
+    raise ValueError(f"a confusion matrix must be square, got shape {m.shape}")
+  k = m.shape[0]
+  if class_names is not None and len(class_names) != k:
+    raise ConfigError("class names do not match the confusion matrix", where="plot_confusion",
+                      value=f"{len(class_names)} names for {k} classes")
+  names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+  fraction = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+  side = min(4 + 0.4 * k, 20)
+  fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+  ax = fig.subplots()
+  image = ax.imshow(fraction, vmin=0, vmax=1, cmap="Blues")
+  fig.colorbar(image, ax=ax, label="fraction of the true class")
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  if k <= 50:
+    ax.set_xticks(range(k), names, rotation=90)
+    ax.set_yticks(range(k), names)
+  if k <= 20:
+    for i in range(k):
+      for j in range(k):
+        ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8,
+                color="white" if fraction[i, j] > 0.5 else "black")
+  _save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# Model FLOPs utilisation
+
+# Dense bf16 peak FLOP/s of one device, by substring of ``jax.Device.device_kind``
+# (case-insensitive).  First match wins, so a longer name comes before its prefix
+# ("TPU v5 lite" before "TPU v5", "L40S" before "L4").
+PEAK_FLOPS: dict[str, float] = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # "NVIDIA H100 80GB HBM3" (SXM)
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p reports itself as "TPU v5"
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+}
+
+
+def device_peak_flops(device=None) -> float | None:
+  """Dense bf16 peak FLOP/s of ``device`` (default: the first device); None on CPU or unknown kinds.
+
+  >>> import types
+  >>> device_peak_flops(types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite"))
+  197000000000000.0
+  """
+  device = jax.devices()[0] if device is None else device
+  if device.platform == "cpu":
+    return None
+  kind = device.device_kind.lower()
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind:
+      return peak
+  return None
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled jax function, summed over all its devices.
+
+  XLA counts the program after SPMD partitioning, i.e. one device's share, so the
+  count is multiplied by the number of devices the program runs on.  None when
+  the backend reports no count.
+
+  >>> f = jax.jit(lambda x: x @ x).lower(jnp.ones((8, 8))).compile()
+  >>> compiled_flops(f)  # 8 * 8 outputs, 8 multiply-adds each
+  1024.0
+  """
+  cost = compiled.cost_analysis()
+  # jax < 0.4.30 returns one dict per program in a list; later versions one dict.
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  if flops is None or flops < 0:
+    return None
+  shardings = jax.tree.leaves((compiled.input_shardings, compiled.output_shardings))
+  num_devices = max((len(s.device_set) for s in shardings), default=1)
+  return float(flops) * num_devices
+
+
+def mfu(flops_per_step: float | None, steps_per_sec: float, num_devices: int,
+        peak: float | None) -> float | None:
+  """Model FLOPs utilisation, a fraction: achieved FLOP/s over the devices' summed peak.
+
+  ``flops_per_step`` is the total over all devices (as :func:`compiled_flops` gives it).
+
+  >>> round(mfu(105.5e9 * 256, 10.0, 1, 989e12), 4)  # ViT-B/16 train, batch 256, 10 steps/s, one H100
+  0.2731
+  >>> mfu(1e12, 1.0, 1, None) is None
+  True
+  """
+  if flops_per_step is None or peak is None:
+    return None
+  return flops_per_step * steps_per_sec / (num_devices * peak)
+
+
+# ---------------------------------------------------------------------------
+# Early stopping
+
+
+class EarlyStopping:
+  """Stops when ``metric`` has not improved for ``patience`` evaluations in a row.
+
+  Improving means beating the best value by more than ``min_delta`` (up for
+  ``mode="max"``, down for ``"min"``); a NaN never improves.  Pure python state,
+  saved with the checkpoint through :meth:`state_dict`, so a resumed run stops at
+  the same step.  Feeding a step again (an evaluation repeated after a resume)
+  changes nothing.
+
+  >>> es = EarlyStopping("top1", "max", patience=2)
+  >>> [es.update(s, v) for s, v in [(100, 0.5), (200, 0.7), (300, 0.6), (400, 0.7), (500, 0.8)]]
+  [False, False, False, True, True]
+  >>> es.best, es.best_step, es.stopped_step
+  (0.7, 200, 400)
+  """
+
+  def __init__(self, metric: str, mode: str, patience: int, min_delta: float = 0.):
+    if mode not in ("max", "min"):
+      raise ConfigError("early stopping mode must be 'max' or 'min'", where="early_stopping.mode",
+                        value=repr(mode))
+    if not (isinstance(patience, int) and patience >= 1):
+      raise ConfigError("early stopping patience must be an integer >= 1",
+                        where="early_stopping.patience", value=repr(patience))
+    if not min_delta >= 0:
+      raise ConfigError("early stopping min_delta must be >= 0", where="early_stopping.min_delta",
+                        value=repr(min_delta))
+    self.metric = metric
+    self.mode = mode
+    self.patience = patience
+    self.min_delta = float(min_delta)
+    self.best: float | None = None
+    self.best_step: int | None = None
+    self.bad_evals = 0
+    self.last_step: int | None = None
+    self.stopped_step: int | None = None
+
+  def _improves(self, value: float) -> bool:
+    if math.isnan(value):
+      return False
+    if self.best is None:
+      return True
+    if self.mode == "max":
+      return value > self.best + self.min_delta
+    return value < self.best - self.min_delta
+
+  def update(self, step: int, value) -> bool:
+    """Records the metric of the evaluation at ``step``; True means stop now (and from then on).
+
+    ``value`` is a number or a mapping holding ``metric`` (a :func:`summarize` result).
+    """
+    if isinstance(value, Mapping):
+      if self.metric not in value:
+        raise ConfigError("early stopping metric is not evaluated", where="early_stopping.metric",
+                          value=repr(self.metric), hint=f"choose one of {sorted(value)}")
+      value = value[self.metric]
+    step = int(step)
+    if self.stopped_step is not None or (self.last_step is not None and step <= self.last_step):
+      return self.stopped_step is not None
+    self.last_step = step
+    value = float(value)
+    if self._improves(value):
+      self.best, self.best_step, self.bad_evals = value, step, 0
+    else:
+      self.bad_evals += 1
+    if self.bad_evals >= self.patience:
+      self.stopped_step = step
+    return self.stopped_step is not None
+
+  # patience and min_delta stay as configured: a resumed run may be given more patience.
+  _STATE = ("metric", "mode", "best", "best_step", "bad_evals", "last_step", "stopped_step")
+
+  def state_dict(self) -> dict:
+    """The whole state as JSON-able python values."""
+    return {k: getattr(self, k) for k in self._STATE}
+
+  def load_state_dict(self, state: Mapping) -> None:
+    """Restores :meth:`state_dict`; a state saved for another metric or mode is an error."""
+    for k in ("metric", "mode"):
+      if state[k] != getattr(self, k):
+        raise ConfigError("the checkpoint's early stopping state is for another setting",
+                          where=f"early_stopping.{k}", value=f"{state[k]!r} != {getattr(self, k)!r}",
+                          hint="keep the setting, or start a new workdir")
+    for k in self._STATE[2:]:
+      setattr(self, k, state[k])

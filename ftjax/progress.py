@@ -1,0 +1,138 @@
+"""Training progress for people: a tqdm bar on a terminal, plain log lines otherwise.
+
+Rates are measured between log steps only.  The caller turns the loss into a
+python float on those steps (the one device sync a log step needs); on other
+steps :meth:`Progress.update` only counts, so it never stalls the device queue.
+
+>>> import io
+>>> clock = iter([0.0, 5.0, 15.0]).__next__  # seconds at construction, step 1, step 50
+>>> p = Progress(100, batch_size=8, log_every=50, stream=io.StringIO(), clock=clock)
+>>> p.update(1)  # the first step's time (compilation) is not counted
+>>> rates = p.update(50, loss=0.5, lr=0.001)  # 49 steps in 10 s
+>>> p.stream.getvalue()
+'step 50/100 loss 0.5000 img/s 39.2 eta 0:00:10 lr 0.001\\n'
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from collections.abc import Callable
+from typing import IO
+
+import jax
+
+from ftjax.metrics import mfu
+
+
+def format_eta(seconds: float) -> str:
+  """``h:mm:ss`` (with days when longer).
+
+  >>> format_eta(62.4), format_eta(90061)
+  ('0:01:02', '1 day, 1:01:01')
+  """
+  return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _check_host_value(name: str, value) -> None:
+  # Formatting a device array would block until the step finishes: a hidden sync every step.
+  if isinstance(value, jax.Array):
+    raise TypeError(f"Progress.update({name}=...) got a jax.Array; pass float({name}) on log "
+                    "steps only, so that other steps do not wait for the device")
+
+
+class Progress:
+  """Reports step, loss, images/s, ETA and MFU.
+
+  Args:
+    total_steps: the step the run ends at.
+    start_step: the step the run starts from (a resumed run's checkpoint step).
+    batch_size: images per step over all devices.
+    log_every: a plain line (or the bar's rates) every this many steps, and at the end.
+    flops_per_step: FLOPs of one step over all devices (``metrics.compiled_flops``).
+    peak_flops: one device's peak FLOP/s (``metrics.device_peak_flops``); MFU is
+      shown only when both are known.
+    num_devices: devices the step runs on.
+    stream: where to write; a terminal gets a tqdm bar.
+    clock: seconds, monotonic (``time.perf_counter``; tests pass a fake).
+  """
+
+  def __init__(self, total_steps: int, *, start_step: int = 0, batch_size: int, log_every: int,
+               flops_per_step: float | None = None, peak_flops: float | None = None,
+               num_devices: int = 1, stream: IO[str] = sys.stderr,
+               clock: Callable[[], float] = time.perf_counter):
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self.log_every = max(1, log_every)
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak_flops
+    self.num_devices = num_devices
+    self.stream = stream
+    self._clock = clock
+    self._mark: tuple[int, float] | None = None  # (step, time) rates are measured from
+    self._bar = None
+    if getattr(stream, "isatty", lambda: False)():
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, file=stream, unit="step",
+                       dynamic_ncols=True)
+    self._step = start_step
+    self._started = clock()
+
+  def _is_log_step(self, step: int) -> bool:
+    return step % self.log_every == 0 or step == self.total_steps
+
+  def update(self, step: int, loss: float | None = None, **extra: float) -> dict | None:
+    """Notes that ``step`` is done; on log steps prints and returns the rates.
+
+    ``loss`` and ``extra`` (shown as ``key value``) must be host numbers.
+    Returns ``{"img_per_sec", "steps_per_sec"[, "mfu"]}`` on log steps, else None.
+    """
+    _check_host_value("loss", loss)
+    for k, v in extra.items():
+      _check_host_value(k, v)
+    now = self._clock()
+    if self._bar is not None:
+      self._bar.update(step - self._step)
+    self._step = step
+    if self._mark is None:
+      # The first update closes the step that compiled: measure from here on.
+      self._mark = (step, now)
+      if not self._is_log_step(step):
+        return None
+    if not self._is_log_step(step):
+      return None
+    rates = self._rates(step, now)
+    self._mark = (step, now)
+    self._report(step, loss, rates, extra)
+    return rates
+
+  def _rates(self, step: int, now: float) -> dict:
+    mark_step, mark_time = self._mark
+    if step == mark_step:  # the first update was a log step: only compilation time to go by
+      mark_step, mark_time = step - 1, self._started
+    steps_per_sec = (step - mark_step) / max(now - mark_time, 1e-9)
+    rates = {"img_per_sec": steps_per_sec * self.batch_size, "steps_per_sec": steps_per_sec}
+    util = mfu(self.flops_per_step, steps_per_sec, self.num_devices, self.peak_flops)
+    if util is not None:
+      rates["mfu"] = util
+    return rates
+
+  def _report(self, step: int, loss: float | None, rates: dict, extra: dict) -> None:
+    parts = [] if loss is None else [f"loss {loss:.4f}"]
+    parts.append(f"img/s {rates['img_per_sec']:.1f}")
+    if self._bar is None:  # a bar shows its own ETA
+      parts.append(f"eta {format_eta((self.total_steps - step) / rates['steps_per_sec'])}")
+    if "mfu" in rates:
+      parts.append(f"mfu {100 * rates['mfu']:.1f}%")
+    parts += [f"{k} {v:.4g}" for k, v in extra.items()]
+    if self._bar is not None:
+      self._bar.set_postfix_str(" ".join(parts), refresh=False)
+      return
+    self.stream.write(f"step {step}/{self.total_steps} " + " ".join(parts) + "\n")
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None

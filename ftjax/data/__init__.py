@@ -1,0 +1,20 @@
+"""Input pipelines: sources chosen by config, per-example transforms, grain loaders.
+
+The trainer's surface::
+
+  ds = build(config.data, split="train")            # Dataset: random access, lazy reads
+  it = train_iterator(ds, config.data, global_batch=..., image_size=..., mean=..., std=...,
+                      seed=..., start_step=step)    # batch at step k is fixed: resume = step
+  for batch in eval_iterator(ds_eval, config.data, ...):  # image, label, mask
+    ...
+  images, soft = mixup_cutmix(rng, images, onehot, mixup_alpha=..., cutmix_alpha=...)
+"""
+
+from ftjax.data.build import build
+from ftjax.data.config import default_config
+from ftjax.data.dataset import Dataset, from_arrays, take_per_class
+from ftjax.data.loader import eval_iterator, train_iterator
+from ftjax.data.mix import mixup_cutmix
+
+__all__ = ["Dataset", "build", "default_config", "eval_iterator", "from_arrays", "mixup_cutmix",
+           "take_per_class", "train_iterator"]

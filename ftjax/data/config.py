@@ -1,0 +1,114 @@
+"""Every data key with its default, and the checks that need no data.
+
+The trainer nests this under ``config.data``; ``build`` reads it.
+
+>>> c = default_config()
+>>> c.source, c.train_split, list(c.eval_splits), c.on_corrupt
+('mnist5k', 'train', ['test'], 'skip')
+>>> check(c)
+>>> c.source = "mnist"
+>>> check(c)
+Traceback (most recent call last):
+...
+ftjax.errors.ConfigError: ftjax: error: unknown data source (config.data.source): 'mnist'; choose one of mnist5k, digits, folder, tfds, arrays
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from ftjax.errors import ConfigError
+
+SOURCES = ("mnist5k", "digits", "folder", "tfds", "arrays")
+ON_CORRUPT = ("skip", "error")
+RESIZE = ("shorter_side", "squash")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All data keys with defaults (documented inline)."""
+  c = ml_collections.ConfigDict()
+  c.source = "mnist5k"  # one of SOURCES
+  # tfds: registered name ("cifar10", "oxford_iiit_pet:4.*"), prepared as array_record under data_dir.
+  c.name = ""
+  c.data_dir = placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.image_key = "image"
+  c.label_key = "label"
+  # arrays: an .npz file holding <split>_images (N,H,W[,C] uint8) and <split>_labels (N,) ints,
+  # and optionally class_names.
+  c.path = placeholder(str)
+  c.train_split = "train"
+  c.eval_splits = ["test"]
+  # folder: root/<class>/*.{jpg,jpeg,png,webp,bmp}; either root + val_fraction (a seeded,
+  # per-class split into "train" and "val") or train_root + val_root.
+  c.root = placeholder(str)
+  c.train_root = placeholder(str)
+  c.val_root = placeholder(str)
+  c.val_fraction = 0.1
+  c.split_seed = 0  # also seeds per_class sampling: it decides which examples exist, not their order
+  c.verify_images = True  # folder: decode every image once at build, so bad files are known up front
+  c.per_class = placeholder(int)  # keep N labelled train examples per class (few-shot)
+  c.num_classes = placeholder(int)  # None: from the data; set: must agree with the data
+  c.image_size = 224
+  c.resize = "shorter_side"  # eval: shorter side to image_size / crop_fraction, then centre crop
+  c.crop_fraction = 0.875  # 1.0 keeps the whole shorter side
+  c.augment = ml_collections.ConfigDict()
+  c.augment.random_resized_crop = True  # off: the deterministic eval resize + centre crop
+  c.augment.scale = (0.08, 1.0)
+  c.augment.ratio = (3 / 4, 4 / 3)
+  c.augment.flip = True
+  c.augment.randaugment_num_ops = 0  # 0: off
+  c.augment.randaugment_magnitude = 9  # 0..10
+  c.mixup_alpha = 0.0  # on device, per batch; 0: off
+  c.cutmix_alpha = 0.0
+  c.mix_switch_prob = 0.5  # both on: the chance that a batch uses cutmix instead of mixup
+  c.num_workers = 0  # grain worker processes; 0: in the main process
+  c.prefetch = 2  # batches put on device ahead of use
+  c.on_corrupt = "skip"  # a corrupt image: "skip" (warn, count) or "error"
+  c.seed = 0
+  return c
+
+
+def _choice(value, choices, key: str) -> None:
+  if value not in choices:
+    raise ConfigError(f"unknown data {key}", where=f"config.data.{key}", value=repr(value),
+                      hint=f"choose one of {', '.join(choices)}")
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a bad data config before any data is read."""
+  _choice(config.source, SOURCES, "source")
+  _choice(config.on_corrupt, ON_CORRUPT, "on_corrupt")
+  _choice(config.resize, RESIZE, "resize")
+  if config.source == "tfds" and not config.name:
+    raise ConfigError("a tfds source needs a dataset name", where="config.data.name", value="''",
+                      hint="for example --config.data.name=cifar10")
+  if config.source == "folder" and not (config.root or config.train_root):
+    raise ConfigError("a folder source needs a root", where="config.data.root", value=None,
+                      hint="set root (with val_fraction) or train_root and val_root")
+  if config.source == "folder" and config.root and config.train_root:
+    raise ConfigError("set either root or train_root, not both", where="config.data.root",
+                      value=f"{config.root!r} and {config.train_root!r}")
+  if config.source == "arrays" and not config.path:
+    raise ConfigError("an arrays source needs an .npz path", where="config.data.path", value=None,
+                      hint="or call ftjax.data.from_arrays(images, labels) in code")
+  if not 0.0 <= config.val_fraction < 1.0:
+    raise ConfigError("val_fraction must be in [0, 1)", where="config.data.val_fraction",
+                      value=config.val_fraction)
+  if not 0.0 < config.crop_fraction <= 1.0:
+    raise ConfigError("crop_fraction must be in (0, 1]", where="config.data.crop_fraction",
+                      value=config.crop_fraction)
+  if config.per_class is not None and config.per_class < 1:
+    raise ConfigError("per_class must be at least 1", where="config.data.per_class",
+                      value=config.per_class)
+  if config.num_workers < 0 or config.prefetch < 0:
+    raise ConfigError("num_workers and prefetch must be >= 0", where="config.data",
+                      value=f"num_workers={config.num_workers}, prefetch={config.prefetch}")
+  lo, hi = config.augment.scale
+  if not 0.0 < lo <= hi <= 1.0:
+    raise ConfigError("augment.scale must satisfy 0 < lo <= hi <= 1",
+                      where="config.data.augment.scale", value=(lo, hi))
+  if not 0 <= config.augment.randaugment_magnitude <= 10:
+    raise ConfigError("randaugment_magnitude must be in [0, 10]",
+                      where="config.data.augment.randaugment_magnitude",
+                      value=config.augment.randaugment_magnitude)

@@ -1,0 +1,162 @@
+"""Image folders: ``root/<class>/*.{jpg,jpeg,png,webp,bmp}``.
+
+Class names are the sub-folder names in sorted order (so label numbers are stable
+across machines); files in a class folder are taken in sorted order; files with
+other extensions and hidden files are ignored. Splits are ``train`` and ``val``:
+either two roots, or one root split per class by a seeded fraction.
+
+A file that does not decode is skipped with a warning naming it and counted in
+``Dataset.skipped`` (``on_corrupt="skip"``), or is an error (``"error"``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ftjax.data.dataset import Dataset
+from ftjax.errors import ConfigError, DataError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SPLITS = ("train", "val")
+# What Pillow raises on a damaged file: truncated data, bad headers, absurd sizes.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def is_image_file(name: str) -> bool:
+  """By extension, case-insensitive; hidden files are not images.
+
+  >>> [is_image_file(n) for n in ("a.JPG", "b.webp", "notes.txt", ".c.png")]
+  [True, True, False, False]
+  """
+  return not name.startswith(".") and name.lower().endswith(EXTENSIONS)
+
+
+def scan(root: str) -> tuple[list[str], list[list[str]]]:
+  """Class names (sorted sub-folders) and each class's image paths (sorted)."""
+  if not os.path.isdir(root):
+    raise DataError("image folder not found", where=root, value=None,
+                    hint="expected root/<class>/<images>")
+  classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+  if not classes:
+    raise DataError("no class folders", where=root, value=0, hint="expected root/<class>/<images>")
+  files = []
+  for c in classes:
+    folder = os.path.join(root, c)
+    names = sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
+    if not names:
+      raise DataError("empty class folder", where=folder, value="0 images",
+                      hint=f"add images ({', '.join(EXTENSIONS)}) or remove the folder")
+    files.append([os.path.join(folder, n) for n in names])
+  return classes, files
+
+
+def decode(path: str, draft_size: int | None = None) -> Image.Image:
+  """Opens and decodes ``path`` as RGB; ``draft_size`` lets JPEG decode at a reduced scale
+  no smaller than that many pixels a side (libjpeg's DCT scaling: far less work)."""
+  with Image.open(path) as im:
+    if draft_size is not None and im.format == "JPEG":
+      im.draft("RGB", (draft_size, draft_size))
+    return im.convert("RGB")
+
+
+def check_decodes(path: str) -> str | None:
+  """None when ``path`` decodes, else the reason (every byte is decoded; JPEG at 1/8 scale)."""
+  try:
+    with Image.open(path) as im:
+      if im.format == "JPEG":
+        im.draft("RGB", (1, 1))
+      im.load()
+  except DECODE_ERRORS as e:
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+class FolderSource:
+  """Reads image files by record number."""
+
+  in_memory = False
+
+  def __init__(self, paths: Sequence[str]):
+    self.paths = list(paths)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def read(self, j: int, draft_size: int | None = None) -> Image.Image:
+    path = self.paths[j]
+    try:
+      return decode(path, draft_size)
+    except DECODE_ERRORS as e:
+      raise DataError("image does not decode", where=path, value=f"{type(e).__name__}: {e}",
+                      hint="remove or replace the file") from None
+
+  def describe(self, j: int) -> str:
+    return self.paths[j]
+
+
+def _fraction_split(files: list[list[str]], fraction: float, seed: int, split: str):
+  out = []
+  for c, paths in enumerate(files):
+    order = np.random.default_rng([seed, c]).permutation(len(paths))
+    n_val = int(round(fraction * len(paths)))
+    chosen = order[:n_val] if split == "val" else order[n_val:]
+    out.append([paths[k] for k in sorted(chosen)])
+  return out
+
+
+def _verify(paths: list[str], labels: list[int], on_corrupt: str):
+  good_paths, good_labels, skipped = [], [], []
+  for p, y in zip(paths, labels):
+    reason = check_decodes(p)
+    if reason is None:
+      good_paths.append(p)
+      good_labels.append(y)
+      continue
+    if on_corrupt == "error":
+      raise DataError("corrupt image", where=p, value=reason,
+                      hint="remove the file or set config.data.on_corrupt=skip")
+    warnings.warn(f"ftjax: skipping corrupt image {p}: {reason}", stacklevel=2)
+    skipped.append(p)
+  return good_paths, good_labels, skipped
+
+
+def load(config, split: str) -> Dataset:
+  """The ``split`` ("train" or "val") of the folder source described by the data config."""
+  if split not in SPLITS:
+    raise ConfigError("unknown split for a folder source", where="split", value=repr(split),
+                      hint=f"folder splits are {', '.join(SPLITS)}")
+  if config.train_root:
+    classes, files = scan(config.train_root)
+    root = config.train_root
+    if split == "val":
+      if not config.val_root:
+        raise ConfigError("no val_root for the val split", where="config.data.val_root", value=None)
+      root = config.val_root
+      val_classes, files = scan(root)
+      if val_classes != classes:
+        missing = sorted(set(classes) ^ set(val_classes))
+        raise DataError("val_root classes differ from train_root classes", where=root,
+                        value=f"{len(val_classes)} vs {len(classes)} classes",
+                        hint=f"classes in only one of them: {', '.join(missing[:8]) or 'order'}")
+  else:
+    root = config.root
+    classes, files = scan(root)
+    if split == "val" and config.val_fraction == 0:
+      raise ConfigError("the val split of a single root needs val_fraction > 0",
+                        where="config.data.val_fraction", value=0.0)
+    files = _fraction_split(files, config.val_fraction, config.split_seed, split)
+  paths = [p for group in files for p in group]
+  labels = [c for c, group in enumerate(files) for _ in group]
+  skipped = []
+  if config.verify_images:
+    paths, labels, skipped = _verify(paths, labels, config.on_corrupt)
+  if not paths:
+    raise DataError("zero examples", where=f"{root} ({split})", value=0,
+                    hint="check val_fraction and that the images decode")
+  return Dataset(FolderSource(paths), name=f"{root}/{split}", class_names=classes,
+                 labels=labels, skipped=skipped)

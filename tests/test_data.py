@@ -1,0 +1,366 @@
+"""ftjax.data: sources, transforms, loaders, mixing (issue 5 acceptance)."""
+
+import json
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import ftjax.data as fd
+from ftjax.data import loader, transforms
+from ftjax.errors import ConfigError, DataError
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _config(**kw):
+  c = fd.default_config()
+  c.prefetch = 0
+  for k, v in kw.items():
+    node, *rest = k.split("__")
+    if rest:
+      c[node][rest[0]] = v
+    else:
+      c[k] = v
+  return c
+
+
+def _plain(**kw):
+  """No random augmentation; the whole image (crop_fraction 1)."""
+  return _config(augment__random_resized_crop=False, augment__flip=False, crop_fraction=1.0, **kw)
+
+
+def _batches(it, n):
+  return [jax.tree.map(np.asarray, next(it)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- tfds
+
+
+def test_tfds_mock_cifar10_yields_normalised_batches(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  c = _plain(source="tfds", name="cifar10", data_dir=str(tmp_path))
+  with tfds.testing.mock_data(num_examples=20):
+    ds = fd.build(c, split="train")
+    assert (ds.num_examples, ds.num_classes, ds.name) == (20, 10, "tfds:cifar10/train")
+    it = fd.train_iterator(ds, c, global_batch=8, image_size=32, mean=MEAN, std=STD, seed=3)
+    batch = _batches(it, 1)[0]
+    _, examples = it.batches.examples(0)
+    raw = [ds.source.source[int(i)] for i in examples]
+  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].dtype == np.int32
+  expected = (np.stack([r["image"] for r in raw]) / 255.0 - np.array(MEAN)) / np.array(STD)
+  np.testing.assert_allclose(batch["image"], expected, atol=2e-6)
+  assert batch["label"].tolist() == [int(r["label"]) for r in raw]
+
+
+def test_tfds_not_prepared_names_the_command(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  c = _config(source="tfds", name="cifar10", data_dir=str(tmp_path))
+  with pytest.raises(DataError) as e:
+    fd.build(c, split="train")
+  assert str(e.value).endswith(
+      f"pip install 'ftjax[prepare]' && tfds build cifar10 --data_dir={tmp_path} "
+      "--file_format=array_record")
+  assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- folders
+
+COLOURS = {"cat": (200, 10, 10), "dog": (10, 200, 10), "eel": (10, 10, 200)}
+
+
+@pytest.fixture
+def image_root(tmp_path):
+  root = tmp_path / "pets"
+  for c, colour in COLOURS.items():
+    (root / c).mkdir(parents=True)
+    for k in range(4):
+      Image.fromarray(np.full((24, 32, 3), colour, np.uint8)).save(root / c / f"{k}.png")
+      Image.fromarray(np.full((32, 24, 3), colour, np.uint8)).save(root / c / f"{k}.jpg",
+                                                                  quality=95)
+  good = (root / "dog" / "0.jpg").read_bytes()
+  (root / "dog" / "broken.jpg").write_bytes(good[: len(good) // 2])
+  (root / "cat" / "notes.txt").write_text("not an image")
+  return root
+
+
+def test_folder_labels_and_one_skipped_file(image_root):
+  c = _plain(source="folder", root=str(image_root), val_fraction=0.0)
+  with pytest.warns(UserWarning, match="broken.jpg"):
+    ds = fd.build(c, split="train")
+  assert ds.class_names == ("cat", "dog", "eel")
+  assert ds.num_examples == 24
+  assert [os.path.basename(p) for p in ds.skipped] == ["broken.jpg"]
+  assert np.bincount(ds.labels).tolist() == [8, 8, 8]
+  for i in range(ds.num_examples):  # every image's colour is its class's colour
+    pixel = tuple(int(v) for v in ds.image(i)[5, 5])
+    assert np.abs(np.subtract(pixel, COLOURS[ds.class_names[ds.label(i)]])).max() <= 3
+  ev = fd.eval_iterator(ds, c, global_batch=24, image_size=16, mean=MEAN, std=STD)
+  batch = _batches(ev, 1)[0]
+  assert batch["image"].shape == (24, 16, 16, 3)
+  assert batch["label"].tolist() == ds.labels.tolist()
+
+
+def test_folder_corrupt_is_an_error_when_asked(image_root):
+  c = _config(source="folder", root=str(image_root), val_fraction=0.0, on_corrupt="error")
+  with pytest.raises(DataError, match=r"corrupt image \(.*broken\.jpg\)"):
+    fd.build(c, split="train")
+
+
+def test_folder_seeded_fraction_split(image_root):
+  c = _config(source="folder", root=str(image_root), val_fraction=0.25, split_seed=1)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    train, val = fd.build(c, split="train"), fd.build(c, split="val")
+    again = fd.build(c, split="val")
+    c.split_seed = 2
+    other = fd.build(c, split="val")
+  t, v = set(train.source.paths), set(val.source.paths)
+  assert not t & v
+  assert len(t | v) == 24  # 25 image files, the broken one skipped in whichever split it fell
+  assert val.source.paths == again.source.paths
+  assert val.source.paths != other.source.paths
+  assert np.bincount(fd.build(_config(source="folder", root=str(image_root), val_fraction=0.25,
+                                      split_seed=1, verify_images=False), split="val").labels
+                     ).tolist() == [2, 2, 2]  # round(0.25 * 8), round(0.25 * 9), round(0.25 * 8)
+
+
+def test_folder_two_roots_and_bad_layouts(tmp_path, image_root):
+  val = tmp_path / "val"
+  for c in ("cat", "dog", "eel"):
+    (val / c).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(val / c / "a.bmp")  # grayscale -> RGB
+  c = _config(source="folder", train_root=str(image_root), val_root=str(val))
+  ds = fd.build(c, split="val")
+  assert ds.labels.tolist() == [0, 1, 2] and ds.image(0).shape == (8, 8, 3)
+  c.num_classes = 4
+  with pytest.raises(DataError, match="data has 3, config.data.num_classes is 4"):
+    fd.build(c, split="val")
+  (val / "fox").mkdir()
+  c.num_classes = None
+  with pytest.raises(DataError, match=r"^ftjax: error: empty class folder \(.*fox\): 0 images"):
+    fd.build(c, split="val")
+  with pytest.raises(DataError, match="image folder not found"):
+    fd.build(_config(source="folder", root=str(tmp_path / "nope")), split="train")
+  only_bad = tmp_path / "bad" / "x"
+  only_bad.mkdir(parents=True)
+  (only_bad / "a.png").write_bytes(b"not a png")
+  with pytest.warns(UserWarning), pytest.raises(DataError, match="zero examples"):
+    fd.build(_config(source="folder", root=str(tmp_path / "bad"), val_fraction=0.0),
+             split="train")
+
+
+def test_config_errors_come_before_reading(tmp_path):
+  with pytest.raises(ConfigError, match="unknown data source"):
+    fd.build(_config(source="imagenet"), split="train")
+  with pytest.raises(ConfigError, match="a folder source needs a root"):
+    fd.build(_config(source="folder"), split="train")
+  with pytest.raises(ConfigError, match="unknown split for mnist5k"):
+    fd.build(_config(), split="validation")
+  with pytest.raises(ConfigError, match=r"unknown data on_corrupt .*choose one of skip, error"):
+    fd.build(_config(on_corrupt="ignore"), split="train")
+
+
+# ---------------------------------------------------------------- built-in sets and arrays
+
+
+def test_builtin_sizes_and_fixed_splits():
+  train, test = fd.build(_config(), split="train"), fd.build(_config(), split="test")
+  assert (train.num_examples, test.num_examples, train.num_classes) == (4000, 1000, 10)
+  assert np.bincount(train.labels).tolist() == [400] * 10
+  assert np.bincount(test.labels).tolist() == [100] * 10
+  assert train.image(0).shape == (28, 28, 3) and train.image(0).dtype == np.uint8
+  # The two splits are disjoint rows of the same file: no test digit is also a train digit.
+  tr = {train.image(i).tobytes() for i in range(0, 4000, 7)}
+  assert not tr & {test.image(i).tobytes() for i in range(1000)}
+  dtrain, dtest = fd.build(_config(source="digits"), split="train"), \
+      fd.build(_config(source="digits"), split="test")
+  assert (dtrain.num_examples, dtest.num_examples) == (1437, 360)
+  from sklearn.datasets import load_digits
+  raw = load_digits().images  # 0..16
+  np.testing.assert_array_equal(dtest.image(0)[..., 1], np.round(raw[1437] * 255 / 16))
+  assert dtrain.image(0).shape == (8, 8, 3) and raw[1437].max() == 16
+
+
+def test_per_class_sampling_is_exact_and_seeded():
+  a = fd.build(_config(per_class=10, split_seed=5), split="train")
+  b = fd.build(_config(per_class=10, split_seed=5), split="train")
+  d = fd.build(_config(per_class=10, split_seed=6), split="train")
+  assert np.bincount(a.labels).tolist() == [10] * 10
+  assert a.index.tolist() == b.index.tolist()
+  assert a.index.tolist() != d.index.tolist()
+  assert fd.build(_config(per_class=10), split="test").num_examples == 1000  # eval untouched
+  with pytest.raises(DataError, match="too few examples for per_class"):
+    fd.build(_config(source="digits", per_class=500), split="train")
+
+
+def test_arrays_source_and_from_arrays(tmp_path):
+  images = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4, 1)
+  np.savez(tmp_path / "a.npz", train_images=images, train_labels=np.array([0, 1, 0, 1, 1]),
+           class_names=np.array(["no", "yes"]))
+  ds = fd.build(_config(source="arrays", path=str(tmp_path / "a.npz")), split="train")
+  assert ds.class_names == ("no", "yes") and ds.labels.tolist() == [0, 1, 0, 1, 1]
+  np.testing.assert_array_equal(ds.image(2), np.repeat(images[2], 3, axis=-1))
+  with pytest.raises(DataError, match="arrays file lacks the split"):
+    fd.build(_config(source="arrays", path=str(tmp_path / "a.npz")), split="test")
+  with pytest.raises(DataError, match="must be uint8"):
+    fd.from_arrays(images.astype(np.float32), [0] * 5)
+
+
+# ---------------------------------------------------------------- training iterator
+
+
+def _train(ds, c, **kw):
+  kw.setdefault("seed", 0)
+  return fd.train_iterator(ds, c, global_batch=kw.pop("global_batch", 16), image_size=24,
+                           mean=MEAN, std=STD, **kw)
+
+
+AUG = dict(augment__randaugment_num_ops=2, augment__scale=(0.3, 1.0))
+
+
+def test_same_seed_same_batches_and_resume_continues_exactly():
+  c = _config(per_class=4, **AUG)  # 40 examples, batch 16: steps cross epoch boundaries
+  ds = fd.build(c, split="train")
+  first = _batches(_train(ds, c), 6)
+  second = _batches(_train(ds, c), 6)
+  for x, y in zip(first, second):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  other = _batches(_train(ds, c, seed=1), 1)[0]
+  assert not np.array_equal(other["image"], first[0]["image"])
+
+  it = _train(ds, c)
+  _batches(it, 4)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["step"] == 4
+  restored = _train(ds, c)
+  restored.set_state(state)
+  np.testing.assert_array_equal(next(restored)["image"], first[4]["image"])
+  by_step = _train(ds, c, start_step=5)
+  nxt = _batches(by_step, 1)[0]
+  np.testing.assert_array_equal(nxt["image"], first[5]["image"])
+  np.testing.assert_array_equal(nxt["label"], first[5]["label"])
+  with pytest.raises(DataError, match="loader state is for another data stream"):
+    _train(ds, c, seed=9).set_state(state)
+
+
+def test_epochs_are_permutations_and_hosts_split_the_global_batch():
+  c = _plain(source="digits", per_class=3)  # 30 examples
+  ds = fd.build(c, split="train")
+  batches = _train(ds, c, global_batch=10).batches
+  examples = np.concatenate([batches.examples(s)[1] for s in range(6)])
+  for e in range(2):
+    assert sorted(examples[30 * e: 30 * (e + 1)].tolist()) == list(range(30))
+  assert examples[:30].tolist() != examples[30:].tolist()  # reshuffled every epoch
+  whole = _batches(_train(ds, c, global_batch=10, start_step=2), 1)[0]
+  halves = [_batches(_train(ds, c, global_batch=10, start_step=2, process_index=k,
+                            process_count=2), 1)[0] for k in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), whole["image"])
+  np.testing.assert_array_equal(np.concatenate([h["label"] for h in halves]), whole["label"])
+  with pytest.raises(ConfigError, match="multiple of the process count"):
+    _train(ds, c, global_batch=10, process_count=3)
+
+
+def test_device_prefetch_gives_the_same_batches():
+  c = _config(source="digits", per_class=3)
+  ds = fd.build(c, split="train")
+  host = _batches(_train(ds, c), 3)
+  c.prefetch = 2
+  dev = _train(ds, c)
+  got = [next(dev) for _ in range(3)]
+  assert isinstance(got[0]["image"], jax.Array) and dev.get_state()["step"] == 3
+  for h, d in zip(host, got):
+    np.testing.assert_array_equal(h["image"], np.asarray(d["image"]))
+
+
+def test_worker_processes_give_the_same_batches():
+  c = _config(source="digits", per_class=3, **AUG)
+  ds = fd.build(c, split="train")
+  inline = _batches(_train(ds, c), 4)
+  c.num_workers = 2
+  workers = _batches(_train(ds, c), 4)
+  for a, b in zip(inline, workers):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_eval_sees_each_of_1001_examples_once():
+  ids = np.arange(1001)
+  ds = fd.from_arrays(np.zeros((1001, 2, 2), np.uint8), ids)  # label = example id
+  c = _plain()
+  it = fd.eval_iterator(ds, c, global_batch=64, image_size=2, mean=MEAN, std=STD)
+  assert len(it) == 16
+  batches = _batches(it, 16)
+  with pytest.raises(StopIteration):
+    next(it)
+  assert all(b["image"].shape == (64, 2, 2, 3) for b in batches)
+  seen = np.concatenate([b["label"][b["mask"]] for b in batches])
+  assert seen.tolist() == ids.tolist()
+  assert batches[-1]["mask"].sum() == 1001 - 15 * 64
+  per_host = [np.concatenate([b["label"][b["mask"]] for b in fd.eval_iterator(
+      ds, c, global_batch=64, image_size=2, mean=MEAN, std=STD, process_index=k,
+      process_count=2)]) for k in range(2)]
+  assert sorted(np.concatenate(per_host).tolist()) == ids.tolist()
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_transforms():
+  im = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint32).astype(np.uint8).reshape(40, 60, 3))
+  centre = transforms.Preprocess(image_size=20, crop_fraction=1.0).apply(im)
+  np.testing.assert_array_equal(centre, np.asarray(im.resize((20, 20), Image.BILINEAR,
+                                                             box=(10, 0, 50, 40))))
+  p = transforms.Preprocess(image_size=16, random_resized_crop=True, flip=True,
+                            randaugment_num_ops=2)
+  a = p.apply(im, np.random.default_rng([1, 2]))
+  b = p.apply(im, np.random.default_rng([1, 2]))
+  assert a.shape == (16, 16, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  for seed in range(20):
+    left, top, right, bottom = transforms.inception_box(np.random.default_rng(seed), 60, 40,
+                                                         (0.08, 1.0), (3 / 4, 4 / 3))
+    assert 0 <= left < right <= 60 and 0 <= top < bottom <= 40
+    area = (right - left) * (bottom - top) / (60 * 40)
+    assert 0.07 <= area <= 1.0
+  flip = transforms.Preprocess(image_size=40, crop_fraction=1.0, resize="squash", flip=True)
+  outs = {flip.apply(im.resize((40, 40)), np.random.default_rng(s)).tobytes() for s in range(8)}
+  assert outs == {np.asarray(im.resize((40, 40))).tobytes(),
+                  np.asarray(im.resize((40, 40)))[:, ::-1].tobytes()}
+
+
+# ---------------------------------------------------------------- mixup / cutmix
+
+
+def test_mixup_cutmix_keep_label_sums_and_identity_when_off():
+  x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
+  y = jax.nn.one_hot(jnp.arange(6), 6)
+  xi, yi = fd.mixup_cutmix(jax.random.key(1), x, y, mixup_alpha=0.0, cutmix_alpha=0.0)
+  assert xi is x and yi is y
+
+  step = jax.jit(fd.mixup_cutmix, static_argnames=("mixup_alpha", "cutmix_alpha"))
+  for k in range(5):
+    xm, ym = step(jax.random.key(k), x, y, mixup_alpha=0.4, cutmix_alpha=0.0)
+    np.testing.assert_allclose(ym.sum(-1), 1.0, rtol=1e-6)
+    lam = float(ym[0, 0])  # example 0 mixed with example 5
+    np.testing.assert_allclose(xm[0], lam * x[0] + (1 - lam) * x[5], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ym[0, 5], 1 - lam, rtol=1e-6)
+
+    xc, yc = step(jax.random.key(k), x, y, mixup_alpha=0.0, cutmix_alpha=1.0)
+    np.testing.assert_allclose(yc.sum(-1), 1.0, rtol=1e-6)
+    own = np.asarray(xc[0] == x[0]).all(-1)
+    partner = np.asarray(xc[0] == x[5]).all(-1)
+    assert (own | partner).all()
+    np.testing.assert_allclose(own.mean(), float(yc[0, 0]), atol=1e-6)  # label = pixel share
+
+    xb, yb = step(jax.random.key(k), x, y, mixup_alpha=0.2, cutmix_alpha=1.0)
+    np.testing.assert_allclose(yb.sum(-1), 1.0, rtol=1e-6)

@@ -1,0 +1,396 @@
+"""Tests of ftjax.optim: param groups, freezing, layer decay, unfreezing, wd, schedules, plan."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.core import FrozenDict
+
+from ftjax import optim
+from ftjax import tree as tree_lib
+from ftjax.errors import ConfigError
+
+F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- synthetic trees
+
+
+def sds(*shape):
+  return jax.ShapeDtypeStruct(shape, F32)
+
+
+def vit_shapes(layers=12, hidden=768, mlp=3072, classes=10, tokens=197, patch=16,
+               pre_logits=False):
+  """A ViT parameter tree (vit_jax naming) of ShapeDtypeStructs: ViT-B/16 by default."""
+  def dense(i, o):
+    return {"kernel": sds(i, o), "bias": sds(o)}
+
+  def norm():
+    return {"scale": sds(hidden), "bias": sds(hidden)}
+
+  heads, head_dim = 12, hidden // 12
+  attn = {name: {"kernel": sds(hidden, heads, head_dim), "bias": sds(heads, head_dim)}
+          for name in ("query", "key", "value")}
+  attn["out"] = {"kernel": sds(heads, head_dim, hidden), "bias": sds(hidden)}
+  block = {"LayerNorm_0": norm(), "MultiHeadDotProductAttention_1": attn, "LayerNorm_2": norm(),
+           "MlpBlock_3": {"Dense_0": dense(hidden, mlp), "Dense_1": dense(mlp, hidden)}}
+  transformer = {f"encoderblock_{i}": block for i in range(layers)}
+  transformer["posembed_input"] = {"pos_embedding": sds(1, tokens, hidden)}
+  transformer["encoder_norm"] = norm()
+  params = {"embedding": {"kernel": sds(patch, patch, 3, hidden), "bias": sds(hidden)},
+            "cls": sds(1, 1, hidden), "Transformer": transformer, "head": dense(hidden, classes)}
+  if pre_logits:
+    params["pre_logits"] = dense(hidden, hidden)
+  return params
+
+
+def resnet50_shapes(classes=10, v2=False):
+  """A ResNet-50 parameter tree (ftjax resnet naming) of ShapeDtypeStructs."""
+  def conv(k, i, o):
+    return {"kernel": sds(k, k, i, o)}
+
+  def bn(c):
+    return {"scale": sds(c), "bias": sds(c)}
+
+  params = {"stem": {"conv": conv(7, 3, 64), "bn": bn(64)}}
+  cin = 64
+  for s, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
+    stage = {}
+    for b in range(blocks):
+      block = {"conv1": conv(1, cin, width), "bn1": bn(width), "conv2": conv(3, width, width),
+               "bn2": bn(width), "conv3": conv(1, width, 4 * width), "bn3": bn(4 * width)}
+      if b == 0:
+        block["proj"] = conv(1, cin, 4 * width)
+        block["proj_bn"] = bn(4 * width)
+      stage[f"block{b}"] = block
+      cin = 4 * width
+    params[f"stage{s}"] = stage
+  if v2:
+    params["norm"] = bn(cin)
+  params["head"] = {"kernel": sds(cin, classes), "bias": sds(classes)}
+  return params
+
+
+def materialize(shapes, seed=0):
+  """Random float32 arrays for a tree of ShapeDtypeStructs."""
+  flat = tree_lib.flatten(shapes)
+  rng = np.random.default_rng(seed)
+  return tree_lib.unflatten({p: rng.standard_normal(s.shape).astype(np.float32)
+                             for p, s in flat.items()})
+
+
+def small_tree():
+  return materialize({"body": {"kernel": sds(4, 4), "bias": sds(4)},
+                      "mid": {"kernel": sds(4, 4), "scale": sds(4)},
+                      "head": {"kernel": sds(4, 3), "bias": sds(3)}})
+
+
+def float_count(state) -> int:
+  return sum(x.size for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+# ----------------------------------------------------------------------------- groups and labels
+
+
+def test_sgd_update_is_exactly_minus_lr_times_lr_mult_times_grad():
+  params = small_tree()
+  grads = materialize(jax.tree.map(lambda x: sds(*x.shape), params), seed=1)
+  lr = 0.01
+  mults = {"head": 10.0, "mid": 0.3, "body": 1.0}
+  config = {"name": "sgd", "kwargs": {}, "lr": lr, "schedule": {"name": "constant"},
+            "param_groups": [("head/.*", {"lr_mult": 10.0}), ("mid/.*", {"lr_mult": 0.3}),
+                             (".*", {})]}
+  tx = optim.make_optimizer(params, config, total_steps=10)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  for path, u in tree_lib.flatten(updates).items():
+    g = tree_lib.flatten(grads)[path]
+    expected = np.float32(-(lr * mults[path.split("/")[0]])) * g
+    np.testing.assert_array_equal(np.asarray(u), expected, err_msg=path)
+  assert tree_lib.flatten(optim.param_labels(params, config)) == {
+      "body/bias": "g2", "body/kernel": "g2", "head/bias": "g0", "head/kernel": "g0",
+      "mid/kernel": "g1", "mid/scale": "g1"}
+
+
+def test_frozendict_params_and_labels_keep_their_container():
+  params = FrozenDict(small_tree())
+  config = {"name": "adam", "kwargs": {}, "lr": 0.1, "weight_decay": 0.1,
+            "param_groups": [("head/.*", {}), (".*", None)], "grad_clip_norm": 1.0}
+  labels = optim.param_labels(params, config)
+  assert isinstance(labels, FrozenDict) and labels["head"]["kernel"] == "g0"
+  tx = optim.make_optimizer(params, config, total_steps=10)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert isinstance(updates, FrozenDict)
+  assert float(jnp.abs(updates["body"]["kernel"]).sum()) == 0.0
+  assert float(jnp.abs(updates["head"]["kernel"]).min()) > 0.0
+
+
+def _loss(params, x, y):
+  h = jnp.tanh(x @ params["body"]["kernel"] + params["body"]["bias"])
+  h = jnp.tanh(h @ params["mid"]["kernel"]) * params["mid"]["scale"]
+  logits = h @ params["head"]["kernel"] + params["head"]["bias"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _batch(step, n=8):
+  key = jax.random.fold_in(jax.random.key(0), step)
+  kx, ky = jax.random.split(key)
+  return jax.random.normal(kx, (n, 4)), jax.random.randint(ky, (n,), 0, 3)
+
+
+def _train_step(tx, params, state, step):
+  x, y = _batch(step)
+  loss, grads = jax.value_and_grad(_loss)(params, x, y)
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state, loss
+
+
+def test_frozen_leaves_bit_identical_after_50_steps_with_weight_decay():
+  params = small_tree()
+  config = {"name": "adamw", "kwargs": {}, "lr": 0.05, "weight_decay": 0.5, "grad_clip_norm": 1.0,
+            "wd_rules": [(".*", 1.0)],  # decay everything that trains, biases included
+            "param_groups": [("body/.*", None), (".*", {})]}
+  tx = optim.make_optimizer(params, config, total_steps=50)
+  step = jax.jit(functools.partial(_train_step, tx))
+  new, state = params, tx.init(params)
+  for s in range(50):
+    new, state, _ = step(new, state, s)
+  for path, leaf in tree_lib.flatten(params).items():
+    after = np.asarray(tree_lib.flatten(new)[path])
+    if path.startswith("body/"):
+      assert after.tobytes() == leaf.tobytes(), path
+    else:
+      assert not np.array_equal(after, leaf), path
+  # No optimizer state for the frozen leaves: adam moments for mid + head only.
+  assert float_count(state) == 2 * (16 + 4 + 12 + 3)
+
+
+def test_default_weight_decay_is_kernels_only_and_rules_override():
+  params = materialize(vit_shapes(layers=1, hidden=24, mlp=8, classes=3, tokens=5, patch=2))
+  zeros = jax.tree.map(np.zeros_like, params)
+  base = {"name": "sgd", "kwargs": {}, "lr": 0.1, "weight_decay": 0.5,
+          "schedule": {"name": "constant"}}
+  tx = optim.make_optimizer(params, base, total_steps=10)
+  updates = tree_lib.flatten(tx.update(zeros, tx.init(params), params)[0])
+  flat = tree_lib.flatten(params)
+  for path, u in updates.items():
+    if path.endswith("kernel"):
+      np.testing.assert_array_equal(u, -np.float32(0.1 * 0.5) * flat[path], err_msg=path)
+    else:  # biases, norms, pos embedding, class token
+      np.testing.assert_array_equal(u, np.zeros_like(u), err_msg=path)
+  config = dict(base, wd_rules=[("Transformer/posembed_input/.*", 2.0), ("head/kernel", 0.0)],
+                param_groups=[("embedding/.*", {"wd_mult": 0.0}), (".*", {"wd_mult": 1.0})])
+  tx = optim.make_optimizer(params, config, total_steps=10)
+  updates = tree_lib.flatten(tx.update(zeros, tx.init(params), params)[0])
+  pos = "Transformer/posembed_input/pos_embedding"
+  np.testing.assert_array_equal(updates[pos], -np.float32(0.1 * 0.5 * 2.0) * flat[pos])
+  assert not np.any(updates["head/kernel"]) and not np.any(updates["embedding/kernel"])
+  dense = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
+  np.testing.assert_array_equal(updates[dense], -np.float32(0.1 * 0.5) * flat[dense])
+
+
+def test_per_group_optimizer_and_schedule():
+  params = small_tree()
+  grads = jax.tree.map(np.ones_like, params)
+  config = {"name": "sgd", "kwargs": {"momentum": 0.9}, "lr": 0.1,
+            "schedule": {"name": "warmup_cosine", "warmup_steps": 5},
+            "param_groups": [("head/.*", {"name": "adam", "kwargs": {"b1": 0.5},
+                                          "schedule": {"name": "constant", "warmup_steps": 0}}),
+                             (".*", {})]}
+  tx = optim.make_optimizer(params, config, total_steps=20)
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params)
+  # The head runs adam at a constant 0.1: first step -0.1 * g / (|g| + eps).
+  ref = optax.adam(0.1, b1=0.5)
+  ref_u, _ = ref.update(params["head"], ref.init(params["head"]), params["head"])
+  ref_u, _ = ref.update(grads["head"], ref.init(params["head"]), params["head"])
+  np.testing.assert_array_equal(updates["head"]["kernel"], ref_u["kernel"])
+  # The others run sgd with warm-up: step 0 has lr 0.
+  assert not np.any(updates["body"]["kernel"])
+  assert float_count(state.inner_states["g0"]) == 2 * (12 + 3)  # adam mu + nu, head only
+  assert float_count(state.inner_states["g1"]) == 16 + 4 + 16 + 4  # sgd trace
+
+
+# ----------------------------------------------------------------------------- layer decay
+
+
+def test_vit_b16_layer_decay_multipliers_and_plan():
+  params = vit_shapes()
+  mults = tree_lib.flatten(optim.layer_decay_multipliers(params, "vit", 0.75))
+  assert mults["head/kernel"] == 1.0 and mults["Transformer/encoder_norm/scale"] == 1.0
+  assert mults["Transformer/encoderblock_11/LayerNorm_0/scale"] == 0.75
+  assert mults["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] == 0.75 ** 12
+  for emb in ("embedding/kernel", "cls", "Transformer/posembed_input/pos_embedding"):
+    assert mults[emb] == 0.75 ** 13
+  config = {"layer_decay": 0.75, "lr": 0.01}
+  plan = optim.fine_tuning_plan(params, config, family="vit", total_steps=1000)
+  assert len(plan.rows) == 14
+  assert plan.row("g0.d13").lr_mult == 1.0
+  assert plan.row("g0.d13").modules == "Transformer/encoder_norm, head"
+  assert plan.row("g0.d12").lr_mult == 0.75
+  assert plan.row("g0.d12").modules == "Transformer/encoderblock_11"
+  assert plan.row("g0.d0").lr_mult == 0.75 ** 13
+  assert plan.row("g0.d0").modules == "Transformer/posembed_input, cls, embedding"
+  lines = {line.split()[0]: line.split() for line in str(plan).splitlines()[2:16]}
+  assert lines["g0.d13"][3] == "1" and lines["g0.d12"][3] == "0.75"
+  assert lines["g0.d0"][3] == f"{0.75 ** 13:.6g}" == "0.0237573"
+  assert plan.trainable_params == 85_806_346 and plan.frozen_params == 0
+  # Layer decay multiplies with the regex multipliers.
+  config = {"layer_decay": 0.75, "param_groups": [("head/.*", {"lr_mult": 10.0}), (".*", {})]}
+  plan = optim.fine_tuning_plan(params, config, family="vit", total_steps=1000)
+  assert plan.row("g0.d13").lr_mult == 10.0 and plan.row("g0.d13").modules == "head"
+  assert plan.row("g1.d13").lr_mult == 1.0
+  assert plan.row("g1.d1").lr_mult == 0.75 ** 12
+
+
+def test_resnet50_stage_multipliers_and_plan():
+  params = resnet50_shapes()
+  mults = tree_lib.flatten(optim.layer_decay_multipliers(params, "resnet", 0.5))
+  assert mults["stem/conv/kernel"] == 0.5 ** 5
+  assert mults["stage1/block2/conv3/kernel"] == 0.5 ** 4
+  assert mults["stage2/block3/bn1/scale"] == 0.5 ** 3
+  assert mults["stage3/block5/conv2/kernel"] == 0.5 ** 2
+  assert mults["stage4/block0/proj/kernel"] == 0.5
+  assert mults["head/bias"] == 1.0
+  plan = optim.fine_tuning_plan(params, {"layer_decay": 0.5}, family="resnet", total_steps=100)
+  assert [(r.label, r.lr_mult, r.modules) for r in plan.rows] == [
+      ("g0.d5", 1.0, "head"), ("g0.d4", 0.5, "stage4/block0, stage4/block1, stage4/block2"),
+      ("g0.d3", 0.25, plan.row("g0.d3").modules), ("g0.d2", 0.125, plan.row("g0.d2").modules),
+      ("g0.d1", 0.0625, "stage1/block0, stage1/block1, stage1/block2"),
+      ("g0.d0", 0.03125, "stem/bn, stem/conv")]
+  assert plan.trainable_params == 23_528_522  # torchvision resnet50 with a 10-class head
+  v2 = tree_lib.flatten(optim.layer_decay_multipliers(resnet50_shapes(v2=True), "resnetv2", 0.5))
+  assert v2["norm/scale"] == 1.0 and v2["stage4/block1/conv1/kernel"] == 0.5
+
+
+def test_efficientnet_depths():
+  params = {"stem": {"conv": {"kernel": 0}}, "stage0": {"block0": {"kernel": 0}},
+            "stage6": {"block0": {"kernel": 0}}, "conv_head": {"kernel": 0},
+            "head": {"kernel": 0, "bias": 0}}
+  assert tree_lib.flatten(optim.layer_depths(params, "efficientnet")) == {
+      "conv_head/kernel": 8, "head/bias": 8, "head/kernel": 8, "stage0/block0/kernel": 1,
+      "stage6/block0/kernel": 7, "stem/conv/kernel": 0}
+
+
+# ----------------------------------------------------------------------------- state size
+
+
+def test_head_only_vit_b16_keeps_state_for_the_head_only():
+  params = vit_shapes(classes=100)
+  head_floats = 768 * 100 + 100
+  for name, kwargs, moments in (("adamw", {}, 2), ("sgd", {"momentum": 0.9}, 1), ("lion", {}, 1)):
+    config = {"name": name, "kwargs": kwargs, "lr": 1e-3, "weight_decay": 0.05,
+              "grad_clip_norm": 1.0, "param_groups": [("head/.*", {}), (".*", None)]}
+    tx = optim.make_optimizer(params, config, total_steps=100)
+    assert float_count(jax.eval_shape(tx.init, params)) == moments * head_floats, name
+  plan = optim.fine_tuning_plan(params, config, total_steps=100)
+  assert plan.trainable_params == head_floats
+  assert plan.row("frozen").state_bytes == 0
+
+
+# ----------------------------------------------------------------------------- compiled cost
+
+
+class _Block(nn.Module):
+  hidden: int
+  mlp: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(name="LayerNorm_0")(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=2, name="MultiHeadDotProductAttention_1")(y, y)
+    x = x + y
+    y = nn.LayerNorm(name="LayerNorm_2")(x)
+    return x + _Mlp(self.hidden, self.mlp, name="MlpBlock_3")(y)
+
+
+class _Mlp(nn.Module):
+  hidden: int
+  mlp: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.gelu(nn.Dense(self.mlp, name="Dense_0")(x))
+    return nn.Dense(self.hidden, name="Dense_1")(x)
+
+
+class _PosEmbed(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + self.param("pos_embedding", nn.initializers.normal(0.02), x.shape[1:])[None]
+
+
+class TinyViT(nn.Module):
+  """A ViT with vit_jax parameter names, small enough to compile in a second."""
+  hidden: int = 32
+  mlp: int = 64
+  layers: int = 2
+  classes: int = 10
+
+  @nn.compact
+  def __call__(self, images):
+    x = nn.Conv(self.hidden, (4, 4), strides=4, padding="VALID", name="embedding")(images)
+    x = x.reshape(x.shape[0], -1, self.hidden)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden))
+    x = jnp.concatenate([jnp.tile(cls, (x.shape[0], 1, 1)), x], axis=1)
+    x = _Encoder(self.hidden, self.mlp, self.layers, name="Transformer")(x)
+    return nn.Dense(self.classes, name="head")(x[:, 0])
+
+
+class _Encoder(nn.Module):
+  hidden: int
+  mlp: int
+  layers: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = _PosEmbed(name="posembed_input")(x)
+    for i in range(self.layers):
+      x = _Block(self.hidden, self.mlp, name=f"encoderblock_{i}")(x)
+    return nn.LayerNorm(name="encoder_norm")(x)
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per device
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def test_compiled_cost_of_head_only_and_full_steps():
+  model = TinyViT()
+  images = jnp.ones((8, 32, 32, 3), F32)
+  labels = jnp.arange(8) % 10
+  params = model.init(jax.random.key(0), images)["params"]
+  assert {"Transformer/posembed_input/pos_embedding", "cls",
+          "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"} <= set(tree_lib.flatten(params))
+
+  def loss(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
+  forward = _flops(jax.jit(loss).lower(params, images, labels).compile())
+
+  def step_flops(config):
+    tx = optim.make_optimizer(params, config, total_steps=100)
+
+    def step(p, s, x, y):
+      value, grads = jax.value_and_grad(loss)(p, x, y)
+      updates, s = tx.update(grads, s, p)
+      return optax.apply_updates(p, updates), s, value
+
+    return _flops(jax.jit(step).lower(params, tx.init(params), images, labels).compile())
+
+  base = {"name": "sgd", "kwargs": {"momentum": 0.9}, "grad_clip_norm": 1.0, "weight_decay": 1e-4}
+  head_only = step_flops(dict(base, param_groups=[("head/.*", {}), (".*", None)]))
+  full = step_flops(base)
+  print(f"flops: forward {forward:.0f}, head-only step {head_only / forward:.3f}x, "
+        f"full step {full / forward:.3f}x")
+  assert head_only <= 1.1 * forward, (head_only, forward)
+  assert 2.5 * forward <= full <= 3.5 * forward, (full, forward)

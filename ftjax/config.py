@@ -1,0 +1,168 @@
+"""The schema of every config key ftjax understands, and the checks that run before any work.
+
+Config files start from :func:`default_config` (locked), so a misspelled key in
+a file or on the command line (``--config.optim.lrr=0.1``) fails at once, and
+ml_collections checks the type of every override.
+
+>>> c = default_config()
+>>> c.train.batch_size
+256
+>>> c.optim.lrr = 0.1
+Traceback (most recent call last):
+...
+AttributeError: ...
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import ml_collections as mc
+from ml_collections.config_dict import placeholder
+
+from ftjax.errors import ConfigError
+
+# Keys whose change makes a stored run a different experiment: resuming a
+# workdir whose config.json differs in one of these is refused.
+RESUME_KEYS = ("seed", "model.source", "model.num_classes", "data.image_size", "model.scratch",
+               "model.dont_load", "data.source", "data.name", "data.root", "data.train_root",
+               "data.per_class", "train.batch_size", "optim")
+
+
+def model_config() -> mc.ConfigDict:
+  c = mc.ConfigDict()
+  c.source = "efficientnet:lite0"  # see ftjax.models: hf:, timm:, npz:, torchvision:, efficientnet:, a dir
+  c.num_classes = placeholder(int)  # None: from the data
+  c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.dont_load = ()  # regexes of params/... paths to initialise instead of loading
+  c.scratch = False  # same architecture, random initialisation (a baseline)
+  c.dropout_rate = placeholder(float)  # None: the family's default (dropout before the head / in blocks)
+  c.droppath_rate = placeholder(float)  # stochastic depth; None: the family's default
+  return c
+
+
+def train_config() -> mc.ConfigDict:
+  c = mc.ConfigDict()
+  c.total_steps = 1000
+  c.batch_size = 256  # global, over all devices and hosts
+  c.eval_batch_size = 256
+  c.eval_every = 200  # steps; 0: only at the end
+  c.log_every = 20
+  c.checkpoint_every = 200  # steps; 0: only at the end (and on SIGTERM)
+  c.keep_latest = 2
+  c.keep_best = 1
+  c.best_metric = "test/top1"  # "<split>/<metric>" from the evaluation
+  c.best_mode = "max"
+  c.early_stopping_patience = 0  # evaluations without improvement; 0: off
+  c.early_stopping_min_delta = 0.0
+  c.label_smoothing = 0.0
+  c.ema_decay = 0.0  # 0: no EMA
+  c.freeze_bn = "auto"  # auto: keep running statistics when no backbone parameter ever trains
+  c.on_nan = "stop"  # stop | skip
+  c.max_consecutive_skips = 10
+  c.parallel = "jit"  # jit (sharded over a mesh) | pmap
+  c.shard_params = ()  # FSDP-style: regexes of params to shard over the data axis
+  c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  c.deterministic = False  # GPU: --xla_gpu_deterministic_ops=true (bit-identical reruns)
+  c.async_checkpoint = True
+  c.plots = True
+  c.tensorboard = True
+  return c
+
+
+def default_config() -> mc.ConfigDict:
+  """Every key ftjax understands, with defaults; locked."""
+  from ftjax import data, optim  # their sub-schemas live with their code
+
+  c = mc.ConfigDict()
+  c.seed = 0
+  c.model = model_config()
+  c.data = data.default_config()
+  c.optim = optim.default_config()
+  c.train = train_config()
+  c.lock()
+  return c
+
+
+def parse_arg(arg: str, **defaults) -> dict:
+  """Parses a config file's ``:arg`` string (``key=value,key=value``) strictly.
+
+  Keys must be among ``defaults`` and values take the type of the default.
+
+  >>> parse_arg("steps=500", steps=10_000, dataset="cifar10")
+  {'steps': 500, 'dataset': 'cifar10'}
+  >>> parse_arg("stepz=500", steps=10_000)
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: unknown config argument (:stepz=500): 'stepz'; known: steps
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise ConfigError("unknown config argument", where=f":{item}", value=repr(key),
+                        hint=f"known: {', '.join(defaults)}")
+    kind = type(defaults[key])
+    try:
+      out[key] = kind(value) if kind is not bool else value.lower() in ("1", "true", "yes")
+    except ValueError:
+      raise ConfigError("bad config argument value", where=f":{item}", value=repr(value),
+                        hint=f"expected {kind.__name__}") from None
+  return out
+
+
+def to_dict(config) -> dict:
+  """A JSON-able plain dict (tuples become lists)."""
+  if isinstance(config, mc.ConfigDict):
+    config = config.to_dict()
+  return json.loads(json.dumps(config, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def _get(d: Mapping, dotted: str):
+  for part in dotted.split("."):
+    if not isinstance(d, Mapping) or part not in d:
+      return None
+    d = d[part]
+  return d
+
+
+def resume_mismatches(stored: Mapping, current: Mapping) -> list[str]:
+  """Keys in :data:`RESUME_KEYS` whose values differ between two config dicts.
+
+  >>> resume_mismatches({"seed": 0, "optim": {"lr": 1}}, {"seed": 0, "optim": {"lr": 2}})
+  ['optim']
+  """
+  return [k for k in RESUME_KEYS if _get(stored, k) != _get(current, k)]
+
+
+def validate(config) -> None:
+  """Checks the config's values before anything is read or compiled."""
+  t = config.train
+  if t.total_steps <= 0:
+    raise ConfigError("train.total_steps must be positive", where="train.total_steps", value=t.total_steps)
+  for key in ("batch_size", "eval_batch_size"):
+    if t[key] <= 0:
+      raise ConfigError(f"train.{key} must be positive", where=f"train.{key}", value=t[key])
+  for key in ("eval_every", "log_every", "checkpoint_every", "early_stopping_patience"):
+    if t[key] < 0:
+      raise ConfigError(f"train.{key} must be >= 0", where=f"train.{key}", value=t[key])
+  if t.log_every == 0:
+    raise ConfigError("train.log_every must be positive", where="train.log_every", value=0)
+  choices = {"on_nan": ("stop", "skip"), "parallel": ("jit", "pmap"), "best_mode": ("max", "min"),
+             "freeze_bn": ("auto", "yes", "no")}
+  for key, allowed in choices.items():
+    if t[key] not in allowed:
+      raise ConfigError(f"train.{key} must be one of {allowed}", where=f"train.{key}", value=repr(t[key]))
+  if config.model.dtype not in ("float32", "bfloat16", "float16"):
+    raise ConfigError("model.dtype must be float32, bfloat16 or float16", where="model.dtype",
+                      value=repr(config.model.dtype))
+  if config.model.num_classes is not None and config.model.num_classes <= 0:
+    raise ConfigError("model.num_classes must be positive", where="model.num_classes",
+                      value=config.model.num_classes)
+  if t.ema_decay < 0 or t.ema_decay >= 1:
+    raise ConfigError("train.ema_decay must be in [0, 1)", where="train.ema_decay", value=t.ema_decay)
+  if not 0 <= t.label_smoothing < 1:
+    raise ConfigError("train.label_smoothing must be in [0, 1)", where="train.label_smoothing",
+                      value=t.label_smoothing)

@@ -1,0 +1,637 @@
+"""Fine-tuning: the train state, the compiled train and eval steps, and the loop around them.
+
+``train_and_evaluate(config, workdir)`` is what ``launch.py`` calls; research code
+can call :func:`train_step` and :func:`eval_step` directly.  The step is one pure
+function ``(state, batch) -> (state, metrics)`` compiled once per unfreezing phase:
+
+* gradients are taken with respect to the trainable leaves only, so frozen
+  leaves cost no backward work and nothing reads their gradients;
+* the rng of a step is ``fold_in(seed key, step)`` and the data of a step is a
+  function of the step, so a resumed run repeats nothing and skips nothing;
+* a non-finite loss or gradient never reaches the parameters: the step keeps
+  the old state and records the step and the first offending quantity, which
+  the host reads at its next logging or checkpoint point (no per-step sync).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ftjax import config as config_lib
+from ftjax import data as data_lib
+from ftjax import metrics as metrics_lib
+from ftjax import models, optim
+from ftjax.checkpoint import Checkpointer
+from ftjax.errors import ConfigError, DataError, NumericsError, Preempted
+from ftjax.progress import Progress
+from ftjax.tree import flatten, rule_tree, unflatten
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly; one pytree, checkpointed whole."""
+
+  step: jax.Array  # int32: updates done so far
+  params: Any
+  batch_stats: Any  # {} for models without BatchNorm
+  opt_state: Any
+  ema_params: Any  # None without EMA
+  rng: jax.Array  # uint32[2]: the seed's key; step keys are fold_in(rng, step)
+  skipped: jax.Array  # int32: non-finite steps skipped so far
+  consecutive_skips: jax.Array  # int32
+  first_bad_step: jax.Array  # int32: step of the first non-finite update, -1 if none
+  first_bad_what: jax.Array  # int32: 0 loss, i + 1 the i-th trainable leaf's gradient, -1 none
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """The static (hashable) options of a compiled train step."""
+
+  num_classes: int
+  label_smoothing: float = 0.0
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+  mix_switch_prob: float = 0.5
+  accum_steps: int = 1
+  update_batch_stats: bool = False  # BatchNorm statistics follow the batches
+  ema_decay: float = 0.0
+  axis_name: str | None = None  # set under pmap: gradients are averaged over it
+
+
+def trainable_paths(mask) -> tuple[str, ...]:
+  """Sorted paths of the True leaves of a bool mask tree (the order of first_bad_what)."""
+  return tuple(p for p, m in flatten(mask).items() if m)
+
+
+def _soft_labels(labels, opts: StepOptions):
+  onehot = jax.nn.one_hot(labels, opts.num_classes, dtype=jnp.float32)
+  if opts.label_smoothing:
+    onehot = optax.smooth_labels(onehot, opts.label_smoothing)
+  return onehot
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: optax.GradientTransformation,
+               trainable: tuple[str, ...], opts: StepOptions) -> tuple[TrainState, dict]:
+  """One update: ``(state, batch) -> (state, metrics)``; pure, for ``jax.jit`` or ``jax.pmap``.
+
+  Args:
+    state: the train state.
+    batch: ``{"image": [B, H, W, 3] float, "label": [B] int}``.
+    model: the flax module.
+    tx: the optimizer (frozen leaves mapped to ``optax.set_to_zero``).
+    trainable: sorted '/'-paths of the trainable params; gradients are taken
+      for these only.
+    opts: static options.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  mix_rng, drop_rng = jax.random.split(rng)
+  flat = flatten(state.params)
+  train_flat = {p: flat[p] for p in trainable}
+  frozen_flat = {p: v for p, v in flat.items() if p not in train_flat}
+  images, labels = batch["image"], _soft_labels(batch["label"], opts)
+  if opts.mixup_alpha or opts.cutmix_alpha:
+    images, labels = data_lib.mixup_cutmix(mix_rng, images, labels, mixup_alpha=opts.mixup_alpha,
+                                           cutmix_alpha=opts.cutmix_alpha,
+                                           switch_prob=opts.mix_switch_prob)
+
+  def loss_fn(train_flat, batch_stats, images, labels, drop_rng):
+    variables = {"params": unflatten({**frozen_flat, **train_flat})}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    if opts.update_batch_stats:
+      logits, new_vars = model.apply(variables, images, train=True, rngs={"dropout": drop_rng},
+                                     mutable=["batch_stats"])
+      batch_stats = new_vars["batch_stats"]
+    else:
+      logits = model.apply(variables, images, train=True, rngs={"dropout": drop_rng})
+    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()
+    return loss, batch_stats
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if opts.accum_steps == 1:
+    (loss, batch_stats), grads = grad_fn(train_flat, state.batch_stats, images, labels, drop_rng)
+  else:
+    # Microbatches inside the one compiled step: only the gradient sum is kept.
+    k = opts.accum_steps
+    split = lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+    def micro(carry, xs):
+      g_sum, l_sum, bs = carry
+      i, im, lb = xs
+      (l, bs), g = grad_fn(train_flat, bs, im, lb, jax.random.fold_in(drop_rng, i))
+      return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, bs), None
+
+    zeros = jax.tree.map(jnp.zeros_like, train_flat)
+    (g_sum, l_sum, batch_stats), _ = jax.lax.scan(
+        micro, (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
+        (jnp.arange(k), split(images), split(labels)))
+    grads, loss = jax.tree.map(lambda g: g / k, g_sum), l_sum / k
+  if opts.axis_name:
+    grads, loss, batch_stats = jax.lax.pmean((grads, loss, batch_stats), opts.axis_name)
+
+  finite = [jnp.isfinite(loss)] + [jnp.all(jnp.isfinite(grads[p])) for p in trainable]
+  finite = jnp.stack(finite)
+  ok = jnp.all(finite)
+  # Frozen leaves get a zero gradient the optimizer's set_to_zero discards;
+  # XLA removes both, so their backward pass is never computed.
+  full_grads = unflatten({**{p: jnp.zeros_like(v) for p, v in frozen_flat.items()}, **grads})
+  updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+  flat_updates = flatten(updates)
+  # Only trainable leaves are written: frozen ones stay bit-identical (even -0.0).
+  new_flat = dict(flat)
+  for p in trainable:
+    new_flat[p] = (flat[p] + flat_updates[p]).astype(flat[p].dtype)
+  params = unflatten(new_flat)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  params = keep(params, state.params)
+  opt_state = keep(opt_state, state.opt_state)
+  batch_stats = keep(batch_stats, state.batch_stats)
+  ema = state.ema_params
+  if opts.ema_decay:
+    d = opts.ema_decay
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+  bad = jnp.logical_not(ok)
+  first_new = jnp.logical_and(bad, state.first_bad_step < 0)
+  grad_norm = optax.global_norm(grads)
+  new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+      ema_params=ema, skipped=state.skipped + bad.astype(jnp.int32),
+      consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
+      first_bad_step=jnp.where(first_new, state.step + 1, state.first_bad_step),
+      first_bad_what=jnp.where(first_new, jnp.argmin(finite).astype(jnp.int32), state.first_bad_what))
+  return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": ok}
+
+
+def eval_step(params, batch_stats, batch, *, model, num_classes: int) -> dict:
+  """Sums of evaluation counts over one padded batch (``batch["mask"]`` marks real examples)."""
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+  return metrics_lib.eval_counts(logits, batch["label"], batch["mask"], num_classes)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop needs besides the state (host-side, rebuilt on every start)."""
+
+  config: Any
+  workdir: Path
+  model: Any
+  report: Any
+  family: str
+  mesh: Mesh
+  train_ds: Any
+  eval_sets: dict
+  num_classes: int
+  total_steps: int
+  steps_per_epoch: int
+
+
+def _check_workdir(workdir: str) -> Path:
+  if not workdir:
+    raise ConfigError("no workdir given", where="--workdir", hint="pass --workdir DIR")
+  wd = Path(workdir)
+  try:
+    wd.mkdir(parents=True, exist_ok=True)
+    probe = wd / f".write_test_{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError("workdir is not writable", where=str(wd), value=e.strerror,
+                      hint="choose another --workdir") from None
+  return wd
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _check_resume_config(wd: Path, config_dict: dict) -> None:
+  stored_path = wd / "config.json"
+  if stored_path.exists():
+    # The stored JSON is the run's config of record; a config.py planted in a
+    # workdir is never executed.
+    stored = json.loads(stored_path.read_text())
+    diff = config_lib.resume_mismatches(stored, config_dict)
+    if diff:
+      raise ConfigError("workdir holds a run with another config", where=str(stored_path),
+                        value=", ".join(diff), hint="use a new --workdir, or the stored config")
+  else:
+    _write_json_atomic(stored_path, config_dict)
+
+
+def _mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _param_shardings(params, mesh: Mesh, rules) -> Any:
+  """Replicated params, or FSDP-style sharding of the leaves ``rules`` select (largest divisible dim)."""
+  replicated = NamedSharding(mesh, P())
+  if not rules:
+    return jax.tree.map(lambda _: replicated, params)
+  n = mesh.devices.size
+  chosen = rule_tree(params, [(r, True) for r in rules], what="shard_params rule", default=False)
+
+  def pick(x, c):
+    for d in sorted(range(x.ndim), key=lambda d: -x.shape[d]) if c else ():
+      if x.shape[d] % n == 0:
+        axes = [None] * x.ndim
+        axes[d] = "data"
+        return NamedSharding(mesh, P(*axes))
+    return replicated
+
+  return jax.tree.map(pick, params, chosen)
+
+
+class JitRunner:
+  """The step under ``jax.jit`` over a mesh of all devices: batch sharded on "data"."""
+
+  def __init__(self, mesh: Mesh, shard_rules=()):
+    self.mesh, self.shard_rules = mesh, tuple(shard_rules)
+
+  def put_state(self, state: TrainState) -> TrainState:
+    shardings = jax.tree.map(lambda _: NamedSharding(self.mesh, P()), state)
+    shardings = shardings.replace(params=_param_shardings(state.params, self.mesh, self.shard_rules))
+    return jax.device_put(state, shardings)
+
+  def view(self, state: TrainState) -> TrainState:
+    return state
+
+  def put_batch(self, batch: dict) -> dict:
+    sharding = NamedSharding(self.mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+  def compile(self, fn: Callable, opts: StepOptions) -> Callable:
+    return jax.jit(functools.partial(fn, opts=opts), donate_argnums=0)
+
+
+class PmapRunner:
+  """The same step under ``jax.pmap``: state replicated, gradients averaged over "batch"."""
+
+  axis_name = "batch"
+
+  def __init__(self, devices=None):
+    self.devices = list(devices or jax.local_devices())
+
+  def put_state(self, state: TrainState) -> TrainState:
+    return jax.device_put_replicated(state, self.devices)
+
+  def view(self, state: TrainState) -> TrainState:
+    return jax.tree.map(lambda x: x[0], state)
+
+  def put_batch(self, batch: dict) -> dict:
+    n = len(self.devices)
+    return {k: jax.device_put_sharded(list(np.asarray(v).reshape(n, -1, *np.shape(v)[1:])), self.devices)
+            for k, v in batch.items()}
+
+  def compile(self, fn: Callable, opts: StepOptions) -> Callable:
+    opts = dataclasses.replace(opts, axis_name=self.axis_name)
+    return jax.pmap(functools.partial(fn, opts=opts), axis_name=self.axis_name, donate_argnums=0)
+
+
+def _initial_state(params, batch_stats, tx, seed: int, ema: bool) -> TrainState:
+  params = jax.tree.map(jnp.asarray, params)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=jax.tree.map(jnp.asarray, batch_stats) if batch_stats else {},
+      opt_state=tx.init(params), ema_params=jax.tree.map(jnp.array, params) if ema else None,
+      rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32),
+      consecutive_skips=jnp.zeros((), jnp.int32), first_bad_step=jnp.full((), -1, jnp.int32),
+      first_bad_what=jnp.full((), -1, jnp.int32))
+
+
+def _model_meta(report, num_classes: int, class_names) -> dict:
+  return {"family": report.family, "arch": report.arch, "num_classes": num_classes,
+          "image_size": list(report.image_size), "mean": list(report.mean), "std": list(report.std),
+          "class_names": list(class_names) if class_names else None}
+
+
+def _build(config, workdir: Path) -> tuple[_Run, dict, list[str]]:
+  """Data, model and plan: everything that can fail on bad input, before any compilation."""
+  warnings = []
+  train_ds = data_lib.build(config.data, split=config.data.train_split)
+  eval_sets = {s: data_lib.build(config.data, split=s) for s in config.data.eval_splits}
+  num_classes = train_ds.num_classes
+  if config.model.num_classes is not None and config.model.num_classes != num_classes:
+    raise DataError("class count disagrees with the data", where="model.num_classes",
+                    value=f"config {config.model.num_classes} vs data {num_classes}",
+                    hint="fix model.num_classes or the dataset")
+  for split, ds in eval_sets.items():
+    if ds.num_classes != num_classes:
+      raise DataError("class count differs between splits", where=f"data split {split}",
+                      value=f"{ds.num_classes} vs train {num_classes}")
+  overrides = {k: config.model[k] for k in ("dropout_rate", "droppath_rate") if config.model[k] is not None}
+  dont_load = (".*",) if config.model.scratch else tuple(config.model.dont_load)
+  model, variables, report = models.from_pretrained(
+      config.model.source, num_classes=num_classes, image_size=config.data.image_size,
+      dtype=DTYPES[config.model.dtype], dont_load=dont_load, **overrides)
+  steps_per_epoch = max(1, train_ds.num_examples // config.train.batch_size)
+  run = _Run(config=config, workdir=workdir, model=model, report=report, family=report.family,
+             mesh=_mesh(), train_ds=train_ds, eval_sets=eval_sets, num_classes=num_classes,
+             total_steps=config.train.total_steps, steps_per_epoch=steps_per_epoch)
+  return run, variables, warnings
+
+
+def _update_batch_stats(config, variables, masks) -> bool:
+  if "batch_stats" not in variables:
+    return False
+  if config.train.freeze_bn == "yes":
+    return False
+  if config.train.freeze_bn == "no":
+    return True
+  # auto: statistics move only if some backbone (non-head) parameter ever trains.
+  for mask in masks:
+    for path, m in flatten(mask).items():
+      if m and not path.startswith("head/"):
+        return True
+  return False
+
+
+class _SigtermFlag:
+  """SIGTERM sets a flag; the loop saves at the current step and exits with the preempted code."""
+
+  def __init__(self):
+    self.raised = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _compile_phase(run: _Run, runner, tx, mask, opts: StepOptions):
+  trainable = trainable_paths(mask)
+  fn = functools.partial(train_step, model=run.model, tx=tx, trainable=trainable)
+  return runner.compile(fn, opts), trainable
+
+
+def _evaluate(run: _Run, state: TrainState, eval_fn, put_batch) -> dict:
+  """Top-1/top-5/loss/confusion/ECE on every eval split, each example counted once."""
+  cfg = run.config
+  out = {}
+  param_sets = {"": state.params}
+  if state.ema_params is not None:
+    param_sets["ema_"] = state.ema_params
+  for split, ds in run.eval_sets.items():
+    for prefix, params in param_sets.items():
+      counts = None
+      for batch in data_lib.eval_iterator(
+          ds, cfg.data, global_batch=cfg.train.eval_batch_size, image_size=cfg.data.image_size,
+          mean=run.report.mean, std=run.report.std, process_index=jax.process_index(),
+          process_count=jax.process_count()):
+        c = eval_fn(params, state.batch_stats, put_batch(batch))
+        counts = c if counts is None else metrics_lib.add_counts(counts, c)
+      out[f"{prefix}{split}"] = metrics_lib.summarize(jax.device_get(counts), class_names=ds.class_names)
+  return out
+
+
+def _check_numerics(state: TrainState, trainable: tuple[str, ...], policy: str, max_skips: int) -> int:
+  """Host check at sync points; returns the number of steps skipped so far."""
+  first_step, what, skipped, consecutive = (int(x) for x in jax.device_get(
+      (state.first_bad_step, state.first_bad_what, state.skipped, state.consecutive_skips)))
+  if first_step < 0:
+    return skipped
+  quantity = "loss" if what <= 0 else f"gradient of params/{trainable[what - 1]}"
+  if policy == "stop":
+    raise NumericsError("non-finite value in training", where=f"step {first_step}", value=quantity,
+                        hint="lower the learning rate, or set train.on_nan=skip; the last good "
+                             "checkpoint is kept")
+  if consecutive >= max_skips:
+    raise NumericsError("too many consecutive non-finite steps skipped", where=f"step {first_step}",
+                        value=f"{consecutive} in a row, first: {quantity}",
+                        hint="raise train.max_consecutive_skips or lower the learning rate")
+  return skipped
+
+
+def _train_iterator(run: _Run, start_step: int):
+  cfg = run.config
+  return data_lib.train_iterator(
+      run.train_ds, cfg.data, global_batch=cfg.train.batch_size, image_size=cfg.data.image_size,
+      mean=run.report.mean, std=run.report.std, seed=cfg.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def prepare(config, workdir: str):
+  """Every check that needs no compilation: config, workdir, data, checkpoint, plan.
+
+  Returns what :func:`train_and_evaluate` needs; bad input fails here, before
+  any compilation, with one line.
+  """
+  config_lib.validate(config)
+  from ftjax.data import config as data_config
+  data_config.check(config.data)
+  if config.train.deterministic:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+  if config.train.distributed:
+    jax.distributed.initialize()
+  t = config.train
+  n_dev = jax.device_count()
+  if t.batch_size % n_dev or t.eval_batch_size % n_dev:
+    raise ConfigError("batch size not divisible by the device count", where="train.batch_size",
+                      value=f"{t.batch_size} / {n_dev} devices")
+  accum = config.optim.accum_steps
+  if t.batch_size % (accum * n_dev):
+    raise ConfigError("batch size not divisible by accum_steps x devices", where="optim.accum_steps",
+                      value=f"{t.batch_size} / ({accum} x {n_dev})")
+  wd = _check_workdir(workdir)
+  config_dict = config_lib.to_dict(config)
+  _check_resume_config(wd, config_dict)
+  run, variables, warnings = _build(config, wd)
+  return run, variables, warnings, config_dict
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Fine-tunes ``config.model`` on ``config.data``; leaves checkpoints, metrics and plots in ``workdir``.
+
+  Rerunning the same command resumes from the newest verified checkpoint.
+  Returns the final evaluation summaries.
+  """
+  run, variables, warnings, config_dict = prepare(config, workdir)
+  cfg, t, wd = config, config.train, run.workdir
+  params = variables["params"]
+  total = t.total_steps
+  phases = optim.unfreeze_phases(cfg.optim, total)
+  masks = [optim.trainable_mask(params, cfg.optim, phase=i) for i in range(len(phases))]
+  opts = StepOptions(num_classes=run.num_classes, label_smoothing=t.label_smoothing,
+                     mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
+                     mix_switch_prob=cfg.data.mix_switch_prob, accum_steps=cfg.optim.accum_steps,
+                     update_batch_stats=_update_batch_stats(cfg, variables, masks),
+                     ema_decay=t.ema_decay)
+
+  def make_tx(phase):
+    return optim.make_optimizer(params, cfg.optim, family=run.family, total_steps=total,
+                                steps_per_epoch=run.steps_per_epoch, phase=phase)
+
+  plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
+                                num_train_examples=run.train_ds.num_examples)
+  warnings = list(plan.warnings) + warnings
+  print(run.report, flush=True)
+  print(plan, flush=True)
+  for w in warnings:
+    print(f"WARNING: {w}", flush=True)
+
+  ckpt = Checkpointer(wd / "checkpoints", keep_latest=t.keep_latest, keep_best=t.keep_best,
+                      best_metric=t.best_metric, best_mode=t.best_mode, async_save=t.async_checkpoint,
+                      fingerprint={k: config_lib._get(config_dict, k) for k in config_lib.RESUME_KEYS})
+  meta = _model_meta(run.report, run.num_classes, run.train_ds.class_names)
+
+  # Resume: the template's optimizer state must have the phase of the checkpoint's step.
+  phase = optim.phase_at(ckpt.latest_step() or 0, cfg.optim)
+  tx = make_tx(phase)
+  state = _initial_state(params, variables.get("batch_stats"), tx, cfg.seed, t.ema_decay > 0)
+  del variables
+  early = metrics_lib.EarlyStopping(t.best_metric, t.best_mode, t.early_stopping_patience,
+                                    t.early_stopping_min_delta) if t.early_stopping_patience else None
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    step0, state, extra = restored
+    if optim.phase_at(step0, cfg.optim) != phase:  # fell back to a step of another phase
+      phase = optim.phase_at(step0, cfg.optim)
+      tx = make_tx(phase)
+      template = _initial_state(state.params, state.batch_stats, tx, cfg.seed, t.ema_decay > 0)
+      state, extra = ckpt.restore(step0, template)
+    if early is not None and extra.get("early_stopping"):
+      early.load_state_dict(extra["early_stopping"])
+    print(f"resumed from step {step0} in {wd / 'checkpoints'}", flush=True)
+  step = int(jax.device_get(state.step))
+  runner = PmapRunner() if t.parallel == "pmap" else JitRunner(run.mesh, t.shard_params)
+  state = runner.put_state(state)
+  writer = metrics_lib.MetricsWriter(wd, resume_step=step, tensorboard=t.tensorboard)
+
+  step_fn, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
+  eval_fn = jax.jit(functools.partial(eval_step, model=run.model, num_classes=run.num_classes))
+  eval_put = JitRunner(run.mesh).put_batch
+  it = _train_iterator(run, step)
+  first_batch = runner.put_batch(next(it))
+  compiled = step_fn.lower(state, first_batch).compile()
+  flops = metrics_lib.compiled_flops(compiled)
+  if flops and t.parallel == "pmap":
+    flops *= len(runner.devices)
+  peak = metrics_lib.device_peak_flops()
+  progress = Progress(total, start_step=step, batch_size=t.batch_size, log_every=t.log_every,
+                      flops_per_step=flops, peak_flops=peak * jax.device_count() if peak else None)
+
+  def save(step, summaries=None):
+    view = runner.view(state)
+    _check_numerics(view, trainable, t.on_nan, t.max_consecutive_skips)
+    flat_metrics = {f"{s}/{k}": v for s, d in (summaries or {}).items() for k, v in d.items()
+                    if isinstance(v, (int, float))}
+    extra = {"model": meta, "data_step": step, "phase": phase,
+             "early_stopping": early.state_dict() if early else None}
+    ckpt.save(step, view, metrics=flat_metrics or None, extra=extra)
+
+  summaries = {}
+  stopped_early = False
+  last_saved = step if restored is not None else -1
+  with _SigtermFlag() as sigterm:
+    try:
+      while step < total:
+        new_phase = optim.phase_at(step, cfg.optim)
+        if new_phase != phase:
+          new_tx = make_tx(new_phase)
+          view = runner.view(state)
+          view = view.replace(opt_state=optim.transition_opt_state(view.opt_state, new_tx, view.params))
+          state = runner.put_state(view)
+          phase, tx = new_phase, new_tx
+          compiled, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
+          print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
+        batch = first_batch if first_batch is not None else runner.put_batch(next(it))
+        first_batch = None
+        state, m = compiled(state, batch)
+        step += 1
+        if step % t.log_every == 0 or step == total:
+          m = jax.device_get(runner.view(m))
+          skipped = _check_numerics(runner.view(state), trainable, t.on_nan, t.max_consecutive_skips)
+          writer.write(step, "train", {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                                       "skipped_steps": skipped})
+          progress.update(step, loss=float(m["loss"]))
+        evaluated = False
+        if (t.eval_every and step % t.eval_every == 0) or step == total:
+          summaries = _evaluate(run, runner.view(state), eval_fn, eval_put)
+          evaluated = True
+          for split, s in summaries.items():
+            writer.write(step, "eval", {f"{split}/{k}": v for k, v in s.items() if k != "confusion"})
+          if early is not None and early.update(step, _lookup_metric(summaries, t.best_metric)):
+            stopped_early = True
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total or stopped_early:
+          save(step, summaries if evaluated else None)
+          last_saved = step
+        if stopped_early:
+          print(f"early stopping at step {step}: best {t.best_metric} {early.best:.4f} "
+                f"at step {early.best_step}", flush=True)
+          break
+        if sigterm.raised:
+          if last_saved != step:
+            save(step)
+          ckpt.wait()
+          raise Preempted("preempted by SIGTERM", where=f"step {step}",
+                          value=str(wd / "checkpoints"), hint="rerun the same command to resume")
+      ckpt.wait()
+    finally:
+      progress.close()
+      writer.flush()
+      ckpt.close()
+  if not summaries:
+    summaries = _evaluate(run, runner.view(state), eval_fn, eval_put)
+  _finish(run, summaries)
+  writer.close()
+  return summaries
+
+
+def _lookup_metric(summaries: dict, name: str) -> float:
+  split, _, key = name.partition("/")
+  try:
+    return float(summaries[split][key])
+  except KeyError:
+    raise ConfigError("best/early-stopping metric not produced by evaluation", where="train.best_metric",
+                      value=repr(name), hint=f"available: {sorted(summaries)} x top1/top5/loss") from None
+
+
+def _finish(run: _Run, summaries: dict) -> None:
+  wd = run.workdir
+  if run.config.train.plots:
+    rows = metrics_lib.read_metrics(wd / "metrics.jsonl")
+    metrics_lib.plot_learning_curves(rows, wd / "learning_curves.png")
+    for split, s in summaries.items():
+      if "confusion" in s:
+        metrics_lib.plot_confusion(s["confusion"], run.eval_sets[split.removeprefix("ema_")].class_names,
+                                   wd / f"confusion_{split}.png")
+  for split, s in summaries.items():
+    print(f"final {split}: top1 {100 * s['top1']:.2f}%  top5 {100 * s['top5']:.2f}%  "
+          f"loss {s['loss']:.4f}  ({s['n']} examples)", flush=True)
+  print(f"workdir {wd}: checkpoints/ metrics.jsonl config.json TensorBoard events, "
+        f"learning_curves.png confusion_*.png", flush=True)

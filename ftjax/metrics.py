@@ -21,9 +21,11 @@ exactly once.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -168,7 +170,10 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter  # heavy (protobuf); only runs that want it pay
       # purge_step hides the killed run's events at or after it, like the JSONL cut above.
       purge = 0 if resume_step is None else resume_step + 1
-      self._tb = SummaryWriter(logdir=workdir, purge_step=purge)
+      # tensorboardX names files by the second and opens them "wb": a resume within the same
+      # second would overwrite the killed run's file.  Nanoseconds keep names unique and ordered.
+      self._tb = SummaryWriter(logdir=workdir, purge_step=purge,
+                               filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
   def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
     """Appends ``{"step": step, "kind": kind, **values}``; numeric scalars also go to TensorBoard."""
@@ -206,6 +211,8 @@ class MetricsWriter:
 # Evaluation metrics
 
 
+# jit here too: called eagerly (tests, notebooks) it would otherwise dispatch ~30 small ops.
+@functools.partial(jax.jit, static_argnames=("num_classes", "num_bins"))
 def eval_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int, *,
                 num_bins: int = 15) -> dict[str, jax.Array]:
   """Sums over one batch of the examples where ``mask`` is true; pure, usable inside jit.

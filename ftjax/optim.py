@@ -144,6 +144,7 @@ class _Group:
   schedule: dict
   name: str
   kwargs: dict
+  own_schedule: bool  # errors then point at the group, not at optim.schedule
 
 
 def _plain(value):
@@ -234,7 +235,7 @@ def _groups(opts: dict) -> list[_Group | None]:
         lr_mult=_nonnegative(spec.get("lr_mult", 1.0), f"{where}.lr_mult"),
         wd_mult=_nonnegative(spec.get("wd_mult", 1.0), f"{where}.wd_mult"),
         schedule=_merge(opts["schedule"], _plain(spec.get("schedule")) or {}, f"{where}.schedule"),
-        name=name, kwargs=kwargs))
+        name=name, kwargs=kwargs, own_schedule="schedule" in spec))
   return groups
 
 
@@ -723,7 +724,7 @@ def _label_transform(plan: _LabelPlan, opts: dict, total_steps: int, steps_per_e
   where = f"optim.param_groups #{plan.label[1:].split('.')[0]}"
   base = _schedule(plan.group.schedule, peak=float(opts["lr"]) * plan.lr_mult,
                    total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                   where=f"{where}.schedule")
+                   where=f"{where}.schedule" if plan.group.own_schedule else "optim.schedule")
   # A label unfrozen at step s counts its own steps from 0; shifting keeps its
   # learning rate on the global schedule while its moments start fresh.
   schedule = base if not plan.start_step else (lambda count: base(count + plan.start_step))

@@ -394,3 +394,250 @@ def test_compiled_cost_of_head_only_and_full_steps():
         f"full step {full / forward:.3f}x")
   assert head_only <= 1.1 * forward, (head_only, forward)
   assert 2.5 * forward <= full <= 3.5 * forward, (full, forward)
+
+
+def test_clipping_over_all_gradients_would_bring_the_backward_pass_back():
+  """The control for the test above: the FLOP count does see frozen gradient work."""
+  model = TinyViT()
+  images = jnp.ones((8, 32, 32, 3), F32)
+  labels = jnp.arange(8) % 10
+  params = model.init(jax.random.key(0), images)["params"]
+
+  def loss(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
+  forward = _flops(jax.jit(loss).lower(params, images, labels).compile())
+  head_only = optim.make_optimizer(
+      params, {"param_groups": [("head/.*", {}), (".*", None)]}, total_steps=100)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), head_only)  # reads every gradient
+
+  def step(p, s, x, y):
+    grads = jax.grad(loss)(p, x, y)
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  flops = _flops(jax.jit(step).lower(params, tx.init(params), images, labels).compile())
+  assert flops > 2.0 * forward, (flops, forward)
+
+
+# ----------------------------------------------------------------------------- unfreezing
+
+
+def _separable_loss(params, step):
+  """Each leaf's gradient depends on that leaf only, so groups cannot influence each other."""
+  t = jnp.sin(jnp.arange(3, dtype=F32) + step)
+  return sum(jnp.sum((leaf - t * (i + 1)) ** 2)
+             for i, leaf in enumerate(jax.tree.leaves(params)))
+
+
+def _separable_step(tx, params, state, step):
+  grads = jax.grad(_separable_loss)(params, step)
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+def test_unfreezing_keeps_old_moments_and_gives_new_leaves_fresh_ones():
+  params = {"body": {"kernel": jnp.zeros(3, F32)}, "head": {"kernel": jnp.ones(3, F32)}}
+  base = {"name": "adam", "kwargs": {}, "lr": 0.1, "total_steps": 20,
+          "schedule": {"name": "warmup_cosine", "warmup_steps": 4}}
+  config = dict(base, param_groups=[("head/.*", {}), ("body/.*", {})], unfreeze=[(5, "body/.*")])
+  reference = dict(base, param_groups=[("head/.*", {}), ("body/.*", None)])
+  assert optim.unfreeze_phases(config) == [0, 5]
+  txs = [optim.make_optimizer(params, config, phase=i) for i in (0, 1)]
+  ref_tx = optim.make_optimizer(params, reference)
+  p, state = params, txs[0].init(params)
+  ref_p, ref_state = params, ref_tx.init(params)
+  for s in range(20):
+    phase = optim.phase_at(s, config)
+    if s == 5:
+      state = optim.transition_opt_state(state, txs[1], p)
+      fresh = state.inner_states["g1.p1"].inner_state[0]
+      assert int(fresh.count) == 0 and not np.any(fresh.mu["body"]["kernel"])
+      # The first update of the unfrozen leaf: adam's first step at the global lr of step 5.
+      lr5 = float(optim.make_schedule(config)(5))
+      ref_adam = optax.adam(lr5)
+      g = jax.grad(_separable_loss)(p, s)["body"]
+      expected, _ = ref_adam.update(g, ref_adam.init(g), p["body"])
+    before = p
+    p, state = _separable_step(txs[phase], p, state, s)
+    ref_p, ref_state = _separable_step(ref_tx, ref_p, ref_state, s)
+    if s < 5:
+      assert np.asarray(p["body"]["kernel"]).tobytes() == np.zeros(3, np.float32).tobytes()
+    if s == 5:
+      np.testing.assert_array_equal(p["body"]["kernel"] - before["body"]["kernel"],
+                                    expected["kernel"])
+      assert not np.array_equal(p["body"]["kernel"], before["body"]["kernel"])
+    # The head's moments, count and values are those of the run without the transition.
+    for a, b in zip(jax.tree.leaves(state.inner_states["g0"]),
+                    jax.tree.leaves(ref_state.inner_states["g0"])):
+      assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), s
+    assert np.asarray(p["head"]["kernel"]).tobytes() == np.asarray(ref_p["head"]["kernel"]).tobytes()
+
+
+def _leaves_equal(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.asarray(x).tobytes() == np.asarray(y).tobytes()
+                                    for x, y in zip(la, lb))
+
+
+def test_resume_mid_phase_from_a_saved_state_matches_the_uninterrupted_run(tmp_path):
+  config = {"name": "adamw", "kwargs": {}, "lr": 0.05, "weight_decay": 0.1, "grad_clip_norm": 0.5,
+            "schedule": {"name": "warmup_cosine", "warmup_steps": 3},
+            "unfreeze": [(4, "mid/.*"), (8, "body/.*")], "total_steps": 20}
+  # Device arrays, as a trainer holds them (a numpy argument is a separate jit cache entry).
+  init = jax.tree.map(jnp.asarray, small_tree())
+
+  def build():  # what a fresh process does: one optimizer and one compiled step per phase
+    txs = [optim.make_optimizer(init, config, phase=i)
+           for i in range(len(optim.unfreeze_phases(config)))]
+    return txs, [jax.jit(functools.partial(_train_step, tx)) for tx in txs]
+
+  def run(params, state, phase, steps, txs, fns):
+    for s in steps:
+      if optim.phase_at(s, config) != phase:
+        phase = optim.phase_at(s, config)
+        state = optim.transition_opt_state(state, txs[phase], params)
+      params, state, _ = fns[phase](params, state, s)
+      if s < 4:
+        assert np.asarray(params["mid"]["kernel"]).tobytes() == np.asarray(init["mid"]["kernel"]).tobytes()
+      if s < 8:
+        assert np.asarray(params["body"]["kernel"]).tobytes() == np.asarray(init["body"]["kernel"]).tobytes()
+    return params, state, phase
+
+  txs, fns = build()
+  full_p, full_s, _ = run(init, txs[0].init(init), 0, range(20), txs, fns)
+  assert [f._cache_size() for f in fns] == [1, 1, 1]  # one compilation per phase
+  assert not np.array_equal(full_p["body"]["kernel"], init["body"]["kernel"])
+
+  part_p, part_s, _ = run(init, txs[0].init(init), 0, range(13), txs, fns)
+  flat, _ = jax.tree.flatten((part_p, part_s))
+  np.savez(tmp_path / "ckpt.npz", *[np.asarray(x) for x in flat])
+
+  txs, fns = build()
+  phase = optim.phase_at(13, config)
+  template = (init, txs[phase].init(init))
+  with np.load(tmp_path / "ckpt.npz") as saved:
+    leaves = [jnp.asarray(saved[f"arr_{i}"]) for i in range(len(saved.files))]
+  params, state = jax.tree.unflatten(jax.tree.structure(template), leaves)
+  resumed_p, resumed_s, _ = run(params, state, phase, range(13, 20), txs, fns)
+  assert _leaves_equal(resumed_p, full_p)
+  assert _leaves_equal(resumed_s, full_s)
+
+
+def test_gradual_unfreezing_of_a_vit_by_two_blocks():
+  params = vit_shapes(layers=4, hidden=24, mlp=8, tokens=5, patch=2, classes=3)
+  rules = optim.gradual_unfreezing("vit", depth=4, every=10, k=2)
+  config = {"unfreeze": rules, "layer_decay": 0.5}
+  assert optim.unfreeze_phases(config, 40) == [0, 10, 20, 30]
+
+  def trains(phase):
+    mask = tree_lib.flatten(optim.trainable_mask(params, config, phase))
+    return sorted({"/".join(p.split("/")[:2]) for p, on in mask.items() if on})
+
+  assert trains(0) == ["Transformer/encoder_norm", "head/bias", "head/kernel"]
+  assert trains(1) == ["Transformer/encoder_norm", "Transformer/encoderblock_2",
+                       "Transformer/encoderblock_3", "head/bias", "head/kernel"]
+  assert len(trains(2)) == 7 and "Transformer/encoderblock_0" in trains(2)
+  assert len(trains(3)) == 11 and "cls" in trains(3) and "cls" not in trains(2)
+  labels = tree_lib.flatten(optim.param_labels(params, config, family="vit", phase=1))
+  assert labels["Transformer/encoderblock_2/LayerNorm_0/scale"] == "g0.d3.p1"
+  assert labels["Transformer/encoderblock_1/LayerNorm_0/scale"] == "frozen"
+  plan = optim.fine_tuning_plan(params, config, family="vit", total_steps=40)
+  assert [(r.label, r.start_step, r.lr_mult) for r in plan.rows] == [
+      ("g0.d5", 0, 1.0), ("g0.d4.p1", 10, 0.5), ("g0.d3.p1", 10, 0.25), ("g0.d2.p2", 20, 0.125),
+      ("g0.d1.p2", 20, 0.0625), ("g0.d0.p3", 30, 0.03125)]
+  assert plan.trainable_params == 24 * 2 + 24 * 3 + 3
+  assert plan.final_trainable_params == plan.trainable_params + plan.frozen_params
+  assert "unfreezing at steps [10, 20, 30]" in str(plan)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ({"name": "warmup_cosine"}, {0: 0.0, 5: 0.5, 10: 1.0, 60: 0.5, 110: 0.0, 200: 0.0}),
+    ({"name": "cosine", "end_factor": 0.1}, {10: 1.0, 60: 0.55, 110: 0.1}),
+    ({"name": "linear"}, {5: 0.5, 10: 1.0, 35: 0.75, 110: 0.0}),
+    ({"name": "constant"}, {5: 0.5, 10: 1.0, 109: 1.0}),
+    ({"name": "rsqrt", "timescale": 100}, {10: 1.0, 110: 2 ** -0.5, 310: 0.5}),
+    ({"name": "step", "boundaries": [50, 80]}, {10: 1.0, 49: 1.0, 50: 0.1, 79: 0.1, 80: 0.01}),
+    ({"name": "step", "warmup_steps": 0, "warmup_epochs": 2.0, "boundary_epochs": [10, 16]},
+     {5: 0.5, 10: 1.0, 50: 0.1, 80: 0.01}),
+])
+def test_schedules(schedule, expected):
+  config = {"lr": 1.0, "schedule": dict({"warmup_steps": 10}, **schedule)}
+  fn = optim.make_schedule(config, total_steps=110, steps_per_epoch=5)
+  for step, value in expected.items():
+    np.testing.assert_allclose(float(fn(step)), value, rtol=1e-6, atol=1e-7, err_msg=str(step))
+
+
+# ----------------------------------------------------------------------------- errors and plan
+
+
+@pytest.mark.parametrize("config, kwargs, fragment", [
+    ({"param_groups": [("head/.*", {})]}, {},
+     "parameter covered by no param group (body/bias, body/kernel, mid/kernel, mid/scale)"),
+    ({"param_groups": [("heads/.*", {}), (".*", {})]}, {},
+     "param group matches no parameter (param group #0): 'heads/.*'"),
+    ({"param_groups": [(".*", {"lr_mult": -1.0})]}, {},
+     "must be a non-negative number (optim.param_groups #0.lr_mult): -1.0"),
+    ({"param_groups": [(".*", {"wd_mult": -0.5})]}, {}, "(optim.param_groups #0.wd_mult): -0.5"),
+    ({"param_groups": [(".*", {"lr_mul": 2.0})]}, {},
+     "unknown param group key (optim.param_groups #0.lr_mul): 2.0; did you mean lr_mult?"),
+    ({"layer_decay": -0.5}, {}, "layer_decay must be positive (optim.layer_decay): -0.5"),
+    ({"layer_decay": 0.5}, {}, "layer_decay needs the model family"),
+    ({"layer_decay": 0.5}, {"family": "vitt"}, "unknown model family for layer decay (family): 'vitt'"),
+    ({"name": "adamww"}, {}, "unknown optimizer (optim.name): 'adamww'; did you mean adamw?"),
+    ({"name": "chain"}, {}, "unknown optimizer (optim.name): 'chain'"),
+    ({"name": "adamw", "kwargs": {"weight_decay": 0.1}}, {},
+     "adamw kwarg weight_decay is set elsewhere (optim.kwargs.weight_decay): 0.1; use optim.weight_decay"),
+    ({"schedule": {"name": "cosin"}}, {}, "unknown learning-rate schedule (optim.schedule.name): 'cosin'"),
+    ({"schedule": {"warmup_steps": 100}}, {}, "warm-up as long as the run"),
+    ({"schedule": {"warmup_epochs": 1.0}}, {}, "a length in epochs needs steps_per_epoch"),
+    ({"unfreeze": [(100, "body/.*")]}, {},
+     "unfreeze step beyond the run (optim.unfreeze #0): 100; the run has steps 0..99"),
+    ({"unfreeze": [(10, "bdy/.*")]}, {}, "unfreeze rule matches no parameter"),
+    ({"unfreeze": [(10, "body/.*")], "param_groups": [("body/.*", None), (".*", {})]}, {},
+     "unfreeze rule matches a parameter its param group freezes for good"),
+    ({"lrr": 0.1}, {}, "unknown optimizer key (optim.lrr): 0.1; did you mean lr?"),
+    ({"accum_steps": 0}, {}, "accum_steps must be a positive integer"),
+    ({}, {"phase": 1}, "no such training phase (phase): 1"),
+])
+def test_config_errors_are_one_line_config_errors(config, kwargs, fragment):
+  with pytest.raises(ConfigError) as info:
+    optim.make_optimizer(small_tree(), config, total_steps=100, **kwargs)
+  message = str(info.value)
+  assert fragment in message and "\n" not in message and info.value.exit_code == 2, message
+
+
+def test_default_config_drives_make_optimizer():
+  config = optim.default_config()
+  config.total_steps = 100
+  config.lr = 0.1
+  config.param_groups = [("head/.*", {"lr_mult": 2.0}), (".*", None)]
+  config.lock()
+  params = small_tree()
+  tx = optim.make_optimizer(params, config)
+  state = tx.init(params)
+  assert float_count(state) == 12 + 3  # sgd momentum trace, head only
+  with pytest.raises(AttributeError):
+    config.lrr = 0.1  # a locked config refuses typos before optim sees them
+
+
+def test_plan_warnings():
+  params = small_tree()
+
+  def warnings(config, n=None):
+    return optim.fine_tuning_plan(params, config, total_steps=100, num_train_examples=n).warnings
+
+  assert warnings({"param_groups": [(".*", None)]}) == (
+      "nothing trains at step 0: every parameter is frozen (the head too?)",)
+  assert "the head is frozen" in warnings({"param_groups": [("head/.*", None), (".*", {})]})[0]
+  full = {"name": "adamw", "kwargs": {}, "lr": 1e-2}
+  assert "full fine-tune of all 55 parameters with adamw lr 0.01" in warnings(full, 5_000)[0]
+  assert warnings(full, 50_000) == () and warnings(dict(full, lr=1e-4), 5_000) == ()
+  assert warnings({"name": "sgd", "lr": 0.5}, 5_000)[0].startswith("full fine-tune")
+  assert "has lr_mult 0" in warnings({"param_groups": [(".*", {"lr_mult": 0.0})]})[0]
+  assert "no trainable parameter decays" in warnings(
+      {"weight_decay": 0.1, "param_groups": [("head/bias", {}), (".*", None)]})[0]
+  assert "over half" in warnings({"schedule": {"warmup_steps": 60}})[0]

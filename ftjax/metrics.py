@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -335,30 +335,49 @@ def _is_number(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _series(rows: Iterable[Mapping], kind: str, key: str) -> tuple[list, list]:
-  pts = [(r["step"], r[key]) for r in rows if r.get("kind") == kind and _is_number(r.get(key))]
-  return [s for s, _ in pts], [v for _, v in pts]
+def _is_named(key: str, name: str) -> bool:
+  # the trainer prefixes eval metrics with their split: "test/loss", "ema_test/top1"
+  return key == name or key.endswith("/" + name)
+
+
+def learning_curves(rows: Sequence[Mapping]) -> dict[str, dict[str, tuple[list, list]]]:
+  """The series :func:`plot_learning_curves` draws: ``{panel: {label: (steps, values)}}``.
+
+  A loss is a key ``loss`` or ``<split>/loss`` and goes to the "loss" panel; the
+  other numbers of rows not of kind ``train`` go to "evaluation" (lists, strings
+  and example counts ``n`` left out; train rows' lr, grad norm... are not curves).
+
+  >>> rows = [{"step": 1, "kind": "train", "loss": 2.0, "lr": 0.1},
+  ...         {"step": 2, "kind": "train", "loss": 1.0, "lr": 0.1},
+  ...         {"step": 2, "kind": "eval", "test/loss": 1.5, "test/top1": 0.5, "test/n": 10}]
+  >>> learning_curves(rows)
+  {'loss': {'train loss': ([1, 2], [2.0, 1.0]), 'eval test/loss': ([2], [1.5])}, 'evaluation': {'eval test/top1': ([2], [0.5])}}
+  """
+  panels = {"loss": {}, "evaluation": {}}
+  for row in rows:
+    kind = row["kind"]
+    for key, value in row.items():
+      if key == "step" or _is_named(key, "n") or not _is_number(value):
+        continue
+      if _is_named(key, "loss"):
+        panel = panels["loss"]
+      elif kind != "train":
+        panel = panels["evaluation"]
+      else:
+        continue
+      steps, values = panel.setdefault(f"{kind} {key}", ([], []))
+      steps.append(row["step"])
+      values.append(value)
+  return panels
 
 
 def plot_learning_curves(rows: Sequence[Mapping], path: str | os.PathLike) -> None:
-  """Writes a PNG: the loss of every kind vs step (left), other evaluation metrics vs step (right).
-
-  ``rows`` are :func:`read_metrics` rows; lists, strings and ``n`` are not plotted.
-  """
-  kinds = list(dict.fromkeys(r["kind"] for r in rows))
+  """Writes a PNG of :func:`learning_curves`: losses vs step (left), evaluation metrics (right)."""
   fig = Figure(figsize=(12, 4.5), layout="constrained")
   ax_loss, ax_eval = fig.subplots(1, 2)
-  for kind in kinds:
-    steps, values = _series(rows, kind, "loss")
-    if steps:
-      ax_loss.plot(steps, values, label=f"{kind} loss", marker="" if kind == "train" else "o")
-  for kind in kinds:
-    if kind == "train":
-      continue  # train rows hold loss, lr, throughput: not evaluation metrics
-    keys = dict.fromkeys(k for r in rows if r["kind"] == kind for k, v in r.items()
-                         if _is_number(v) and k not in ("step", "loss", "n"))
-    for key in keys:
-      ax_eval.plot(*_series(rows, kind, key), label=f"{kind} {key}", marker="o")
+  for ax, series in zip((ax_loss, ax_eval), learning_curves(rows).values()):
+    for label, (steps, values) in series.items():
+      ax.plot(steps, values, label=label, marker="" if label.startswith("train ") else "o")
   for ax, title in ((ax_loss, "loss"), (ax_eval, "evaluation")):
     ax.set_title(title)
     ax.set_xlabel("step")

@@ -56,6 +56,9 @@ class Progress:
     num_devices: devices the step runs on.
     stream: where to write; a terminal gets a tqdm bar.
     clock: seconds, monotonic (``time.perf_counter``; tests pass a fake).
+
+  Rates run from construction, so build it after compiling the step; or call
+  :meth:`update` every step, and the first call (the compiling step) is left out.
   """
 
   def __init__(self, total_steps: int, *, start_step: int = 0, batch_size: int, log_every: int,
@@ -70,14 +73,14 @@ class Progress:
     self.num_devices = num_devices
     self.stream = stream
     self._clock = clock
-    self._mark: tuple[int, float] | None = None  # (step, time) rates are measured from
     self._bar = None
     if getattr(stream, "isatty", lambda: False)():
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=start_step, file=stream, unit="step",
                        dynamic_ncols=True)
     self._step = start_step
-    self._started = clock()
+    self._mark = (start_step, clock())  # (step, time) the next rates are measured from
+    self._first = True
 
   def _is_log_step(self, step: int) -> bool:
     return step % self.log_every == 0 or step == self.total_steps
@@ -95,13 +98,14 @@ class Progress:
     if self._bar is not None:
       self._bar.update(step - self._step)
     self._step = step
-    if self._mark is None:
-      # The first update closes the step that compiled: measure from here on.
-      self._mark = (step, now)
-      if not self._is_log_step(step):
-        return None
+    first, self._first = self._first, False
     if not self._is_log_step(step):
+      if first:
+        # Called every step, the first call closes the step that compiled: rates start here.
+        self._mark = (step, now)
       return None
+    if step <= self._mark[0]:
+      return None  # the same step again: no time to measure
     rates = self._rates(step, now)
     self._mark = (step, now)
     self._report(step, loss, rates, extra)
@@ -109,8 +113,6 @@ class Progress:
 
   def _rates(self, step: int, now: float) -> dict:
     mark_step, mark_time = self._mark
-    if step == mark_step:  # the first update was a log step: only compilation time to go by
-      mark_step, mark_time = step - 1, self._started
     steps_per_sec = (step - mark_step) / max(now - mark_time, 1e-9)
     rates = {"img_per_sec": steps_per_sec * self.batch_size, "steps_per_sec": steps_per_sec}
     util = mfu(self.flops_per_step, steps_per_sec, self.num_devices, self.peak_flops)

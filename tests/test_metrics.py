@@ -322,11 +322,27 @@ def assert_png(path, min_size):
   assert not os.path.exists(str(path) + ".tmp")
 
 
+def trainer_rows():
+  # the trainer's layout: eval keys prefixed with their split
+  rows = [{"step": s, "kind": "train", "loss": 2.0 / s, "grad_norm": 1.0} for s in range(1, 21)]
+  rows += [{"step": s, "kind": "eval", "test/loss": 1.5 / s, "test/top1": s / 20, "test/n": 50,
+            "test/ece": float("nan"), "test/per_class_accuracy": [0.5, None],
+            "test/class_names": ["a", "b"]} for s in (10, 20)]
+  return rows
+
+
+def test_learning_curves_put_losses_left_and_eval_metrics_right():
+  curves = metrics.learning_curves(trainer_rows())
+  assert list(curves) == ["loss", "evaluation"]
+  assert curves["loss"]["train loss"] == (list(range(1, 21)), [2.0 / s for s in range(1, 21)])
+  assert curves["loss"]["eval test/loss"] == ([10, 20], [0.15, 0.075])
+  assert list(curves["loss"]) == ["train loss", "eval test/loss"]
+  assert list(curves["evaluation"]) == ["eval test/top1", "eval test/ece"]
+  assert curves["evaluation"]["eval test/top1"] == ([10, 20], [0.5, 1.0])
+
+
 def test_plots_are_valid_png_files(tmp_path):
-  rows = [{"step": s, "kind": "train", "loss": 2.0 / s, "lr": 0.1} for s in range(1, 21)]
-  rows += [{"step": s, "kind": "eval", "loss": 1.5 / s, "top1": 0.1 * s, "n": 50, "ece": float("nan"),
-            "per_class_accuracy": [0.5, None]} for s in (5, 10, 15, 20)]
-  metrics.plot_learning_curves(rows, tmp_path / "curves.png")
+  metrics.plot_learning_curves(trainer_rows(), tmp_path / "curves.png")
   assert_png(tmp_path / "curves.png", (1000, 400))
   metrics.plot_learning_curves([], tmp_path / "empty.png")
   assert_png(tmp_path / "empty.png", (1000, 400))
@@ -368,11 +384,13 @@ def test_compiled_flops_counts_all_devices():
           "from ftjax.metrics import compiled_flops\n"
           "x = jax.device_put(jnp.ones((64, 64)), NamedSharding(jax.make_mesh((2,), ('d',)), P('d')))\n"
           "f = jax.jit(lambda x, w: x @ w).lower(x, jnp.ones((64, 64))).compile()\n"
-          "print(f.cost_analysis()['flops'], compiled_flops(f))\n")
+          "print(f.cost_analysis()['flops'], compiled_flops(f))\n"
+          "p = jax.pmap(lambda x, w: x @ w).lower(jnp.ones((2, 64, 64)), jnp.ones((2, 64, 64)))\n"
+          "print(compiled_flops(p.compile()))\n")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True).stdout.split()
-  assert [float(x) for x in out] == [64.0 ** 3, 2 * 64.0 ** 3]
+  assert [float(x) for x in out] == [64.0 ** 3, 2 * 64.0 ** 3, 2 * 2 * 64.0 ** 3]
 
 
 # --- progress ----------------------------------------------------------------------------------------
@@ -409,6 +427,16 @@ def test_progress_resumed_run_without_peak_and_no_device_values():
   assert stream.getvalue() == "step 1300/2000 loss 0.4312 img/s 7.9 eta 0:11:47\n"
   with pytest.raises(TypeError, match="float\\(loss\\)"):
     p.update(1400, loss=jnp.float32(0.5))
+
+
+def test_progress_built_after_compiling_and_updated_on_log_steps_only():
+  stream = io.StringIO()
+  p = Progress(12, batch_size=10, log_every=4, stream=stream, clock=fake_clock([0.0, 2.0, 3.0, 4.0]))
+  assert p.update(4, loss=1.0) == {"img_per_sec": 20.0, "steps_per_sec": 2.0}
+  assert p.update(4, loss=1.0) is None  # no time passed: nothing to report
+  p.update(8, loss=0.5)
+  assert stream.getvalue().splitlines() == ["step 4/12 loss 1.0000 img/s 20.0 eta 0:00:04",
+                                            "step 8/12 loss 0.5000 img/s 20.0 eta 0:00:02"]
 
 
 class FakeTerminal(io.StringIO):

@@ -135,4 +135,5 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
   mean = np.asarray(mean, np.float32)
   std = np.asarray(std, np.float32)
   # Two passes over the batch instead of three; equal to the formula up to float rounding.
+  # The loader's on-device normalisation does the same arithmetic, bit for bit.
   return (images.astype(np.float32) - 255.0 * mean) * (1.0 / (255.0 * std))

@@ -55,6 +55,10 @@ def _to_python(x):
   raise TypeError(f"cannot write a {type(x).__name__} to {METRICS_FILE}: {x!r}")
 
 
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _nonfinite_to_str(x):
   # JSON has no NaN or infinity; the strings keep the information and the line stays valid JSON.
   if isinstance(x, float) and not math.isfinite(x):
@@ -76,6 +80,17 @@ def _str_to_nonfinite(x):
   return x
 
 
+def _row(step: int, kind: str, values: Mapping[str, Any]) -> dict:
+  clash = {"step", "kind"} & set(values)
+  if clash:
+    raise ValueError(f"metric names {sorted(clash)} are reserved in {METRICS_FILE} rows")
+  return {"step": int(step), "kind": str(kind), **_to_python(dict(values))}
+
+
+def _json_line(row: dict) -> str:
+  return json.dumps(_nonfinite_to_str(row), allow_nan=False) + "\n"
+
+
 def encode_row(step: int, kind: str, values: Mapping[str, Any]) -> str:
   """One metrics row as one line of strict JSON (with its newline).
 
@@ -83,11 +98,7 @@ def encode_row(step: int, kind: str, values: Mapping[str, Any]) -> str:
   >>> encode_row(3, "eval", {"top1": np.float32(0.5), "loss": float("nan"), "pc": np.array([1, 2])})
   '{"step": 3, "kind": "eval", "top1": 0.5, "loss": "nan", "pc": [1, 2]}\\n'
   """
-  clash = {"step", "kind"} & set(values)
-  if clash:
-    raise ValueError(f"metric names {sorted(clash)} are reserved in {METRICS_FILE} rows")
-  row = {"step": int(step), "kind": str(kind), **_to_python(dict(values))}
-  return json.dumps(_nonfinite_to_str(row), allow_nan=False) + "\n"
+  return _json_line(_row(step, kind, values))
 
 
 def _parse_lines(path: str) -> tuple[list[tuple[str, dict]], bool]:
@@ -104,9 +115,11 @@ def _parse_lines(path: str) -> tuple[list[tuple[str, dict]], bool]:
   for i, line in enumerate(lines):
     try:
       row = json.loads(line)
-    except json.JSONDecodeError as e:
+      if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+        raise ValueError("not a row with an integer step")
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
       raise DataError("damaged metrics file", where=f"{path}:{i + 1}", value=repr(line[:80]),
-                      hint=f"{e.msg}; only a torn last line is repaired automatically") from None
+                      hint=f"{e}; only a torn last line is repaired automatically") from None
     parsed.append((line, row))
   return parsed, torn
 
@@ -167,7 +180,7 @@ class MetricsWriter:
     self._file = open(self.path, "a", encoding="utf-8")
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # heavy (protobuf); only runs that want it pay
+      from tensorboardX import SummaryWriter  # imports torch when installed (seconds): only if asked
       # purge_step hides the killed run's events at or after it, like the JSONL cut above.
       purge = 0 if resume_step is None else resume_step + 1
       # tensorboardX names files by the second and opens them "wb": a resume within the same
@@ -177,14 +190,14 @@ class MetricsWriter:
 
   def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
     """Appends ``{"step": step, "kind": kind, **values}``; numeric scalars also go to TensorBoard."""
-    line = encode_row(step, kind, values)
+    row = _row(step, kind, values)
     # One write and a flush per row: a kill loses no finished row and tears at most the last.
-    self._file.write(line)
+    self._file.write(_json_line(row))
     self._file.flush()
     if self._tb is not None:
-      for key, value in _to_python(dict(values)).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-          self._tb.add_scalar(f"{kind}/{key}", value, global_step=int(step))
+      for key, value in row.items():
+        if key not in ("step", "kind") and _is_number(value):
+          self._tb.add_scalar(f"{kind}/{key}", value, global_step=row["step"])
 
   def flush(self) -> None:
     self._file.flush()
@@ -329,10 +342,6 @@ def _save_png(fig: Figure, path: str | os.PathLike) -> None:
   tmp = path + ".tmp"
   fig.savefig(tmp, format="png", dpi=100)
   os.replace(tmp, path)  # a kill never leaves half a PNG
-
-
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _is_named(key: str, name: str) -> bool:

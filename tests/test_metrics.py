@@ -125,6 +125,10 @@ def test_damaged_line_inside_the_file_is_an_error(tmp_path):
     metrics.read_metrics(path)
   with pytest.raises(DataError):
     metrics.MetricsWriter(tmp_path, resume_step=3, tensorboard=False)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write('{"step": 1, "kind": "train"}\n[1, 2]\n')
+  with pytest.raises(DataError, match="metrics.jsonl:2.*not a row with an integer step"):
+    metrics.read_metrics(path)
 
 
 def test_killed_process_leaves_only_complete_rows(tmp_path):

@@ -132,7 +132,8 @@ def first_non_finite(flat: Mapping[str, np.ndarray]) -> str | None:
 
 
 def _canonical(obj) -> bytes:
-  return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+  # allow_nan: Python's json reads NaN and Infinity back, and `extra` may hold them.
+  return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
 
 
 def _versions() -> dict[str, str]:
@@ -334,10 +335,54 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
   return text if len(text) <= limit else f"{text[:half]} ... {text[-half:]}"
 
 
+def _orbax_checkpointer() -> ocp.Checkpointer:
+  """A synchronous orbax checkpointer for our two items (handlers named, so metadata reads)."""
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      state=ocp.StandardCheckpointHandler(), manifest=ocp.JsonCheckpointHandler()))
+
+
+def _physical_memory() -> int:
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _declared(leaf) -> tuple[str, tuple[int, ...], int]:
+  """``(dtype name, shape, bytes)`` a manifest leaf declares, or ``_Damaged``."""
+  try:
+    dtype, shape = jnp.dtype(leaf["dtype"]), tuple(leaf["shape"])
+  except (TypeError, KeyError):
+    raise _Damaged(f"manifest leaf has no valid dtype and shape: {str(leaf)[:80]}") from None
+  if not all(isinstance(n, int) and n >= 0 for n in shape):
+    raise _Damaged(f"manifest leaf has an invalid shape: {shape!r}"[:120])
+  return dtype.name, shape, int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def check_sizes(body: dict, stored_meta: Mapping[str, Any]) -> None:
+  """Before anything is allocated: orbax's own shapes must be the manifest's and fit in memory.
+
+  ``stored_meta`` maps paths to orbax's array metadata (read from the stored
+  array headers, which decide what a restore allocates).  A checkpoint from a
+  stranger may claim absurd sizes; it is refused before any array is read.
+  """
+  declared = {p: _declared(leaf) for p, leaf in body["leaves"].items()}
+  total = sum(n for _, _, n in declared.values())
+  if total > _physical_memory():
+    raise _Damaged(f"arrays declare {total} bytes, more than this machine's memory "
+                   f"({_physical_memory()} bytes)")
+  for path in sorted(set(declared) | set(stored_meta)):
+    if path not in declared or path not in stored_meta:
+      where = "manifest" if path not in declared else "stored arrays"
+      raise _Damaged(f"leaf not in the {where}: {path}")
+    meta = stored_meta[path]
+    have = (jnp.dtype(meta.dtype).name, tuple(meta.shape))
+    if have != declared[path][:2]:
+      raise _Damaged(f"{path} is stored as {have[0]}{list(have[1])}, manifest says "
+                     f"{declared[path][0]}{list(declared[path][1])}")
+
+
 def _read_step(step_dir: Path, step: int) -> tuple[dict[str, np.ndarray], dict]:
   """Reads and verifies one step: ``({path: array}, manifest body)`` or ``_Damaged``."""
   verify_files(step_dir, step)  # cheap next to decoding, and catches every changed byte
-  reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  reader = _orbax_checkpointer()
   try:
     try:
       manifest = reader.restore(step_dir, args=ocp.args.Composite(
@@ -345,6 +390,11 @@ def _read_step(step_dir: Path, step: int) -> tuple[dict[str, np.ndarray], dict]:
     except Exception as e:  # orbax/json raise many types; all mean "unreadable"
       raise _Damaged(f"manifest unreadable: {_one_line(e)}") from None
     body = manifest_body(manifest, step)
+    try:
+      stored_meta = flatten(reader.metadata(step_dir).item_metadata["state"].tree)
+    except Exception as e:
+      raise _Damaged(f"state metadata unreadable: {_one_line(e)}") from None
+    check_sizes(body, stored_meta)
     try:
       state = reader.restore(step_dir, args=ocp.args.Composite(
           state=ocp.args.StandardRestore()))["state"]
@@ -524,7 +574,7 @@ class Checkpointer:
     # Orbax writes each step synchronously, from our own writer thread when
     # async: a failed write then raises where we can report it, where orbax's
     # async CheckpointManager logs it and carries on.
-    self._writer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    self._writer = _orbax_checkpointer()
     self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ftjax-ckpt")
                       if async_save else None)
     self._pending: tuple[int, concurrent.futures.Future] | None = None
@@ -640,7 +690,7 @@ class Checkpointer:
       value = None
       if self.best_metric:
         try:
-          reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+          reader = _orbax_checkpointer()
           try:
             manifest = reader.restore(self.directory / str(step), args=ocp.args.Composite(
                 manifest=ocp.args.JsonRestore()))["manifest"]
@@ -672,7 +722,9 @@ class Checkpointer:
 
     ``state`` has the structure, leaf types, dtypes and shardings of
     ``template`` (jax arrays, numpy arrays, ShapeDtypeStructs, typed PRNG keys
-    or Python scalars).  Each damaged step skipped logs one warning and is
+    or Python scalars).  ``template`` may also be a function of the step that
+    returns one, for states whose structure depends on the step (an optimizer
+    that changes with the unfreezing phase).  Each damaged step skipped logs one warning and is
     moved to ``rejected/`` so that the run can commit that step again.  When
     steps exist but none verifies this raises :class:`CheckpointError`, unless
     ``allow_fresh`` (then they are moved aside and None is returned).  A step
@@ -683,6 +735,8 @@ class Checkpointer:
     if not steps:
       return None
     found, flat, body, skipped = _verified_newest(self.directory, steps)
+    if found is not None:
+      template = template(found) if callable(template) else template
     if found is None and not allow_fresh:
       for s, reason in skipped:
         _warn_skipped(self.directory, s, reason)
@@ -698,7 +752,10 @@ class Checkpointer:
     return found, fit_template(template, flat, body), body["extra"]
 
   def restore(self, step: int, template) -> tuple[Any, dict]:
-    """``(state, extra)`` of ``step``; CheckpointError when it is missing or does not verify."""
+    """``(state, extra)`` of ``step``; CheckpointError when it is missing or does not verify.
+
+    ``template`` is as for :meth:`restore_latest`.
+    """
     self.wait()
     step = int(step)
     if step not in self.all_steps():
@@ -710,6 +767,7 @@ class Checkpointer:
       raise CheckpointError("damaged checkpoint", where=str(self.directory / str(step)),
                             value=str(e), hint="restore another step") from None
     self._check_fingerprint(body, step)
+    template = template(step) if callable(template) else template
     return fit_template(template, flat, body), body["extra"]
 
   def _check_fingerprint(self, body: dict, step: int) -> None:

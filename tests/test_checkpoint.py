@@ -1,6 +1,7 @@
 """Verified checkpoints: bit-exact round trips, damage detection, retention, failed writes."""
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -125,6 +126,22 @@ def test_phases_run_in_order_off_the_callers_thread(tmp_path):
   assert all(t.startswith("ftjax-ckpt") for _, _, t in seen[1:])
 
 
+def test_template_may_depend_on_the_restored_step(tmp_path):
+  with Checkpointer(tmp_path, keep_latest=3, async_save=False) as c:
+    c.save(1, {"opt": (np.ones(2, np.float32),)}, extra={"best": float("-inf")})
+    c.save(2, {"opt": (np.ones(2, np.float32), np.full(3, 2, np.int32))})
+  truncate(largest_data_file(tmp_path / "2"), 1)
+  asked = []
+
+  def template(step):  # the optimizer of step 1 has one slot, that of step 2 two
+    asked.append(step)
+    return {"opt": (np.zeros(2, np.float32),) + ((np.zeros(3, np.int32),) if step == 2 else ())}
+
+  step, state, extra = Checkpointer(tmp_path).restore_latest(template)
+  assert (step, asked, extra) == (1, [1], {"best": float("-inf")})
+  assert state["opt"][0].tolist() == [1.0, 1.0]
+
+
 def test_saving_a_committed_step_again_keeps_it(tmp_path):
   with Checkpointer(tmp_path, async_save=False) as c:
     c.save(4, {"w": np.ones(2, np.float32)})
@@ -244,6 +261,16 @@ def redo_file_list(p: Path) -> None:
   (p / ck.FILES).write_text(json.dumps(ck.list_files(p, int(p.name))))
 
 
+def reseal_manifest(p: Path, edit) -> None:
+  """Edits the manifest body and seals it again (its sha256 over the canonical JSON)."""
+  def apply(m):
+    edit(m["body"])
+    canonical = json.dumps(m["body"], sort_keys=True, separators=(",", ":")).encode()
+    m["sha256"] = hashlib.sha256(canonical).hexdigest()
+  edit_manifest(p, apply)
+  redo_file_list(p)
+
+
 def copy_from_step_2(p: Path, item: str) -> None:
   shutil.rmtree(p / item)
   shutil.copytree(p.parent / "2" / item, p / item)
@@ -285,6 +312,13 @@ DAMAGES = {  # name: (damage to step 3, the reason the warning must give)
     "arrays of step 2, file list redone": (
         lambda p: (copy_from_step_2(p, "state"), redo_file_list(p)),
         r"sha256 mismatch at params/b"),
+    # Sizes are checked before anything is allocated.
+    "manifest claims a huge array, resealed": (
+        lambda p: reseal_manifest(p, lambda b: b["leaves"]["params/w"].update(shape=[1 << 40])),
+        r"arrays declare 4398046511172 bytes, more than this machine's memory \(\d+ bytes\)"),
+    "manifest shape differs from the arrays, resealed": (
+        lambda p: reseal_manifest(p, lambda b: b["leaves"]["params/b"].update(shape=[8])),
+        r"params/b is stored as float32\[16\], manifest says float32\[8\]"),
 }
 
 

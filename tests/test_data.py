@@ -351,20 +351,43 @@ def test_mixup_cutmix_keep_label_sums_and_identity_when_off():
   xi, yi = fd.mixup_cutmix(jax.random.key(1), x, y, mixup_alpha=0.0, cutmix_alpha=0.0)
   assert xi is x and yi is y
 
+  # One compiled variant (Beta sampling is slow to compile): both on, so each key takes
+  # mixup or cutmix; the checks below tell which happened and both must.
   step = jax.jit(fd.mixup_cutmix, static_argnames=("mixup_alpha", "cutmix_alpha"))
-  for k in range(3):
-    xm, ym = step(jax.random.key(k), x, y, mixup_alpha=0.4, cutmix_alpha=0.0)
+  kinds = set()
+  x, y = np.asarray(x), np.asarray(y)
+  for k in range(8):
+    xm, ym = jax.tree.map(np.asarray, step(jax.random.key(k), x, y, mixup_alpha=0.4,
+                                           cutmix_alpha=1.0))
     np.testing.assert_allclose(ym.sum(-1), 1.0, rtol=1e-6)
-    lam = float(ym[0, 0])  # example 0 mixed with example 5
-    np.testing.assert_allclose(xm[0], lam * x[0] + (1 - lam) * x[5], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ym[0, 5], 1 - lam, rtol=1e-6)
+    lam = float(ym[0, 0])  # example 0 is mixed with example 5 (the batch mirrored)
+    np.testing.assert_allclose(ym[0, 5], 1 - lam, rtol=1e-5, atol=1e-6)
+    own = (xm[0] == x[0]).all(-1)
+    partner = (xm[0] == x[5]).all(-1)
+    if (own | partner).all() and 0 < lam < 1:  # cutmix: a pasted box, labels = pixel shares
+      kinds.add("cutmix")
+      np.testing.assert_allclose(own.mean(), lam, atol=1e-6)
+    else:
+      kinds.add("mixup")
+      np.testing.assert_allclose(xm[0], lam * x[0] + (1 - lam) * x[5], rtol=1e-5, atol=1e-5)
+  assert kinds == {"mixup", "cutmix"}
 
-    xc, yc = step(jax.random.key(k), x, y, mixup_alpha=0.0, cutmix_alpha=1.0)
-    np.testing.assert_allclose(yc.sum(-1), 1.0, rtol=1e-6)
-    own = np.asarray(xc[0] == x[0]).all(-1)
-    partner = np.asarray(xc[0] == x[5]).all(-1)
-    assert (own | partner).all()
-    np.testing.assert_allclose(own.mean(), float(yc[0, 0]), atol=1e-6)  # label = pixel share
 
-    xb, yb = step(jax.random.key(k), x, y, mixup_alpha=0.2, cutmix_alpha=1.0)
-    np.testing.assert_allclose(yb.sum(-1), 1.0, rtol=1e-6)
+def test_unverified_corrupt_file_is_replaced_at_read_time(image_root):
+  c = _plain(source="folder", root=str(image_root), val_fraction=0.0, verify_images=False)
+  ds = fd.build(c, split="train")
+  assert ds.num_examples == 25 and ds.skipped == ()
+  broken = [os.path.basename(p) for p in ds.source.paths].index("broken.jpg")
+  with pytest.warns(UserWarning, match="unreadable image .*broken.jpg"):
+    batch = _batches(fd.eval_iterator(ds, c, global_batch=25, image_size=8, mean=MEAN, std=STD), 1)[0]
+  assert np.flatnonzero(~batch["mask"]).tolist() == [broken]
+  it = fd.train_iterator(ds, c, global_batch=25, image_size=8, mean=MEAN, std=STD, seed=0)
+  with pytest.warns(UserWarning, match="broken.jpg"):
+    train = _batches(it, 1)[0]
+  _, examples = it.batches.examples(0)
+  slot = examples.tolist().index(broken)
+  assert train["label"][slot] == ds.label((broken + 1) % 25)  # the label of the image read
+  np.testing.assert_array_equal(train["image"][slot], batch["image"][(broken + 1) % 25])
+  c.on_corrupt = "error"
+  with pytest.raises(DataError, match=r"image does not decode \(.*broken.jpg\)"):
+    _batches(fd.eval_iterator(ds, c, global_batch=25, image_size=8, mean=MEAN, std=STD), 1)

@@ -98,17 +98,19 @@ class _Reader:
     self.draft = pre.decode_size()
 
   def _read(self, i: int):
-    # A file that fails only now (not verified at build, or changed since) is replaced
-    # by the next example that reads, so the batch keeps its size and stays deterministic.
+    """(image, example read): an example that fails only now (not verified at build, or
+    changed since) is replaced by the next one that reads, so batches keep their size
+    and stay deterministic; the caller takes the label of the example actually read."""
     n = self.ds.num_examples
     for k in range(n):
+      j = (i + k) % n
       try:
-        return self.ds.read((i + k) % n, self.draft)
+        return self.ds.read(j, self.draft), j
       except DataError as e:
         if self.on_corrupt == "error":
           raise
-        warnings.warn(f"ftjax: skipping unreadable image {self.ds.describe((i + k) % n)}: "
-                      f"{e.value}", stacklevel=2)
+        warnings.warn(f"ftjax: skipping unreadable image {self.ds.describe(j)}: {e.value}",
+                      stacklevel=2)
     raise DataError("no example reads", where=self.ds.name, value=n)
 
   def transformed_all(self) -> np.ndarray | None:
@@ -122,15 +124,17 @@ class _Reader:
           [self.pre.apply(self.ds.read(i)) for i in range(self.ds.num_examples)])
     return self.ds.cache[self.pre]
 
-  def images(self, examples: np.ndarray, seeds: list | None) -> np.ndarray:
-    """uint8 [len(examples), size, size, 3]."""
+  def images(self, examples: np.ndarray, seeds: list | None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [len(examples), size, size, 3] and the examples actually read."""
     cached = self.transformed_all()
     if cached is not None:
-      return cached[examples]
-    return np.stack([
-        self.pre.apply(self._read(int(i)),
-                       None if seeds is None else np.random.default_rng(seeds[k]))
-        for k, i in enumerate(examples)])
+      return cached[examples], examples
+    pixels, used = [], []
+    for k, i in enumerate(examples):
+      im, j = self._read(int(i))
+      pixels.append(self.pre.apply(im, None if seeds is None else np.random.default_rng(seeds[k])))
+      used.append(j)
+    return np.stack(pixels), np.asarray(used, np.int64)
 
 
 class TrainBatches:
@@ -160,8 +164,8 @@ class TrainBatches:
     seeds = None
     if self.reader.pre.random:
       seeds = [[self.seed, 1, int(e), int(i)] for e, i in zip(epochs, examples)]
-    return {"image": self.reader.images(examples, seeds),
-            "label": self.reader.ds.labels[examples].astype(np.int32)}
+    pixels, used = self.reader.images(examples, seeds)
+    return {"image": pixels, "label": self.reader.ds.labels[used].astype(np.int32)}
 
 
 class EvalBatches:
@@ -182,9 +186,10 @@ class EvalBatches:
     pos = local_positions(int(b), self.global_batch, self.process_index, self.process_count)
     mask = pos < n
     examples = np.where(mask, pos, 0)  # padding repeats example 0, masked out
-    return {"image": self.reader.images(examples, None),
-            "label": self.reader.ds.labels[examples].astype(np.int32),
-            "mask": mask}
+    pixels, used = self.reader.images(examples, None)
+    # An example that could not be read is not evaluated (its slot holds another image).
+    return {"image": pixels, "label": self.reader.ds.labels[examples].astype(np.int32),
+            "mask": mask & (used == examples)}
 
 
 def grain_batches(fn, start: int, stop: int, *, num_workers: int):

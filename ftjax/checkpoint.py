@@ -453,7 +453,7 @@ def _fit(path: str, stored: np.ndarray, like, key_impl: str | None):
   return stored
 
 
-def fit_template(template, flat: Mapping[str, np.ndarray], body: dict):
+def fit_template(template, flat: Mapping[str, np.ndarray], body: dict, where: str = "checkpoint"):
   """Builds a tree shaped like ``template`` from verified ``{path: array}``.
 
   >>> fit_template({"w": np.zeros(2)}, {"w": np.ones(2)}, {"leaves": {}})
@@ -468,7 +468,7 @@ def fit_template(template, flat: Mapping[str, np.ndarray], body: dict):
       parts.append(f"missing {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     if extra:
       parts.append(f"unexpected {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
-    raise CheckpointError("checkpoint keys differ from the state", where="checkpoint",
+    raise CheckpointError("checkpoint keys differ from the state", where=where,
                           value="; ".join(parts), hint="was it written by another model or config?")
   leaves = body.get("leaves", {})
   return map_with_path(lambda p, like: _fit(p, flat[p], like, leaves.get(p, {}).get("key_impl")),
@@ -749,7 +749,7 @@ class Checkpointer:
       _warn_skipped(self.directory, s, reason, f"; moved to {self._reject(s)}")
     if found is None:
       return None
-    return found, fit_template(template, flat, body), body["extra"]
+    return found, fit_template(template, flat, body, str(self.directory / str(found))), body["extra"]
 
   def restore(self, step: int, template) -> tuple[Any, dict]:
     """``(state, extra)`` of ``step``; CheckpointError when it is missing or does not verify.
@@ -768,7 +768,7 @@ class Checkpointer:
                             value=str(e), hint="restore another step") from None
     self._check_fingerprint(body, step)
     template = template(step) if callable(template) else template
-    return fit_template(template, flat, body), body["extra"]
+    return fit_template(template, flat, body, str(self.directory / str(step))), body["extra"]
 
   def _check_fingerprint(self, body: dict, step: int) -> None:
     stored = body.get("fingerprint")

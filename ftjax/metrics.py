@@ -383,11 +383,9 @@ def learning_curves(rows: Sequence[Mapping]) -> dict[str, dict[str, tuple[list, 
 def plot_learning_curves(rows: Sequence[Mapping], path: str | os.PathLike) -> None:
   """Writes a PNG of :func:`learning_curves`: losses vs step (left), evaluation metrics (right)."""
   fig = Figure(figsize=(12, 4.5), layout="constrained")
-  ax_loss, ax_eval = fig.subplots(1, 2)
-  for ax, series in zip((ax_loss, ax_eval), learning_curves(rows).values()):
+  for ax, (title, series) in zip(fig.subplots(1, 2), learning_curves(rows).items()):
     for label, (steps, values) in series.items():
       ax.plot(steps, values, label=label, marker="" if label.startswith("train ") else "o")
-  for ax, title in ((ax_loss, "loss"), (ax_eval, "evaluation")):
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

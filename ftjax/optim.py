@@ -60,7 +60,7 @@ SCHEDULES = ("warmup_cosine", "cosine", "linear", "constant", "rsqrt", "step")
 # regex, ``{i}`` stands for a block or stage index and the depth is ``base + i``;
 # "top" is one more than the deepest other level, and its multiplier is 1.
 #   vit:          embeddings (patch, cls, pos) 0, encoderblock_i -> i + 1,
-#                 encoder_norm, pre_logits, head -> L + 1.
+#                 encoder_norm (or fc_norm with GAP), pre_logits, head -> L + 1.
 #   resnet(v2):   per stage: stem 0, stage s (1..4) -> s, final norm + head -> 5;
 #                 ResNet-50 with decay d: head 1, stage4 d, stage3 d^2, stage2 d^3,
 #                 stage1 d^4, stem d^5.
@@ -70,7 +70,7 @@ _RESNET_DEPTHS = ((r"stem/.*", 0), (r"stage{i}/.*", 0), (r"norm/.*|head/.*", _TO
 LAYER_DEPTHS: dict[str, tuple[tuple[str, int | str], ...]] = {
     "vit": ((r"embedding/.*|cls|Transformer/posembed_input/.*", 0),
             (r"Transformer/encoderblock_{i}/.*", 1),
-            (r"Transformer/encoder_norm/.*|pre_logits/.*|head/.*", _TOP)),
+            (r"Transformer/encoder_norm/.*|fc_norm/.*|pre_logits/.*|head/.*", _TOP)),
     "resnet": _RESNET_DEPTHS,
     "resnetv2": _RESNET_DEPTHS,
     "efficientnet": ((r"stem/.*", 0), (r"stage{i}/.*", 1), (r"conv_head/.*|head/.*", _TOP)),
@@ -271,8 +271,12 @@ def layer_depths(params, family: str):
   table = _family_rules(family)
   regexes = [rx.replace("{i}", r"(\d+)") for rx, _ in table]
   which = tree_lib.flatten(tree_lib.rule_tree(
-      params, [(rx, i) for i, rx in enumerate(regexes)], what=f"{family} layer-depth rule",
-      allow_unused=True))
+      params, [(rx, i) for i, rx in enumerate(regexes)], default=-1, allow_unused=True))
+  outside = [p for p, i in which.items() if i < 0]
+  if outside:
+    raise ConfigError(f"parameter outside the {family} layer-depth table",
+                      where=", ".join(outside[:8]) + (" ..." if len(outside) > 8 else ""),
+                      hint="layer_decay needs a depth for every parameter (optim.LAYER_DEPTHS)")
   depth = {}
   for path, i in which.items():
     base = table[i][1]
@@ -334,7 +338,7 @@ def gradual_unfreezing(family: str, *, depth: int | None = None, every: int,
           parts.append(rx.replace("{i}", str(d - base)))
       elif base == d:
         parts.append(rx)
-    return "|".join(p for p in parts)
+    return "|".join(parts)
 
   levels = [regex_at(d) for d in range(depth, -1, -1)]
   levels = [rx for rx in levels if rx]
@@ -955,12 +959,10 @@ def _plan_warnings(opts, table, rows, trainable0, total_params, num_train_exampl
                  "optimizer state; use None to freeze it")
   if opts["layer_decay"] is not None and opts["layer_decay"] > 1:
     out.append(f"layer_decay {opts['layer_decay']:g} > 1: lower layers learn faster than the head")
-  for group in {id(g): g for g in _groups(opts) if g is not None}.values():
-    warmup = _steps(group.schedule, "warmup_steps", "warmup_epochs", steps_per_epoch,
-                    "optim.schedule")
-    if warmup > total_steps // 2:
-      out.append(f"warm-up of {warmup} steps is over half of the {total_steps}-step run")
-      break
+  warmups = [_steps(g.schedule, "warmup_steps", "warmup_epochs", steps_per_epoch, "optim.schedule")
+             for g in _groups(opts) if g is not None]
+  if warmups and max(warmups) > total_steps // 2:
+    out.append(f"warm-up of {max(warmups)} steps is over half of the {total_steps}-step run")
   if float(opts["weight_decay"]) > 0 and not any(r.decayed_params for r in rows):
     out.append("weight_decay is set but no trainable parameter decays (check wd_rules)")
   return out

@@ -126,13 +126,13 @@ def test_frozendict_params_and_labels_keep_their_container():
   assert isinstance(labels, FrozenDict) and labels["head"]["kernel"] == "g0"
   tx = optim.make_optimizer(params, config, total_steps=10)
   grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   assert isinstance(updates, FrozenDict)
   assert float(jnp.abs(updates["body"]["kernel"]).sum()) == 0.0
   assert float(jnp.abs(updates["head"]["kernel"]).min()) > 0.0
   # Built from a plain dict, used with a FrozenDict: labels follow the tree they are given.
   tx = optim.make_optimizer(small_tree(), config, total_steps=10)
-  mixed, _ = tx.update(grads, tx.init(params), params)
+  mixed, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   assert _leaves_equal(mixed, updates)
 
 
@@ -283,6 +283,28 @@ def test_efficientnet_depths():
       "stage6/block0/kernel": 7, "stem/conv/kernel": 0}
 
 
+def test_layer_depths_cover_the_ftjax_model_families():
+  """The contract with ftjax.models: every parameter of each family has a depth."""
+  from ftjax.models import efficientnet, resnet, vit
+  images = jnp.ones((1, 32, 32, 3), F32)
+  cases = [("vit", vit.create_model({"variant": "Ti/16"}, 10), 13),
+           ("vit", vit.create_model({"variant": "Ti/16", "pooling": "gap", "fc_norm": True}, 10), 13),
+           ("resnet", resnet.create_resnet({"variant": "resnet18"}, 10), 5),
+           ("resnetv2", resnet.create_resnetv2({"variant": "R50x1"}, 10), 5),
+           ("efficientnet", efficientnet.create_model({"variant": "lite0"}, 10), 8)]
+  for family, model, top in cases:
+    params = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), images))["params"]
+    depths = tree_lib.flatten(optim.layer_depths(params, family))
+    assert sorted(set(depths.values())) == list(range(top + 1)), family
+    assert depths["head/kernel"] == top, family
+
+
+def test_a_parameter_outside_the_depth_table_is_an_error():
+  params = {"head": {"kernel": 0}, "adapter": {"kernel": 0}}
+  with pytest.raises(ConfigError, match=r"parameter outside the vit layer-depth table \(adapter/kernel\)"):
+    optim.make_optimizer(params, {"layer_decay": 0.5}, family="vit", total_steps=10)
+
+
 # ----------------------------------------------------------------------------- state size
 
 
@@ -369,12 +391,12 @@ def _flops(compiled) -> float:
 
 
 def test_compiled_cost_of_head_only_and_full_steps():
-  model = TinyViT()
-  images = jnp.ones((8, 32, 32, 3), F32)
+  model = TinyViT(layers=1)
+  images = jnp.ones((8, 16, 16, 3), F32)
   labels = jnp.arange(8) % 10
   params = model.init(jax.random.key(0), images)["params"]
   assert {"Transformer/posembed_input/pos_embedding", "cls",
-          "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"} <= set(tree_lib.flatten(params))
+          "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"} <= set(tree_lib.flatten(params))
 
   def loss(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()

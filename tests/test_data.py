@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 import ftjax.data as fd
-from ftjax.data import loader, transforms
+from ftjax.data import transforms
 from ftjax.errors import ConfigError, DataError
 
 MEAN = (0.485, 0.456, 0.406)
@@ -43,7 +44,6 @@ def _batches(it, n):
 
 
 def test_tfds_mock_cifar10_yields_normalised_batches(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
   c = _plain(source="tfds", name="cifar10", data_dir=str(tmp_path))
   with tfds.testing.mock_data(num_examples=100):
     ds = fd.build(c, split="train")
@@ -68,7 +68,6 @@ def test_tfds_mock_cifar10_yields_normalised_batches(tmp_path):
 
 
 def test_tfds_not_prepared_names_the_command(tmp_path):
-  pytest.importorskip("tensorflow_datasets")
   c = _config(source="tfds", name="cifar10", data_dir=str(tmp_path))
   with pytest.raises(DataError) as e:
     fd.build(c, split="train")

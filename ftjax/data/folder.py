@@ -158,5 +158,5 @@ def load(config, split: str) -> Dataset:
   if not paths:
     raise DataError("zero examples", where=f"{root} ({split})", value=0,
                     hint="check val_fraction and that the images decode")
-  return Dataset(FolderSource(paths), name=f"{root}/{split}", class_names=classes,
+  return Dataset(FolderSource(paths), name=f"{root}[{split}]", class_names=classes,
                  labels=labels, skipped=skipped)

@@ -16,8 +16,6 @@ normalises them: on device after the transfer when ``prefetch > 0`` (``prefetch`
 batches ahead), in numpy otherwise.
 
 >>> import numpy as np
->>> from ftjax.data.dataset import from_arrays
->>> ds = from_arrays(np.arange(10, dtype=np.uint8).reshape(10, 1, 1), np.arange(10) % 2)
 >>> order = stream_examples(num_examples=10, seed=0, positions=np.arange(20))
 >>> sorted(order[:10].tolist()) == list(range(10)) == sorted(order[10:].tolist())
 True
@@ -334,6 +332,8 @@ def train_batches(ds: Dataset, config, *, global_batch: int, image_size: int, se
                   process_index: int = 0, process_count: int = 1) -> TrainBatches:
   """The host stage of ``train_iterator``: ``step -> uint8 batch`` (no loader around it)."""
   _local_batch(global_batch, process_count)
+  if int(seed) < 0:
+    raise ConfigError("the data seed must be >= 0", where="seed", value=seed)
   pre = Preprocess.from_config(config, image_size, train=True)
   return TrainBatches(_Reader(ds, pre, config.on_corrupt), seed=seed, global_batch=global_batch,
                       process_index=process_index, process_count=process_count)

@@ -17,6 +17,12 @@ label's leaves share one learning rate, so the rules compile into one
 leaves keep no optimizer state, and since nothing reads their gradients (global
 norm clipping is masked to trainable leaves) XLA drops their backward pass.
 
+A trainer with ``unfreeze`` rules builds one optimizer (and one compiled step)
+per phase of :func:`unfreeze_phases`: ``make_optimizer(..., phase=p)``; when
+:func:`phase_at` moves to the next phase it calls :func:`transition_opt_state`
+once; on resume the restore template is ``make_optimizer(..., phase=phase_at(step)).init``.
+:func:`fine_tuning_plan` is the table to print before compiling.
+
 >>> import numpy as np
 >>> params = {"body": {"kernel": np.ones((2, 2), np.float32)},
 ...           "head": {"bias": np.zeros(2, np.float32), "kernel": np.ones((2, 2), np.float32)}}

@@ -321,6 +321,21 @@ def test_head_only_vit_b16_keeps_state_for_the_head_only():
   assert plan.row("frozen").state_bytes == 0
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "lamb", "lion", "adafactor", "rmsprop"])
+def test_any_optax_optimizer_by_name_keeps_state_for_trainable_leaves_only(name):
+  params = small_tree()
+  config = {"name": name, "kwargs": {}, "lr": 0.01, "weight_decay": 0.1, "grad_clip_norm": 1.0,
+            "param_groups": [("head/.*", {}), (".*", None)]}
+  tx = optim.make_optimizer(params, config, total_steps=10)
+  state = tx.init(params)
+  # Exactly the floats the same optimizer keeps for the head alone.
+  assert float_count(state) == float_count(getattr(optax, name)(0.01).init(params["head"]))
+  grads = jax.tree.map(np.ones_like, params)
+  updates, _ = jax.jit(tx.update)(grads, state, params)
+  assert not np.any(updates["body"]["kernel"]) and not np.any(updates["mid"]["scale"])
+  assert np.all(np.isfinite(updates["head"]["kernel"])) and np.all(updates["head"]["kernel"] != 0)
+
+
 # ----------------------------------------------------------------------------- compiled cost
 
 

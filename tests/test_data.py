@@ -415,3 +415,20 @@ def test_unverified_corrupt_file_is_replaced_at_read_time(image_root):
   c.on_corrupt = "error"
   with pytest.raises(DataError, match=r"image does not decode \(.*broken.jpg\)"):
     _batches(fd.eval_iterator(ds, c, global_batch=25, image_size=8, mean=MEAN, std=STD), 1)
+
+
+def test_eval_decodes_large_jpegs_at_reduced_scale(tmp_path):
+  from ftjax.data import folder
+  from sklearn.datasets import load_sample_images
+  photo = load_sample_images().images[0]  # 640x427 china.jpg
+  (tmp_path / "p" / "a").mkdir(parents=True)
+  path = tmp_path / "p" / "a" / "china.jpg"
+  Image.fromarray(photo).save(path, quality=95)
+  assert folder.decode(str(path), 64).size == (160, 107)  # libjpeg's 1/4 scale: >= 64 a side
+  assert folder.decode(str(path)).size == (640, 427)
+  c = _plain(source="folder", root=str(tmp_path / "p"), val_fraction=0.0)
+  ds = fd.build(c, split="train")
+  fast = _batches(fd.eval_iterator(ds, c, global_batch=1, image_size=64, mean=(0, 0, 0),
+                                   std=(1, 1, 1)), 1)[0]["image"][0] * 255
+  full = transforms.Preprocess(image_size=64, crop_fraction=1.0).apply(folder.decode(str(path)))
+  assert np.abs(fast - full).mean() < 4  # the same picture up to resampling (mirrored: 85)

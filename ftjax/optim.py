@@ -894,6 +894,8 @@ class Plan:
   phases: tuple[int, ...]
   family: str | None
   layer_decay: float | None
+  weight_decay: float
+  grad_clip_norm: float | None
   warnings: tuple[str, ...]
 
   def row(self, label: str) -> PlanRow:
@@ -905,7 +907,10 @@ class Plan:
   def __str__(self) -> str:
     head = (f"fine-tuning plan: {self.total_steps:,} steps"
             + (f", unfreezing at steps {list(self.phases[1:])}" if len(self.phases) > 1 else "")
-            + (f", layer_decay {self.layer_decay:g} ({self.family})" if self.layer_decay else ""))
+            + (f", layer_decay {self.layer_decay:g} ({self.family})" if self.layer_decay else "")
+            + (f", weight_decay {self.weight_decay:g}" if self.weight_decay else "")
+            + (f", grad_clip_norm {self.grad_clip_norm:g} (trainable leaves)"
+               if self.grad_clip_norm else ""))
     cols = ("label", "from", "params", "lr_mult", "peak_lr", "wd_mult", "decayed", "optimizer",
             "schedule", "state_bytes", "modules")
     cells = [cols]
@@ -1035,4 +1040,5 @@ def fine_tuning_plan(params, config, *, family: str | None = None, total_steps: 
   return Plan(rows=tuple(rows), trainable_params=trainable0, frozen_params=total_params - trainable0,
               final_trainable_params=final, state_bytes=_state_bytes(jax.eval_shape(tx.init, params)),
               total_steps=total, phases=tuple(starts), family=family,
-              layer_decay=opts["layer_decay"], warnings=tuple(warnings))
+              layer_decay=opts["layer_decay"], weight_decay=float(opts["weight_decay"]),
+              grad_clip_norm=opts["grad_clip_norm"], warnings=tuple(warnings))

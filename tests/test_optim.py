@@ -233,8 +233,10 @@ def test_vit_b16_layer_decay_multipliers_and_plan():
   assert mults["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] == 0.75 ** 12
   for emb in ("embedding/kernel", "cls", "Transformer/posembed_input/pos_embedding"):
     assert mults[emb] == 0.75 ** 13
-  config = {"layer_decay": 0.75, "lr": 0.01}
+  config = {"layer_decay": 0.75, "lr": 0.01, "weight_decay": 0.05}
   plan = optim.fine_tuning_plan(params, config, family="vit", total_steps=1000)
+  assert str(plan).splitlines()[0] == (
+      "fine-tuning plan: 1,000 steps, layer_decay 0.75 (vit), weight_decay 0.05")
   assert len(plan.rows) == 14
   assert plan.row("g0.d13").lr_mult == 1.0
   assert plan.row("g0.d13").modules == "Transformer/encoder_norm, head"

@@ -424,7 +424,13 @@ def test_eval_decodes_large_jpegs_at_reduced_scale(tmp_path):
   (tmp_path / "p" / "a").mkdir(parents=True)
   path = tmp_path / "p" / "a" / "china.jpg"
   Image.fromarray(photo).save(path, quality=95)
-  assert folder.decode(str(path), 64).size == (160, 107)  # libjpeg's 1/4 scale: >= 64 a side
+  im, box = folder.ImageFile(str(path)).decode_region((0, 0, 640, 427), 64)
+  # 1/4 scale (>= 64 a side); libjpeg rounds the size up, the box stays exact.
+  assert im.size == (160, 107) and box == (0, 0, 160, 106.75)
+  im, box = folder.ImageFile(str(path)).decode_region((100, 100, 300, 300), 64)
+  assert im.size == (320, 214) and box == (50, 50, 150, 150)  # 1/2 scale keeps the crop >= 64
+  im, box = folder.ImageFile(str(path)).decode_region((100, 100, 200, 200), 64)
+  assert im.size == (640, 427) and box == (100, 100, 200, 200)  # 100 px crop: full scale
   assert folder.decode(str(path)).size == (640, 427)
   c = _plain(source="folder", root=str(tmp_path / "p"), val_fraction=0.0)
   ds = fd.build(c, split="train")

@@ -51,8 +51,7 @@ class ArraySource:
   def __len__(self) -> int:
     return len(self.images)
 
-  def read(self, j: int, draft_size: int | None = None) -> Image.Image:
-    del draft_size  # already decoded
+  def read(self, j: int) -> Image.Image:
     return Image.fromarray(to_rgb(self.images[j]))
 
   def describe(self, j: int) -> str:
@@ -107,10 +106,15 @@ class Dataset:
     """The source record behind example ``i``."""
     return int(i) if self.index is None else int(self.index[i])
 
-  def read(self, i: int, draft_size: int | None = None) -> Image.Image:
-    """Example ``i`` as an RGB PIL image (the loader's fast path); ``draft_size`` allows a
-    JPEG to decode at a reduced scale keeping at least that many pixels a side."""
-    return self.source.read(self.record(i), draft_size)
+  def read(self, i: int) -> Image.Image:
+    """Example ``i`` as an RGB PIL image."""
+    return self.source.read(self.record(i))
+
+  def open(self, i: int):
+    """Example ``i`` for the loader: a PIL image, or for files not decoded yet an object
+    with ``size`` and ``decode_region(box, out_size)`` (see ``ftjax.data.folder``)."""
+    opener = getattr(self.source, "open", self.source.read)
+    return opener(self.record(i))
 
   def image(self, i: int) -> np.ndarray:
     """Example ``i`` as uint8 [H, W, 3]."""

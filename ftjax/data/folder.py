@@ -11,6 +11,7 @@ A file that does not decode is skipped with a warning naming it and counted in
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -55,13 +56,54 @@ def scan(root: str) -> tuple[list[str], list[list[str]]]:
   return classes, files
 
 
-def decode(path: str, draft_size: int | None = None) -> Image.Image:
-  """Opens and decodes ``path`` as RGB; ``draft_size`` lets JPEG decode at a reduced scale
-  no smaller than that many pixels a side (libjpeg's DCT scaling: far less work)."""
+def decode(path: str) -> Image.Image:
+  """Opens and decodes ``path`` as RGB."""
   with Image.open(path) as im:
-    if draft_size is not None and im.format == "JPEG":
-      im.draft("RGB", (draft_size, draft_size))
     return im.convert("RGB")
+
+
+class ImageFile:
+  """A file whose header is read but whose pixels are not: the crop is chosen first,
+  then a JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that still gives the
+  crop at least ``out_size`` pixels a side: for a crop much larger than the output
+  (big photos, eval resizes) most of the decoding work is never done.
+
+  >>> import io, tempfile, os
+  >>> path = os.path.join(tempfile.mkdtemp(), "a.jpg")
+  >>> Image.new("RGB", (800, 600), (9, 9, 9)).save(path)
+  >>> im, box = ImageFile(path).decode_region((0, 0, 800, 600), out_size=64)
+  >>> im.size, box  # decoded at 1/8 scale: the box follows
+  ((100, 75), (0.0, 0.0, 100.0, 75.0))
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      self.image = Image.open(path)  # reads the header only
+    except DECODE_ERRORS as e:
+      raise DataError("image does not decode", where=path, value=f"{type(e).__name__}: {e}",
+                      hint="remove or replace the file") from None
+    self.size = self.image.size
+    self.width, self.height = self.size
+
+  def decode_region(self, box, out_size: int):
+    """(decoded RGB image, ``box`` in its pixels) for a crop of ``box`` resized to ``out_size``."""
+    try:
+      bw, bh = box[2] - box[0], box[3] - box[1]
+      if self.image.format == "JPEG" and min(bw, bh) >= 2 * out_size:
+        drafted = self.image.draft("RGB", (math.ceil(self.width * out_size / bw),
+                                           math.ceil(self.height * out_size / bh)))
+        if drafted is not None:
+          # (mode, the whole image in the reduced grid): its size / the original = 1 / scale,
+          # exact, where the reduced size itself is rounded up.
+          f = drafted[1][2] / self.width
+          box = (box[0] * f, box[1] * f, box[2] * f, box[3] * f)
+      return self.image.convert("RGB"), tuple(float(b) for b in box)
+    except DECODE_ERRORS as e:
+      raise DataError("image does not decode", where=self.path, value=f"{type(e).__name__}: {e}",
+                      hint="remove or replace the file") from None
+    finally:
+      self.image.close()
 
 
 def check_decodes(path: str) -> str | None:
@@ -87,13 +129,11 @@ class FolderSource:
   def __len__(self) -> int:
     return len(self.paths)
 
-  def read(self, j: int, draft_size: int | None = None) -> Image.Image:
-    path = self.paths[j]
-    try:
-      return decode(path, draft_size)
-    except DECODE_ERRORS as e:
-      raise DataError("image does not decode", where=path, value=f"{type(e).__name__}: {e}",
-                      hint="remove or replace the file") from None
+  def read(self, j: int) -> Image.Image:
+    return self.open(j).decode_region((0, 0, 1, 1), out_size=1 << 30)[0]  # never reduced
+
+  def open(self, j: int) -> ImageFile:
+    return ImageFile(self.paths[j])
 
   def describe(self, j: int) -> str:
     return self.paths[j]

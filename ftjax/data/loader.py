@@ -93,17 +93,17 @@ class _Reader:
     self.ds = ds
     self.pre = pre
     self.on_corrupt = on_corrupt
-    self.draft = pre.decode_size()
 
-  def _read(self, i: int):
-    """(image, example read): an example that fails only now (not verified at build, or
-    changed since) is replaced by the next one that reads, so batches keep their size
-    and stay deterministic; the caller takes the label of the example actually read."""
+  def _example(self, i: int, seed) -> tuple[np.ndarray, int]:
+    """(transformed image, example read): an example that fails only now (not verified at
+    build, or changed since) is replaced by the next one that reads, so batches keep their
+    size and stay deterministic; the caller takes the label of the example actually read."""
     n = self.ds.num_examples
     for k in range(n):
       j = (i + k) % n
       try:
-        return self.ds.read(j, self.draft), j
+        rng = None if seed is None else np.random.default_rng(seed)
+        return self.pre.apply(self.ds.open(j), rng), j
       except DataError as e:
         if self.on_corrupt == "error":
           raise
@@ -129,8 +129,8 @@ class _Reader:
       return cached[examples], examples
     pixels, used = [], []
     for k, i in enumerate(examples):
-      im, j = self._read(int(i))
-      pixels.append(self.pre.apply(im, None if seeds is None else np.random.default_rng(seeds[k])))
+      image, j = self._example(int(i), None if seeds is None else seeds[k])
+      pixels.append(image)
       used.append(j)
     return np.stack(pixels), np.asarray(used, np.int64)
 

@@ -45,8 +45,7 @@ class TfdsSource:
       raise DataError("tfds record does not read", where=self.describe(j),
                       value=f"{type(e).__name__}: {e}") from None
 
-  def read(self, j: int, draft_size: int | None = None) -> Image.Image:
-    del draft_size  # tfds decodes the image itself
+  def read(self, j: int) -> Image.Image:
     return Image.fromarray(to_rgb(np.asarray(self.example(j)[self.image_key], np.uint8)))
 
   def label(self, j: int) -> int:

@@ -106,19 +106,16 @@ class Preprocess:
     """Whether the output depends on the random generator."""
     return self.random_resized_crop or self.flip or self.randaugment_num_ops > 0
 
-  def decode_size(self) -> int | None:
-    """Smallest source side the deterministic crop needs (JPEG may decode at that scale)."""
-    if self.random_resized_crop:
-      return None  # a small crop of the full-resolution image may be chosen
-    return math.ceil(self.image_size / self.crop_fraction)
-
-  def apply(self, im: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
-    """PIL image -> uint8 [image_size, image_size, 3]."""
+  def apply(self, im, rng: np.random.Generator | None = None) -> np.ndarray:
+    """PIL image (or a file not decoded yet, see ``folder.ImageFile``) -> uint8 [size, size, 3]."""
     s = self.image_size
+    width, height = im.size
     if self.random_resized_crop:
-      box = inception_box(rng, im.width, im.height, self.scale, self.ratio)
+      box = inception_box(rng, width, height, self.scale, self.ratio)
     else:
-      box = center_box(im.width, im.height, self.crop_fraction, self.resize)
+      box = center_box(width, height, self.crop_fraction, self.resize)
+    if hasattr(im, "decode_region"):
+      im, box = im.decode_region(box, s)  # decodes only as finely as the crop needs
     if box == (0.0, 0.0, float(s), float(s)) and im.size == (s, s):
       out = im
     else:

@@ -1,0 +1,754 @@
+"""Vision Transformer: the Flax module, its variants, checkpoint converters, pos-emb resampling.
+
+The parameter layout is Google's vit_jax / big_vision one, so their ``.npz``
+files map 1:1 and the converters for PyTorch layouts (transformers, timm) only
+rename and transpose::
+
+  params/embedding/{kernel (p, p, 3, D), bias}
+  params/cls                                              (1, 1, D), with a class token
+  params/Transformer/posembed_input/pos_embedding         (1, N (+1), D)
+  params/Transformer/encoderblock_{i}/LayerNorm_0/{scale, bias}
+  params/Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/
+      {query, key, value}/{kernel (D, heads, head_dim), bias (heads, head_dim)}
+      out/{kernel (heads, head_dim, D), bias (D,)}
+  params/Transformer/encoderblock_{i}/LayerNorm_2/{scale, bias}
+  params/Transformer/encoderblock_{i}/MlpBlock_3/{Dense_0, Dense_1}/{kernel, bias}
+  params/Transformer/encoder_norm/{scale, bias}           (norm, then pool)
+  params/fc_norm/{scale, bias}                            (instead: pool, then norm; timm avg)
+  params/pre_logits/{kernel, bias}                        (optional)
+  params/head/{kernel, bias}
+
+>>> model = create_model({"variant": "test"}, num_classes=3)
+>>> x = jnp.zeros((2, 32, 32, 3))
+>>> variables = model.init(jax.random.key(0), x)
+>>> model.apply(variables, x).shape
+(2, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.errors import CheckpointError, ConfigError
+from ftjax.models.common import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, Converted, Family
+
+# --------------------------------------------------------------------------------------------
+# Architecture: variants and options.
+
+_DIMS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size")
+
+VARIANTS: dict[str, dict[str, int]] = {
+    name: dict(zip(_DIMS, dims)) for name, dims in {
+        "Ti/16": (192, 12, 3, 768, 16),
+        "S/16": (384, 12, 6, 1536, 16),
+        "B/16": (768, 12, 12, 3072, 16),
+        "B/32": (768, 12, 12, 3072, 32),
+        "L/16": (1024, 24, 16, 4096, 16),
+        "L/32": (1024, 24, 16, 4096, 32),
+        "H/14": (1280, 32, 16, 5120, 14),
+        "test": (32, 2, 2, 64, 8),  # tiny, for tests: compiles and runs in well under a second
+    }.items()
+}
+
+OPTIONS: dict[str, Any] = {
+    "pooling": "token",  # "token": the class token's output; "gap": mean of the patch tokens
+    "class_token": None,  # None: a class token exactly when pooling == "token"
+    "fc_norm": False,  # False: final norm on all tokens, then pool (vit_jax); True: pool, then norm (timm avg)
+    "representation_size": None,  # width of the tanh pre-logits layer, None for none
+    "layer_norm_eps": 1e-6,  # vit_jax and timm; Hugging Face ViTs use 1e-12
+    "dropout_rate": 0.0,
+    "attention_dropout_rate": 0.0,
+    "droppath_rate": 0.0,  # stochastic depth of the last block; earlier blocks get linearly less (timm)
+}
+
+_VARIANT_NAME = re.compile(r"(?:vit-)?(ti|s|b|l|h)[/_](\d+)", re.IGNORECASE)
+
+
+def canonical_variant(name: str) -> str:
+  """``ViT-B_16``, ``B_16``, ``b/16`` -> ``B/16``; unknown names are a ConfigError.
+
+  >>> canonical_variant("ViT-B_16"), canonical_variant("Ti/16"), canonical_variant("test")
+  ('B/16', 'Ti/16', 'test')
+  """
+  if name in VARIANTS:
+    return name
+  m = _VARIANT_NAME.fullmatch(name)
+  if m:
+    size = m.group(1).capitalize() if m.group(1).lower() == "ti" else m.group(1).upper()
+    canonical = f"{size}/{m.group(2)}"
+    if canonical in VARIANTS:
+      return canonical
+  raise ConfigError("unknown ViT variant", where="arch.variant", value=repr(name),
+                    hint=f"one of {list(VARIANTS)} (or ViT-B_16 style), or give {', '.join(_DIMS)}")
+
+
+def resolve_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
+  """A ViT arch dict (variant name and/or explicit options) -> every field, validated.
+
+  >>> a = resolve_arch({"variant": "B/16", "pooling": "gap"})
+  >>> a["hidden_size"], a["num_heads"], a["class_token"], a["fc_norm"]
+  (768, 12, False, False)
+  >>> resolve_arch({"variant": "B/16", "dropout": 0.1})
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: unknown ViT arch option (arch): 'dropout'; known: variant, hidden_size, num_layers, num_heads, mlp_dim, patch_size, pooling, class_token, fc_norm, representation_size, layer_norm_eps, dropout_rate, attention_dropout_rate, droppath_rate
+  """
+  unknown = sorted(set(arch) - {"variant", *_DIMS, *OPTIONS})
+  if unknown:
+    raise ConfigError("unknown ViT arch option", where="arch", value=", ".join(map(repr, unknown)),
+                      hint=f"known: {', '.join(['variant', *_DIMS, *OPTIONS])}")
+  out: dict[str, Any] = dict(OPTIONS)
+  if arch.get("variant") is not None:
+    out.update(VARIANTS[canonical_variant(arch["variant"])])
+  out.update({k: v for k, v in arch.items() if k != "variant"})
+  missing = [k for k in _DIMS if out.get(k) is None]
+  if missing:
+    raise ConfigError("ViT arch needs a variant or explicit dimensions", where="arch",
+                      value=", ".join(missing), hint=f"e.g. {{'variant': 'B/16'}}; variants: {list(VARIANTS)}")
+  for k in _DIMS:
+    if not isinstance(out[k], (int, np.integer)) or isinstance(out[k], bool) or out[k] <= 0:
+      raise ConfigError("ViT dimension must be a positive integer", where=f"arch.{k}", value=out[k])
+    out[k] = int(out[k])
+  if out["hidden_size"] % out["num_heads"]:
+    raise ConfigError("hidden_size must be divisible by num_heads", where="arch",
+                      value=f"{out['hidden_size']} / {out['num_heads']}")
+  if out["pooling"] not in ("token", "gap"):
+    raise ConfigError("unknown ViT pooling", where="arch.pooling", value=repr(out["pooling"]),
+                      hint="'token' or 'gap'")
+  if out["class_token"] is None:
+    out["class_token"] = out["pooling"] == "token"
+  if out["pooling"] == "token" and not out["class_token"]:
+    raise ConfigError("token pooling needs a class token", where="arch.class_token", value=False)
+  for k in ("dropout_rate", "attention_dropout_rate", "droppath_rate"):
+    if not 0.0 <= float(out[k]) < 1.0:
+      raise ConfigError("rate must be in [0, 1)", where=f"arch.{k}", value=out[k])
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# The Flax module.
+
+_xavier = nn.initializers.xavier_uniform()
+
+
+def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
+  # Two-pass variance: the residual stream of trained ViTs carries large offsets,
+  # where E[x^2] - E[x]^2 loses float32 digits (and parity with PyTorch).
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+                      name=name)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> exact GELU -> dropout -> Dense -> dropout (vit_jax ``MlpBlock``)."""
+
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
+                              kernel_init=_xavier, bias_init=nn.initializers.normal(1e-6))
+    width = x.shape[-1]
+    x = dense(self.mlp_dim, name="Dense_0")(x)
+    x = nn.gelu(x, approximate=False)  # ViT, timm and transformers use the erf GELU
+    x = nn.Dropout(self.dropout_rate, name="dropout_0")(x, deterministic=deterministic)
+    x = dense(width, name="Dense_1")(x)
+    return nn.Dropout(self.dropout_rate, name="dropout_1")(x, deterministic=deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with flax's projection layout, through ``jax.nn.dot_product_attention``."""
+
+  num_heads: int
+  attention_dropout_rate: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    proj = functools.partial(nn.DenseGeneral, features=(self.num_heads, head_dim), axis=-1,
+                             dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_xavier)
+    q, k, v = (proj(name=n)(x) for n in ("query", "key", "value"))  # (batch, tokens, heads, head_dim)
+    if deterministic or self.attention_dropout_rate == 0.0:
+      y = jax.nn.dot_product_attention(q, k, v)  # the fused path (cuDNN / XLA) when available
+    else:
+      # Dropout on the attention weights needs them materialised.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+      weights = nn.Dropout(self.attention_dropout_rate, name="attention_dropout")(
+          weights, deterministic=False)
+      y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+                           kernel_init=_xavier, name="out")(y)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    # Stochastic depth drops a whole residual branch per example: the mask
+    # broadcasts over tokens and channels (and is rescaled by 1/keep, like timm).
+    def droppath(name):
+      return nn.Dropout(self.droppath_rate, broadcast_dims=(1, 2), name=name)
+
+    y = _layer_norm(self.layer_norm_eps, self.dtype, "LayerNorm_0")(x)
+    y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
+                                     name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
+    y = nn.Dropout(self.dropout_rate, name="dropout")(y, deterministic=deterministic)
+    x = x + droppath("droppath_attention")(y, deterministic=deterministic)
+    y = _layer_norm(self.layer_norm_eps, self.dtype, "LayerNorm_2")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(
+        y, deterministic=deterministic)
+    return x + droppath("droppath_mlp")(y, deterministic=deterministic)
+
+
+# The blocks of an encoder are identical modules: lifted through nn.jit, one
+# trace serves them all (and later loads in the process), which makes init,
+# eval_shape (every from_pretrained) and compilation several times faster.
+# Parameter paths are unchanged.
+_JitEncoder1DBlock = nn.jit(Encoder1DBlock, static_argnames=("deterministic",))
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds a learned position embedding ``pos_embedding`` of shape (1, tokens, width)."""
+
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]),
+                     jnp.float32)
+    return x + pos.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  """Position embedding, the blocks ``encoderblock_{i}`` and (optionally) ``encoder_norm``."""
+
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  final_norm: bool = True
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    x = AddPositionEmbs(self.dtype, name="posembed_input")(x)
+    x = nn.Dropout(self.dropout_rate, name="dropout")(x, deterministic=deterministic)
+    for i in range(self.num_layers):
+      rate = self.droppath_rate * i / max(self.num_layers - 1, 1)
+      x = _JitEncoder1DBlock(self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dropout_rate,
+                         self.attention_dropout_rate, rate, self.dtype,
+                         name=f"encoderblock_{i}")(x, deterministic=deterministic)
+    if self.final_norm:
+      x = _layer_norm(self.layer_norm_eps, self.dtype, "encoder_norm")(x)
+    return x
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier: NHWC normalised images in, float32 logits out.
+
+  Build it with :func:`create_model` (variant names, validation); the fields
+  are those of :func:`resolve_arch` plus ``num_classes`` and the compute
+  ``dtype`` (parameters are always float32).
+  """
+
+  num_classes: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+  pooling: str = "token"
+  class_token: bool = True
+  fc_norm: bool = False
+  representation_size: int | None = None
+  layer_norm_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    deterministic = not train
+    p = self.patch_size
+    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=jnp.float32, name="embedding")(x)
+    n, h, w, c = x.shape
+    x = x.reshape(n, h * w, c)
+    if self.class_token:
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
+    x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dropout_rate,
+                self.attention_dropout_rate, self.droppath_rate, final_norm=not self.fc_norm,
+                dtype=self.dtype, name="Transformer")(x, deterministic=deterministic)
+    if self.pooling == "token":
+      x = x[:, 0]
+    else:  # the mean leaves the class token out, as timm's avg pooling does
+      x = jnp.mean(x[:, int(self.class_token):], axis=1)
+    if self.fc_norm:
+      x = _layer_norm(self.layer_norm_eps, self.dtype, "fc_norm")(x)
+    if self.representation_size:
+      x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=_xavier, name="pre_logits")(x)
+      x = jnp.tanh(x)
+    # A zero head starts fine-tuning from uniform predictions (vit_jax); the
+    # logits are float32 whatever the compute dtype, for a stable loss.
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=nn.initializers.zeros, name="head")(x)
+    return x.astype(jnp.float32)
+
+
+def create_model(arch: Mapping[str, Any], num_classes: int, dtype: Any = None) -> VisionTransformer:
+  """A :class:`VisionTransformer` from an arch dict (see :func:`resolve_arch`).
+
+  >>> create_model({"variant": "test", "pooling": "gap"}, 10).class_token
+  False
+  """
+  return VisionTransformer(num_classes=int(num_classes), dtype=dtype, **resolve_arch(arch))
+
+
+def check_image_size(arch: Mapping[str, Any], image_size: tuple[int, int]) -> None:
+  """Both sides must be positive multiples of the patch size.
+
+  >>> check_image_size({"variant": "B/16"}, (224, 200))
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: image size not divisible by the ViT patch size (image_size): 224x200; patch 16: try 224x208
+  """
+  p = resolve_arch(arch)["patch_size"]
+  h, w = image_size
+  if h <= 0 or w <= 0 or h % p or w % p:
+    near = "x".join(str(max(p, -(-s // p) * p)) for s in (h, w))  # round up
+    raise ConfigError("image size not divisible by the ViT patch size", where="image_size",
+                      value=f"{h}x{w}", hint=f"patch {p}: try {near}")
+
+
+# --------------------------------------------------------------------------------------------
+# Position-embedding resampling, equal to timm's resample_abs_pos_embed.
+
+def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+  x = np.abs(x)
+  return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+                  np.where(x < 2.0, ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a, 0.0))
+
+
+def bicubic_aa_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) weights of torch's ``interpolate(mode="bicubic", antialias=True)`` along one axis.
+
+  PyTorch's antialiased kernel is PIL's: Keys cubic with a = -0.5 (its
+  non-antialiased bicubic uses a = -0.75), stretched by the scale when
+  downsampling, cut at the borders and renormalised (``align_corners=False``).
+
+  >>> bicubic_aa_matrix(3, 3)
+  array([[1., 0., 0.],
+         [0., 1., 0.],
+         [0., 0., 1.]])
+  >>> bicubic_aa_matrix(4, 2).sum(axis=1)
+  array([1., 1.])
+  """
+  scale = in_size / out_size
+  support = 2.0 * max(scale, 1.0)  # the cubic kernel spans 2 input pixels each side
+  inv = 1.0 / max(scale, 1.0)
+  m = np.zeros((out_size, in_size))
+  for i in range(out_size):
+    center = scale * (i + 0.5)
+    lo = max(int(center - support + 0.5), 0)  # int() truncates, like the C++ static_cast
+    hi = min(int(center + support + 0.5), in_size)
+    w = _cubic((np.arange(lo, hi) - center + 0.5) * inv)
+    m[i, lo:hi] = w / w.sum()
+  return m
+
+
+def resample_grid(grid: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
+  """Resamples a (h, w, channels) grid to ``new_hw`` like torch's antialiased bicubic.
+
+  >>> g = np.arange(8.0).reshape(2, 2, 2)
+  >>> resample_grid(g, (2, 2)).tolist() == g.tolist()
+  True
+  """
+  h, w, _ = grid.shape
+  mh, mw = bicubic_aa_matrix(h, new_hw[0]), bicubic_aa_matrix(w, new_hw[1])
+  return np.einsum("ih,hwc,jw->ijc", mh, grid.astype(np.float64), mw).astype(grid.dtype)
+
+
+def resample_posemb(posemb: np.ndarray, new_hw: tuple[int, int], num_prefix_tokens: int,
+                    old_hw: tuple[int, int] | None = None) -> np.ndarray:
+  """Resamples a (1, prefix + h*w, D) position embedding to a ``new_hw`` patch grid.
+
+  The prefix (class token) rows are kept as they are; the old grid is square
+  unless ``old_hw`` says otherwise (as timm assumes).
+
+  >>> pe = np.ones((1, 1 + 4 * 4, 8), np.float32)
+  >>> resample_posemb(pe, (2, 3), num_prefix_tokens=1).shape
+  (1, 7, 8)
+  """
+  prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
+  if old_hw is None:
+    side = math.isqrt(grid.shape[0])
+    if side * side != grid.shape[0]:
+      raise CheckpointError("position embedding is not a square grid", where="pos_embedding",
+                            value=f"{grid.shape[0]} patch positions",
+                            hint="pass the checkpoint's grid (old_hw) to resample it")
+    old_hw = (side, side)
+  grid = resample_grid(grid.reshape(*old_hw, -1), new_hw)
+  return np.concatenate([prefix, grid.reshape(1, -1, grid.shape[-1])], axis=1)
+
+
+POSEMB_PATH = "params/Transformer/posembed_input/pos_embedding"
+
+
+def resizers(arch: Mapping[str, Any], image_size: tuple[int, int],
+             old_image_size: tuple[int, int] | None = None) -> dict[str, Callable]:
+  """``{regex: fn(array, target_shape)}``: the position embedding follows the image size."""
+  a = resolve_arch(arch)
+  p = a["patch_size"]
+  prefix = int(a["class_token"])
+  old_hw = None if old_image_size is None else (old_image_size[0] // p, old_image_size[1] // p)
+
+  def resize(arr, target_shape):
+    out = resample_posemb(np.asarray(arr), (image_size[0] // p, image_size[1] // p), prefix, old_hw)
+    if out.shape != tuple(target_shape):
+      raise CheckpointError("resampled position embedding has the wrong shape", where=POSEMB_PATH,
+                            value=f"{out.shape} vs model {tuple(target_shape)}")
+    return out
+
+  return {re.escape(POSEMB_PATH): resize}
+
+
+FAMILY = Family("vit", create_model, resizers, check_image_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint converters.  Each maps every key of the file or says why it does not.
+
+@dataclasses.dataclass
+class _Mapped:
+  variables: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def _map_keys(tensors: Mapping[str, np.ndarray], rules, source: str) -> _Mapped:
+  """Applies ``[(regex, fn(match, array) -> {ftjax path: array} | str)]`` to every key.
+
+  A rule returning a string drops the key with that reason; a key no rule
+  matches is a CheckpointError (a file of another architecture).
+  """
+  compiled = [(re.compile(rx), fn) for rx, fn in rules]
+  out = _Mapped()
+  for key, arr in tensors.items():
+    for rx, fn in compiled:
+      m = rx.fullmatch(key)
+      if m:
+        got = fn(m, arr)
+        if isinstance(got, str):
+          out.dropped.append((key, got))
+        else:
+          out.variables.update({f"params/{k}": v for k, v in got.items()})
+        break
+    else:
+      raise CheckpointError("key that a ViT checkpoint does not have", where=source, value=key,
+                            hint="a checkpoint for another architecture?")
+  return out
+
+
+def _block(i) -> str:
+  return f"Transformer/encoderblock_{i}"
+
+
+_ATTN = "MultiHeadDotProductAttention_1"
+
+
+def _linear(path: str, heads: int | None = None, split: str = "") -> Callable:
+  """PyTorch ``nn.Linear`` weight (out, in) / bias -> flax kernel (in, out) / bias at ``path``.
+
+  ``split="out"`` shapes an input projection's kernel to (in, heads, head_dim);
+  ``split="in"`` shapes the output projection's kernel to (heads, head_dim, out).
+  """
+  def fn(m, arr):
+    target = path.format(*m.groups())
+    leaf = m.group(m.lastindex) if m.lastindex else None
+    if leaf == "bias":
+      arr = arr.reshape(heads, -1) if split == "out" else arr
+      return {f"{target}/bias": arr}
+    kernel = arr.T
+    if split == "out":
+      kernel = kernel.reshape(kernel.shape[0], heads, -1)
+    elif split == "in":
+      kernel = kernel.reshape(heads, -1, kernel.shape[1])
+    return {f"{target}/kernel": kernel}
+  return fn
+
+
+def _norm(path: str) -> Callable:
+  def fn(m, arr):
+    leaf = {"weight": "scale", "bias": "bias"}[m.group(m.lastindex)]
+    return {f"{path.format(*m.groups())}/{leaf}": arr}
+  return fn
+
+
+def _to(path: str, transform: Callable = lambda a: a) -> Callable:
+  return lambda m, arr: {path.format(*m.groups()): transform(arr)}
+
+
+def _conv_oihw(path: str) -> Callable:
+  def fn(m, arr):
+    if m.group(m.lastindex) == "bias":
+      return {f"{path}/bias": arr}
+    return {f"{path}/kernel": arr.transpose(2, 3, 1, 0)}  # OIHW -> HWIO, a view
+  return fn
+
+
+def _grid_size(posemb_len: int, prefix: int, patch: int, where: str) -> tuple[int, int]:
+  n = posemb_len - prefix
+  side = math.isqrt(max(n, 0))
+  if side * side != n:
+    raise CheckpointError("position embedding is not a square grid", where=where,
+                          value=f"{n} patch positions")
+  return (side * patch, side * patch)
+
+
+def _num_classes(variables: Mapping[str, np.ndarray]) -> int:
+  bias = variables.get("params/head/bias")
+  return 0 if bias is None else int(bias.shape[-1])
+
+
+def _variant_of(dims: Mapping[str, int]) -> str | None:
+  return next((name for name, v in VARIANTS.items() if all(dims[k] == v[k] for k in _DIMS)), None)
+
+
+def _arch(dims: Mapping[str, int], **options) -> dict[str, Any]:
+  """A compact arch dict: the variant name where the dimensions are a registered variant."""
+  variant = _variant_of(dims)
+  arch = {"variant": variant} if variant else {k: int(dims[k]) for k in _DIMS}
+  arch.update({k: v for k, v in options.items() if v != OPTIONS[k]})
+  return arch
+
+
+# Hugging Face transformers ViTForImageClassification / ViTModel.
+
+_HF_ATTN = {"query": "query", "key": "key", "value": "value",  # saved layout
+            "q_proj": "query", "k_proj": "key", "v_proj": "value"}  # transformers >= 5 in-memory names
+
+
+def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+               preprocessor: Mapping[str, Any] | None = None) -> Converted:
+  """A transformers ``ViTForImageClassification`` (or ``ViTModel``) checkpoint -> ftjax layout.
+
+  The architecture comes from ``config`` (config.json); mean/std from
+  ``preprocessor`` (preprocessor_config.json) when given, else the ViT image
+  processor's default 0.5/0.5.  A ``ViTModel`` pooler is dropped (the
+  classifier reads the class token) and recorded.
+  """
+  where = "config.json"
+  if config.get("hidden_act", "gelu") != "gelu":
+    raise CheckpointError("unsupported ViT activation", where=where, value=config.get("hidden_act"),
+                          hint="only the exact (erf) GELU is implemented")
+  if not config.get("qkv_bias", True) or config.get("num_channels", 3) != 3:
+    raise CheckpointError("unsupported ViT config", where=where,
+                          value=f"qkv_bias={config.get('qkv_bias')} num_channels={config.get('num_channels')}")
+  try:
+    dims = {"hidden_size": config["hidden_size"], "num_layers": config["num_hidden_layers"],
+            "num_heads": config["num_attention_heads"], "mlp_dim": config["intermediate_size"],
+            "patch_size": config["patch_size"]}
+  except KeyError as e:
+    raise CheckpointError("ViT config.json lacks a field", where=where, value=str(e)) from None
+  heads = int(dims["num_heads"])
+  pre = r"(?:vit\.)?"
+  layer = pre + r"(?:encoder\.layer|layers)\.(\d+)\."
+  rules = [
+      (pre + r"embeddings\.cls_token", _to("cls")),
+      (pre + r"embeddings\.position_embeddings", _to("Transformer/posembed_input/pos_embedding")),
+      (pre + r"embeddings\.patch_embeddings\.projection\.(weight|bias)", _conv_oihw("embedding")),
+      (layer + r"attention\.(?:attention\.)?(query|key|value|[qkv]_proj)\.(weight|bias)",
+       lambda m, a: _linear(f"{_block(m.group(1))}/{_ATTN}/{_HF_ATTN[m.group(2)]}", heads, "out")(m, a)),
+      (layer + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", _linear(_block("{0}") + f"/{_ATTN}/out", heads, "in")),
+      (layer + r"layernorm_before\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_0")),
+      (layer + r"layernorm_after\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_2")),
+      (layer + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_0")),
+      (layer + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_1")),
+      (pre + r"layernorm\.(weight|bias)", _norm("Transformer/encoder_norm")),
+      (pre + r"pooler\.dense\.(weight|bias)",
+       lambda m, a: "ViTModel pooler: unused by a classifier, which reads the class token"),
+      (r"classifier\.(weight|bias)", _linear("head")),
+  ]
+  mapped = _map_keys(tensors, rules, "Hugging Face ViT checkpoint")
+  size = config.get("image_size", 224)
+  image_size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+  labels = config.get("id2label") or {}
+  names = [str(labels.get(str(i), labels.get(i, ""))) for i in range(len(labels))]
+  if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+    names = None  # transformers' placeholders, not class names
+  num_classes = _num_classes(mapped.variables)
+  if names is not None and len(names) != num_classes:
+    names = None
+  prep = preprocessor or {}
+  mean = tuple(float(v) for v in prep.get("image_mean", INCEPTION_MEAN))
+  std = tuple(float(v) for v in prep.get("image_std", INCEPTION_STD))
+  return Converted(family="vit",
+                   arch=_arch(dims, layer_norm_eps=float(config.get("layer_norm_eps", 1e-12))),
+                   num_classes=num_classes, image_size=image_size, variables=mapped.variables,
+                   mean=mean, std=std, class_names=names, dropped=mapped.dropped)
+
+
+# timm vit_{size}_patch{p}[_gap]_{resolution}[.tag]
+
+_TIMM_SIZES = {  # hidden_size, num_layers, num_heads, mlp_dim (timm's model functions)
+    "tiny": (192, 12, 3, 768), "small": (384, 12, 6, 1536), "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096), "huge": (1280, 32, 16, 5120), "giant": (1408, 40, 16, 6144),
+}
+# timm's *_gap_* models: no class token, final norm then mean (fc_norm=False),
+# and their own head counts.
+_TIMM_GAP_HEADS = {"base": 16, "huge": 16, "giant": 16}
+_TIMM_NAME = re.compile(r"vit_(tiny|small|base|large|huge|giant)_patch(\d+)(_gap)?_(\d+)")
+# Pretrained tags whose preprocessing is not the Google 0.5/0.5 of timm's ViT default.
+_TIMM_TAG_STATS = {
+    "dino": (IMAGENET_MEAN, IMAGENET_STD), "mae": (IMAGENET_MEAN, IMAGENET_STD),
+    "in1k_ijepa": (IMAGENET_MEAN, IMAGENET_STD), "in22k_ijepa": (IMAGENET_MEAN, IMAGENET_STD),
+    "bamboo": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+
+
+def timm_arch(name: str) -> tuple[dict[str, Any], tuple[int, int]]:
+  """(arch, image size) of a timm ViT model name (a ``.tag`` suffix is ignored).
+
+  >>> timm_arch("vit_base_patch16_224.augreg2_in21k_ft_in1k")
+  ({'variant': 'B/16'}, (224, 224))
+  >>> timm_arch("vit_base_patch16_gap_224")[0]["pooling"]
+  'gap'
+  """
+  base = name.split(".", 1)[0]
+  m = _TIMM_NAME.fullmatch(base)
+  if not m or (m.group(3) and m.group(1) not in _TIMM_GAP_HEADS):
+    raise ConfigError("unsupported timm ViT", where="timm:" + name, value=repr(base),
+                      hint="names like vit_base_patch16_224, vit_tiny_patch16_384, vit_base_patch16_gap_224")
+  size, patch, gap, res = m.groups()
+  dims = dict(zip(_DIMS, (*_TIMM_SIZES[size], int(patch))))
+  if gap:
+    dims["num_heads"] = _TIMM_GAP_HEADS[size]
+    return _arch(dims, pooling="gap", class_token=False), (int(res), int(res))
+  return _arch(dims), (int(res), int(res))
+
+
+def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
+  """A timm ``vit_*`` state dict -> ftjax layout; the architecture comes from ``name``.
+
+  A model trained with a non-default ``global_pool='avg'`` holds ``fc_norm``,
+  which the name does not announce: load it with the overrides
+  ``pooling="gap", fc_norm=True`` (``class_token=True`` stays).
+  """
+  arch, image_size = timm_arch(name)
+  full = resolve_arch(arch)
+  heads = full["num_heads"]
+  source = f"timm:{name}"
+
+  def qkv(m, arr):
+    i, leaf = m.groups()
+    parts = arr.reshape(3, heads, -1, *arr.shape[1:])  # (3, heads, head_dim[, in])
+    out = {}
+    for j, n in enumerate(("query", "key", "value")):
+      path = f"{_block(i)}/{_ATTN}/{n}"
+      out[f"{path}/{leaf if leaf == 'bias' else 'kernel'}"] = (
+          parts[j] if leaf == "bias" else parts[j].transpose(2, 0, 1))  # -> (in, heads, head_dim)
+    return out
+
+  blk = r"blocks\.(\d+)\."
+  rules = [
+      (r"cls_token", _to("cls")),
+      (r"pos_embed", _to("Transformer/posembed_input/pos_embedding")),
+      (r"patch_embed\.proj\.(weight|bias)", _conv_oihw("embedding")),
+      (blk + r"norm1\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_0")),
+      (blk + r"attn\.qkv\.(weight|bias)", qkv),
+      (blk + r"attn\.proj\.(weight|bias)", _linear(_block("{0}") + f"/{_ATTN}/out", heads, "in")),
+      (blk + r"norm2\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_2")),
+      (blk + r"mlp\.fc1\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_0")),
+      (blk + r"mlp\.fc2\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_1")),
+      (r"norm\.(weight|bias)", _norm("Transformer/encoder_norm")),
+      (r"fc_norm\.(weight|bias)", _norm("fc_norm")),
+      (r"head\.(weight|bias)", _linear("head")),
+  ]
+  mapped = _map_keys(tensors, rules, source)
+  tag = name.split(".", 1)[1] if "." in name else ""
+  mean, std = _TIMM_TAG_STATS.get(tag, (INCEPTION_MEAN, INCEPTION_STD))
+  return Converted(family="vit", arch=arch, num_classes=_num_classes(mapped.variables),
+                   image_size=image_size, variables=mapped.variables, mean=mean, std=std,
+                   dropped=mapped.dropped)
+
+
+# Google .npz (vit_jax, and big_vision's unscanned layout).
+
+_BIG_VISION_RENAMES = (  # big_vision's auto-names -> vit_jax's
+    (r"pos_embedding", "Transformer/posembed_input/pos_embedding"),
+    (r"(Transformer/encoderblock_\d+)/LayerNorm_1/(.*)", r"\1/LayerNorm_2/\2"),
+    (r"(Transformer/encoderblock_\d+)/MultiHeadDotProductAttention_0/(.*)", r"\1/" + _ATTN + r"/\2"),
+    (r"(Transformer/encoderblock_\d+)/MlpBlock_0/(.*)", r"\1/MlpBlock_3/\2"),
+)
+
+
+def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
+  """A Google ViT ``.npz`` (``B/16``, ``ViT-B_16``, ...) -> ftjax layout.
+
+  The keys already are ftjax's (vit_jax naming).  A ``pre_logits`` layer in the
+  file (ImageNet-21k checkpoints) makes the model have one; the image size is
+  the square grid of the position embedding times the patch size.
+  """
+  arch = {"variant": canonical_variant(variant)}
+  source = f"npz:{variant}"
+  prefix = next((p for p in ("", "params/", "opt/target/") if f"{p}embedding/kernel" in arrays), None)
+  if prefix is None:
+    raise CheckpointError("not a Google ViT .npz: no embedding/kernel", where=source,
+                          value=", ".join(list(arrays)[:4]), hint="a BiT or other checkpoint?")
+  big_vision = prefix == "params/" or "pos_embedding" in arrays
+  if "Transformer/encoderblock/LayerNorm_0/scale" in arrays or f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in arrays:
+    raise CheckpointError("scanned big_vision checkpoints are not supported", where=source,
+                          hint="save it unscanned (one encoderblock_i per layer)")
+  variables = {}
+  for key, arr in arrays.items():
+    path = key[len(prefix):] if key.startswith(prefix) else key
+    if big_vision:
+      for rx, repl in _BIG_VISION_RENAMES:
+        path = re.sub(f"^{rx}$", repl, path)
+    variables[f"params/{path}"] = arr
+  if "params/cls" not in variables:
+    raise CheckpointError("npz has no class token 'cls'", where=source,
+                          hint="global-average-pooled ViTs: pass pooling='gap' with a timm or hf source")
+  if "params/pre_logits/kernel" in variables:
+    arch["representation_size"] = resolve_arch(arch)["hidden_size"]
+  full = resolve_arch(arch)
+  pos = variables.get(POSEMB_PATH)
+  if pos is None:
+    raise CheckpointError("npz has no position embedding", where=source,
+                          value="Transformer/posembed_input/pos_embedding")
+  image_size = _grid_size(pos.shape[1], 1, full["patch_size"], source)
+  return Converted(family="vit", arch=arch, num_classes=_num_classes(variables), image_size=image_size,
+                   variables=variables, mean=INCEPTION_MEAN, std=INCEPTION_STD)
+
+
+__all__ = ["FAMILY", "OPTIONS", "VARIANTS", "VisionTransformer", "bicubic_aa_matrix", "canonical_variant",
+           "check_image_size", "convert_hf", "convert_npz", "convert_timm", "create_model",
+           "resample_grid", "resample_posemb", "resizers", "resolve_arch", "timm_arch"]

@@ -1,0 +1,340 @@
+"""ViT: logit parity with transformers, timm and timm's Google .npz reader; resampling; counts.
+
+Every reference is a random-initialised PyTorch model (its LayerNorm affine
+parameters, class token and position embedding randomised too) written to
+``tmp_path`` in its real on-disk format and read back through
+``ftjax.models.from_pretrained``.  Logits must agree within
+1e-4 * max(1, max |reference logit|), float32, eval mode.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from flax.errors import InvalidRngError
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn
+
+from ftjax.errors import CheckpointError, ConfigError
+from ftjax.models import create, from_pretrained, init_variables, vit
+from ftjax.tree import flatten, unflatten
+
+torch.set_num_threads(1)
+
+TIMM_TINY = "vit_tiny_patch16_224"
+
+
+def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+  """Adds N(0, scale) noise to every parameter (LN affine, tokens and head included); eval mode."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for _, p in sorted(module.named_parameters()):
+      p.add_(torch.randn(p.shape, generator=g) * scale)
+  return module.eval()
+
+
+def _images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).standard_normal((n, 3, h, w)).astype(np.float32)  # NCHW
+
+
+def _torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    out = model(torch.from_numpy(x))
+  return (out.logits if hasattr(out, "logits") else out).numpy()
+
+
+def _ftjax_logits(model, variables, x: np.ndarray) -> np.ndarray:
+  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x.transpose(0, 2, 3, 1)))
+
+
+def _assert_parity(ours: np.ndarray, ref: np.ndarray) -> None:
+  assert ours.shape == ref.shape
+  tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+  err = float(np.abs(ours - ref).max())
+  assert err <= tol, f"max |diff| {err:.3g} > {tol:.3g}"
+  assert np.abs(ref).max() > 0.5  # the reference logits are not trivially small
+
+
+@pytest.fixture(scope="module")
+def timm_tiny(tmp_path_factory):
+  """A random timm vit_tiny_patch16_224 (1000 classes) saved as safetensors: (model, file)."""
+  torch.manual_seed(0)
+  model = _randomise(timm.create_model(TIMM_TINY, num_classes=1000), seed=1)
+  path = tmp_path_factory.mktemp("timm_tiny") / "model.safetensors"
+  safetensors.torch.save_file(model.state_dict(), str(path))
+  return model, path
+
+
+# ---------------------------------------------------------------------------------- parity
+
+def test_hf_vit_for_image_classification_parity(tmp_path):
+  from transformers import ViTConfig, ViTForImageClassification
+  names = ["cat", "dog", "fish", "bird", "frog"]
+  config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                     image_size=32, patch_size=8, num_labels=5, id2label=dict(enumerate(names)))
+  torch.manual_seed(0)
+  ref = _randomise(ViTForImageClassification(config), seed=2)
+  ref.save_pretrained(tmp_path)
+  model, variables, report = from_pretrained(f"hf:{tmp_path}")
+  x = _images(2, 32, 32)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch == {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 48,
+                         "patch_size": 8, "layer_norm_eps": 1e-12}
+  assert report.class_names == names
+  assert (report.mean, report.std) == ((0.5,) * 3, (0.5,) * 3)
+  assert len(report.matched) == len(flatten(variables)) == 2 * 16 + 8
+
+
+def test_hf_vit_model_pooler_is_dropped_and_recorded(tmp_path):
+  from transformers import ViTConfig, ViTModel
+  config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     image_size=32, patch_size=8)
+  torch.manual_seed(0)
+  ViTModel(config, add_pooling_layer=True).save_pretrained(tmp_path)
+  with pytest.raises(ConfigError, match="no classifier head"):
+    from_pretrained(f"hf:{tmp_path}")
+  _, variables, report = from_pretrained(f"hf:{tmp_path}", num_classes=3)
+  assert sorted(k for k, _ in report.dropped) == ["pooler.dense.bias", "pooler.dense.weight"]
+  assert [p for p, _ in report.reinitialized] == ["params/head/bias", "params/head/kernel"]
+  assert not np.any(variables["params"]["head"]["kernel"])
+  assert "dropped from checkpoint (2)" in str(report)
+
+
+def test_timm_class_token_parity(timm_tiny):
+  ref, path = timm_tiny
+  model, variables, report = from_pretrained(f"timm:{TIMM_TINY}@{path}")
+  x = _images(2, 224, 224)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch == {"variant": "Ti/16"} and report.image_size == (224, 224)
+  assert report.num_classes == 1000 and len(report.matched) == 200
+
+
+def test_timm_gap_parity(tmp_path):
+  """vit_base_patch16_gap_224: timm's average-pooled ViT (no class token, norm then mean)."""
+  torch.manual_seed(0)
+  ref = _randomise(timm.create_model("vit_base_patch16_gap_224", num_classes=10), seed=3, scale=0.05)
+  path = tmp_path / "model.safetensors"
+  safetensors.torch.save_file(ref.state_dict(), str(path))
+  model, variables, report = from_pretrained(f"timm:vit_base_patch16_gap_224@{path}")
+  x = _images(1, 224, 224)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch["pooling"] == "gap" and report.arch["class_token"] is False
+  assert report.arch["num_heads"] == 16  # timm's gap B/16 has 16 heads, not 12
+  assert "params/cls" not in flatten(variables)
+
+
+def test_timm_avg_pool_with_fc_norm_parity(tmp_path):
+  """timm global_pool='avg' (mean of patch tokens, then fc_norm), loaded with explicit overrides."""
+  torch.manual_seed(0)
+  ref = _randomise(timm.create_model(TIMM_TINY, num_classes=7, global_pool="avg", img_size=64), seed=4)
+  path = tmp_path / "model.safetensors"
+  safetensors.torch.save_file(ref.state_dict(), str(path))
+  source = f"timm:{TIMM_TINY}@{path}"
+  with pytest.raises(CheckpointError, match="missing.*encoder_norm"):  # the name says token pooling
+    from_pretrained(source, image_size=64)
+  model, variables, _ = from_pretrained(source, image_size=64, pooling="gap", fc_norm=True,
+                                        class_token=True)
+  x = _images(2, 64, 64)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert "encoder_norm" not in variables["params"]["Transformer"]
+
+
+def test_google_npz_parity_with_timm_reader(tmp_path):
+  """An .npz in vit_jax's key layout, read by ftjax and by timm's ``_load_weights``."""
+  _, shapes = create("vit", {"variant": "test"}, num_classes=5, image_size=32)
+  rng = np.random.default_rng(0)
+  arrays = {path.removeprefix("params/"): (rng.standard_normal(s.shape) * 0.2
+                                           + path.endswith("/scale")).astype(np.float32)
+            for path, s in shapes.items()}
+  assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in arrays
+  assert arrays["embedding/kernel"].shape == (8, 8, 3, 32)  # HWIO, as Google's files
+  file = tmp_path / "ViT-test.npz"
+  np.savez(file, **arrays)
+  ref = TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                num_classes=5).eval()
+  _load_weights(ref, str(file))
+  model, variables, report = from_pretrained(f"npz:test@{file}")
+  x = _images(3, 32, 32)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert (report.mean, report.std) == ((0.5,) * 3, (0.5,) * 3)
+  assert report.image_size == (32, 32) and len(report.matched) == len(arrays)
+
+
+def test_google_npz_pre_logits_and_big_vision_names():
+  _, shapes = create("vit", {"variant": "test", "representation_size": 32}, num_classes=4, image_size=32)
+  arrays = {p.removeprefix("params/"): np.zeros(s.shape, np.float32) for p, s in shapes.items()}
+  conv = vit.convert_npz("test", arrays)
+  assert conv.arch == {"variant": "test", "representation_size": 32}
+  renamed = {re.sub(r"MlpBlock_3", "MlpBlock_0", re.sub("LayerNorm_2", "LayerNorm_1", k)): v
+             for k, v in arrays.items()}
+  renamed["pos_embedding"] = renamed.pop("Transformer/posembed_input/pos_embedding")
+  big = vit.convert_npz("test", {f"params/{k}": v for k, v in renamed.items()})
+  assert sorted(big.variables) == sorted(conv.variables) == sorted(shapes)
+
+
+# ---------------------------------------------------------------------- resolution change
+
+def test_resample_matches_torch_antialiased_bicubic():
+  rng = np.random.default_rng(0)
+  for old, new in [((14, 14), (24, 24)), ((14, 14), (8, 20)), ((7, 9), (12, 5)), ((24, 24), (14, 14))]:
+    grid = rng.standard_normal((*old, 6)).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None], size=new, mode="bicubic",
+                        antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(vit.resample_grid(grid, new), ref, rtol=0, atol=1e-5)
+  pe = rng.standard_normal((1, 1 + 14 * 14, 6)).astype(np.float32)
+  ref = resample_abs_pos_embed(torch.from_numpy(pe), new_size=[10, 16], num_prefix_tokens=1).numpy()
+  ours = vit.resample_posemb(pe, (10, 16), num_prefix_tokens=1)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+  assert np.array_equal(ours[:, :1], pe[:, :1])  # the class token row is kept apart, unchanged
+
+
+@pytest.mark.parametrize("size", [(384, 384), (128, 320)])
+def test_resolution_change_matches_timm(timm_tiny, size):
+  ref_224, path = timm_tiny
+  ref = timm.create_model(TIMM_TINY, num_classes=1000, img_size=size).eval()
+  ref.load_state_dict(checkpoint_filter_fn(ref_224.state_dict(), ref))  # timm's own resampling
+  model, variables, report = from_pretrained(f"timm:{TIMM_TINY}@{path}", image_size=size)
+  x = _images(1, *size)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  grid = (size[0] // 16) * (size[1] // 16)
+  assert report.resized == [(vit.POSEMB_PATH, (1, 197, 192), (1, 1 + grid, 192))]
+
+
+# ------------------------------------------------------------------------ head replacement
+
+def test_head_replacement_zero_head_everything_else_loaded(timm_tiny):
+  _, path = timm_tiny
+  _, variables, report = from_pretrained(f"timm:{TIMM_TINY}@{path}", num_classes=10)
+  flat = flatten(variables)
+  tensors = {k: v.numpy() for k, v in safetensors.torch.load_file(str(path)).items()}
+  checkpoint = vit.convert_timm(TIMM_TINY, tensors)
+  assert flat["params/head/kernel"].shape == (192, 10) and flat["params/head/bias"].shape == (10,)
+  assert not flat["params/head/kernel"].any() and not flat["params/head/bias"].any()
+  others = sorted(set(flat) - {"params/head/kernel", "params/head/bias"})
+  assert others == sorted(set(checkpoint.variables) - {"params/head/kernel", "params/head/bias"})
+  for p in others:
+    np.testing.assert_array_equal(flat[p], checkpoint.variables[p], err_msg=p)
+  assert [p for p, _ in report.reinitialized] == ["params/head/bias", "params/head/kernel"]
+  assert "(checkpoint (1000,))" in str(report) and "re-initialised (2)" in str(report)
+  assert report.num_classes == 10 and report.class_names is None
+
+
+# -------------------------------------------------------------------------- counts, names
+
+# timm.create_model(<name>, num_classes=1000) on the meta device, timm 1.0.31, 224 px.
+TIMM_PARAM_COUNTS = {
+    "Ti/16": 5_717_416,  # vit_tiny_patch16_224
+    "S/16": 22_050_664,  # vit_small_patch16_224
+    "B/16": 86_567_656,  # vit_base_patch16_224
+    "B/32": 88_224_232,  # vit_base_patch32_224
+    "L/16": 304_326_632,  # vit_large_patch16_224
+    "L/32": 306_535_400,  # vit_large_patch32_224
+    "H/14": 632_045_800,  # vit_huge_patch14_224
+    # timm VisionTransformer(img_size=224, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+    # mlp_ratio=2.0, num_classes=1000)
+    "test": 81_480,
+}
+
+
+@pytest.mark.parametrize("variant", list(TIMM_PARAM_COUNTS))
+def test_parameter_count_equals_timm(variant):
+  assert set(TIMM_PARAM_COUNTS) == set(vit.VARIANTS)
+  _, shapes = create("vit", {"variant": variant}, num_classes=1000, image_size=224)
+  assert sum(int(np.prod(s.shape)) for s in shapes.values()) == TIMM_PARAM_COUNTS[variant]
+
+
+def test_timm_names_give_timm_architectures():
+  names = [n for n in timm.list_models("vit_*") if vit._TIMM_NAME.fullmatch(n)]
+  assert len(names) >= 20
+  for name in names:
+    with torch.device("meta"):
+      ref = timm.create_model(name)
+    arch, size = vit.timm_arch(name)
+    a = vit.resolve_arch(arch)
+    got = (a["hidden_size"], a["num_layers"], a["num_heads"], a["mlp_dim"], a["patch_size"], size,
+           a["class_token"], a["pooling"], a["fc_norm"])
+    want = (ref.embed_dim, len(ref.blocks), ref.blocks[0].attn.num_heads, ref.blocks[0].mlp.fc1.out_features,
+            ref.patch_embed.patch_size[0], tuple(ref.patch_embed.img_size), ref.cls_token is not None,
+            {"token": "token", "avg": "gap"}[ref.global_pool], not isinstance(ref.fc_norm, torch.nn.Identity))
+    assert got == want, name
+
+
+# ------------------------------------------------------------------ dtypes, train, errors
+
+def _random_test_variables(arch, num_classes=5, seed=0):
+  """Random float32 variables of a 32 px model (numpy: no init compile)."""
+  _, shapes = create("vit", arch, num_classes=num_classes, image_size=32)
+  rng = np.random.default_rng(seed)
+  return unflatten({p: (rng.standard_normal(s.shape) * 0.2 + p.endswith("/scale")).astype(np.float32)
+                    for p, s in shapes.items()})
+
+
+def test_bf16_compute_close_to_fp32():
+  model32 = vit.create_model({"variant": "test"}, 5)
+  model16 = vit.create_model({"variant": "test"}, 5, dtype=jnp.bfloat16)
+  variables = _random_test_variables({"variant": "test"})
+  x = _images(4, 32, 32).transpose(0, 2, 3, 1)
+  y32 = np.asarray(jax.jit(model32.apply)(variables, x))
+  y16 = jax.jit(model16.apply)(variables, x)
+  assert y16.dtype == jnp.float32  # logits are float32 whatever the compute dtype
+  assert "bf16" in str(jax.make_jaxpr(model16.apply)(variables, x))
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
+  err = np.abs(np.asarray(y16) - y32).max()
+  assert 0 < err <= 0.05 * max(1.0, np.abs(y32).max())
+
+
+def test_train_mode_dropout_and_droppath():
+  arch = {"variant": "test", "dropout_rate": 0.1, "attention_dropout_rate": 0.1, "droppath_rate": 0.2}
+  model = vit.create_model(arch, 5)
+  plain = vit.create_model({"variant": "test"}, 5)
+  variables = _random_test_variables(arch)
+  x = _images(4, 32, 32).transpose(0, 2, 3, 1)
+
+  def jitted(m, train):
+    return jax.jit(lambda v, x, rngs: m.apply(v, x, train=train, rngs=rngs))
+
+  evaluated = np.asarray(jitted(model, False)(variables, x, {}))
+  np.testing.assert_array_equal(evaluated, jitted(plain, False)(variables, x, {}))
+  np.testing.assert_array_equal(evaluated, jitted(plain, True)(variables, x, {}))  # rates 0: no change
+  train = jitted(model, True)
+  # unsafe_rbg keys only to keep XLA's CPU compile short (threefry's takes ~10 s here).
+  a, b, c = (np.asarray(train(variables, x, {"dropout": jax.random.key(k, impl="unsafe_rbg")}))
+             for k in (0, 0, 1))
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - evaluated).max() > 1e-3 and np.abs(a - c).max() > 1e-3
+  with pytest.raises(InvalidRngError, match="dropout"):
+    train(variables, x, {})  # dropout without an rng
+
+
+def test_create_test_variant_and_arch_errors():
+  model, shapes = create("vit", {"variant": "test"}, num_classes=3, image_size=32)
+  assert shapes["params/head/kernel"].shape == (32, 3)
+  assert shapes["params/Transformer/posembed_input/pos_embedding"].shape == (1, 17, 32)
+  with pytest.raises(ConfigError, match="unknown ViT variant.*'Z/16'"):
+    create("vit", {"variant": "Z/16"}, num_classes=3, image_size=32)
+  with pytest.raises(ConfigError, match="not divisible by the ViT patch size.*36x32"):
+    create("vit", {"variant": "test"}, num_classes=3, image_size=(36, 32))
+  with pytest.raises(ConfigError, match="unknown ViT arch option.*'droppath'"):
+    create("vit", {"variant": "test", "droppath": 0.1}, num_classes=3, image_size=32)
+  with pytest.raises(ConfigError, match="unsupported timm ViT"):
+    vit.timm_arch("vit_medium_patch16_gap_256")
+
+
+def test_checkpoint_errors_name_the_key(timm_tiny, tmp_path):
+  _, path = timm_tiny
+  with pytest.raises(CheckpointError, match=r"shape mismatch \(params/Transformer/encoder_norm/bias\): "
+                                            r"checkpoint \(192,\) vs model \(384,\)"):
+    from_pretrained(f"timm:vit_small_patch16_224@{path}")  # a Ti/16 file under an S/16 name
+  other = tmp_path / "resnet.safetensors"
+  safetensors.torch.save_file({"conv1.weight": torch.zeros(8, 3, 7, 7)}, str(other))
+  with pytest.raises(CheckpointError, match="ViT checkpoint does not have.*conv1.weight"):
+    from_pretrained(f"timm:{TIMM_TINY}@{other}")

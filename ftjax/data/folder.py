@@ -68,7 +68,7 @@ class ImageFile:
   crop at least ``out_size`` pixels a side: for a crop much larger than the output
   (big photos, eval resizes) most of the decoding work is never done.
 
-  >>> import io, tempfile, os
+  >>> import tempfile, os
   >>> path = os.path.join(tempfile.mkdtemp(), "a.jpg")
   >>> Image.new("RGB", (800, 600), (9, 9, 9)).save(path)
   >>> im, box = ImageFile(path).decode_region((0, 0, 800, 600), out_size=64)
@@ -98,12 +98,13 @@ class ImageFile:
           # exact, where the reduced size itself is rounded up.
           f = drafted[1][2] / self.width
           box = (box[0] * f, box[1] * f, box[2] * f, box[3] * f)
-      return self.image.convert("RGB"), tuple(float(b) for b in box)
+      self.image.load()  # decodes, and closes the file Pillow opened
     except DECODE_ERRORS as e:
+      self.image.close()
       raise DataError("image does not decode", where=self.path, value=f"{type(e).__name__}: {e}",
                       hint="remove or replace the file") from None
-    finally:
-      self.image.close()
+    im = self.image if self.image.mode == "RGB" else self.image.convert("RGB")
+    return im, tuple(float(b) for b in box)
 
 
 def check_decodes(path: str) -> str | None:

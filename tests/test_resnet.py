@@ -7,7 +7,6 @@ on-disk format and read back through ``ftjax.models.from_pretrained``.
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -118,12 +117,13 @@ def test_torchvision_resnet18_parity(tmp_path):
   ref = _randomise_norms(torchvision.models.resnet18(num_classes=5))
   path = tmp_path / "resnet18.pth"
   torch.save(ref.state_dict(), path)
-  x = _images(3, 48)
-  model, variables, report = models.from_pretrained(f"torchvision:resnet18@{path}")
+  # A non-square size other than the checkpoint's 224: a convnet needs no resampling.
+  x = torch.randn(3, 3, 48, 80, generator=torch.Generator().manual_seed(1))
+  model, variables, report = models.from_pretrained(f"torchvision:resnet18@{path}", image_size=(48, 80))
   with torch.no_grad():
     expected = ref(x).numpy()
   _assert_parity(_ours(model, variables, x), expected)
-  assert report.num_classes == 5 and report.source == f"torchvision:resnet18@{path}"
+  assert report.num_classes == 5 and report.image_size == (48, 80) and not report.resized
 
 
 @pytest.mark.parametrize("layer_type, extra", [
@@ -197,7 +197,8 @@ def test_bit_npz_matches_timm_reader(tmp_path):
   with pytest.raises(CheckpointError, match="shape mismatch \\(params/head/kernel\\): "
                                             "checkpoint \\(2048, 6\\) vs model \\(6144, 6\\)"):
     models.from_pretrained(f"npz:BiT-M-R50x3@{path}")
-  with pytest.raises(CheckpointError, match="model key missing.*stage3/block10/conv1/kernel \\(1, 1, 1024, 256\\)"):
+  with pytest.raises(CheckpointError,
+                     match="model key missing.*stage3/block10/conv1/kernel \\(1, 1, 1024, 256\\)"):
     models.from_pretrained(f"npz:R101x1@{path}")
   with pytest.raises(ConfigError, match="unknown BiT ResNetV2 variant.*'R51x1'"):
     models.from_pretrained(f"npz:R51x1@{path}")
@@ -261,14 +262,16 @@ def test_train_step_updates_batch_stats_like_torch(tmp_path):
   with torch.no_grad():
     expected = ref(x).numpy()
   _assert_parity(np.asarray(logits), expected)
-  torch_stats = resnet.convert_torchvision("resnet18", {k: v.numpy() for k, v in ref.state_dict().items()})
-  want = {p: a for p, a in torch_stats.variables.items() if p.startswith("batch_stats/")}
+  state = {k: v.numpy() for k, v in ref.state_dict().items()}
+  want = {p: a for p, a in resnet.convert_torchvision("resnet18", state).variables.items()
+          if p.startswith("batch_stats/")}
   got = flatten({"batch_stats": updated["batch_stats"]})
   assert set(got) == set(want) and len(got) == 40
   for p in want:
     np.testing.assert_allclose(np.asarray(got[p]), want[p], rtol=0, atol=1e-5, err_msg=p)
   before = flatten({"batch_stats": variables["batch_stats"]})
-  assert not np.allclose(got["batch_stats/stage4/block1/bn2/var"], before["batch_stats/stage4/block1/bn2/var"])
+  var = "batch_stats/stage4/block1/bn2/var"
+  assert not np.allclose(got[var], before[var])
 
   # frozen_bn: train mode uses and keeps the running statistics (frozen backbones).
   frozen, fvars, _ = models.from_pretrained(f"torchvision:resnet18@{path}", frozen_bn=True)
@@ -284,14 +287,16 @@ def test_zero_init_residual_and_bf16_compute():
   arch = {"block": "bottleneck", "depths": [1, 1], "widths": [32, 64], "stem_width": 16,
           "zero_init_residual": True}
   model, _ = models.create("resnet", arch, num_classes=3, image_size=32)
-  variables = models.init_variables(model, 32)
+  # rbg keys: threefry's random-number kernels take seconds to compile on CPU.
+  init = jax.jit(lambda key, x: model.init({"params": key}, x, train=False))
+  variables = init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)))
   assert not np.any(np.asarray(variables["params"]["stage2"]["block0"]["bn3"]["scale"]))
   assert np.all(np.asarray(variables["params"]["stage2"]["block0"]["bn2"]["scale"]) == 1)
   variables = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, variables)  # wake the blocks
-  x = np.asarray(_nhwc(_images(2, 32)))
-  f32 = model.apply(variables, x)
+  x = _nhwc(_images(2, 32))
+  f32 = jax.jit(model.apply)(variables, x)
   bf16_model, _ = models.create("resnet", arch, num_classes=3, image_size=32, dtype=jnp.bfloat16)
-  bf16 = bf16_model.apply(variables, x)
+  bf16 = jax.jit(bf16_model.apply)(variables, x)
   assert bf16.dtype == jnp.float32  # logits come out in float32 whatever the compute dtype
   assert float(jnp.abs(bf16 - f32).max()) <= 0.05 * max(1.0, float(jnp.abs(f32).max()))
   assert float(jnp.abs(bf16 - f32).max()) > 0  # it did compute in bf16
@@ -314,7 +319,7 @@ def test_head_replacement_zero_head_rest_equal(timm_resnet18):
       np.testing.assert_array_equal(flat[p], flat_full[p], err_msg=p)
   assert [p for p, _ in report.reinitialized] == ["params/head/bias", "params/head/kernel"]
   assert "new head, zeros (512, 10) (checkpoint (512, 1000))" in str(report)
-  assert model.apply(variables, np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 10)
+  assert jax.eval_shape(model.apply, variables, jnp.zeros((1, 32, 32, 3))).shape == (1, 10)
 
 
 def test_checkpoint_of_another_architecture_is_refused(timm_resnet18):

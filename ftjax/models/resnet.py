@@ -98,10 +98,10 @@ def v1_config(arch: Mapping[str, Any]) -> dict[str, Any]:
   >>> cfg = v1_config({"variant": "resnet18", "frozen_bn": True})
   >>> cfg["block"], cfg["widths"], cfg["frozen_bn"]
   ('basic', (64, 128, 256, 512), True)
-  >>> v1_config({"variant": "resnet51"})
+  >>> v1_config({"variant": "resnet51"})  # doctest: +ELLIPSIS
   Traceback (most recent call last):
   ...
-  ftjax.errors.ConfigError: ftjax: error: unknown ResNet variant: 'resnet51'; one of ['resnet101', 'resnet152', 'resnet18', 'resnet200', 'resnet26', 'resnet34', 'resnet50']
+  ftjax.errors.ConfigError: ftjax: error: unknown ResNet variant: 'resnet51'; one of ['resnet101', ...]
   """
   arch = dict(arch)
   unknown = set(arch) - {"variant", *_V1_STRUCTURE, *_V1_OPTIONS}
@@ -126,11 +126,13 @@ def v1_config(arch: Mapping[str, Any]) -> dict[str, Any]:
                         value=", ".join(sorted(missing)))
   cfg.update(_V1_OPTIONS)
   cfg.update(arch)
-  cfg["depths"], cfg["widths"] = tuple(int(d) for d in cfg["depths"]), tuple(int(w) for w in cfg["widths"])
+  cfg["depths"] = tuple(int(d) for d in cfg["depths"])
+  cfg["widths"] = tuple(int(w) for w in cfg["widths"])
   if cfg["block"] not in ("basic", "bottleneck"):
     raise ConfigError("unknown ResNet block", value=repr(cfg["block"]), hint="basic or bottleneck")
   if len(cfg["depths"]) != len(cfg["widths"]) or not cfg["depths"]:
-    raise ConfigError("ResNet depths and widths differ in length", value=f"{cfg['depths']} vs {cfg['widths']}")
+    raise ConfigError("ResNet depths and widths differ in length",
+                      value=f"{cfg['depths']} vs {cfg['widths']}")
   return cfg
 
 
@@ -371,8 +373,10 @@ class ResNet(nn.Module):
 
   >>> model = ResNet(num_classes=5, block="basic", depths=(1, 1), widths=(8, 16), stem_width=8)
   >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  >>> sorted(shapes["params"]), shapes["params"]["stage2"]["block0"]["downsample"]["conv"]["kernel"].shape
-  (['head', 'stage1', 'stage2', 'stem'], (1, 1, 8, 16))
+  >>> sorted(shapes["params"])
+  ['head', 'stage1', 'stage2', 'stem']
+  >>> shapes["params"]["stage2"]["block0"]["downsample"]["conv"]["kernel"].shape
+  (1, 1, 8, 16)
   """
 
   num_classes: int
@@ -392,9 +396,10 @@ class ResNet(nn.Module):
     x = StemV1(self.stem_width, use_ra, self.dtype, name="stem")(x)
     channels = self.stem_width
     for s, (depth, width) in enumerate(zip(self.depths, self.widths)):
-      x = StageV1(depth, width, self.first_stage_stride if s == 0 else 2, channels, self.block,
-                  self.stride_in_1x1, use_ra, self.zero_init_residual, self.dtype,
-                  name=f"stage{s + 1}")(x)
+      x = StageV1(depth=depth, width=width, stride=self.first_stage_stride if s == 0 else 2,
+                  in_channels=channels, block=self.block, stride_in_1x1=self.stride_in_1x1,
+                  use_running_average=use_ra, zero_init_residual=self.zero_init_residual,
+                  dtype=self.dtype, name=f"stage{s + 1}")(x)
       channels = width
     return _global_pool_head(x, self.num_classes, self.dtype)
 
@@ -453,6 +458,8 @@ class PreActBottleneck(nn.Module):
 
 
 class StageV2(nn.Module):
+  """``depth`` BiT units; the first strides (except in stage 1) and projects."""
+
   depth: int
   width: int
   stride: int
@@ -575,7 +582,8 @@ _BIT_NPZ_RULES: list[Rule] = [
     (_BIT_UNIT + r"/([abc])/standardized_conv2d/kernel",
      lambda m: f"params/stage{m[1]}/block{int(m[2]) - 1}/conv{_BIT_CONV[m[3]]}/kernel", "hwio"),
     (_BIT_UNIT + r"/([abc])/group_norm/(gamma|beta)",
-     lambda m: f"params/stage{m[1]}/block{int(m[2]) - 1}/norm{_BIT_CONV[m[3]]}/{_BIT_LEAF[m[4]]}", "vector"),
+     lambda m: f"params/stage{m[1]}/block{int(m[2]) - 1}/norm{_BIT_CONV[m[3]]}/{_BIT_LEAF[m[4]]}",
+     "vector"),
     (_BIT_UNIT + r"/a/proj/standardized_conv2d/kernel",
      lambda m: f"params/stage{m[1]}/block{int(m[2]) - 1}/downsample/conv/kernel", "hwio"),
     (r"resnet/group_norm/(gamma|beta)", lambda m: f"params/norm/{_BIT_LEAF[m[1]]}", "vector"),
@@ -687,9 +695,10 @@ def hf_arch(config: Mapping[str, Any]) -> dict[str, Any]:
 
   Missing keys take transformers' defaults (a ResNet-50).
 
-  >>> hf_arch({"layer_type": "basic", "depths": [2, 2], "hidden_sizes": [8, 16],
-  ...          "embedding_size": 8, "downsample_in_first_stage": True})
-  {'block': 'basic', 'depths': [2, 2], 'widths': [8, 16], 'stem_width': 8, 'stride_in_1x1': False, 'first_stage_stride': 2}
+  >>> arch = hf_arch({"layer_type": "basic", "depths": [2, 2], "hidden_sizes": [8, 16],
+  ...                 "embedding_size": 8, "downsample_in_first_stage": True})
+  >>> arch["block"], arch["widths"], arch["stem_width"], arch["first_stage_stride"]
+  ('basic', [8, 16], 8, 2)
   """
   act = config.get("hidden_act", "relu")
   if act != "relu":
@@ -755,8 +764,9 @@ def convert_bit_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted
     if hit is None:
       raise _unexpected(key, arr, "BiT .npz")
     variables[hit[0]] = _bit_leaf(hit[1], key, arr)
-  return Converted(family="resnetv2", arch={"variant": key_variant}, num_classes=_head_classes(variables),
-                   image_size=(224, 224), variables=variables, mean=INCEPTION_MEAN, std=INCEPTION_STD)
+  return Converted(family="resnetv2", arch={"variant": key_variant},
+                   num_classes=_head_classes(variables), image_size=(224, 224), variables=variables,
+                   mean=INCEPTION_MEAN, std=INCEPTION_STD)
 
 
 __all__ = ["BIT_VARIANTS", "RESNET", "RESNETV2", "V1_VARIANTS", "BatchNorm", "ResNet", "ResNetV2",

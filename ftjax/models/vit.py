@@ -19,9 +19,12 @@ rename and transpose::
   params/head/{kernel, bias}
 
 >>> model = create_model({"variant": "test"}, num_classes=3)
->>> x = jnp.zeros((2, 32, 32, 3))
->>> variables = model.init(jax.random.key(0), x)
->>> model.apply(variables, x).shape
+>>> x = jnp.zeros((2, 32, 32, 3))  # NHWC, normalised
+>>> variables = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only: instant
+>>> block = variables["params"]["Transformer"]["encoderblock_0"]
+>>> block["MultiHeadDotProductAttention_1"]["query"]["kernel"].shape  # (D, heads, head_dim)
+(32, 2, 16)
+>>> jax.eval_shape(model.apply, variables, x).shape
 (2, 3)
 """
 
@@ -63,7 +66,8 @@ VARIANTS: dict[str, dict[str, int]] = {
 OPTIONS: dict[str, Any] = {
     "pooling": "token",  # "token": the class token's output; "gap": mean of the patch tokens
     "class_token": None,  # None: a class token exactly when pooling == "token"
-    "fc_norm": False,  # False: final norm on all tokens, then pool (vit_jax); True: pool, then norm (timm avg)
+    # False: the final norm on all tokens, then pool (vit_jax); True: pool, then norm (timm avg).
+    "fc_norm": False,
     "representation_size": None,  # width of the tanh pre-logits layer, None for none
     "layer_norm_eps": 1e-6,  # vit_jax and timm; Hugging Face ViTs use 1e-12
     "dropout_rate": 0.0,
@@ -98,10 +102,10 @@ def resolve_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
   >>> a = resolve_arch({"variant": "B/16", "pooling": "gap"})
   >>> a["hidden_size"], a["num_heads"], a["class_token"], a["fc_norm"]
   (768, 12, False, False)
-  >>> resolve_arch({"variant": "B/16", "dropout": 0.1})
+  >>> resolve_arch({"variant": "B/16", "dropout": 0.1})  # doctest: +ELLIPSIS
   Traceback (most recent call last):
   ...
-  ftjax.errors.ConfigError: ftjax: error: unknown ViT arch option (arch): 'dropout'; known: variant, hidden_size, num_layers, num_heads, mlp_dim, patch_size, pooling, class_token, fc_norm, representation_size, layer_norm_eps, dropout_rate, attention_dropout_rate, droppath_rate
+  ftjax.errors.ConfigError: ftjax: error: unknown ViT arch option (arch): 'dropout'; known: variant, ...
   """
   unknown = sorted(set(arch) - {"variant", *_DIMS, *OPTIONS})
   if unknown:
@@ -114,7 +118,8 @@ def resolve_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
   missing = [k for k in _DIMS if out.get(k) is None]
   if missing:
     raise ConfigError("ViT arch needs a variant or explicit dimensions", where="arch",
-                      value=", ".join(missing), hint=f"e.g. {{'variant': 'B/16'}}; variants: {list(VARIANTS)}")
+                      value=", ".join(missing),
+                      hint=f"e.g. {{'variant': 'B/16'}}; variants: {list(VARIANTS)}")
   for k in _DIMS:
     if not isinstance(out[k], (int, np.integer)) or isinstance(out[k], bool) or out[k] <= 0:
       raise ConfigError("ViT dimension must be a positive integer", where=f"arch.{k}", value=out[k])
@@ -233,8 +238,6 @@ _JitEncoder1DBlock = nn.jit(Encoder1DBlock, static_argnames=("deterministic",))
 class AddPositionEmbs(nn.Module):
   """Adds a learned position embedding ``pos_embedding`` of shape (1, tokens, width)."""
 
-  dtype: Any = None
-
   @nn.compact
   def __call__(self, x):
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]),
@@ -257,7 +260,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
-    x = AddPositionEmbs(self.dtype, name="posembed_input")(x)
+    x = AddPositionEmbs(name="posembed_input")(x)
     x = nn.Dropout(self.dropout_rate, name="dropout")(x, deterministic=deterministic)
     for i in range(self.num_layers):
       rate = self.droppath_rate * i / max(self.num_layers - 1, 1)
@@ -336,10 +339,10 @@ def create_model(arch: Mapping[str, Any], num_classes: int, dtype: Any = None) -
 def check_image_size(arch: Mapping[str, Any], image_size: tuple[int, int]) -> None:
   """Both sides must be positive multiples of the patch size.
 
-  >>> check_image_size({"variant": "B/16"}, (224, 200))
+  >>> check_image_size({"variant": "B/16"}, (224, 200))  # doctest: +ELLIPSIS
   Traceback (most recent call last):
   ...
-  ftjax.errors.ConfigError: ftjax: error: image size not divisible by the ViT patch size (image_size): 224x200; patch 16: try 224x208
+  ftjax.errors.ConfigError: ftjax: error: image size not divisible ...: 224x200; patch 16: try 224x208
   """
   p = resolve_arch(arch)["patch_size"]
   h, w = image_size
@@ -465,7 +468,11 @@ def _map_keys(tensors: Mapping[str, np.ndarray], rules, source: str) -> _Mapped:
     for rx, fn in compiled:
       m = rx.fullmatch(key)
       if m:
-        got = fn(m, arr)
+        try:
+          got = fn(m, arr)
+        except ValueError:  # a reshape into heads that cannot be: another architecture's tensor
+          raise CheckpointError("tensor does not fit the architecture", where=f"{source}: {key}",
+                                value=tuple(arr.shape), hint="a checkpoint for another variant?") from None
         if isinstance(got, str):
           out.dropped.append((key, got))
         else:
@@ -512,8 +519,8 @@ def _norm(path: str) -> Callable:
   return fn
 
 
-def _to(path: str, transform: Callable = lambda a: a) -> Callable:
-  return lambda m, arr: {path.format(*m.groups()): transform(arr)}
+def _to(path: str) -> Callable:
+  return lambda m, arr: {path.format(*m.groups()): arr}
 
 
 def _conv_oihw(path: str) -> Callable:
@@ -571,7 +578,8 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
                           hint="only the exact (erf) GELU is implemented")
   if not config.get("qkv_bias", True) or config.get("num_channels", 3) != 3:
     raise CheckpointError("unsupported ViT config", where=where,
-                          value=f"qkv_bias={config.get('qkv_bias')} num_channels={config.get('num_channels')}")
+                          value=f"qkv_bias={config.get('qkv_bias')} "
+                                f"num_channels={config.get('num_channels')}")
   try:
     dims = {"hidden_size": config["hidden_size"], "num_layers": config["num_hidden_layers"],
             "num_heads": config["num_attention_heads"], "mlp_dim": config["intermediate_size"],
@@ -587,10 +595,12 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
       (pre + r"embeddings\.patch_embeddings\.projection\.(weight|bias)", _conv_oihw("embedding")),
       (layer + r"attention\.(?:attention\.)?(query|key|value|[qkv]_proj)\.(weight|bias)",
        lambda m, a: _linear(f"{_block(m.group(1))}/{_ATTN}/{_HF_ATTN[m.group(2)]}", heads, "out")(m, a)),
-      (layer + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", _linear(_block("{0}") + f"/{_ATTN}/out", heads, "in")),
+      (layer + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)",
+       _linear(_block("{0}") + f"/{_ATTN}/out", heads, "in")),
       (layer + r"layernorm_before\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_0")),
       (layer + r"layernorm_after\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_2")),
-      (layer + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_0")),
+      (layer + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)",
+       _linear(_block("{0}") + "/MlpBlock_3/Dense_0")),
       (layer + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_1")),
       (pre + r"layernorm\.(weight|bias)", _norm("Transformer/encoder_norm")),
       (pre + r"pooler\.dense\.(weight|bias)",
@@ -724,7 +734,7 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
     raise CheckpointError("not a Google ViT .npz: no embedding/kernel", where=source,
                           value=", ".join(list(arrays)[:4]), hint="a BiT or other checkpoint?")
   big_vision = prefix == "params/" or "pos_embedding" in arrays
-  if "Transformer/encoderblock/LayerNorm_0/scale" in arrays or f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in arrays:
+  if f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in arrays:
     raise CheckpointError("scanned big_vision checkpoints are not supported", where=source,
                           hint="save it unscanned (one encoderblock_i per layer)")
   variables = {}

@@ -151,6 +151,24 @@ def test_hf_resnet_parity(tmp_path, layer_type, extra):
   assert report.arch["first_stage_stride"] == (2 if extra.get("downsample_in_first_stage") else 1)
 
 
+def test_hf_headless_resnet_model(tmp_path):
+  config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                     layer_type="basic")
+  torch.manual_seed(0)
+  ref = _randomise_norms(transformers.ResNetModel(config))
+  ref.save_pretrained(tmp_path)
+  with pytest.raises(ConfigError, match="checkpoint has no classifier head; pass num_classes"):
+    models.from_pretrained(f"hf:{tmp_path}")
+  model, variables, report = models.from_pretrained(f"hf:{tmp_path}", num_classes=16)
+  assert [p for p, _ in report.reinitialized] == ["params/head/bias", "params/head/kernel"]
+  # An identity head exposes the pooled features, which must equal transformers' pooler output.
+  variables["params"]["head"]["kernel"] = np.eye(16, dtype=np.float32)
+  x = _images(2, 32)
+  with torch.no_grad():
+    expected = ref(pixel_values=x).pooler_output.flatten(1).numpy()
+  _assert_parity(_ours(model, variables, x), expected)
+
+
 # --------------------------------------------------------------------------------------------
 # BiT .npz, read by ftjax and by timm's own reader
 # --------------------------------------------------------------------------------------------

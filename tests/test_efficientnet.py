@@ -263,6 +263,18 @@ def test_frozen_bn_keeps_running_stats_and_matches_eval(small):
   np.testing.assert_allclose(out, evaluated, rtol=0, atol=1e-5)
 
 
+def test_depthwise_as_grouped_conv_equals_unrolled(small):
+  """Accelerators run XLA's grouped conv ("auto" there); CPU the unrolled form; same numbers."""
+  _, variables, _, x, evaluated = small
+  grouped = E.create_model({"variant": "lite0", "dropout": 0.0, "depthwise_impl": "conv"}, 4)
+  if jax.default_backend() == "cpu":
+    unrolled = evaluated
+  else:
+    unrolled = _eval(E.create_model({"variant": "lite0", "dropout": 0.0,
+                                     "depthwise_impl": "unrolled"}, 4), variables, x)
+  _close(_eval(grouped, variables, x), unrolled)
+
+
 def test_dropout_and_drop_path_need_and_follow_the_rng(small):
   _, variables, _, x, evaluated = small
   noisy = E.create_model({"variant": "lite0", "dropout": 0.5, "drop_path_rate": 0.5,

@@ -268,6 +268,30 @@ def test_timm_names_give_timm_architectures():
     assert got == want, name
 
 
+def test_timm_tags_give_timm_preprocessing():
+  from timm.models import get_pretrained_cfg
+  tagged = [n for n in timm.list_models("vit_*", pretrained=True)
+            if vit._TIMM_NAME.fullmatch(n.split(".")[0])]
+  assert len(tagged) >= 40
+  for name in tagged:
+    cfg = get_pretrained_cfg(name)
+    mean, std = vit.timm_preprocessing(name)
+    np.testing.assert_allclose(mean, cfg.mean, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(std, cfg.std, atol=1e-6, err_msg=name)
+
+
+def test_resizer_for_a_non_square_checkpoint_grid():
+  pe = np.random.default_rng(0).standard_normal((1, 1 + 4 * 6, 5)).astype(np.float32)
+  [resize] = vit.resizers({"variant": "test"}, (40, 24), old_image_size=(32, 48)).values()
+  want = vit.resample_posemb(pe, (5, 3), 1, old_hw=(4, 6))
+  np.testing.assert_array_equal(resize(pe, (1, 16, 5)), want)
+  ref = resample_abs_pos_embed(torch.from_numpy(pe), new_size=[5, 3], old_size=[4, 6],
+                               num_prefix_tokens=1).numpy()
+  np.testing.assert_allclose(want, ref, rtol=0, atol=1e-5)
+  with pytest.raises(CheckpointError, match="not a square grid"):
+    vit.resizers({"variant": "test"}, (40, 24))[re.escape(vit.POSEMB_PATH)](pe, (1, 16, 5))
+
+
 # ------------------------------------------------------------------ dtypes, train, errors
 
 def _random_test_variables(arch, num_classes=5, seed=0):

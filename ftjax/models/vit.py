@@ -665,6 +665,18 @@ def timm_arch(name: str) -> tuple[dict[str, Any], tuple[int, int]]:
   return _arch(dims), (int(res), int(res))
 
 
+def timm_preprocessing(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) timm's pretrained config gives ``name`` (Google's 0.5/0.5 unless its tag says).
+
+  >>> timm_preprocessing("vit_base_patch16_224.augreg_in21k")
+  ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+  >>> timm_preprocessing("vit_base_patch16_224.mae")[0]
+  (0.485, 0.456, 0.406)
+  """
+  tag = name.split(".", 1)[1] if "." in name else ""
+  return _TIMM_TAG_STATS.get(tag, (INCEPTION_MEAN, INCEPTION_STD))
+
+
 def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   """A timm ``vit_*`` state dict -> ftjax layout; the architecture comes from ``name``.
 
@@ -703,8 +715,7 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
       (r"head\.(weight|bias)", _linear("head")),
   ]
   mapped = _map_keys(tensors, rules, source)
-  tag = name.split(".", 1)[1] if "." in name else ""
-  mean, std = _TIMM_TAG_STATS.get(tag, (INCEPTION_MEAN, INCEPTION_STD))
+  mean, std = timm_preprocessing(name)
   return Converted(family="vit", arch=arch, num_classes=_num_classes(mapped.variables),
                    image_size=image_size, variables=mapped.variables, mean=mean, std=std,
                    dropped=mapped.dropped)
@@ -761,4 +772,4 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
 
 __all__ = ["FAMILY", "OPTIONS", "VARIANTS", "VisionTransformer", "bicubic_aa_matrix", "canonical_variant",
            "check_image_size", "convert_hf", "convert_npz", "convert_timm", "create_model",
-           "resample_grid", "resample_posemb", "resizers", "resolve_arch", "timm_arch"]
+           "resample_grid", "resample_posemb", "resizers", "resolve_arch", "timm_arch", "timm_preprocessing"]

@@ -226,6 +226,8 @@ def test_head_replacement_zero_head_everything_else_loaded(timm_tiny):
   assert [p for p, _ in report.reinitialized] == ["params/head/bias", "params/head/kernel"]
   assert "(checkpoint (1000,))" in str(report) and "re-initialised (2)" in str(report)
   assert report.num_classes == 10 and report.class_names is None
+  headless = {k: v for k, v in tensors.items() if not k.startswith("head.")}  # e.g. timm's orig_in21k
+  assert vit.convert_timm(TIMM_TINY, headless).num_classes == 0
 
 
 # -------------------------------------------------------------------------- counts, names

@@ -313,11 +313,27 @@ def test_zero_init_residual_and_bf16_compute():
   variables = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, variables)  # wake the blocks
   x = _nhwc(_images(2, 32))
   f32 = jax.jit(model.apply)(variables, x)
-  bf16_model, _ = models.create("resnet", arch, num_classes=3, image_size=32, dtype=jnp.bfloat16)
+  bf16_model, shapes = models.create("resnet", arch, num_classes=3, image_size=32, dtype=jnp.bfloat16)
+  assert {s.dtype for s in shapes.values()} == {np.dtype(np.float32)}  # bf16 compute, float32 variables
   bf16 = jax.jit(bf16_model.apply)(variables, x)
   assert bf16.dtype == jnp.float32  # logits come out in float32 whatever the compute dtype
   assert float(jnp.abs(bf16 - f32).max()) <= 0.05 * max(1.0, float(jnp.abs(f32).max()))
   assert float(jnp.abs(bf16 - f32).max()) > 0  # it did compute in bf16
+
+
+def test_bit_bf16_compute():
+  arch = {"depths": [1], "width_factor": 1}
+  model, _ = models.create("resnetv2", arch, num_classes=3, image_size=16)
+  init = jax.jit(lambda key, x: model.init({"params": key}, x, train=False))
+  variables = init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 16, 16, 3)))
+  x = _nhwc(_images(2, 16))
+  f32 = jax.jit(model.apply)(variables, x)
+  bf16_model, shapes = models.create("resnetv2", arch, num_classes=3, image_size=16,
+                                     dtype=jnp.bfloat16)
+  assert {s.dtype for s in shapes.values()} == {np.dtype(np.float32)}
+  bf16 = jax.jit(bf16_model.apply)(variables, x)
+  assert bf16.dtype == jnp.float32
+  assert 0 < float(jnp.abs(bf16 - f32).max()) <= 0.05 * max(1.0, float(jnp.abs(f32).max()))
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ def test_parameter_paths_follow_the_naming_contract():
   assert len(blocks) == 16 and blocks[-1] == ("stage6", "block0")
   for path in ["params/stem/conv/kernel", "batch_stats/stem/bn/mean", "params/conv_head/bn/scale",
                "params/stage0/block0/depthwise/conv/kernel", "params/stage0/block0/project/bn/bias",
-               "params/stage5/block3/expand/conv/kernel", "batch_stats/stage5/block3/project/bn/var",
+               "params/stage5/block3/expand/conv/kernel",
+               "batch_stats/stage5/block3/project/bn/var",
                "params/head/kernel", "params/head/bias"]:
     assert path in shapes, path
   assert "params/stage0/block0/expand/conv/kernel" not in shapes  # expand ratio 1: no expand conv
@@ -134,7 +135,8 @@ def _lukemelas_to_timm(state_dict, stage_lengths):
   where = [(i, j) for i, n in enumerate(stage_lengths) for j in range(n)]
   top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
          "_fc": "classifier"}
-  separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+  separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+               "_bn2": "bn2"}
   inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
               "_project_conv": "conv_pwl", "_bn2": "bn3"}
   out = {}
@@ -173,9 +175,11 @@ def test_bundled_weights_load_with_tf_numerics(bundled):
   _, _, report, _, _ = bundled
   assert report.arch == {"variant": "lite0", "padding": "same", "bn_eps": 1e-3, "bn_momentum": 0.99}
   assert report.num_classes == 1000 and report.image_size == (224, 224)
-  assert np.allclose(np.array(report.mean) * 255, 127) and np.allclose(np.array(report.std) * 255, 128)
+  assert np.allclose(np.array(report.mean) * 255, 127)  # (pixels - 127) / 128, as Google trained
+  assert np.allclose(np.array(report.std) * 255, 128)
   assert len(report.matched) == 247 and report.reinitialized == [] and report.missing == []
-  assert report.dropped == [("*.num_batches_tracked (49 tensors)", "BatchNorm step counters, unused")]
+  assert report.dropped == [("*.num_batches_tracked (49 tensors)",
+                             "BatchNorm step counters, unused")]
 
 
 def test_bundled_weights_match_timm_tf_efficientnet_lite0_on_photos(bundled):
@@ -190,7 +194,8 @@ def test_bundled_weights_match_timm_tf_efficientnet_lite0_on_photos(bundled):
 # above a lake; flower.jpg an orange dahlia (ImageNet has no dahlia; daisy is its nearest flower).
 BUILDINGS = {"palace", "monastery", "bell cote, bell cot", "church, church building", "castle",
              "stupa, tope", "mosque", "dome", "lakeside, lakeshore", "boathouse"}
-FLOWERS = {"daisy", "yellow lady's slipper, yellow lady-slipper, Cypripedium calceolus, Cypripedium parviflorum"}
+FLOWERS = {"daisy", "yellow lady's slipper, yellow lady-slipper, Cypripedium calceolus, "
+           "Cypripedium parviflorum"}
 
 
 def test_photo_check_top5_is_sensible(bundled):

@@ -374,7 +374,8 @@ def create_model(arch: Mapping[str, Any], num_classes: int, dtype: Any = None) -
   arch["variant"] = variant_name(arch.get("variant", "lite0"))
   if arch.get("padding", "same") not in ("same", "symmetric"):
     raise ConfigError("unknown EfficientNet-Lite padding", where="padding",
-                      value=repr(arch["padding"]), hint="'same' (TensorFlow) or 'symmetric' (PyTorch)")
+                      value=repr(arch["padding"]),
+                      hint="'same' (TensorFlow) or 'symmetric' (PyTorch)")
   if arch.get("depthwise_impl", "auto") not in ("auto", "conv", "unrolled"):
     raise ConfigError("unknown depthwise convolution implementation", where="depthwise_impl",
                       value=repr(arch["depthwise_impl"]), hint="'auto', 'conv' or 'unrolled'")
@@ -406,7 +407,8 @@ def _conv(w: np.ndarray) -> np.ndarray:
 _LAYOUTS = {
     "conv": (("weight", "params", "kernel", _conv),),
     "bn": (("weight", "params", "scale", None), ("bias", "params", "bias", None),
-           ("running_mean", "batch_stats", "mean", None), ("running_var", "batch_stats", "var", None)),
+           ("running_mean", "batch_stats", "mean", None),
+           ("running_var", "batch_stats", "var", None)),
     "linear": (("weight", "params", "kernel", np.transpose), ("bias", "params", "bias", None)),
 }
 
@@ -492,8 +494,9 @@ def _convert_tensors(tensors: Mapping[str, np.ndarray], names, source: str
              ] if counters else []
   extra = sorted(set(tensors) - used - counters)
   if extra:
+    more = f" ... ({len(extra)} in all)" if len(extra) > 4 else ""
     raise CheckpointError("checkpoint tensor the variant does not have", where=source,
-                          value=", ".join(extra[:4]) + (f" ... ({len(extra)} in all)" if len(extra) > 4 else ""),
+                          value=", ".join(extra[:4]) + more,
                           hint="a checkpoint of another variant or another network?")
   return out, dropped
 
@@ -548,8 +551,10 @@ def bundled_weights(variant: str) -> str:
   """
   name = variant_name(variant)
   if name not in BUNDLED:
-    raise CheckpointError("no installable weights for this variant", where=f"efficientnet:{variant}",
-                          hint=f"pass a file: efficientnet:{name}@FILE (bundled: {sorted(BUNDLED)})")
+    raise CheckpointError("no installable weights for this variant",
+                          where=f"efficientnet:{variant}",
+                          hint=f"pass a file: efficientnet:{name}@FILE "
+                               f"(installable: {', '.join(sorted(BUNDLED))})")
   module, rel, pip_name = BUNDLED[name]
   spec = importlib.util.find_spec(module)
   if spec is None or not spec.submodule_search_locations:

@@ -8,6 +8,7 @@ Set ``FTJAX_TRACEBACK=1`` for a traceback.
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -25,16 +26,41 @@ def _fail(line: str, code: int):
   sys.exit(code)
 
 
+def _config_arg(argv) -> str:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1].split(":")[0]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return "configs/default.py"
+
+
+def _explain(e: BaseException, argv) -> str:
+  """A one-line ftjax error for a config/flag failure raised by absl or ml_collections."""
+  msg = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
+  hint = re.search(r'Did you mean "([^"]+)"', msg)
+  hint = f"; did you mean {hint.group(1)}?" if hint else ""
+  key = re.search(r'Key "([^"]+)" does not exist', msg) or re.match(r"^'+([\w.]+)'", msg)
+  flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+               and key and a.split("=")[0].endswith("." + key.group(1))), None)
+  if key:
+    where = flag or _config_arg(argv)
+    return f"ftjax: error: unknown config key ({where}): {key.group(1)!r}{hint}"
+  flag = re.search(r"flag (--[\w.]+)=", msg)
+  if flag:
+    return f"ftjax: error: bad value ({flag.group(1)}): {msg.split(': ', 1)[-1][:200]}"
+  return f"ftjax: error: bad command line: {msg[:300]}"
+
+
 def _parse(argv):
   """absl flag parsing, with ftjax's one-line errors instead of usage dumps."""
   from ftjax.errors import EXIT_USAGE
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    msg = " ".join(str(e).split())
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     if os.environ.get("FTJAX_TRACEBACK"):
       raise
-    _fail(f"ftjax: error: bad command line: {msg}", EXIT_USAGE)
+    _fail(_explain(e, argv), EXIT_USAGE)
 
 
 def main(argv):
@@ -44,11 +70,13 @@ def main(argv):
   from ftjax.errors import FtjaxError
   try:
     config = _CONFIG.value
-  except Exception as e:  # a config file that does not load: bad key, bad type, syntax
+    config.to_dict()  # config_flags defers load errors; surface them here
+  except Exception as e:  # a config file that does not load: missing, bad key, bad type, syntax
     if os.environ.get("FTJAX_TRACEBACK"):
       raise
-    _fail(f"ftjax: error: bad config ({flags.FLAGS['config'].config_filename}): "
-          f"{' '.join(str(e).split())[:300]}", 2)
+    what = "cannot load config file" if isinstance(e, OSError) else "bad config"
+    detail = " ".join(str(e).split()).replace("Failed loading config file config_config ", "")
+    _fail(f"ftjax: error: {what} ({flags.FLAGS['config'].config_filename}): {detail[:300]}", 2)
   workdir = _WORKDIR.value
   if workdir is None:
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]

@@ -207,6 +207,7 @@ class _Run:
   num_classes: int
   total_steps: int
   steps_per_epoch: int
+  overrides: dict
 
 
 def _check_workdir(workdir: str) -> Path:
@@ -240,8 +241,7 @@ def _check_resume_config(wd: Path, config_dict: dict) -> None:
     if diff:
       raise ConfigError("workdir holds a run with another config", where=str(stored_path),
                         value=", ".join(diff), hint="use a new --workdir, or the stored config")
-  else:
-    _write_json_atomic(stored_path, config_dict)
+  _write_json_atomic(stored_path, config_dict)
 
 
 def _mesh() -> Mesh:
@@ -296,16 +296,20 @@ class PmapRunner:
 
   def __init__(self, devices=None):
     self.devices = list(devices or jax.local_devices())
+    # pmap's inputs: a leading axis of one slice per device, laid out across them.
+    self._sharding = NamedSharding(Mesh(np.asarray(self.devices), ("d",)), P("d"))
 
   def put_state(self, state: TrainState) -> TrainState:
-    return jax.device_put_replicated(state, self.devices)
+    n = len(self.devices)
+    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
+    return jax.device_put(stacked, self._sharding)
 
   def view(self, state: TrainState) -> TrainState:
     return jax.tree.map(lambda x: x[0], state)
 
   def put_batch(self, batch: dict) -> dict:
     n = len(self.devices)
-    return {k: jax.device_put_sharded(list(np.asarray(v).reshape(n, -1, *np.shape(v)[1:])), self.devices)
+    return {k: jax.device_put(np.asarray(v).reshape(n, -1, *np.shape(v)[1:]), self._sharding)
             for k, v in batch.items()}
 
   def compile(self, fn: Callable, opts: StepOptions) -> Callable:
@@ -352,7 +356,8 @@ def _build(config, workdir: Path) -> tuple[_Run, dict, list[str]]:
   steps_per_epoch = max(1, train_ds.num_examples // config.train.batch_size)
   run = _Run(config=config, workdir=workdir, model=model, report=report, family=report.family,
              mesh=_mesh(), train_ds=train_ds, eval_sets=eval_sets, num_classes=num_classes,
-             total_steps=config.train.total_steps, steps_per_epoch=steps_per_epoch)
+             total_steps=config.train.total_steps, steps_per_epoch=steps_per_epoch,
+             overrides=overrides)
   return run, variables, warnings
 
 
@@ -492,12 +497,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      update_batch_stats=_update_batch_stats(cfg, variables, masks),
                      ema_decay=t.ema_decay)
 
+  if "batch_stats" in variables and not opts.update_batch_stats:
+    # Frozen backbone: BatchNorm normalises with its running statistics in training too.
+    run.model, _ = models.create(run.family, {**run.report.arch, **run.overrides, "frozen_bn": True},
+                                 num_classes=run.num_classes, image_size=run.report.image_size,
+                                 dtype=DTYPES[cfg.model.dtype])
+
   def make_tx(phase):
     return optim.make_optimizer(params, cfg.optim, family=run.family, total_steps=total,
                                 steps_per_epoch=run.steps_per_epoch, phase=phase)
 
   plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
-                                num_train_examples=run.train_ds.num_examples)
+                                num_train_examples=run.train_ds.num_examples,
+                                steps_per_epoch=run.steps_per_epoch)
   warnings = list(plan.warnings) + warnings
   print(run.report, flush=True)
   print(plan, flush=True)
@@ -509,24 +521,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       fingerprint={k: config_lib._get(config_dict, k) for k in config_lib.RESUME_KEYS})
   meta = _model_meta(run.report, run.num_classes, run.train_ds.class_names)
 
-  # Resume: the template's optimizer state must have the phase of the checkpoint's step.
-  phase = optim.phase_at(ckpt.latest_step() or 0, cfg.optim)
-  tx = make_tx(phase)
-  state = _initial_state(params, variables.get("batch_stats"), tx, cfg.seed, t.ema_decay > 0)
+  # Resume: the template's optimizer state must have the phase of the checkpoint's step
+  # (which may be an older step than the newest, if that one is damaged).
+  batch_stats = variables.get("batch_stats")
   del variables
+  template = lambda s: _initial_state(params, batch_stats, make_tx(optim.phase_at(s, cfg.optim)),
+                                      cfg.seed, t.ema_decay > 0)
   early = metrics_lib.EarlyStopping(t.best_metric, t.best_mode, t.early_stopping_patience,
                                     t.early_stopping_min_delta) if t.early_stopping_patience else None
-  restored = ckpt.restore_latest(state)
+  restored = ckpt.restore_latest(template)
   if restored is not None:
     step0, state, extra = restored
-    if optim.phase_at(step0, cfg.optim) != phase:  # fell back to a step of another phase
-      phase = optim.phase_at(step0, cfg.optim)
-      tx = make_tx(phase)
-      template = _initial_state(state.params, state.batch_stats, tx, cfg.seed, t.ema_decay > 0)
-      state, extra = ckpt.restore(step0, template)
     if early is not None and extra.get("early_stopping"):
       early.load_state_dict(extra["early_stopping"])
     print(f"resumed from step {step0} in {wd / 'checkpoints'}", flush=True)
+  else:
+    state = template(0)
+  phase = optim.phase_at(int(jax.device_get(state.step)), cfg.optim)
+  tx = make_tx(phase)
   step = int(jax.device_get(state.step))
   runner = PmapRunner() if t.parallel == "pmap" else JitRunner(run.mesh, t.shard_params)
   state = runner.put_state(state)
@@ -539,8 +551,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   first_batch = runner.put_batch(next(it))
   compiled = step_fn.lower(state, first_batch).compile()
   flops = metrics_lib.compiled_flops(compiled)
-  if flops and t.parallel == "pmap":
-    flops *= len(runner.devices)
   peak = metrics_lib.device_peak_flops()
   progress = Progress(total, start_step=step, batch_size=t.batch_size, log_every=t.log_every,
                       flops_per_step=flops, peak_flops=peak * jax.device_count() if peak else None)
@@ -554,6 +564,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "early_stopping": early.state_dict() if early else None}
     ckpt.save(step, view, metrics=flat_metrics or None, extra=extra)
 
+  kill_after = int(os.environ.get("FTJAX_TEST_KILL_AFTER_STEP", -1))
   summaries = {}
   stopped_early = False
   last_saved = step if restored is not None else -1
@@ -594,6 +605,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
           print(f"early stopping at step {step}: best {t.best_metric} {early.best:.4f} "
                 f"at step {early.best_step}", flush=True)
           break
+        if step == kill_after:  # test hook: a crash at a chosen point (FTJAX_TEST_KILL_AFTER_STEP)
+          os.kill(os.getpid(), signal.SIGKILL)
         if sigterm.raised:
           if last_saved != step:
             save(step)

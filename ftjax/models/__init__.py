@@ -49,7 +49,7 @@ FAMILIES: dict[str, Family] = {
 _TIMM_PREFIXES = (("vit_", vit.convert_timm), ("resnetv2_", resnet.convert_timm),
                   ("resnet", resnet.convert_timm), ("efficientnet_lite", efficientnet.convert_timm))
 _HF_MODEL_TYPES = {"vit": vit.convert_hf, "resnet": resnet.convert_hf}
-_BIT_NAME = re.compile(r"(BiT-[SML]-)?R\d+x\d+", re.IGNORECASE)
+_BIT_NAME = re.compile(r"(BiT-[SML]-)?R\d+x\d+(-[\w.-]+)?", re.IGNORECASE)  # BiT-M-R50x1-ILSVRC2012
 
 
 def family(name: str) -> Family:
@@ -92,7 +92,8 @@ def init_variables(model, image_size, seed: int = 0) -> dict:
   """Random initial variables of ``model`` at ``image_size`` (nested dict)."""
   size = _size2(image_size)
   x = jnp.zeros((1, *size, 3), jnp.float32)
-  rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
+  # rbg keys: initialising with threefry keys compiles several times slower on CPU.
+  rngs = {"params": jax.random.key(seed, impl="rbg"), "dropout": jax.random.key(seed + 1, impl="rbg")}
   return jax.jit(lambda r, x: model.init(r, x, train=False))(rngs, x)
 
 

@@ -68,7 +68,7 @@ BIT_VARIANTS: dict[str, tuple[tuple[int, ...], int]] = {
     "R152x2": ((3, 8, 36, 3), 2),
     "R152x4": ((3, 8, 36, 3), 4),
 }
-_BIT_NAME = re.compile(r"(?:BiT-[SML]-)?R(\d+)x(\d+)", re.IGNORECASE)
+_BIT_NAME = re.compile(r"(?:BiT-[SML]-)?R(\d+)x(\d+)(?:-[\w.-]+)?", re.IGNORECASE)  # BiT-M-R50x1-ILSVRC2012
 _TIMM_BIT_NAME = re.compile(r"resnetv2_(\d+)x(\d+)_bit(?:m|m_in21k)?")
 
 # Weight standardisation epsilon: timm's BiT models use StdConv2d(eps=1e-8); the original BiT

@@ -1,0 +1,281 @@
+"""The trainer end to end on a tiny ViT and real digits: outputs, resume, parallelism, errors."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ftjax import checkpoint, train
+from ftjax.errors import ConfigError, DataError
+from ftjax.tree import flatten
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import REPO, launch_cmd, subprocess_env, tiny_config, write_config  # noqa: E402
+
+
+def _final_state(workdir):
+  tree, extra = checkpoint.read_checkpoint(Path(workdir) / "checkpoints")
+  return flatten(tree), extra
+
+
+def _sha(flat):
+  h = hashlib.sha256()
+  for k in sorted(flat):
+    if k.startswith(("params/", "opt_state/")):
+      h.update(k.encode())
+      h.update(np.ascontiguousarray(flat[k]).tobytes())
+  return h.hexdigest()
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_step_run_leaves_checkpoint_metrics_and_config(tiny_vit_npz, tmp_path):
+  wd = tmp_path / "wd"
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 2, "train.eval_every": 0,
+                                     "train.plots": True, "train.tensorboard": True})
+  summaries = train.train_and_evaluate(cfg, str(wd))
+  assert (wd / "checkpoints" / "2").is_dir()
+  stored = json.loads((wd / "config.json").read_text())
+  assert stored["model"]["source"] == cfg.model.source and stored["train"]["total_steps"] == 2
+  rows = _rows(wd)
+  assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+  assert [r["step"] for r in rows if r["kind"] == "eval"] == [2]
+  assert summaries["test"]["n"] == 360  # digits test split, every example once (360 % 64 != 0)
+  assert list(wd.glob("events.out.tfevents.*"))
+  assert (wd / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (wd / "confusion_test.png").exists()
+  flat, extra = _final_state(wd)
+  assert int(flat["step"]) == 2 and extra["model"]["family"] == "vit"
+
+
+def test_eval_counts_each_example_once_and_matches_direct_computation(tiny_vit_npz, tmp_path):
+  from ftjax import data as data_lib
+  from ftjax import models
+
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 1, "train.eval_batch_size": 48,
+                                     "train.checkpoint_every": 0})
+  summaries = train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  flat, _ = _final_state(tmp_path / "wd")
+  params = {k.removeprefix("params/"): v for k, v in flat.items() if k.startswith("params/")}
+  from ftjax.tree import unflatten
+  model, _, report = models.from_pretrained(cfg.model.source, num_classes=10, image_size=32)
+  ds = data_lib.build(cfg.data, split="test")
+  logits, labels = [], []
+  for b in data_lib.eval_iterator(ds, cfg.data, global_batch=360, image_size=32, mean=report.mean,
+                                  std=report.std):
+    logits.append(np.asarray(model.apply({"params": unflatten(params)}, b["image"], train=False)))
+    labels.append(b["label"])
+  logits, labels = np.concatenate(logits), np.concatenate(labels)
+  assert len(labels) == 360
+  top1 = float(np.mean(logits.argmax(-1) == labels))
+  assert summaries["test"]["n"] == 360
+  assert summaries["test"]["top1"] == pytest.approx(top1, abs=1e-9)
+
+
+def test_killed_run_resumes_bit_identical(tiny_vit_npz, tmp_path):
+  overrides = {"train.total_steps": 6, "train.checkpoint_every": 2, "train.eval_every": 3}
+  ref = tmp_path / "ref"
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(ref))
+  cfg_file = write_config(tmp_path, tiny_vit_npz, **overrides)
+  wd = tmp_path / "wd"
+  killed = subprocess.run(launch_cmd(cfg_file, str(wd)), capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(FTJAX_TEST_KILL_AFTER_STEP="5"))
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert checkpoint.committed_steps(wd / "checkpoints")[-1] == 4
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(wd))
+  ours, _ = _final_state(wd)
+  theirs, _ = _final_state(ref)
+  assert _sha(ours) == _sha(theirs)
+  for k in theirs:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  rows = _rows(wd)
+  train_steps = [r["step"] for r in rows if r["kind"] == "train"]
+  assert train_steps == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6]
+  assert [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"] == \
+      [(r["step"], r["loss"]) for r in _rows(ref) if r["kind"] == "train"]
+
+
+def test_sigterm_saves_exits_75_and_resume_recomputes_nothing(tiny_vit_npz, tmp_path):
+  overrides = {"train.total_steps": 400, "train.checkpoint_every": 0, "train.eval_every": 0,
+               "train.log_every": 1}
+  cfg_file = write_config(tmp_path, tiny_vit_npz, **overrides)
+  wd = tmp_path / "wd"
+  proc = subprocess.Popen(launch_cmd(cfg_file, str(wd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=subprocess_env())
+  metrics = wd / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    time.sleep(0.2)
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert time.time() - sent < 30
+  assert proc.returncode == 75, err[-2000:]
+  assert "preempted" in err.splitlines()[-1]
+  saved = checkpoint.committed_steps(wd / "checkpoints")
+  assert saved and 3 <= saved[-1] < 400
+  logged = [r["step"] for r in _rows(wd) if r["kind"] == "train"]
+  assert logged == list(range(1, saved[-1] + 1))
+  # Resuming continues from the saved step: the next logged step is saved + 1.
+  # (total_steps is not a key that makes it another experiment: a run may be extended.)
+  cfg = tiny_config(tiny_vit_npz, **{**overrides, "train.total_steps": saved[-1] + 2})
+  train.train_and_evaluate(cfg, str(wd))
+  assert json.loads((wd / "config.json").read_text())["train"]["total_steps"] == saved[-1] + 2
+  logged = [r["step"] for r in _rows(wd) if r["kind"] == "train"]
+  assert logged == list(range(1, saved[-1] + 3))
+
+
+def test_early_stopping_stops_where_the_history_says(tiny_vit_npz, tmp_path):
+  # lr ~ 0: the metric never improves after the first evaluation, so with patience 2
+  # and evaluation every step, training stops at step 3.
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 20, "train.eval_every": 1,
+                                     "train.early_stopping_patience": 2, "optim.lr": 1e-20,
+                                     "train.checkpoint_every": 0})
+  train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  rows = _rows(tmp_path / "wd")
+  assert [r["step"] for r in rows if r["kind"] == "eval"] == [1, 2, 3]
+  assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints")[-1] == 3
+
+
+def test_nan_loss_stops_with_numerics_code_and_keeps_last_good_checkpoint(tiny_vit_npz, tmp_path):
+  cfg_file = write_config(tmp_path, tiny_vit_npz, **{
+      "train.total_steps": 12, "train.checkpoint_every": 2, "train.eval_every": 0, "train.log_every": 2,
+      "optim.name": "sgd", "optim.kwargs": {"momentum": 0.0}, "optim.lr": 1e30})
+  wd = tmp_path / "wd"
+  r = subprocess.run(launch_cmd(cfg_file, str(wd)), capture_output=True, text=True, timeout=300,
+                     env=subprocess_env())
+  assert r.returncode == 4, r.stderr[-2000:]
+  line = r.stderr.strip().splitlines()[-1]
+  assert line.startswith("ftjax: error: non-finite value in training (step ")
+  for step in checkpoint.committed_steps(wd / "checkpoints"):
+    flat, _ = checkpoint.read_checkpoint(wd / "checkpoints", step)
+    for k, v in flatten(flat).items():
+      if np.issubdtype(np.asarray(v).dtype, np.floating):
+        assert np.all(np.isfinite(v)), (step, k)
+
+
+def test_nan_skip_policy_leaves_state_bit_identical(tiny_vit_npz, tmp_path):
+  from ftjax import models, optim
+
+  cfg = tiny_config(tiny_vit_npz)
+  model, variables, _ = models.from_pretrained(cfg.model.source, num_classes=10, image_size=32)
+  tx = optim.make_optimizer(variables["params"], cfg.optim, family="vit", total_steps=6)
+  state = train._initial_state(variables["params"], None, tx, 0, ema=False)
+  mask = optim.trainable_mask(variables["params"], cfg.optim)
+  opts = train.StepOptions(num_classes=10)
+  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx,
+                                               trainable=train.trainable_paths(mask), opts=opts))
+  good = {"image": np.zeros((4, 32, 32, 3), np.float32), "label": np.arange(4, dtype=np.int32)}
+  bad = {"image": np.full((4, 32, 32, 3), np.nan, np.float32), "label": np.arange(4, dtype=np.int32)}
+  s1, m1 = step(state, good)
+  s2, m2 = step(s1, bad)
+  assert bool(m1["finite"]) and not bool(m2["finite"])
+  for a, b in zip(jax.tree.leaves((s1.params, s1.opt_state)), jax.tree.leaves((s2.params, s2.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(s2.step) == 2 and int(s2.skipped) == 1 and int(s2.first_bad_step) == 2
+  assert int(s2.first_bad_what) == 0  # the loss is the first non-finite quantity
+  with pytest.raises(Exception, match="too many consecutive"):
+    train._check_numerics(s2, train.trainable_paths(mask), "skip", max_skips=1)
+  assert train._check_numerics(s2, train.trainable_paths(mask), "skip", max_skips=5) == 1
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--config.train.batch_sizee=3"], 2, "batch_sizee"),
+    (["--config.train.batch_size=abc"], 2, "batch_size"),
+    (["--config.model.num_classes=5"], 3, "class count disagrees with the data"),
+    (["--config.data.source=folder", "--config.data.root=/nonexistent/ftjax"], 3, "/nonexistent/ftjax"),
+])
+def test_cli_errors_one_line_and_exit_code(tiny_vit_npz, tmp_path, args, code, needle):
+  cfg_file = write_config(tmp_path, tiny_vit_npz)
+  wd = tmp_path / "wd"
+  r = subprocess.run(launch_cmd(cfg_file, str(wd), *args), capture_output=True, text=True, timeout=120,
+                     env=subprocess_env())
+  assert r.returncode == code, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("ftjax: error: ") and needle in last
+  assert "Traceback" not in r.stderr
+  assert not (wd / "checkpoints").exists()
+
+
+def test_unwritable_workdir_is_a_usage_error(tiny_vit_npz, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  cfg_file = write_config(tmp_path, tiny_vit_npz)
+  r = subprocess.run(launch_cmd(cfg_file, str(blocker / "wd")), capture_output=True, text=True,
+                     timeout=120, env=subprocess_env())
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1].startswith("ftjax: error: workdir is not writable")
+
+
+def test_resuming_into_a_workdir_with_another_config_is_refused(tiny_vit_npz, tmp_path):
+  wd = tmp_path / "wd"
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **{"train.total_steps": 1}), str(wd))
+  with pytest.raises(ConfigError, match="another config"):
+    train.train_and_evaluate(tiny_config(tiny_vit_npz, **{"train.total_steps": 1, "optim.lr": 0.5}), str(wd))
+
+
+PARALLEL_SCRIPT = textwrap.dedent('''
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import numpy as np, jax
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_config
+    from ftjax import models, optim, train
+    from jax.sharding import Mesh
+    # SGD with momentum (the vit_jax recipe): Adam's normalisation would amplify the
+    # float reduction-order noise of different shardings in leaves with ~0 gradients.
+    cfg = tiny_config({npz!r}, **{{"optim.name": "sgd", "optim.kwargs": {{"momentum": 0.9}},
+                                   "optim.lr": 0.1}})
+    model, variables, _ = models.from_pretrained(cfg.model.source, num_classes=10, image_size=32)
+    params = variables["params"]
+    tx = optim.make_optimizer(params, cfg.optim, family="vit", total_steps=6)
+    mask = optim.trainable_mask(params, cfg.optim)
+    fn = lambda state, batch, opts: train.train_step(state, batch, model=model, tx=tx,
+                                                       trainable=train.trainable_paths(mask), opts=opts)
+    rng = np.random.default_rng(0)
+    batches = [{{"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+                 "label": rng.integers(0, 10, 16).astype(np.int32)}} for _ in range(3)]
+    opts = train.StepOptions(num_classes=10)
+    def run(runner):
+      state = runner.put_state(train._initial_state(params, None, tx, 0, ema=False))
+      step = runner.compile(fn, opts)
+      for b in batches:
+        state, _ = step(state, runner.put_batch(b))
+      return jax.device_get(runner.view(state).params)
+    assert jax.device_count() == 8
+    one = run(train.JitRunner(Mesh(np.asarray(jax.devices()[:1]), ("data",))))
+    sharded = run(train.JitRunner(Mesh(np.asarray(jax.devices()), ("data",))))
+    fsdp = run(train.JitRunner(Mesh(np.asarray(jax.devices()), ("data",)), (".*/kernel",)))
+    pmapped = run(train.PmapRunner())
+    worst = 0.0
+    for other in (sharded, fsdp, pmapped):
+      for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(other)):
+        worst = max(worst, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))))
+    moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(params)))
+    print("WORST", worst, "MOVED", moved)
+''')
+
+
+def test_jit_sharded_fsdp_and_pmap_match_one_device(tiny_vit_npz, tmp_path):
+  script = tmp_path / "parallel.py"
+  script.write_text(PARALLEL_SCRIPT.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
+  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                     env=subprocess_env())
+  assert r.returncode == 0, r.stderr[-3000:]
+  line = [l for l in r.stdout.splitlines() if l.startswith("WORST")][0].split()
+  worst, moved = float(line[1]), float(line[3])
+  assert moved > 1e-4  # the three steps really changed the parameters
+  assert worst <= 1e-5

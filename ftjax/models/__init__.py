@@ -128,11 +128,18 @@ def _read_hf(rest: str, source: str) -> Converted:
     config = json.loads(Path(cfg_path).read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError("unreadable config.json", where=str(cfg_path), value=str(e)) from None
+  preprocessor = None
+  pp_path = Path(wfile).parent / "preprocessor_config.json"
+  if pp_path.exists():
+    try:
+      preprocessor = json.loads(pp_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise CheckpointError("unreadable preprocessor_config.json", where=str(pp_path), value=str(e)) from None
   convert = _HF_MODEL_TYPES.get(config.get("model_type"))
   if convert is None:
     raise CheckpointError("unsupported Hugging Face model_type", where=str(cfg_path),
                           value=repr(config.get("model_type")), hint=f"one of {sorted(_HF_MODEL_TYPES)}")
-  return convert(config, weights.read_tensors(wfile))
+  return convert(config, weights.read_tensors(wfile), preprocessor=preprocessor)
 
 
 def _read_timm(rest: str, source: str) -> Converted:
@@ -232,12 +239,13 @@ def from_pretrained(source: str, *, num_classes: int | None = None, image_size=N
   size = _size2(image_size) if image_size is not None else tuple(conv.image_size)
   model, target = create(conv.family, conv.arch, num_classes=classes, image_size=size,
                          dtype=dtype, **overrides)
-  report = LoadReport(source=source, family=conv.family, arch=dict(conv.arch), num_classes=classes,
+  arch = {**conv.arch, **overrides}
+  report = LoadReport(source=source, family=conv.family, arch=arch, num_classes=classes,
                       image_size=size, mean=tuple(conv.mean), std=tuple(conv.std),
                       class_names=conv.class_names if classes == conv.num_classes else None,
                       dropped=list(conv.dropped))
   flat = merge(target, conv.variables, report, replace_head=classes != conv.num_classes,
-               resizers=fam.resizers(conv.arch, size) if size != tuple(conv.image_size) else {},
+               resizers=fam.resizers(arch, size, tuple(conv.image_size)),
                dont_load=tuple(dont_load),
                init=lambda: flatten(init_variables(model, size)))
   return model, unflatten(flat), report

@@ -51,7 +51,7 @@ class Family:
   Attributes:
     name: the family's key ("vit", "resnet", ...).
     create_model: ``(arch: dict, num_classes: int, dtype) -> flax module``.
-    resizers: ``(arch, image_size) -> {regex: fn(array, target_shape) -> array}``
+    resizers: ``(arch, image_size, old_image_size) -> {regex: fn(array, target_shape) -> array}``
       for leaves whose shape legitimately follows the image size (ViT position
       embeddings).
     check_image_size: ``(arch, image_size) -> None``; raises ConfigError.
@@ -59,7 +59,7 @@ class Family:
 
   name: str
   create_model: Callable[..., Any]
-  resizers: Callable[[dict, tuple[int, int]], dict[str, Callable]] = lambda arch, size: {}
+  resizers: Callable[..., dict[str, Callable]] = lambda arch, size, old_size=None: {}
   check_image_size: Callable[[dict, tuple[int, int]], None] = lambda arch, size: None
 
 

@@ -731,13 +731,19 @@ def _hf_class_names(config: Mapping[str, Any], num_classes: int) -> list[str] | 
   return names
 
 
-def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Converted:
-  """A transformers ``ResNetForImageClassification`` (or ``ResNetModel``) checkpoint."""
+def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+               preprocessor: Mapping[str, Any] | None = None) -> Converted:
+  """A transformers ``ResNetForImageClassification`` (or ``ResNetModel``) checkpoint.
+
+  ``preprocessor`` (preprocessor_config.json) overrides the ImageNet mean/std when given.
+  """
   arch = hf_arch(config)
   variables, dropped = _convert_torch(tensors, _HF_V1_RULES, "Hugging Face ResNet")
   classes = _head_classes(variables)
+  prep = preprocessor or {}
   return Converted(family="resnet", arch=arch, num_classes=classes, image_size=(224, 224),
-                   variables=variables, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   variables=variables, mean=tuple(float(v) for v in prep.get("image_mean", IMAGENET_MEAN)),
+                   std=tuple(float(v) for v in prep.get("image_std", IMAGENET_STD)),
                    class_names=_hf_class_names(config, classes), dropped=dropped)
 
 

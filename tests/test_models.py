@@ -1,0 +1,135 @@
+"""from_pretrained's common contract: bad inputs fail with one clear line; dont_load and the report."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from ftjax import models
+from ftjax.errors import CheckpointError, ConfigError, FtjaxError
+
+torch = pytest.importorskip("torch")
+
+
+def _vit_flat(npz):
+  with np.load(npz) as z:
+    return {k: z[k] for k in z.files}
+
+
+@pytest.fixture
+def resnet_pth(tmp_path):
+  torchvision = pytest.importorskip("torchvision")
+  path = tmp_path / "resnet18.pth"
+  torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), path)
+  return str(path)
+
+
+def _case(name, tmp_path, npz, resnet_pth):
+  """Returns (source, kwargs, expected substring, what must appear in the message)."""
+  if name == "missing file":
+    return f"npz:test@{tmp_path / 'nope.npz'}", {}, "weight file not found"
+  if name == "truncated safetensors":
+    from safetensors.numpy import save_file
+    p = tmp_path / "m.safetensors"
+    save_file({"cls_token": np.zeros((1, 1, 8), np.float32), "x": np.zeros(1000, np.float32)}, str(p))
+    p.write_bytes(p.read_bytes()[:-100])
+    return f"timm:vit_tiny_patch16_224@{p}", {}, "truncated safetensors"
+  if name == "another architecture":
+    return f"timm:vit_tiny_patch16_224@{resnet_pth}", {}, "conv1.weight"
+  if name == "unknown variant":
+    return f"npz:Q/99@{npz}", {}, "unknown ViT variant"
+  if name == "unexplained shape mismatch":
+    flat = _vit_flat(npz)
+    flat["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] = np.zeros((32, 65), np.float32)
+    p = tmp_path / "bad_shape.npz"
+    np.savez(p, **flat)
+    return f"npz:test@{p}", {}, "Dense_0"
+  if name == "corrupted npz":
+    p = tmp_path / "corrupt.npz"
+    raw = bytearray(open(npz, "rb").read())
+    raw[len(raw) // 3:len(raw) // 3 + 64] = b"\xff" * 64
+    p.write_bytes(bytes(raw))
+    return f"npz:test@{p}", {}, "corrupted .npz"
+  if name == "torch payload":
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+      def __reduce__(self):
+        return (open, (str(marker), "w"))
+
+    p = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "evil": Payload()}, p)
+    return f"torchvision:resnet18@{p}", {}, "refused PyTorch file"
+  if name == "hub id offline":
+    return "hf:google/vit-base-patch16-224", {}, "cannot fetch from the Hugging Face hub"
+  if name == "num_classes <= 0":
+    return f"npz:test@{npz}", {"num_classes": 0}, "num_classes must be a positive integer"
+  if name == "image size not divisible by patch":
+    return f"npz:test@{npz}", {"image_size": 30}, "patch"
+  if name == "unknown source form":
+    return f"zzz:{npz}", {}, "unknown checkpoint source"
+  if name == "bare file without form":
+    return npz, {}, "needs a source form"
+  raise AssertionError(name)
+
+
+CASES = ["missing file", "truncated safetensors", "another architecture", "unknown variant",
+         "unexplained shape mismatch", "corrupted npz", "torch payload", "hub id offline",
+         "num_classes <= 0", "image size not divisible by patch", "unknown source form",
+         "bare file without form"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_inputs_raise_one_clear_line(name, tmp_path, tiny_vit_npz, resnet_pth, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  source, kwargs, needle = _case(name, tmp_path, tiny_vit_npz, resnet_pth)
+  with pytest.raises(FtjaxError) as e:
+    models.from_pretrained(source, **kwargs)
+  msg = str(e.value)
+  assert msg.startswith("ftjax: error: ") and "\n" not in msg
+  assert needle in msg, msg
+  assert isinstance(e.value, (CheckpointError, ConfigError))
+  assert not (tmp_path / "payload_ran").exists()
+
+
+def test_dont_load_reinitialises_only_what_it_names(tiny_vit_npz):
+  _, variables, report = models.from_pretrained(f"npz:test@{tiny_vit_npz}",
+                                                dont_load=["params/Transformer/encoderblock_1/.*"])
+  flat = _vit_flat(tiny_vit_npz)
+  from ftjax.tree import flatten
+  got = {k.removeprefix("params/"): v for k, v in flatten(variables).items()}
+  changed = [k for k in flat if not np.array_equal(flat[k], got[k])]
+  assert changed and all(k.startswith("Transformer/encoderblock_1/") for k in changed)
+  assert {p for p, _ in report.reinitialized} == {f"params/{k}" for k in flat
+                                                  if k.startswith("Transformer/encoderblock_1/")}
+  assert "re-initialised" in str(report)
+
+
+def test_head_replacement_is_reported_and_zero(tiny_vit_npz):
+  _, variables, report = models.from_pretrained(f"npz:test@{tiny_vit_npz}", num_classes=3)
+  assert variables["params"]["head"]["kernel"].shape == (32, 3)
+  assert not np.any(variables["params"]["head"]["kernel"]) and not np.any(variables["params"]["head"]["bias"])
+  assert {p for p, _ in report.reinitialized} == {"params/head/kernel", "params/head/bias"}
+  assert report.num_classes == 3 and report.class_names is None
+
+
+def test_ftjax_workdir_is_a_source(tiny_vit_npz, tmp_path):
+  """A trained run's workdir loads back as a model with the run's head and preprocessing."""
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).parent))
+  from conftest import tiny_config
+  from ftjax import train
+  wd = tmp_path / "wd"
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **{"train.total_steps": 2}), str(wd))
+  model, variables, report = models.from_pretrained(str(wd))
+  from ftjax import checkpoint
+  from ftjax.tree import flatten
+  tree, extra = checkpoint.read_checkpoint(wd)
+  for k, v in flatten(tree["params"]).items():
+    np.testing.assert_array_equal(flatten(variables["params"])[k], v)
+  assert report.family == "vit" and report.num_classes == 10
+  assert report.class_names == [str(i) for i in range(10)] or report.class_names == extra["model"]["class_names"]
+  x = np.zeros((2, 32, 32, 3), np.float32)
+  assert model.apply(variables, x, train=False).shape == (2, 10)

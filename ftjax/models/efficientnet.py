@@ -130,12 +130,13 @@ def _variant(name: str) -> Variant:
 
 
 def variant_name(name: str) -> str:
-  """Accepts ``lite0``, ``efficientnet-lite0``, ``efficientnet_lite0``, ``tf_efficientnet_lite0``.
+  """Accepts ``lite0``, ``efficientnet-lite0``, ``efficientnet_lite0``, ``tf_efficientnet_lite0``
+  and timm's tagged names (``efficientnet_lite0.ra_in1k``).
 
-  >>> variant_name("tf_efficientnet_lite3"), variant_name("efficientnet-lite0")
+  >>> variant_name("tf_efficientnet_lite3"), variant_name("efficientnet_lite0.ra_in1k")
   ('lite3', 'lite0')
   """
-  short = re.sub(r"^(tf_)?efficientnet[-_]", "", name.strip().lower())
+  short = re.sub(r"^(tf_)?efficientnet[-_]", "", name.strip().lower().split(".")[0])
   _variant(short)
   return short
 
@@ -476,15 +477,16 @@ def timm_names(variant: str) -> Iterator[tuple[str, str, str]]:
   yield "classifier", "head", "linear"
 
 
-def _convert_tensors(tensors: Mapping[str, np.ndarray], names, source: str
+def _convert_tensors(tensors: Mapping[str, np.ndarray], names, source: str, other: str
                      ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+  """Flat ftjax variables from ``names``; ``other`` names the other layout in error hints."""
   out, used = {}, set()
   for src, dst, kind in names:
     for suffix, collection, leaf, fn in _LAYOUTS[kind]:
       key = f"{src}.{suffix}"
       if key not in tensors:
         raise CheckpointError("checkpoint lacks a tensor the variant needs", where=source,
-                              value=key, hint="a checkpoint of another variant?")
+                              value=key, hint=f"a checkpoint of another variant, or {other}?")
       arr = np.asarray(tensors[key], dtype=np.float32)
       out[f"{collection}/{dst}/{leaf}"] = fn(arr) if fn is not None else arr
       used.add(key)
@@ -497,7 +499,7 @@ def _convert_tensors(tensors: Mapping[str, np.ndarray], names, source: str
     more = f" ... ({len(extra)} in all)" if len(extra) > 4 else ""
     raise CheckpointError("checkpoint tensor the variant does not have", where=source,
                           value=", ".join(extra[:4]) + more,
-                          hint="a checkpoint of another variant or another network?")
+                          hint=f"a checkpoint of another variant, or {other}?")
   return out, dropped
 
 
@@ -509,7 +511,8 @@ def convert_pth(variant: str, state_dict: Mapping[str, np.ndarray]) -> Converted
   """
   name = variant_name(variant)
   source = f"efficientnet:{variant}"
-  variables, dropped = _convert_tensors(state_dict, pth_names(name), source)
+  variables, dropped = _convert_tensors(state_dict, pth_names(name), source,
+                                        other=f"a timm file (timm:efficientnet_{name}@FILE)")
   return Converted(family="efficientnet",
                    arch={"variant": name, "padding": "same", "bn_eps": 1e-3, "bn_momentum": 0.99},
                    num_classes=int(variables["params/head/bias"].shape[0]),
@@ -526,7 +529,8 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   """
   short = variant_name(name)
   tf_port = name.strip().lower().startswith("tf_")
-  variables, dropped = _convert_tensors(tensors, timm_names(short), f"timm:{name}")
+  other = f"a lukemelas-layout file (efficientnet:{short}@FILE)"
+  variables, dropped = _convert_tensors(tensors, timm_names(short), f"timm:{name}", other=other)
   if tf_port:
     arch = {"variant": short, "padding": "same", "bn_eps": 1e-3, "bn_momentum": 0.99}
     mean, std = INCEPTION_MEAN, INCEPTION_STD

@@ -5,6 +5,11 @@ With no arguments it runs ``configs/default.py`` into ``runs/default``.
 fails at once.  Errors print one line and exit with the codes in the README
 (2 usage/config, 3 data/checkpoint, 4 numerics, 75 preempted: rerun to resume).
 Set ``FTJAX_TRACEBACK=1`` for a traceback.
+
+``python launch.py --workdir DIR`` alone resumes the run in DIR with its stored
+``DIR/config.json`` (never a ``config.py`` found there).
+``--config.train.deterministic=true`` sets ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``
+before JAX starts: bit-identical reruns and resumes on GPUs too (CPUs are deterministic anyway).
 """
 
 import os
@@ -46,6 +51,15 @@ def _explain(e: BaseException, argv) -> str:
   if key:
     where = flag or _config_arg(argv)
     return f"ftjax: error: unknown config key ({where}): {key.group(1)!r}{hint}"
+  cast = re.search(r"override field '([\w.]+)'.*? (\S*) is of original type <class '(\w+)'> and cannot be "
+                   r"casted to type <class '(\w+)'>", msg)
+  if cast:
+    where = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                  and a.split("=")[0].endswith("." + cast.group(1))), _config_arg(argv))
+    return (f"ftjax: error: wrong type for config key ({where}): {cast.group(1)} = {cast.group(2)!r} "
+            f"is {cast.group(3)}; expected {cast.group(4)}")
+  if "Error whilst parsing config file" in msg:  # the config file raised: its last line says why
+    return f"ftjax: error: bad config file ({_config_arg(argv)}): {msg.rsplit('File ', 1)[-1][-300:]}"
   flag = re.search(r"flag (--[\w.]+)=", msg)
   if flag:
     return f"ftjax: error: bad value ({flag.group(1)}): {msg.split(': ', 1)[-1][:200]}"
@@ -67,7 +81,33 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     _fail(f"ftjax: error: unexpected arguments: {' '.join(argv[1:])}; use --flag=value", 2)
+  from ftjax import train  # imports jax; the backend starts later, after XLA_FLAGS is final
   from ftjax.errors import FtjaxError
+  workdir = _WORKDIR.value
+  try:
+    if not flags.FLAGS["config"].present and workdir and train.stored_config(workdir) is not None:
+      # Resuming a run by its workdir alone: the stored JSON is the config (a config.py
+      # found there is never executed).
+      config = train.stored_config(workdir)
+      if any(a.startswith("--config.") for a in sys.argv[1:]):
+        _fail("ftjax: error: --config.KEY overrides need --config (--workdir): resuming from "
+              f"{os.path.join(workdir, train.CONFIG_FILE)}; pass --config as well", 2)
+    else:
+      config = _load_config()
+    if config.train.deterministic:
+      # XLA reads XLA_FLAGS once, when the backend starts: set it before anything runs.
+      os.environ["XLA_FLAGS"] = train.with_deterministic_flag(os.environ.get("XLA_FLAGS"))
+    if workdir is None:
+      name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+      workdir = os.path.join("runs", name)
+    train.train_and_evaluate(config, workdir)
+  except FtjaxError as e:
+    if os.environ.get("FTJAX_TRACEBACK"):
+      raise
+    _fail(str(e), e.exit_code)
+
+
+def _load_config():
   try:
     config = _CONFIG.value
     config.to_dict()  # config_flags defers load errors; surface them here
@@ -77,17 +117,7 @@ def main(argv):
     what = "cannot load config file" if isinstance(e, OSError) else "bad config"
     detail = " ".join(str(e).split()).replace("Failed loading config file config_config ", "")
     _fail(f"ftjax: error: {what} ({flags.FLAGS['config'].config_filename}): {detail[:300]}", 2)
-  workdir = _WORKDIR.value
-  if workdir is None:
-    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    workdir = os.path.join("runs", name)
-  from ftjax import train
-  try:
-    train.train_and_evaluate(config, workdir)
-  except FtjaxError as e:
-    if os.environ.get("FTJAX_TRACEBACK"):
-      raise
-    _fail(str(e), e.exit_code)
+  return config
 
 
 if __name__ == "__main__":

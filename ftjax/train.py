@@ -16,6 +16,7 @@ function ``(state, batch) -> (state, metrics)`` compiled once per unfreezing pha
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -37,8 +39,8 @@ from ftjax import config as config_lib
 from ftjax import data as data_lib
 from ftjax import metrics as metrics_lib
 from ftjax import models, optim
-from ftjax.checkpoint import Checkpointer
-from ftjax.errors import ConfigError, DataError, NumericsError, Preempted
+from ftjax.checkpoint import Checkpointer, first_non_finite
+from ftjax.errors import CheckpointError, ConfigError, DataError, NumericsError, Preempted
 from ftjax.progress import Progress
 from ftjax.tree import flatten, rule_tree, unflatten
 
@@ -208,12 +210,134 @@ class _Run:
   total_steps: int
   steps_per_epoch: int
   overrides: dict
+  phases: list = dataclasses.field(default_factory=list)  # start step of each unfreezing phase
+  masks: list = dataclasses.field(default_factory=list)  # trainable mask of each phase
+  plan: Any = None
+  warnings: list = dataclasses.field(default_factory=list)
+  config_dict: dict = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- checks before anything is written
+
+CONFIG_FILE = "config.json"  # WORKDIR/config.json: the run's config of record
+_FREE_FORM = ("optim.kwargs",)  # sections whose keys go to optax unchecked (it checks them)
+
+
+def _type_fits(value, kind, default) -> bool:
+  if value is None:
+    return default is None  # placeholders only
+  if kind is bool:
+    return isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is str:
+    return isinstance(value, str)
+  if kind in (list, tuple):
+    return isinstance(value, (list, tuple))
+  if kind is ml_collections.ConfigDict:
+    return hasattr(value, "keys")
+  return True
+
+
+def schema_problems(config, schema=None, prefix: str = "") -> list[tuple[str, str, str | None]]:
+  """``(key, problem, hint)`` for each key that ftjax's schema lacks, misses or types otherwise.
+
+  ``schema`` defaults to :func:`ftjax.config.default_config`.  A config built
+  from that (locked) schema cannot go wrong; one built by hand can, and would
+  otherwise fail deep in the run or, worse, be ignored.
+
+  >>> d = config_lib.to_dict(config_lib.default_config())
+  >>> schema_problems(ml_collections.ConfigDict(d))
+  []
+  >>> d["train"]["batch_sizee"], d["train"]["total_steps"] = 8, "10"
+  >>> schema_problems(ml_collections.ConfigDict(d))
+  [('train.batch_sizee', 'unknown config key', 'did you mean train.batch_size?'), ('train.total_steps', 'wrong type', "expected int, got str '10'")]
+  """
+  schema = config_lib.default_config() if schema is None else schema
+  if not hasattr(config, "keys"):
+    return [(prefix.rstrip(".") or "config", "expected a section", f"got {type(config).__name__}")]
+  have, want = set(config.keys()), set(schema.keys())
+  out = []
+  for key in sorted(have - want):
+    near = difflib.get_close_matches(key, sorted(want), n=1)
+    out.append((prefix + key, "unknown config key", f"did you mean {prefix}{near[0]}?" if near else None))
+  for key in sorted(want - have):
+    out.append((prefix + key, "missing config key", "start config files from ftjax.config.default_config()"))
+  for key in sorted(have & want):
+    name, value, default = prefix + key, config[key], schema[key]
+    if isinstance(default, ml_collections.ConfigDict) and name not in _FREE_FORM:
+      out.extend(schema_problems(value, default, name + "."))
+      continue
+    kind = schema.get_type(key)
+    if not _type_fits(value, kind, default):
+      out.append((name, "wrong type", f"expected {kind.__name__}, got {type(value).__name__} {value!r}"[:160]))
+  return out
+
+
+def _check_schema(config) -> None:
+  problems = schema_problems(config)
+  if problems:
+    key, what, hint = problems[0]
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise ConfigError(what, where=key, value=f"{len(problems)} problem(s){more}" if more else None,
+                      hint=hint)
+
+
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def with_deterministic_flag(xla_flags: str | None) -> str:
+  """``XLA_FLAGS`` with GPU determinism on (``train.deterministic``).
+
+  On a GPU two identical runs differ bit-wise without it (atomics in reductions
+  and scatters); on CPU they agree anyway.  XLA reads the variable once, when
+  the backend starts, so it must be set before the first computation.
+
+  >>> with_deterministic_flag("--xla_force_host_platform_device_count=8")
+  '--xla_force_host_platform_device_count=8 --xla_gpu_deterministic_ops=true'
+  >>> with_deterministic_flag(DETERMINISTIC_FLAG)
+  '--xla_gpu_deterministic_ops=true'
+  """
+  flags = (xla_flags or "").split()
+  if DETERMINISTIC_FLAG not in flags:
+    flags.append(DETERMINISTIC_FLAG)
+  return " ".join(flags)
+
+
+def _set_deterministic() -> None:
+  flags = os.environ.get("XLA_FLAGS")
+  if DETERMINISTIC_FLAG in (flags or "").split():
+    return
+  # jax has no public "has the backend started?"; if it has, the flag would be ignored silently.
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized() and jax.default_backend() != "cpu":
+    raise ConfigError("train.deterministic set after JAX started", where="train.deterministic",
+                      value=f"XLA_FLAGS={flags!r}",
+                      hint=f"use launch.py, or export XLA_FLAGS={DETERMINISTIC_FLAG} before starting")
+  os.environ["XLA_FLAGS"] = with_deterministic_flag(flags)
 
 
 def _check_workdir(workdir: str) -> Path:
+  """The workdir as a Path, if it exists and is writable or can be created; nothing is created."""
   if not workdir:
     raise ConfigError("no workdir given", where="--workdir", hint="pass --workdir DIR")
-  wd = Path(workdir)
+  wd = Path(workdir).absolute()
+  existing = next(p for p in (wd, *wd.parents) if p.exists())
+  if existing == wd and not wd.is_dir():
+    raise ConfigError("workdir is not writable", where=str(wd), value="a file is in the way",
+                      hint="choose another --workdir")
+  if not existing.is_dir():
+    raise ConfigError("workdir is not writable", where=str(wd), value=f"{existing} is not a directory",
+                      hint="choose another --workdir")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError("workdir is not writable", where=str(wd), value=f"{existing}: permission denied",
+                      hint="choose another --workdir")
+  return Path(workdir)
+
+
+def _make_workdir(wd: Path) -> None:
   try:
     wd.mkdir(parents=True, exist_ok=True)
     probe = wd / f".write_test_{os.getpid()}"
@@ -222,7 +346,6 @@ def _check_workdir(workdir: str) -> Path:
   except OSError as e:
     raise ConfigError("workdir is not writable", where=str(wd), value=e.strerror,
                       hint="choose another --workdir") from None
-  return wd
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -231,17 +354,113 @@ def _write_json_atomic(path: Path, obj) -> None:
   os.replace(tmp, path)
 
 
+def _read_stored_config(path: Path) -> dict:
+  try:
+    stored = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError("stored config unreadable", where=str(path), value=f"{type(e).__name__}: {e}"[:200],
+                      hint="restore the file, or use a new --workdir") from None
+  if not isinstance(stored, dict):
+    raise ConfigError("stored config unreadable", where=str(path), value="not a JSON object",
+                      hint="restore the file, or use a new --workdir")
+  return stored
+
+
 def _check_resume_config(wd: Path, config_dict: dict) -> None:
-  stored_path = wd / "config.json"
+  """Refuses a workdir whose stored config differs in a key that makes it another experiment."""
+  stored_path = wd / CONFIG_FILE
   if stored_path.exists():
-    # The stored JSON is the run's config of record; a config.py planted in a
-    # workdir is never executed.
-    stored = json.loads(stored_path.read_text())
+    stored = _read_stored_config(stored_path)
     diff = config_lib.resume_mismatches(stored, config_dict)
     if diff:
       raise ConfigError("workdir holds a run with another config", where=str(stored_path),
                         value=", ".join(diff), hint="use a new --workdir, or the stored config")
-  _write_json_atomic(stored_path, config_dict)
+
+
+def stored_config(workdir: str | os.PathLike):
+  """The locked config of record of a run (``WORKDIR/config.json``), or None if there is none.
+
+  Resuming reads this JSON file: a ``config.py`` found in a workdir is never
+  executed.  Keys are checked against ftjax's schema.
+  """
+  path = Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    return None
+  stored = _read_stored_config(path)
+  config = ml_collections.ConfigDict(stored)
+  _check_schema(config)
+  merged = config_lib.default_config()
+
+  def fill(node, values, prefix=""):
+    for key, value in values.items():
+      if isinstance(value, dict) and prefix + key not in _FREE_FORM:
+        fill(node[key], value, prefix + key + ".")
+      else:
+        node[key] = value
+
+  try:
+    fill(merged, stored)
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    raise ConfigError("stored config does not fit the schema", where=str(path),
+                      value=" ".join(str(e).split())[:200], hint="use a new --workdir") from None
+  return merged
+
+
+# ---------------------------------------------------------------- fault-test hooks and the step ledger
+
+TEST_KILL_ENV = "FTJAX_TEST_KILL_AT"  # "startup" | "step:N" | "after:N" | "eval:N" | "ckpt:<phase>:N"
+TEST_HOLD_ENV = "FTJAX_TEST_HOLD_AT"  # "<moment>:N=SECONDS": sleep there (e.g. hold a checkpoint phase)
+
+
+def _parse_moment(spec: str) -> tuple[str, int | None]:
+  head, _, last = spec.rpartition(":")
+  if head and last.lstrip("-").isdigit():
+    return head, int(last)
+  return spec, None
+
+
+def fault_hook(kill: str | None = None, hold: str | None = None) -> Callable[[str, int], None]:
+  """``hit(moment, step)``, called at the run's fault-test points; kills or holds where asked.
+
+  Moments: "startup" (workdir ready, before the restore), "step" (a step
+  dispatched, before its result is read), "after" (a step's logging, evaluation
+  and save done), "eval" (inside an evaluation) and "ckpt:<phase>" (a
+  checkpoint phase, see :class:`ftjax.checkpoint.Checkpointer`).  The trainer
+  reads the specs from ``$FTJAX_TEST_KILL_AT`` and ``$FTJAX_TEST_HOLD_AT``.
+
+  >>> hit = fault_hook(hold="ckpt:hashed:2=0.01")
+  >>> hit("ckpt:hashed", 2)  # sleeps 10 ms
+  >>> hit("step", 3)  # nothing asked here
+  """
+  kill_at = _parse_moment(kill) if kill else None
+  hold_at, seconds = None, 0.0
+  if hold:
+    spec, _, secs = hold.partition("=")
+    hold_at, seconds = _parse_moment(spec), float(secs or 0)
+
+  def hit(moment: str, step: int) -> None:
+    if hold_at and hold_at[0] == moment and hold_at[1] in (None, step):
+      time.sleep(seconds)
+    if kill_at and kill_at[0] == moment and kill_at[1] in (None, step):
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  return hit
+
+
+def record_step(ledger: list[list[int]], step_id: int, *, new_segment: bool) -> list[list[int]]:
+  """The ledger after update ``step_id``: ``[[first, last], ...]``, a segment per process that trained.
+
+  Saved with every checkpoint: the segments of a committed step must tile
+  ``1..step`` exactly once, whatever crashed in between.
+
+  >>> led = record_step([], 1, new_segment=True)
+  >>> led = record_step(led, 2, new_segment=False)
+  >>> record_step(led, 3, new_segment=True)
+  [[1, 2], [3, 3]]
+  """
+  if new_segment or not ledger:
+    return [*ledger, [step_id, step_id]]
+  return [*ledger[:-1], [ledger[-1][0], step_id]]
 
 
 def _mesh() -> Mesh:
@@ -334,7 +553,7 @@ def _model_meta(report, num_classes: int, class_names) -> dict:
           "class_names": list(class_names) if class_names else None}
 
 
-def _build(config, workdir: Path) -> tuple[_Run, dict, list[str]]:
+def _build(config, workdir: Path) -> tuple[_Run, dict]:
   """Data, model and plan: everything that can fail on bad input, before any compilation."""
   warnings = []
   train_ds = data_lib.build(config.data, split=config.data.train_split)
@@ -353,12 +572,34 @@ def _build(config, workdir: Path) -> tuple[_Run, dict, list[str]]:
   model, variables, report = models.from_pretrained(
       config.model.source, num_classes=num_classes, image_size=config.data.image_size,
       dtype=DTYPES[config.model.dtype], dont_load=dont_load, **overrides)
+  bad = first_non_finite(flatten(variables))
+  if bad is not None:
+    raise CheckpointError("non-finite value in the pretrained weights", where=config.model.source,
+                          value=bad, hint="the file is damaged; nothing was trained")
   steps_per_epoch = max(1, train_ds.num_examples // config.train.batch_size)
   run = _Run(config=config, workdir=workdir, model=model, report=report, family=report.family,
              mesh=_mesh(), train_ds=train_ds, eval_sets=eval_sets, num_classes=num_classes,
              total_steps=config.train.total_steps, steps_per_epoch=steps_per_epoch,
-             overrides=overrides)
-  return run, variables, warnings
+             overrides=overrides, warnings=warnings)
+  return run, variables
+
+
+def _plan(run: _Run, params) -> None:
+  """Phases, masks and the optimizer of every phase: rule and schedule errors surface here."""
+  cfg, total = run.config, run.total_steps
+  run.phases = optim.unfreeze_phases(cfg.optim, total)
+  run.masks = [optim.trainable_mask(params, cfg.optim, phase=i) for i in range(len(run.phases))]
+  for phase in range(len(run.phases)):
+    optim.make_optimizer(params, cfg.optim, family=run.family, total_steps=total,
+                         steps_per_epoch=run.steps_per_epoch, phase=phase)
+  t = cfg.train
+  split = t.best_metric.partition("/")[0].removeprefix("ema_")
+  if t.early_stopping_patience and split not in cfg.data.eval_splits:
+    raise ConfigError("early stopping watches a split that is not evaluated", where="train.best_metric",
+                      value=repr(t.best_metric), hint=f"evaluated splits: {list(cfg.data.eval_splits)}")
+  run.plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
+                                    num_train_examples=run.train_ds.num_examples,
+                                    steps_per_epoch=run.steps_per_epoch)
 
 
 def _update_batch_stats(config, variables, masks) -> bool:
@@ -404,7 +645,8 @@ def _compile_phase(run: _Run, runner, tx, mask, opts: StepOptions):
   return runner.compile(fn, opts), trainable
 
 
-def _evaluate(run: _Run, state: TrainState, eval_fn, put_batch) -> dict:
+def _evaluate(run: _Run, state: TrainState, eval_fn, put_batch, hit=lambda moment, step: None,
+              step: int = 0) -> dict:
   """Top-1/top-5/loss/confusion/ECE on every eval split, each example counted once."""
   cfg = run.config
   out = {}
@@ -419,6 +661,7 @@ def _evaluate(run: _Run, state: TrainState, eval_fn, put_batch) -> dict:
           mean=run.report.mean, std=run.report.std, process_index=jax.process_index(),
           process_count=jax.process_count()):
         c = eval_fn(params, state.batch_stats, put_batch(batch))
+        hit("eval", step)
         counts = c if counts is None else metrics_lib.add_counts(counts, c)
       out[f"{prefix}{split}"] = metrics_lib.summarize(jax.device_get(counts), class_names=ds.class_names)
   return out
@@ -450,17 +693,20 @@ def _train_iterator(run: _Run, start_step: int):
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def prepare(config, workdir: str):
-  """Every check that needs no compilation: config, workdir, data, checkpoint, plan.
+def prepare(config, workdir: str) -> tuple[_Run, dict]:
+  """Every check that needs no compilation, then the workdir: ``(run, variables)``.
 
-  Returns what :func:`train_and_evaluate` needs; bad input fails here, before
-  any compilation, with one line.
+  Config, devices, workdir, stored config, data, weights and the optimizer
+  plan are checked before anything is written, so bad input fails here with
+  one line and leaves no trace.  Only then is the workdir created and its
+  ``config.json`` written.
   """
+  _check_schema(config)
   config_lib.validate(config)
   from ftjax.data import config as data_config
   data_config.check(config.data)
   if config.train.deterministic:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+    _set_deterministic()
   if config.train.distributed:
     jax.distributed.initialize()
   t = config.train
@@ -475,8 +721,12 @@ def prepare(config, workdir: str):
   wd = _check_workdir(workdir)
   config_dict = config_lib.to_dict(config)
   _check_resume_config(wd, config_dict)
-  run, variables, warnings = _build(config, wd)
-  return run, variables, warnings, config_dict
+  run, variables = _build(config, wd)
+  _plan(run, variables["params"])
+  run.config_dict = config_dict
+  _make_workdir(wd)
+  _write_json_atomic(wd / CONFIG_FILE, config_dict)
+  return run, variables
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -485,12 +735,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Rerunning the same command resumes from the newest verified checkpoint.
   Returns the final evaluation summaries.
   """
-  run, variables, warnings, config_dict = prepare(config, workdir)
-  cfg, t, wd = config, config.train, run.workdir
+  run, variables = prepare(config, workdir)
+  cfg, t, wd, config_dict = config, config.train, run.workdir, run.config_dict
+  hit = fault_hook(os.environ.get(TEST_KILL_ENV), os.environ.get(TEST_HOLD_ENV))
   params = variables["params"]
   total = t.total_steps
-  phases = optim.unfreeze_phases(cfg.optim, total)
-  masks = [optim.trainable_mask(params, cfg.optim, phase=i) for i in range(len(phases))]
+  masks = run.masks
   opts = StepOptions(num_classes=run.num_classes, label_smoothing=t.label_smoothing,
                      mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
                      mix_switch_prob=cfg.data.mix_switch_prob, accum_steps=cfg.optim.accum_steps,
@@ -507,119 +757,143 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return optim.make_optimizer(params, cfg.optim, family=run.family, total_steps=total,
                                 steps_per_epoch=run.steps_per_epoch, phase=phase)
 
-  plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
-                                num_train_examples=run.train_ds.num_examples,
-                                steps_per_epoch=run.steps_per_epoch)
-  warnings = list(plan.warnings) + warnings
   print(run.report, flush=True)
-  print(plan, flush=True)
-  for w in warnings:
+  print(run.plan, flush=True)
+  for w in list(run.plan.warnings) + run.warnings:
     print(f"WARNING: {w}", flush=True)
 
-  ckpt = Checkpointer(wd / "checkpoints", keep_latest=t.keep_latest, keep_best=t.keep_best,
-                      best_metric=t.best_metric, best_mode=t.best_mode, async_save=t.async_checkpoint,
-                      fingerprint={k: config_lib._get(config_dict, k) for k in config_lib.RESUME_KEYS})
-  meta = _model_meta(run.report, run.num_classes, run.train_ds.class_names)
+  # SIGTERM from here on saves (once there is something new to save) and exits with the
+  # preempted code; the handler only sets a flag that the loop reads between steps.
+  sigterm = _SigtermFlag().__enter__()
+  ckpt = writer = progress = None
+  try:
+    ckpt = Checkpointer(wd / "checkpoints", keep_latest=t.keep_latest, keep_best=t.keep_best,
+                        best_metric=t.best_metric, best_mode=t.best_mode, async_save=t.async_checkpoint,
+                        fingerprint={k: config_lib._get(config_dict, k) for k in config_lib.RESUME_KEYS},
+                        on_phase=lambda phase, s: hit(f"ckpt:{phase}", s))
+    hit("startup", 0)
+    summaries = _run_loop(run, ckpt, params, variables.get("batch_stats"), make_tx, opts, hit, sigterm)
+  finally:
+    sigterm.__exit__()
+  return summaries
 
+
+def _preempted(step: int, wd: Path) -> Preempted:
+  return Preempted("preempted by SIGTERM", where=f"step {step}", value=str(wd / "checkpoints"),
+                   hint="rerun the same command to resume")
+
+
+def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts: StepOptions, hit,
+              sigterm) -> dict:
+  """Restore, compile, train, evaluate, save: the loop of :func:`train_and_evaluate`."""
+  cfg, t, wd, total, masks = run.config, run.config.train, run.workdir, run.total_steps, run.masks
+  meta = _model_meta(run.report, run.num_classes, run.train_ds.class_names)
   # Resume: the template's optimizer state must have the phase of the checkpoint's step
   # (which may be an older step than the newest, if that one is damaged).
-  batch_stats = variables.get("batch_stats")
-  del variables
   template = lambda s: _initial_state(params, batch_stats, make_tx(optim.phase_at(s, cfg.optim)),
                                       cfg.seed, t.ema_decay > 0)
   early = metrics_lib.EarlyStopping(t.best_metric, t.best_mode, t.early_stopping_patience,
                                     t.early_stopping_min_delta) if t.early_stopping_patience else None
-  restored = ckpt.restore_latest(template)
+  try:
+    restored = ckpt.restore_latest(template)
+  except BaseException:
+    ckpt.close()
+    raise
+  ledger = []
   if restored is not None:
     step0, state, extra = restored
     if early is not None and extra.get("early_stopping"):
       early.load_state_dict(extra["early_stopping"])
+    ledger = [list(seg) for seg in extra.get("ledger") or []]
     print(f"resumed from step {step0} in {wd / 'checkpoints'}", flush=True)
   else:
     state = template(0)
-  phase = optim.phase_at(int(jax.device_get(state.step)), cfg.optim)
+  step = int(jax.device_get(state.step))  # the step is state: everything below follows from it
+  phase = optim.phase_at(step, cfg.optim)
   tx = make_tx(phase)
-  step = int(jax.device_get(state.step))
   runner = PmapRunner() if t.parallel == "pmap" else JitRunner(run.mesh, t.shard_params)
   state = runner.put_state(state)
   writer = metrics_lib.MetricsWriter(wd, resume_step=step, tensorboard=t.tensorboard)
-
-  step_fn, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
-  eval_fn = jax.jit(functools.partial(eval_step, model=run.model, num_classes=run.num_classes))
-  eval_put = JitRunner(run.mesh).put_batch
-  it = _train_iterator(run, step)
-  first_batch = runner.put_batch(next(it))
-  compiled = step_fn.lower(state, first_batch).compile()
-  flops = metrics_lib.compiled_flops(compiled)
-  peak = metrics_lib.device_peak_flops()
-  progress = Progress(total, start_step=step, batch_size=t.batch_size, log_every=t.log_every,
-                      flops_per_step=flops, peak_flops=peak * jax.device_count() if peak else None)
+  progress = None
+  last_saved = step if restored is not None else -1
+  summaries = {}
 
   def save(step, summaries=None):
     view = runner.view(state)
     _check_numerics(view, trainable, t.on_nan, t.max_consecutive_skips)
     flat_metrics = {f"{s}/{k}": v for s, d in (summaries or {}).items() for k, v in d.items()
                     if isinstance(v, (int, float))}
-    extra = {"model": meta, "data_step": step, "phase": phase,
+    extra = {"model": meta, "data_step": step, "phase": phase, "ledger": ledger,
              "early_stopping": early.state_dict() if early else None}
     ckpt.save(step, view, metrics=flat_metrics or None, extra=extra)
 
-  kill_after = int(os.environ.get("FTJAX_TEST_KILL_AFTER_STEP", -1))
-  summaries = {}
-  stopped_early = False
-  last_saved = step if restored is not None else -1
-  with _SigtermFlag() as sigterm:
-    try:
-      while step < total:
-        new_phase = optim.phase_at(step, cfg.optim)
-        if new_phase != phase:
-          new_tx = make_tx(new_phase)
-          view = runner.view(state)
-          view = view.replace(opt_state=optim.transition_opt_state(view.opt_state, new_tx, view.params))
-          state = runner.put_state(view)
-          phase, tx = new_phase, new_tx
-          compiled, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
-          print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
-        batch = first_batch if first_batch is not None else runner.put_batch(next(it))
-        first_batch = None
-        state, m = compiled(state, batch)
-        step += 1
-        if step % t.log_every == 0 or step == total:
-          m = jax.device_get(runner.view(m))
-          skipped = _check_numerics(runner.view(state), trainable, t.on_nan, t.max_consecutive_skips)
-          writer.write(step, "train", {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                                       "skipped_steps": skipped})
-          progress.update(step, loss=float(m["loss"]))
-        evaluated = False
-        if (t.eval_every and step % t.eval_every == 0) or step == total:
-          summaries = _evaluate(run, runner.view(state), eval_fn, eval_put)
-          evaluated = True
-          for split, s in summaries.items():
-            writer.write(step, "eval", {f"{split}/{k}": v for k, v in s.items() if k != "confusion"})
-          if early is not None and early.update(step, _lookup_metric(summaries, t.best_metric)):
-            stopped_early = True
-        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total or stopped_early:
-          save(step, summaries if evaluated else None)
-          last_saved = step
-        if stopped_early:
-          print(f"early stopping at step {step}: best {t.best_metric} {early.best:.4f} "
-                f"at step {early.best_step}", flush=True)
-          break
-        if step == kill_after:  # test hook: a crash at a chosen point (FTJAX_TEST_KILL_AFTER_STEP)
-          os.kill(os.getpid(), signal.SIGKILL)
-        if sigterm.raised:
-          if last_saved != step:
-            save(step)
-          ckpt.wait()
-          raise Preempted("preempted by SIGTERM", where=f"step {step}",
-                          value=str(wd / "checkpoints"), hint="rerun the same command to resume")
-      ckpt.wait()
-    finally:
+  try:
+    step_fn, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
+    eval_fn = jax.jit(functools.partial(eval_step, model=run.model, num_classes=run.num_classes))
+    eval_put = JitRunner(run.mesh).put_batch
+    it = _train_iterator(run, step)
+    first_batch = runner.put_batch(next(it)) if step < total else None
+    compiled = step_fn.lower(state, first_batch).compile() if step < total else None
+    flops = metrics_lib.compiled_flops(compiled) if compiled is not None else None
+    peak = metrics_lib.device_peak_flops()
+    progress = Progress(total, start_step=step, batch_size=t.batch_size, log_every=t.log_every,
+                        flops_per_step=flops, peak_flops=peak * jax.device_count() if peak else None)
+    stopped_early = False
+    new_segment = True  # this process's updates start a new ledger segment
+    if sigterm.raised:  # during start-up: nothing new to save
+      raise _preempted(step, wd)
+    while step < total:
+      new_phase = optim.phase_at(step, cfg.optim)
+      if new_phase != phase:
+        new_tx = make_tx(new_phase)
+        view = runner.view(state)
+        view = view.replace(opt_state=optim.transition_opt_state(view.opt_state, new_tx, view.params))
+        state = runner.put_state(view)
+        phase, tx = new_phase, new_tx
+        compiled, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
+        print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
+      batch = first_batch if first_batch is not None else runner.put_batch(next(it))
+      first_batch = None
+      state, m = compiled(state, batch)
+      hit("step", step + 1)  # the update is in flight
+      step += 1
+      ledger = record_step(ledger, step, new_segment=new_segment)
+      new_segment = False
+      if step % t.log_every == 0 or step == total:
+        m = jax.device_get(runner.view(m))
+        skipped = _check_numerics(runner.view(state), trainable, t.on_nan, t.max_consecutive_skips)
+        writer.write(step, "train", {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                                     "skipped_steps": skipped})
+        progress.update(step, loss=float(m["loss"]))
+      evaluated = False
+      if (t.eval_every and step % t.eval_every == 0) or step == total:
+        summaries = _evaluate(run, runner.view(state), eval_fn, eval_put, hit, step)
+        evaluated = True
+        for split, s in summaries.items():
+          writer.write(step, "eval", {f"{split}/{k}": v for k, v in s.items() if k != "confusion"})
+        if early is not None and early.update(step, _lookup_metric(summaries, t.best_metric)):
+          stopped_early = True
+      if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total or stopped_early:
+        save(step, summaries if evaluated else None)
+        last_saved = step
+      if stopped_early:
+        print(f"early stopping at step {step}: best {t.best_metric} {early.best:.4f} "
+              f"at step {early.best_step}", flush=True)
+        break
+      hit("after", step)
+      if sigterm.raised:
+        if last_saved != step:
+          save(step)
+        ckpt.wait()
+        raise _preempted(step, wd)
+    ckpt.wait()
+  finally:
+    if progress is not None:
       progress.close()
-      writer.flush()
-      ckpt.close()
+    writer.flush()
+    ckpt.close()
   if not summaries:
-    summaries = _evaluate(run, runner.view(state), eval_fn, eval_put)
+    summaries = _evaluate(run, runner.view(state), eval_fn, eval_put, hit, step)
   _finish(run, summaries)
   writer.close()
   return summaries

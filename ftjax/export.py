@@ -1,0 +1,462 @@
+"""Export fine-tuned parameters back to PyTorch: Hugging Face transformers and timm layouts.
+
+Each exporter is the exact inverse of the family's converter in
+:mod:`ftjax.models` (``vit.convert_hf``/``convert_timm``, ``resnet.convert_hf``/
+``convert_timm``): the same names, transposed back to PyTorch's layout (conv
+OIHW, linear ``(out, in)``), BatchNorm statistics included.  Files are written
+with ``safetensors`` from numpy (no torch needed to export):
+
+* ``hf``: ``config.json`` (architecture, ``id2label``/``label2id`` from the class
+  names), ``model.safetensors`` and ``preprocessor_config.json`` (mean, std,
+  size), loadable with ``ViTForImageClassification.from_pretrained(dir)`` /
+  ``ResNetForImageClassification.from_pretrained(dir)`` and with
+  ``ftjax.models.from_pretrained("hf:" + dir)``;
+* ``timm``: ``model.safetensors`` with timm's keys and timm's hub-style
+  ``config.json``: ``timm.create_model(cfg["architecture"], pretrained=False,
+  **cfg["model_args"])`` then ``load_state_dict``.
+
+Command line, from a training run (LoRA adapters are merged first)::
+
+  python -m ftjax.export --workdir RUN --format hf --out EXPORT_DIR
+
+>>> import jax
+>>> from ftjax import models
+>>> model, shapes = models.create("vit", {"variant": "test"}, num_classes=3, image_size=32)
+>>> flat = {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+>>> sorted(to_timm("vit", {"variant": "test"}, flat))[:3]
+['blocks.0.attn.proj.bias', 'blocks.0.attn.proj.weight', 'blocks.0.attn.qkv.bias']
+>>> to_hf("vit", {"variant": "test"}, flat)["vit.encoder.layer.1.attention.attention.query.weight"].shape
+(32, 32)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ftjax.errors import CheckpointError, ConfigError, FtjaxError
+from ftjax.tree import flatten
+
+FORMATS = ("hf", "timm")
+
+Flat = Mapping[str, np.ndarray]  # "params/..." and "batch_stats/..." paths, ftjax layout
+
+
+def _oihw(kernel: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(kernel).transpose(3, 2, 0, 1))  # HWIO -> OIHW
+
+
+def _linear_weight(kernel: np.ndarray, n_in: int = 1) -> np.ndarray:
+  """A flax kernel ``(*in, *out)`` -> a torch ``nn.Linear`` weight ``(out, in)``."""
+  k = np.asarray(kernel)
+  return np.ascontiguousarray(k.reshape(int(np.prod(k.shape[:n_in])), -1).T)
+
+
+def _unsupported(fmt: str, family: str, what: str) -> ConfigError:
+  return ConfigError(f"cannot export to {fmt}", where=f"{family} arch", value=what,
+                     hint="export to the other format, or keep the ftjax checkpoint")
+
+
+# ------------------------------------------------------------------------------------------ ViT
+
+
+def _vit_arch(arch: Mapping[str, Any]) -> dict:
+  from ftjax.models import vit
+  return vit.resolve_arch(arch)
+
+
+def _vit_blocks(a: dict) -> range:
+  return range(a["num_layers"])
+
+
+def _vit_hf(arch, flat: Flat) -> dict[str, np.ndarray]:
+  a = _vit_arch(arch)
+  if a["pooling"] != "token" or a["fc_norm"] or a["representation_size"]:
+    raise _unsupported("hf", "vit", "transformers' ViT reads the class token after the final norm: "
+                       f"pooling={a['pooling']} fc_norm={a['fc_norm']} "
+                       f"representation_size={a['representation_size']}")
+  p = lambda k: np.asarray(flat[f"params/{k}"])
+  out = {"vit.embeddings.cls_token": p("cls"),
+         "vit.embeddings.position_embeddings": p("Transformer/posembed_input/pos_embedding"),
+         "vit.embeddings.patch_embeddings.projection.weight": _oihw(p("embedding/kernel")),
+         "vit.embeddings.patch_embeddings.projection.bias": p("embedding/bias")}
+  # The layout transformers checkpoints are saved in (transformers 5 renames it on load).
+  for i in _vit_blocks(a):
+    src, dst = f"Transformer/encoderblock_{i}", f"vit.encoder.layer.{i}"
+    att = f"{src}/MultiHeadDotProductAttention_1"
+    for n in ("query", "key", "value"):
+      out[f"{dst}.attention.attention.{n}.weight"] = _linear_weight(p(f"{att}/{n}/kernel"))
+      out[f"{dst}.attention.attention.{n}.bias"] = p(f"{att}/{n}/bias").reshape(-1)
+    out[f"{dst}.attention.output.dense.weight"] = _linear_weight(p(f"{att}/out/kernel"), 2)
+    out[f"{dst}.attention.output.dense.bias"] = p(f"{att}/out/bias")
+    for norm, name in (("LayerNorm_0", "layernorm_before"), ("LayerNorm_2", "layernorm_after")):
+      out[f"{dst}.{name}.weight"] = p(f"{src}/{norm}/scale")
+      out[f"{dst}.{name}.bias"] = p(f"{src}/{norm}/bias")
+    for dense, name in (("Dense_0", "intermediate.dense"), ("Dense_1", "output.dense")):
+      out[f"{dst}.{name}.weight"] = _linear_weight(p(f"{src}/MlpBlock_3/{dense}/kernel"))
+      out[f"{dst}.{name}.bias"] = p(f"{src}/MlpBlock_3/{dense}/bias")
+  out["vit.layernorm.weight"] = p("Transformer/encoder_norm/scale")
+  out["vit.layernorm.bias"] = p("Transformer/encoder_norm/bias")
+  out["classifier.weight"] = _linear_weight(p("head/kernel"))
+  out["classifier.bias"] = p("head/bias")
+  return out
+
+
+def _vit_hf_config(arch, image_size) -> dict:
+  a = _vit_arch(arch)
+  h, w = image_size
+  return {"model_type": "vit", "architectures": ["ViTForImageClassification"],
+          "hidden_size": a["hidden_size"], "num_hidden_layers": a["num_layers"],
+          "num_attention_heads": a["num_heads"], "intermediate_size": a["mlp_dim"],
+          "patch_size": a["patch_size"], "image_size": h if h == w else [h, w],
+          "num_channels": 3, "qkv_bias": True, "hidden_act": "gelu",
+          "layer_norm_eps": float(a["layer_norm_eps"]), "hidden_dropout_prob": 0.0,
+          "attention_probs_dropout_prob": 0.0}
+
+
+def _vit_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
+  a = _vit_arch(arch)
+  if a["representation_size"]:
+    raise _unsupported("timm", "vit", "timm's ViT has no pre_logits layer")
+  p = lambda k: np.asarray(flat[f"params/{k}"])
+  out = {"pos_embed": p("Transformer/posembed_input/pos_embedding"),
+         "patch_embed.proj.weight": _oihw(p("embedding/kernel")),
+         "patch_embed.proj.bias": p("embedding/bias")}
+  if a["class_token"]:
+    out["cls_token"] = p("cls")
+  for i in _vit_blocks(a):
+    src, dst = f"Transformer/encoderblock_{i}", f"blocks.{i}"
+    att = f"{src}/MultiHeadDotProductAttention_1"
+    # timm's fused qkv: rows are [q; k; v], each (heads, head_dim) flattened.
+    out[f"{dst}.attn.qkv.weight"] = np.concatenate(
+        [_linear_weight(p(f"{att}/{n}/kernel")) for n in ("query", "key", "value")])
+    out[f"{dst}.attn.qkv.bias"] = np.concatenate(
+        [p(f"{att}/{n}/bias").reshape(-1) for n in ("query", "key", "value")])
+    out[f"{dst}.attn.proj.weight"] = _linear_weight(p(f"{att}/out/kernel"), 2)
+    out[f"{dst}.attn.proj.bias"] = p(f"{att}/out/bias")
+    for norm, name in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+      out[f"{dst}.{name}.weight"] = p(f"{src}/{norm}/scale")
+      out[f"{dst}.{name}.bias"] = p(f"{src}/{norm}/bias")
+    for dense, name in (("Dense_0", "mlp.fc1"), ("Dense_1", "mlp.fc2")):
+      out[f"{dst}.{name}.weight"] = _linear_weight(p(f"{src}/MlpBlock_3/{dense}/kernel"))
+      out[f"{dst}.{name}.bias"] = p(f"{src}/MlpBlock_3/{dense}/bias")
+  norm = "fc_norm" if a["fc_norm"] else "Transformer/encoder_norm"
+  out[f"{'fc_norm' if a['fc_norm'] else 'norm'}.weight"] = p(f"{norm}/scale")
+  out[f"{'fc_norm' if a['fc_norm'] else 'norm'}.bias"] = p(f"{norm}/bias")
+  out["head.weight"] = _linear_weight(p("head/kernel"))
+  out["head.bias"] = p("head/bias")
+  return out
+
+
+_TIMM_VIT_SIZES = {(192, 12, 3, 768): "tiny", (384, 12, 6, 1536): "small", (768, 12, 12, 3072): "base",
+                   (1024, 24, 16, 4096): "large", (1280, 32, 16, 5120): "huge"}
+# (size, patch, resolution) of timm's registered ViT names.
+_TIMM_VIT_NAMES = {("tiny", 16, 224), ("tiny", 16, 384), ("small", 16, 224), ("small", 16, 384),
+                   ("small", 32, 224), ("small", 32, 384), ("base", 8, 224), ("base", 16, 224),
+                   ("base", 16, 384), ("base", 32, 224), ("base", 32, 384), ("large", 16, 224),
+                   ("large", 16, 384), ("large", 32, 384), ("huge", 14, 224)}
+
+
+def _vit_timm_config(arch, image_size, num_classes: int) -> dict:
+  a = _vit_arch(arch)
+  h, w = image_size
+  size = _TIMM_VIT_SIZES.get((a["hidden_size"], a["num_layers"], a["num_heads"], a["mlp_dim"]))
+  key = (size, a["patch_size"], h)
+  # The model's own name where timm registers one; the model_args repeat every
+  # dimension, so any other shape builds from a registered base name.
+  name = f"vit_{key[0]}_patch{key[1]}_{key[2]}" if key in _TIMM_VIT_NAMES and h == w else \
+      "vit_base_patch16_224"
+  model_args = {"img_size": h if h == w else [h, w], "patch_size": a["patch_size"],
+                "embed_dim": a["hidden_size"], "depth": a["num_layers"], "num_heads": a["num_heads"],
+                "mlp_ratio": a["mlp_dim"] / a["hidden_size"], "num_classes": int(num_classes),
+                "global_pool": "token" if a["pooling"] == "token" else "avg",
+                "class_token": bool(a["class_token"]), "fc_norm": bool(a["fc_norm"])}
+  # timm's ViT LayerNorm epsilon is fixed at 1e-6 (models from transformers use 1e-12:
+  # a relative difference of ~1e-6 in the output).
+  return {"architecture": name, "model_args": model_args}
+
+
+# --------------------------------------------------------------------------------------- ResNet
+
+
+def _bn(out: dict, flat: Flat, src: str, dst: str) -> None:
+  out[f"{dst}.weight"] = np.asarray(flat[f"params/{src}/scale"])
+  out[f"{dst}.bias"] = np.asarray(flat[f"params/{src}/bias"])
+  out[f"{dst}.running_mean"] = np.asarray(flat[f"batch_stats/{src}/mean"])
+  out[f"{dst}.running_var"] = np.asarray(flat[f"batch_stats/{src}/var"])
+  # torch's strict load_state_dict wants the counter; ftjax uses a fixed momentum.
+  out[f"{dst}.num_batches_tracked"] = np.zeros((), np.int64)
+
+
+def _resnet_blocks(cfg: dict):
+  """(stage number from 1, block index, conv count, has a projection) of every block."""
+  convs = 2 if cfg["block"] == "basic" else 3
+  for s, depth in enumerate(cfg["depths"], start=1):
+    for b in range(depth):
+      yield s, b, convs, f"params/stage{s}/block{b}/downsample/conv/kernel"
+
+
+def _resnet_v1(cfg_arch, flat: Flat, names: dict) -> dict[str, np.ndarray]:
+  from ftjax.models import resnet
+  cfg = resnet.v1_config(cfg_arch)
+  if not any(k.startswith("batch_stats/") for k in flat):
+    raise CheckpointError("ResNet variables lack BatchNorm statistics", where="batch_stats",
+                          hint="pass the whole variables dict: params and batch_stats")
+  out = {names["stem_conv"]: _oihw(flat["params/stem/conv/kernel"])}
+  _bn(out, flat, "stem/bn", names["stem_bn"])
+  for s, b, convs, proj in _resnet_blocks(cfg):
+    dst = names["block"](s, b)
+    for j in range(1, convs + 1):
+      out[names["conv"](dst, j)] = _oihw(flat[f"params/stage{s}/block{b}/conv{j}/kernel"])
+      _bn(out, flat, f"stage{s}/block{b}/bn{j}", names["bn"](dst, j))
+    if proj in flat:
+      out[names["down_conv"](dst)] = _oihw(flat[proj])
+      _bn(out, flat, f"stage{s}/block{b}/downsample/bn", names["down_bn"](dst))
+  out[names["head"] + ".weight"] = _linear_weight(flat["params/head/kernel"])
+  out[names["head"] + ".bias"] = np.asarray(flat["params/head/bias"])
+  return out
+
+
+_HF_RESNET_NAMES = {
+    "stem_conv": "resnet.embedder.embedder.convolution.weight",
+    "stem_bn": "resnet.embedder.embedder.normalization",
+    "block": lambda s, b: f"resnet.encoder.stages.{s - 1}.layers.{b}",
+    "conv": lambda d, j: f"{d}.layer.{j - 1}.convolution.weight",
+    "bn": lambda d, j: f"{d}.layer.{j - 1}.normalization",
+    "down_conv": lambda d: f"{d}.shortcut.convolution.weight",
+    "down_bn": lambda d: f"{d}.shortcut.normalization",
+    "head": "classifier.1",
+}
+
+_TIMM_RESNET_NAMES = {
+    "stem_conv": "conv1.weight",
+    "stem_bn": "bn1",
+    "block": lambda s, b: f"layer{s}.{b}",
+    "conv": lambda d, j: f"{d}.conv{j}.weight",
+    "bn": lambda d, j: f"{d}.bn{j}",
+    "down_conv": lambda d: f"{d}.downsample.0.weight",
+    "down_bn": lambda d: f"{d}.downsample.1",
+    "head": "fc",
+}
+
+
+def _resnet_hf_config(arch) -> dict:
+  from ftjax.models import resnet
+  cfg = resnet.v1_config(arch)
+  return {"model_type": "resnet", "architectures": ["ResNetForImageClassification"],
+          "layer_type": cfg["block"], "depths": list(cfg["depths"]), "hidden_sizes": list(cfg["widths"]),
+          "embedding_size": cfg["stem_width"], "downsample_in_first_stage": cfg["first_stage_stride"] == 2,
+          "downsample_in_bottleneck": bool(cfg["stride_in_1x1"]), "hidden_act": "relu",
+          "num_channels": 3}
+
+
+def _resnet_timm_config(arch, num_classes: int) -> dict:
+  from ftjax.models import resnet
+  cfg = resnet.v1_config(arch)
+  if (cfg["stride_in_1x1"] or cfg["first_stage_stride"] != 1 or cfg["stem_width"] != 64
+      or len(cfg["depths"]) != 4):
+    raise _unsupported("timm", "resnet", "timm's ResNet has 4 stages, a 64-wide plain stem, and "
+                       "strides the 3x3 conv, not the first stage")
+  variant = arch.get("variant")
+  if variant is not None:
+    return {"architecture": variant, "model_args": {"num_classes": int(num_classes)}}
+  bottleneck = cfg["block"] == "bottleneck"
+  # timm's channels are the blocks' inner widths; a bottleneck outputs 4x.
+  channels = [w // 4 for w in cfg["widths"]] if bottleneck else list(cfg["widths"])
+  return {"architecture": "resnet50" if bottleneck else "resnet18",
+          "model_args": {"layers": list(cfg["depths"]), "channels": channels,
+                         "num_classes": int(num_classes)}}
+
+
+def _resnetv2_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
+  from ftjax.models import resnet
+  cfg = resnet.v2_config(arch)
+  out = {"stem.conv.weight": _oihw(flat["params/stem/conv/kernel"])}
+  for s, depth in enumerate(cfg["depths"], start=1):
+    for b in range(depth):
+      src, dst = f"params/stage{s}/block{b}", f"stages.{s - 1}.blocks.{b}"
+      for j in (1, 2, 3):
+        out[f"{dst}.norm{j}.weight"] = np.asarray(flat[f"{src}/norm{j}/scale"])
+        out[f"{dst}.norm{j}.bias"] = np.asarray(flat[f"{src}/norm{j}/bias"])
+        out[f"{dst}.conv{j}.weight"] = _oihw(flat[f"{src}/conv{j}/kernel"])
+      if f"{src}/downsample/conv/kernel" in flat:
+        out[f"{dst}.downsample.conv.weight"] = _oihw(flat[f"{src}/downsample/conv/kernel"])
+  out["norm.weight"] = np.asarray(flat["params/norm/scale"])
+  out["norm.bias"] = np.asarray(flat["params/norm/bias"])
+  # timm BiT's head is a 1x1 conv on the pooled features.
+  out["head.fc.weight"] = _linear_weight(flat["params/head/kernel"])[:, :, None, None]
+  out["head.fc.bias"] = np.asarray(flat["params/head/bias"])
+  return out
+
+
+def _resnetv2_timm_config(arch, num_classes: int) -> dict:
+  from ftjax.models import resnet
+  cfg = resnet.v2_config(arch)
+  variant = next((k for k, v in resnet.BIT_VARIANTS.items() if v == (cfg["depths"], cfg["width_factor"])),
+                 None)
+  if variant is None:
+    raise _unsupported("timm", "resnetv2", f"no timm BiT model has depths {cfg['depths']} "
+                       f"x{cfg['width_factor']}")
+  depth, wf = variant[1:].split("x")
+  return {"architecture": f"resnetv2_{depth}x{wf}_bit", "model_args": {"num_classes": int(num_classes)}}
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def _flat(variables) -> dict[str, np.ndarray]:
+  """Nested ``{"params": ..., "batch_stats": ...}`` or already flat -> flat numpy."""
+  flat = flatten(variables) if any(isinstance(v, Mapping) for v in variables.values()) else variables
+  return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def to_hf(family: str, arch: Mapping[str, Any], variables) -> dict[str, np.ndarray]:
+  """Variables in ftjax's layout -> a transformers state dict (numpy), exact inverse of the converter."""
+  flat = _flat(variables)
+  if family == "vit":
+    return _vit_hf(arch, flat)
+  if family == "resnet":
+    return _resnet_v1(arch, flat, _HF_RESNET_NAMES)
+  raise ConfigError("no Hugging Face export for this model family", where="family", value=repr(family),
+                    hint="vit and resnet export to hf; resnetv2 to timm")
+
+
+def to_timm(family: str, arch: Mapping[str, Any], variables) -> dict[str, np.ndarray]:
+  """Variables in ftjax's layout -> a timm state dict (numpy)."""
+  flat = _flat(variables)
+  if family == "vit":
+    return _vit_timm(arch, flat)
+  if family == "resnet":
+    return _resnet_v1(arch, flat, _TIMM_RESNET_NAMES)
+  if family == "resnetv2":
+    return _resnetv2_timm(arch, flat)
+  raise ConfigError("no timm export for this model family", where="family", value=repr(family),
+                    hint="vit, resnet and resnetv2 export to timm")
+
+
+def _labels(meta: Mapping[str, Any]) -> list[str]:
+  names = meta.get("class_names")
+  n = int(meta["num_classes"])
+  if not names:
+    return [f"LABEL_{i}" for i in range(n)]  # transformers' own placeholders
+  if len(names) != n:
+    raise ConfigError("class names do not match the classifier", where="class_names",
+                      value=f"{len(names)} names for {n} classes")
+  return [str(c) for c in names]
+
+
+def _save(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+  from safetensors.numpy import save_file
+  # transformers refuses safetensors files without a "format" entry.
+  # (np.asarray, not ascontiguousarray: that makes a 0-d counter 1-d.)
+  save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def _write_json(path: Path, obj) -> None:
+  path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str = "hf") -> Path:
+  """Writes ``variables`` as a PyTorch model directory; returns the directory.
+
+  Args:
+    variables: ``{"params": ..., "batch_stats": ...}`` (nested or flat), LoRA
+      adapters already merged (:func:`read_run` does it).
+    meta: the model metadata the trainer stores (``extra["model"]``): family,
+      arch, num_classes, image_size, mean, std, class_names.
+    directory: created if missing; existing files of the same names are replaced.
+    fmt: ``"hf"`` or ``"timm"``.
+  """
+  if fmt not in FORMATS:
+    raise ConfigError("unknown export format", where="--format", value=repr(fmt), hint=f"one of {FORMATS}")
+  family, arch = meta["family"], dict(meta["arch"])
+  image_size = tuple(int(s) for s in meta["image_size"])
+  labels = _labels(meta)
+  out = Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  if fmt == "hf":
+    tensors = to_hf(family, arch, variables)
+    config = _vit_hf_config(arch, image_size) if family == "vit" else _resnet_hf_config(arch)
+    config["id2label"] = {str(i): n for i, n in enumerate(labels)}
+    config["label2id"] = {n: i for i, n in enumerate(labels)}
+    _write_json(out / "config.json", config)
+    _write_json(out / "preprocessor_config.json", {
+        "image_processor_type": "ViTImageProcessor" if family == "vit" else "ConvNextImageProcessor",
+        "do_resize": True, "size": {"height": image_size[0], "width": image_size[1]},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(meta["mean"]), "image_std": list(meta["std"])})
+  else:
+    tensors = to_timm(family, arch, variables)
+    if family == "vit":
+      config = _vit_timm_config(arch, image_size, meta["num_classes"])
+    elif family == "resnet":
+      config = _resnet_timm_config(arch, meta["num_classes"])
+    else:
+      config = _resnetv2_timm_config(arch, meta["num_classes"])
+    config.update(num_classes=int(meta["num_classes"]), label_names=labels,
+                  pretrained_cfg={"input_size": [3, *image_size], "mean": list(meta["mean"]),
+                                  "std": list(meta["std"]), "num_classes": int(meta["num_classes"])})
+    _write_json(out / "config.json", config)
+  _save(tensors, out / "model.safetensors")
+  return out
+
+
+def read_run(workdir: str | Path, *, ema: bool = False) -> tuple[dict, dict]:
+  """A training run's newest checkpoint as ``(variables, model meta)``, LoRA adapters merged.
+
+  ``variables`` holds numpy ``params`` (the EMA params with ``ema=True``) and,
+  for BatchNorm models, ``batch_stats``; ``meta`` is the trainer's
+  ``extra["model"]``, whose ``lora`` entry (a :class:`ftjax.lora.LoraSpec` as a
+  dict) says how to merge adapters.
+  """
+  from ftjax import checkpoint, lora
+  tree, extra = checkpoint.read_checkpoint(workdir)
+  meta = extra.get("model")
+  if not meta:
+    raise CheckpointError("checkpoint has no model metadata", where=str(workdir),
+                          hint="only checkpoints written by ftjax's trainer can be read")
+  state = tree.get("state", tree)
+  params = state.get("ema_params") if ema else state["params"]
+  if params is None:
+    raise CheckpointError("checkpoint has no EMA parameters", where=str(workdir),
+                          hint="train with train.ema_decay > 0, or export without --ema")
+  if lora.LORA in params:
+    if not meta.get("lora"):
+      raise CheckpointError("checkpoint holds LoRA adapters but no LoRA settings", where=str(workdir),
+                            hint="the trainer stores them in extra['model']['lora']")
+    params = lora.merge(params, lora.LoraSpec.from_dict(meta["lora"]))
+  variables = {"params": params}
+  if state.get("batch_stats"):
+    variables["batch_stats"] = state["batch_stats"]
+  return jax.tree.map(np.asarray, variables), dict(meta)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m ftjax.export", description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="a training run's workdir (or checkpoint dir)")
+  parser.add_argument("--out", required=True, help="directory to write")
+  parser.add_argument("--format", default="hf", choices=FORMATS)
+  parser.add_argument("--ema", action="store_true", help="export the EMA parameters")
+  args = parser.parse_args(argv)
+  try:
+    variables, meta = read_run(args.workdir, ema=args.ema)
+    out = export(variables, meta, args.out, args.format)
+  except FtjaxError as e:
+    print(str(e), file=sys.stderr)
+    return e.exit_code
+  print(f"exported {meta['family']} ({args.format}) to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
+
+
+__all__ = ["FORMATS", "export", "main", "read_run", "to_hf", "to_timm"]

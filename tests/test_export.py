@@ -1,0 +1,131 @@
+"""Export round trips: ftjax params -> transformers / timm files -> PyTorch logits equal ftjax's."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftjax import export, models
+from ftjax.errors import ConfigError
+from ftjax.tree import flatten, unflatten
+
+VIT_ARCH = {"variant": "test"}
+# Small, but with what timm's ResNet needs: four stages and the 64-wide stem.
+RESNET_BASIC = {"block": "basic", "depths": (1, 2, 1, 1), "widths": (8, 16, 16, 32), "stem_width": 64}
+RESNET_BOTTLENECK = {"block": "bottleneck", "depths": (2, 1, 1, 1), "widths": (16, 32, 32, 64),
+                     "stem_width": 64}
+CLASSES = ["cat", "dog", "emu"]
+
+
+def _perturbed(family, arch, image_size, seed):
+  """Random variables where every tensor is non-trivial (a head, cls token and BN stats that
+  are not zeros or ones), so a wrong transpose or a swapped name changes the logits."""
+  model, _ = models.create(family, arch, num_classes=len(CLASSES), image_size=image_size)
+  flat = flatten(models.init_variables(model, image_size, seed=seed))
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path, v in flat.items():
+    v = np.asarray(v)
+    if path.endswith("/var"):
+      out[path] = rng.uniform(0.5, 2.0, v.shape).astype(v.dtype)
+    else:
+      out[path] = (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype)
+  return model, unflatten(out)
+
+
+def _meta(family, arch, image_size):
+  return {"family": family, "arch": arch, "num_classes": len(CLASSES), "image_size": [image_size] * 2,
+          "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "class_names": CLASSES}
+
+
+def _images(size, seed=0):
+  return np.random.default_rng(seed).normal(size=(2, size, size, 3)).astype(np.float32)
+
+
+def _torch_logits(module, x_nhwc):
+  module.eval()
+  with torch.no_grad():
+    out = module(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy()))
+  return (out.logits if hasattr(out, "logits") else out).numpy()
+
+
+def _timm_model(directory):
+  import timm
+  cfg = json.loads((directory / "config.json").read_text())
+  model = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
+  # strict: every key of the export is a key of the model and none is missing
+  model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+  return model, cfg
+
+
+def _check_hf(directory, cls):
+  model, info = cls.from_pretrained(str(directory), output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert [model.config.id2label[i] for i in range(len(CLASSES))] == CLASSES
+  return model
+
+
+@pytest.mark.parametrize("fmt", ["hf", "timm"])
+def test_vit_round_trip(tmp_path, fmt):
+  from transformers import ViTForImageClassification
+  model, variables = _perturbed("vit", VIT_ARCH, 32, seed=1)
+  x = _images(32)
+  ours = np.asarray(model.apply(variables, jnp.asarray(x)))
+  out = export.export(variables, _meta("vit", VIT_ARCH, 32), tmp_path / fmt, fmt)
+  if fmt == "hf":
+    theirs = _torch_logits(_check_hf(out, ViTForImageClassification), x)
+  else:
+    theirs = _torch_logits(_timm_model(out)[0], x)
+  assert np.abs(theirs - ours).max() < 1e-4
+  assert np.abs(ours).max() > 0.1  # logits carry signal, not a zero head
+
+
+@pytest.mark.parametrize("arch", [RESNET_BASIC, RESNET_BOTTLENECK], ids=["basic", "bottleneck"])
+@pytest.mark.parametrize("fmt", ["hf", "timm"])
+def test_resnet_round_trip_with_batch_stats(tmp_path, fmt, arch):
+  from transformers import ResNetForImageClassification
+  model, variables = _perturbed("resnet", arch, 64, seed=2)
+  x = _images(64, seed=3)
+  ours = np.asarray(model.apply(variables, jnp.asarray(x), train=False))
+  out = export.export(variables, _meta("resnet", arch, 64), tmp_path / fmt, fmt)
+  tensors = load_file(str(out / "model.safetensors"))
+  stem_mean = tensors["resnet.embedder.embedder.normalization.running_mean" if fmt == "hf" else "bn1.running_mean"]
+  np.testing.assert_array_equal(stem_mean.numpy(), variables["batch_stats"]["stem"]["bn"]["mean"])
+  if fmt == "hf":
+    theirs = _torch_logits(_check_hf(out, ResNetForImageClassification), x)
+  else:
+    theirs = _torch_logits(_timm_model(out)[0], x)
+  assert np.abs(theirs - ours).max() < 1e-4
+  assert np.abs(ours).max() > 0.1
+
+
+def test_hf_export_reads_back_into_ftjax_bit_identical(tmp_path):
+  _, variables = _perturbed("vit", VIT_ARCH, 32, seed=4)
+  out = export.export(variables, _meta("vit", VIT_ARCH, 32), tmp_path, "hf")
+  _, loaded, report = models.from_pretrained(f"hf:{out}")
+  assert report.class_names == CLASSES and report.image_size == (32, 32)
+  a, b = flatten(variables), flatten(loaded)
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(b[k]), np.asarray(a[k]), err_msg=k)
+
+
+def test_timm_named_variant_and_resnetv2_configs():
+  assert export._vit_timm_config({"variant": "B/16"}, (224, 224), 10)["architecture"] == \
+      "vit_base_patch16_224"
+  assert export._resnet_timm_config({"variant": "resnet50"}, 10) == \
+      {"architecture": "resnet50", "model_args": {"num_classes": 10}}
+  assert export._resnetv2_timm_config({"variant": "R50x1"}, 10)["architecture"] == "resnetv2_50x1_bit"
+
+
+def test_unsupported_exports_are_config_errors(tmp_path):
+  _, variables = _perturbed("vit", VIT_ARCH, 32, seed=5)
+  gap = _meta("vit", {"variant": "test", "pooling": "gap", "fc_norm": True}, 32)
+  with pytest.raises(ConfigError, match="cannot export to hf"):
+    export.export(variables, gap, tmp_path, "hf")
+  with pytest.raises(ConfigError, match="unknown export format"):
+    export.export(variables, _meta("vit", VIT_ARCH, 32), tmp_path, "onnx")

@@ -1,0 +1,149 @@
+"""LoRA: exact parameter counts, training through the param-group machinery, merging, memory."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import lora, models, optim, train
+from ftjax.errors import ConfigError
+from ftjax.tree import flatten, unflatten
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def base():
+  """The tiny ViT ('test': width 32, 2 blocks, 2 heads, MLP 64) with a random, non-zero head."""
+  model, _ = models.create("vit", {"variant": "test"}, num_classes=5, image_size=SIZE)
+  params = flatten(models.init_variables(model, SIZE, seed=0)["params"])
+  params["head/kernel"] = np.random.default_rng(0).normal(0, 0.5, params["head/kernel"].shape).astype(np.float32)
+  return model, jax.tree.map(np.asarray, unflatten(params))
+
+
+def _size(tree):
+  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+def test_rank_r_adds_exactly_r_times_in_plus_out(base, rank):
+  _, params = base
+  spec = lora.LoraSpec(rank=rank)
+  # per block: query/key/value/out 32 -> 32 (4 x (32 + 32)); Dense_0 32 -> 64, Dense_1 64 -> 32
+  per_block = 4 * (32 + 32) + 2 * (32 + 64)
+  assert lora.num_lora_params(params, spec) == rank * 2 * per_block
+  with_lora = lora.add_lora(params, spec, jax.random.key(0))
+  assert _size(with_lora) - _size(params) == rank * 2 * per_block
+  shapes = lora.target_shapes(params, spec)
+  assert shapes["Transformer/encoderblock_1/MultiHeadDotProductAttention_1/out/kernel"] == (32, 32)
+  assert shapes["Transformer/encoderblock_0/MlpBlock_3/Dense_1/kernel"] == (64, 32)
+  assert len(shapes) == 12
+
+
+def test_targets_regex_selects_and_bad_targets_fail(base):
+  _, params = base
+  only_q = lora.LoraSpec(rank=2, targets=(r".*/query/kernel",))
+  assert sorted(lora.target_shapes(params, only_q)) == [
+      f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/query/kernel" for i in (0, 1)]
+  with pytest.raises(ConfigError, match="LoRA target matches no parameter"):
+    lora.target_shapes(params, lora.LoraSpec(rank=2, targets=("nothing/kernel",)))
+  with pytest.raises(ConfigError, match="not a dense kernel"):
+    lora.target_shapes(params, lora.LoraSpec(rank=2, targets=(r".*/query/bias",)))
+  with pytest.raises(ConfigError, match="rank must be a positive integer"):
+    lora.LoraSpec(rank=0)
+
+
+def test_starts_equal_to_the_base_model(base):
+  model, params = base
+  lm = lora.LoraModel(model, lora.LoraSpec(rank=4, alpha=8))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 3)), jnp.float32)
+  p = lora.add_lora(params, lm.spec, jax.random.key(0))
+  np.testing.assert_array_equal(lm.apply({"params": p}, x), model.apply({"params": params}, x))
+
+
+def _train(model, params, config, steps):
+  tx = optim.make_optimizer(params, config, total_steps=100)
+  trainable = train.trainable_paths(optim.trainable_mask(params, config))
+  state = train._initial_state(params, None, tx, seed=0, ema=False)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, trainable=trainable,
+                                   opts=train.StepOptions(num_classes=5)))
+  rng = np.random.default_rng(2)
+  losses = []
+  for _ in range(steps):
+    batch = {"image": jnp.asarray(rng.normal(size=(8, SIZE, SIZE, 3)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 5, 8), jnp.int32)}
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  return state, trainable, losses
+
+
+def test_train_merge_logits_and_frozen_base(base):
+  model, params = base
+  spec = lora.LoraSpec(rank=4, alpha=8)
+  lm = lora.LoraModel(model, spec)
+  start = lora.add_lora(params, spec, jax.random.key(0))
+  config = {"name": "adam", "kwargs": {}, "lr": 3e-2, "param_groups": lora.PARAM_GROUPS}
+  state, trainable, losses = _train(lm, start, config, steps=4)
+  assert all(p.startswith(("lora/", "head/")) for p in trainable)
+  assert len(trainable) == 2 * 12 + 2  # a and b of 12 adapted kernels, head kernel and bias
+  trained = jax.tree.map(np.asarray, state.params)
+  assert np.abs(flatten(trained["lora"])["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel/b"]).max() > 0
+  # every base weight but the head is bit-identical to the checkpoint it started from
+  before, after = flatten(params), flatten(lora.split_lora(trained)[0])
+  for path, value in before.items():
+    if not path.startswith("head/"):
+      np.testing.assert_array_equal(after[path], value, err_msg=path)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(4, SIZE, SIZE, 3)), jnp.float32)
+  unmerged = np.asarray(lm.apply({"params": trained}, x))
+  merged_params = lora.merge(trained, spec)
+  assert "lora" not in merged_params and sorted(flatten(merged_params)) == sorted(before)
+  merged = np.asarray(model.apply({"params": merged_params}, x))
+  assert np.abs(merged - unmerged).max() < 1e-5
+  # ... and the adapters did change the function (the head alone would not explain it)
+  head_only = {**lora.split_lora(trained)[0]}
+  assert np.abs(np.asarray(model.apply({"params": head_only}, x)) - unmerged).max() > 1e-3
+
+
+def test_fine_tuning_plan_counts_adapters_and_their_optimizer_state(base):
+  _, params = base
+  spec = lora.LoraSpec(rank=4)
+  p = lora.add_lora(params, spec, jax.random.key(0))
+  plan = optim.fine_tuning_plan(p, {"name": "adam", "kwargs": {}, "param_groups": lora.PARAM_GROUPS},
+                                total_steps=10)
+  n_head = 32 * 5 + 5
+  assert plan.trainable_params == lora.num_lora_params(params, spec) + n_head
+  assert plan.frozen_params == _size(params) - n_head
+  # adam: mu and nu in float32 per trainable param, plus two int32 step counts (adam's, schedule's)
+  assert plan.row("g0").state_bytes == 2 * 4 * lora.num_lora_params(params, spec) + 8
+
+
+@pytest.mark.slow
+def test_vit_b16_lora_step_memory_versus_full_fine_tune():
+  """Compiled memory (XLA memory_analysis) of one AdamW train step, ViT-B/16 at 224, shapes only.
+
+  Measured on CPU (2026-11-27): batch 1: LoRA r=8 peak 0.76 GB vs full 2.02 GB (0.38x);
+  batch 8: 2.95 GB vs 3.80 GB (0.78x): activations, which LoRA does not shrink, dominate there.
+  """
+  base_model, _ = models.create("vit", {"variant": "B/16"}, num_classes=10, image_size=224)
+  params = jax.eval_shape(lambda: models.init_variables(base_model, 224))["params"]
+  spec = lora.LoraSpec(rank=8)
+
+  def peak(model, p, groups, batch):
+    config = {"name": "adamw", "kwargs": {}, "lr": 1e-3, "param_groups": groups}
+    tx = optim.make_optimizer(p, config, total_steps=100)
+    trainable = train.trainable_paths(optim.trainable_mask(p, config))
+    state = jax.eval_shape(lambda q: train._initial_state(q, None, tx, 0, False), p)
+    b = {"image": jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32),
+         "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    fn = functools.partial(train.train_step, model=model, tx=tx, trainable=trainable,
+                           opts=train.StepOptions(num_classes=10))
+    return lora.compiled_memory(jax.jit(fn, donate_argnums=0).lower(state, b).compile())["peak"]
+
+  lp = jax.eval_shape(lambda q: lora.add_lora(q, spec, jax.random.key(0)), params)
+  full = peak(base_model, params, [(".*", {})], 1)
+  low = peak(lora.LoraModel(base_model, spec), lp, lora.PARAM_GROUPS, 1)
+  print(f"ViT-B/16 batch 1 step peak: full {full / 1e9:.2f} GB, LoRA r=8 {low / 1e9:.2f} GB, "
+        f"ratio {low / full:.3f}")
+  assert low <= 0.5 * full

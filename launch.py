@@ -68,12 +68,24 @@ def _explain(e: BaseException, argv) -> str:
 
 def _parse(argv):
   """absl flag parsing, with ftjax's one-line errors instead of usage dumps."""
-  from ftjax.errors import EXIT_USAGE
+  from ftjax.errors import EXIT_USAGE, FtjaxError
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except Exception as e:  # the config file is user code: it may raise anything, even a SyntaxError
     if os.environ.get("FTJAX_TRACEBACK"):
       raise
+    if isinstance(e, FtjaxError):  # raised by get_config itself (e.g. a bad :arg)
+      _fail(str(e), e.exit_code)
+    # get_config raised a ConfigError (e.g. a bad :arg) that config_flags wrapped: its own line is last.
+    own = re.findall(r"ftjax: error: (?:(?!ftjax: error: ).)*$", str(e))
+    if own and "Traceback" not in own[-1]:
+      _fail(own[-1].strip(), EXIT_USAGE)
+    if isinstance(e, SyntaxError):
+      _fail(f"ftjax: error: syntax error in config file ({e.filename}:{e.lineno}): {e.msg}", EXIT_USAGE)
+    if not isinstance(e, (flags.Error, AttributeError, KeyError, TypeError, ValueError)):
+      detail = " ".join(str(e).split())[:200]
+      _fail(f"ftjax: error: config file failed ({_config_arg(argv)}): {type(e).__name__}: {detail}",
+            EXIT_USAGE)
     _fail(_explain(e, argv), EXIT_USAGE)
 
 
@@ -114,9 +126,12 @@ def _load_config():
   except Exception as e:  # a config file that does not load: missing, bad key, bad type, syntax
     if os.environ.get("FTJAX_TRACEBACK"):
       raise
+    path = flags.FLAGS["config"].config_filename
+    if isinstance(e, OSError) and not os.path.exists(path):
+      _fail(f"ftjax: error: config file not found ({path}); check --config", 2)
     what = "cannot load config file" if isinstance(e, OSError) else "bad config"
     detail = " ".join(str(e).split()).replace("Failed loading config file config_config ", "")
-    _fail(f"ftjax: error: {what} ({flags.FLAGS['config'].config_filename}): {detail[:300]}", 2)
+    _fail(f"ftjax: error: {what} ({path}): {detail[:300]}", 2)
   return config
 
 

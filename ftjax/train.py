@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path

@@ -1,0 +1,112 @@
+"""Few-shot ridge probes: separable features, a least-squares reference, features of real models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import data as data_lib
+from ftjax import fewshot, lora, models
+from ftjax.errors import DataError
+from ftjax.tree import flatten, unflatten
+
+
+def _separable(num_classes=10, dim=64, per_class=40, seed=0):
+  """Gaussian blobs around orthogonal centres 4 apart, noise 0.3: separable by a wide margin."""
+  rng = np.random.default_rng(seed)
+  centres = 4.0 * np.linalg.qr(rng.normal(size=(dim, num_classes)))[0].T
+  labels = np.repeat(np.arange(num_classes), per_class)
+  return centres[labels] + rng.normal(0, 0.3, (len(labels), dim)), labels
+
+
+def test_separable_features_reach_100_percent_at_every_shot_count():
+  x, y = _separable(per_class=90)
+  test = np.arange(len(y)) % 3 == 0  # 30 test and 60 train examples per class
+  acc = fewshot.fewshot_evaluate(x[~test], y[~test], x[test], y[test], shots=(1, 5, 10, 25),
+                                 l2_reg=1.0)
+  assert acc == {1: 1.0, 5: 1.0, 10: 1.0, 25: 1.0}
+
+
+def test_labels_that_no_feature_predicts_stay_at_chance():
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(2000, 16)), rng.integers(0, 4, 2000)
+  acc = fewshot.fewshot_evaluate(x[:1000], y[:1000], x[1000:], y[1000:], shots=(25,), l2_reg=1.0)
+  assert 0.15 < acc[25] < 0.35
+
+
+@pytest.mark.parametrize("n,d", [(40, 8), (12, 50)], ids=["primal", "dual"])
+@pytest.mark.parametrize("l2", [0.0, 0.5, 1024.0])
+def test_ridge_matches_a_least_squares_reference(n, d, l2):
+  rng = np.random.default_rng(n + d)
+  x, y = rng.normal(size=(n, d)) + 3.0, rng.normal(size=(n, 3))
+  w, b = fewshot.ridge_fit(x, y, l2)
+  # Reference: ridge as one least-squares system over [w; b], the bias column unpenalised:
+  # [[X, 1], [sqrt(l2) I, 0]] [w; b] = [Y; 0]; lstsq gives the minimum-norm solution when l2 = 0.
+  a = np.block([[x, np.ones((n, 1))], [np.sqrt(l2) * np.eye(d), np.zeros((d, 1))]])
+  rhs = np.concatenate([y, np.zeros((d, 3))])
+  if l2 == 0.0 and n < d:
+    # min-norm over w only (the bias stays free): solve on centred data
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    ref_w = np.linalg.lstsq(xc, yc, rcond=None)[0]
+    ref_b = y.mean(0) - x.mean(0) @ ref_w
+  else:
+    sol = np.linalg.lstsq(a, rhs, rcond=None)[0]
+    ref_w, ref_b = sol[:d], sol[d]
+  np.testing.assert_allclose(w, ref_w, rtol=1e-8, atol=1e-9)
+  np.testing.assert_allclose(b, ref_b, rtol=1e-8, atol=1e-9)
+
+
+def test_shots_are_nested_and_too_few_examples_is_an_error():
+  labels = np.repeat(np.arange(3), 30)
+  sets = [set(fewshot.shot_indices(labels, k, 3, seed=7)) for k in (1, 5, 10, 25)]
+  assert all(a < b for a, b in zip(sets, sets[1:]))
+  assert [np.bincount(labels[sorted(s)]).tolist() for s in sets[:2]] == [[1, 1, 1], [5, 5, 5]]
+  with pytest.raises(DataError, match="too few training examples"):
+    fewshot.shot_indices(labels, 31, 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def vit():
+  model, _ = models.create("vit", {"variant": "test"}, num_classes=10, image_size=32)
+  flat = flatten(models.init_variables(model, 32, seed=0))
+  flat["params/head/kernel"] = np.random.default_rng(0).normal(
+      0, 0.3, flat["params/head/kernel"].shape).astype(np.float32)
+  return model, jax.tree.map(jnp.asarray, unflatten(flat))
+
+
+def test_features_are_the_head_input_for_vit_lora_and_resnet(vit):
+  model, variables = vit
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32, 32, 3)), jnp.float32)
+  head = variables["params"]["head"]
+  for m, v in [(model, variables),
+               (lora.LoraModel(model, lora.LoraSpec(rank=2)),
+                {"params": lora.add_lora(variables["params"], lora.LoraSpec(rank=2), jax.random.key(1))})]:
+    f = fewshot.features(m, v, x)
+    assert f.shape == (3, 32)
+    np.testing.assert_allclose(f @ head["kernel"] + head["bias"], m.apply(v, x), atol=1e-5)
+  rn, _ = models.create("resnet", {"block": "basic", "depths": (1,), "widths": (8,), "stem_width": 8},
+                        num_classes=4, image_size=32)
+  rv = models.init_variables(rn, 32)
+  f = fewshot.features(rn, rv, x)
+  assert f.shape == (3, 8)
+  np.testing.assert_allclose(f @ rv["params"]["head"]["kernel"] + rv["params"]["head"]["bias"],
+                             rn.apply(rv, x), atol=1e-5)
+
+
+def test_evaluator_on_digits_equals_the_function_on_extracted_features(vit):
+  model, variables = vit
+  cfg = data_lib.default_config()
+  cfg.source, cfg.image_size = "digits", 32
+  train_ds, test_ds = data_lib.build(cfg, split="train"), data_lib.build(cfg, split="test")
+  test_ds = test_ds.subset(np.arange(200))
+  ev = fewshot.FewshotEvaluator(train_ds, test_ds, cfg, shots=(1, 5), l2_reg=1.0, seed=3)
+  assert ev.train_ds.num_examples == 5 * 10
+  got = ev(model, variables, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+  kw = dict(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+  xtr, ytr = fewshot.extract_features(model, variables, ev.train_ds, cfg, **kw)
+  xte, yte = fewshot.extract_features(model, variables, test_ds, cfg, **kw)
+  assert xte.shape == (200, 32) and yte.tolist() == test_ds.labels.tolist()
+  want = fewshot.fewshot_evaluate(xtr, ytr, xte, yte, (1, 5), 1.0, 3, 10)
+  assert got == {"fewshot_1shot": want[1], "fewshot_5shot": want[5]}
+  # even random-init ViT features beat chance (0.1) on digits with 5 shots (measured: 0.325)
+  assert got["fewshot_5shot"] > 0.2

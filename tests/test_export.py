@@ -69,13 +69,15 @@ def _check_hf(directory, cls):
   return model
 
 
-@pytest.mark.parametrize("fmt", ["hf", "timm"])
-def test_vit_round_trip(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,arch", [("hf", VIT_ARCH), ("timm", VIT_ARCH),
+                                      ("timm", {"variant": "test", "pooling": "gap", "fc_norm": True})],
+                         ids=["hf", "timm", "timm-gap-fc_norm"])
+def test_vit_round_trip(tmp_path, fmt, arch):
   from transformers import ViTForImageClassification
-  model, variables = _perturbed("vit", VIT_ARCH, 32, seed=1)
+  model, variables = _perturbed("vit", arch, 32, seed=1)
   x = _images(32)
   ours = np.asarray(model.apply(variables, jnp.asarray(x)))
-  out = export.export(variables, _meta("vit", VIT_ARCH, 32), tmp_path / fmt, fmt)
+  out = export.export(variables, _meta("vit", arch, 32), tmp_path / fmt, fmt)
   if fmt == "hf":
     theirs = _torch_logits(_check_hf(out, ViTForImageClassification), x)
   else:
@@ -129,3 +131,36 @@ def test_unsupported_exports_are_config_errors(tmp_path):
     export.export(variables, gap, tmp_path, "hf")
   with pytest.raises(ConfigError, match="unknown export format"):
     export.export(variables, _meta("vit", VIT_ARCH, 32), tmp_path, "onnx")
+
+
+def test_lora_run_is_merged_on_read_and_exports_the_adapted_function(tmp_path):
+  """A run checkpoint holding LoRA adapters: read_run merges them (with the stored spec) and the
+  transformers model computes what the unmerged LoRA model computes."""
+  from transformers import ViTForImageClassification
+
+  from ftjax import checkpoint, lora
+  from ftjax.errors import CheckpointError
+  model, variables = _perturbed("vit", VIT_ARCH, 32, seed=6)
+  spec = lora.LoraSpec(rank=2, alpha=4.0)
+  params = lora.add_lora(variables["params"], spec, jax.random.key(0))
+  # stand-in for training: non-zero b, so the adapters change the function
+  params["lora"] = jax.tree.map(lambda a: a + 0.05, params["lora"])
+  meta = {**_meta("vit", VIT_ARCH, 32), "lora": spec.to_dict()}
+  with checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", async_save=False) as c:
+    c.save(3, {"params": params}, extra={"model": meta})
+  merged, read_meta = export.read_run(tmp_path / "run")
+  assert "lora" not in merged["params"] and read_meta["lora"] == spec.to_dict()
+  x = _images(32, seed=7)
+  adapted = np.asarray(lora.LoraModel(model, spec).apply({"params": params}, jnp.asarray(x)))
+  out = export.export(merged, read_meta, tmp_path / "hf", "hf")
+  theirs = _torch_logits(_check_hf(out, ViTForImageClassification), x)
+  assert np.abs(theirs - adapted).max() < 1e-4
+  assert np.abs(adapted - np.asarray(model.apply(variables, jnp.asarray(x)))).max() > 1e-2
+  assert export.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'timm'}", "--format=timm"]) == 0
+  timm_model, cfg = _timm_model(tmp_path / "timm")
+  assert cfg["label_names"] == CLASSES
+  assert np.abs(_torch_logits(timm_model, x) - adapted).max() < 1e-4
+  with checkpoint.Checkpointer(tmp_path / "bad" / "checkpoints", async_save=False) as c:
+    c.save(1, {"params": params}, extra={"model": _meta("vit", VIT_ARCH, 32)})
+  with pytest.raises(CheckpointError, match="LoRA adapters but no LoRA settings"):
+    export.read_run(tmp_path / "bad")

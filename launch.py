@@ -1,6 +1,7 @@
 """Fine-tune a pretrained model: ``python launch.py --config configs/<name>.py[:arg] --workdir DIR``.
 
-With no arguments it runs ``configs/default.py`` into ``runs/default``.
+Without ``--config`` it runs the repository's ``configs/default.py`` (never a file
+of that name in the current directory) into ``runs/default``.
 ``--config.key=value`` overrides any config key; an unknown key or a wrong type
 fails at once.  Errors print one line and exit with the codes in the README
 (2 usage/config, 3 data/checkpoint, 4 numerics, 75 preempted: rerun to resume).
@@ -19,11 +20,25 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", default="configs/default.py",
+# No default here: absl would load (run) a default config file at parse time, resolved against
+# the current directory, which may be a stranger's workdir.
+_CONFIG = config_flags.DEFINE_config_file("config", default=None,
                                           help_string="config file (get_config(arg)) and optional :arg",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and plots go "
                                "(default: runs/<config name>)")
+
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+
+
+def _flag_value(argv, name: str) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+    if a == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def _fail(line: str, code: int):
@@ -37,7 +52,7 @@ def _config_arg(argv) -> str:
       return a.split("=", 1)[1].split(":")[0]
     if a == "--config" and i + 1 < len(argv):
       return argv[i + 1].split(":")[0]
-  return "configs/default.py"
+  return DEFAULT_CONFIG
 
 
 def _explain(e: BaseException, argv) -> str:
@@ -69,6 +84,10 @@ def _explain(e: BaseException, argv) -> str:
 def _parse(argv):
   """absl flag parsing, with ftjax's one-line errors instead of usage dumps."""
   from ftjax.errors import EXIT_USAGE, FtjaxError
+  workdir = _flag_value(argv, "workdir")
+  resuming = workdir and os.path.isfile(os.path.join(workdir, "config.json"))
+  if _flag_value(argv, "config") is None and not resuming:
+    argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # the config file is user code: it may raise anything, even a SyntaxError
@@ -97,11 +116,11 @@ def main(argv):
   from ftjax.errors import FtjaxError
   workdir = _WORKDIR.value
   try:
-    if not flags.FLAGS["config"].present and workdir and train.stored_config(workdir) is not None:
+    if _flag_value(sys.argv, "config") is None and workdir and train.stored_config(workdir) is not None:
       # Resuming a run by its workdir alone: the stored JSON is the config (a config.py
       # found there is never executed).
       config = train.stored_config(workdir)
-      if any(a.startswith("--config.") for a in sys.argv[1:]):
+      if any(a.startswith("--config.") for a in sys.argv[1:]):  # nothing to override without --config
         _fail("ftjax: error: --config.KEY overrides need --config (--workdir): resuming from "
               f"{os.path.join(workdir, train.CONFIG_FILE)}; pass --config as well", 2)
     else:

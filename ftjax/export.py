@@ -301,7 +301,7 @@ def _resnetv2_timm_config(arch, num_classes: int) -> dict:
   cfg = resnet.v2_config(arch)
   variant = next((k for k, v in resnet.BIT_VARIANTS.items() if v == (cfg["depths"], cfg["width_factor"])),
                  None)
-  if variant is None:
+  if variant is None:  # timm's BiT constructors fix their depths: no model_args can change them
     raise _unsupported("timm", "resnetv2", f"no timm BiT model has depths {cfg['depths']} "
                        f"x{cfg['width_factor']}")
   depth, wf = variant[1:].split("x")

@@ -1,0 +1,411 @@
+"""Train-step throughput of ftjax against timm + torch.compile, same device, same call (issue 6).
+
+ViT-B/16 and ResNet-50 at 224 px, batch 256, bf16 compute (float32 parameters
+and optimizer state), AdamW (lr 1e-4, weight decay 0.01), 100 classes, random
+init, synthetic data already on the device; the same figures as
+``shared/bench/timm_baseline.py`` (one compiling step, 4 warm-up steps, 20 timed
+steps).  Modes: ``full`` fine-tune, ``head_only``, ``layer_decay`` (0.75),
+``lora`` (when ``ftjax/lora.py`` exists) and ``forward`` (forward + loss, no
+gradients: what a head-only step should cost).  Each (model, mode) runs in its
+own process, so the device's peak memory is that configuration's alone.
+
+    # on the GPU: the timm baseline first, then ours, then the ratio table
+    python bench/train_throughput.py --baseline path/to/timm_baseline.py --out $OUT/bench.jsonl
+    # a baseline already run in the same job
+    python bench/train_throughput.py --baseline-json $OUT/timm.jsonl
+    # CPU: tiny settings (ViT "test" variant and ResNet-18, batch 4, 64 px, 2 timed steps)
+    python bench/train_throughput.py --smoke
+
+Prints one JSON line per configuration (``framework: ftjax``; the baseline's
+lines pass through unchanged), then the ratio table.  MFU is given twice: from
+the compiled step's XLA cost analysis, and from the analytic per-image counts
+in shared/anchors.md (ViT-B/16 35.2 GFLOP forward, 105.5 per training image;
+ResNet-50 8.2 / 24.7).  Peak memory is the device allocator's
+``peak_bytes_in_use`` (none on CPU) and XLA's own buffer assignment for the
+step (arguments + outputs not aliased to arguments + temporaries), which the
+CPU reports too.
+
+No GPU figure exists yet: see bench/NOTES.md for the predictions and the
+command of the next GPU session.  On the 2-core development machine
+``--smoke`` runs the 10 configurations in about 3 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+MODES = ("full", "head_only", "layer_decay", "lora", "forward")
+NUM_CLASSES = 100  # the timm baseline's
+LORA_RANK = 8  # PEFT's default r
+
+# name -> (family, arch, smoke arch, timm model, analytic forward GFLOP per image at 224 px)
+MODELS = {
+    "vit": ("vit", {"variant": "B/16"}, {"variant": "test"}, "vit_base_patch16_224", 35.2),
+    "resnet": ("resnet", {"variant": "resnet50"}, {"variant": "resnet18"}, "resnet50", 8.2),
+}
+
+# ours (model, mode) -> the timm row it is compared with, and the issue's goal ratio.
+REFERENCE = {"full": ("full", True), "layer_decay": ("full", True), "lora": ("full", True),
+             "head_only": ("head_only", False)}
+GOALS = {("vit", "full"): 1.25, ("resnet", "full"): 1.25, ("vit", "head_only"): 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  batch: int = 256
+  image_size: int = 224
+  steps: int = 20
+  warmup: int = 4
+  smoke: bool = False
+  peak_tflops: float | None = None  # overrides ftjax.metrics' device table
+
+
+# --------------------------------------------------------------------------- one configuration
+
+
+def optimizer_config(mode: str) -> dict:
+  """The optim config of a bench mode: torch's AdamW defaults at lr 1e-4, as the timm baseline."""
+  cfg = {"name": "adamw", "kwargs": {}, "lr": 1e-4, "schedule": {"name": "constant"},
+         "weight_decay": 0.01, "param_groups": [(".*", {})]}
+  if mode in ("head_only", "forward"):
+    cfg["param_groups"] = [("head/.*", {}), (".*", None)]
+  elif mode == "layer_decay":
+    cfg["layer_decay"] = 0.75
+  return cfg
+
+
+def analytic_flops_per_image(model_key: str, mode: str, s: Settings) -> float | None:
+  """anchors.md's counts: a training image costs 3 forwards, a frozen backbone 1 (None off 224 px)."""
+  if s.smoke or s.image_size != 224 or mode == "lora":
+    return None  # LoRA: activation gradients but no weight gradients; no anchor count for it
+  forward = MODELS[model_key][4] * 1e9
+  return forward if mode in ("head_only", "forward") else 3 * forward
+
+
+def _state(params, batch_stats, tx):
+  import jax
+  import jax.numpy as jnp
+
+  from ftjax.train import TrainState
+
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats or {},
+      opt_state=tx.init(params), ema_params=None, rng=jax.random.PRNGKey(0),
+      skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32),
+      first_bad_step=jnp.full((), -1, jnp.int32), first_bad_what=jnp.full((), -1, jnp.int32))
+
+
+def _xla_bytes(compiled) -> int | None:
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+
+
+def run_one(model_key: str, mode: str, s: Settings) -> dict:
+  """Compiles and times one configuration in this process; returns its JSON row."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from ftjax import metrics, models, optim, train
+
+  family, arch, smoke_arch, _, _ = MODELS[model_key]
+  arch = dict(smoke_arch if s.smoke else arch)
+  trains_bn = family == "resnet" and mode not in ("head_only", "forward")
+  if family == "resnet" and not trains_bn:
+    arch["frozen_bn"] = True  # what the trainer builds for a frozen backbone
+  model, _ = models.create(family, arch, num_classes=NUM_CLASSES, image_size=s.image_size,
+                           dtype=jnp.bfloat16)
+  cfg = optimizer_config(mode)
+  if mode == "lora":
+    from ftjax import lora
+
+    model = lora.LoraModel(model, lora.LoraSpec(rank=LORA_RANK))
+    cfg["param_groups"] = lora.PARAM_GROUPS
+  variables = models.init_variables(model, s.image_size)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  total = 1 + s.warmup + s.steps
+  tx = optim.make_optimizer(params, cfg, family=family, total_steps=total)
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  runner = train.JitRunner(mesh)
+  state = runner.put_state(_state(params, batch_stats, tx))
+  del variables, params
+
+  kx, ky = jax.random.split(jax.random.key(1))
+  batch = jax.device_put(
+      {"image": jax.random.normal(kx, (s.batch, s.image_size, s.image_size, 3), jnp.float32),
+       "label": jax.random.randint(ky, (s.batch,), 0, NUM_CLASSES)},
+      NamedSharding(mesh, P("data")))
+
+  if mode == "forward":
+    def forward(state, batch):
+      variables = {"params": state.params}
+      if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+      logits = model.apply(variables, batch["image"], train=True)
+      labels = jax.nn.one_hot(batch["label"], NUM_CLASSES, dtype=jnp.float32)
+      return {"loss": optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()}
+    step_fn = jax.jit(forward)  # the state is only read: no donation, no copy of it
+  else:
+    trainable = train.trainable_paths(optim.trainable_mask(state.params, cfg))
+    opts = train.StepOptions(num_classes=NUM_CLASSES, update_batch_stats=trains_bn)
+    step_fn = runner.compile(functools.partial(train.train_step, model=model, tx=tx,
+                                               trainable=trainable), opts)
+
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  if mode == "forward":
+    advance = lambda state: (state, compiled(state, batch))
+  else:
+    advance = lambda state: compiled(state, batch)
+  state, m = advance(state)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  for _ in range(s.warmup):
+    state, m = advance(state)
+  jax.block_until_ready((state, m))
+  t0 = time.perf_counter()
+  for _ in range(s.steps):  # no host work in between: the device queue stays full
+    state, m = advance(state)
+  jax.block_until_ready((state, m))
+  dt = (time.perf_counter() - t0) / s.steps
+  loss = float(jax.device_get(m["loss"]))
+
+  device = jax.devices()[0]
+  peak = s.peak_tflops * 1e12 if s.peak_tflops else metrics.device_peak_flops(device)
+  flops = metrics.compiled_flops(compiled)
+  per_image = analytic_flops_per_image(model_key, mode, s)
+  stats = device.memory_stats() or {}
+  # The timm name it is compared with; a smoke model is compared with nothing.
+  name = f"{family}-{arch['variant']}" if s.smoke else MODELS[model_key][3]
+  return dict(
+      framework="ftjax", key=model_key, model=name, arch=arch, mode=mode, bf16=True,
+      batch=s.batch, image_size=s.image_size, steps=s.steps, step_ms=round(dt * 1e3, 2),
+      img_s=round(s.batch / dt, 1), compile_s=round(compile_s, 1), loss=loss,
+      gflop_per_image_xla=None if flops is None else round(flops / s.batch / 1e9, 3),
+      mfu_xla=metrics.mfu(flops, 1 / dt, 1, peak),
+      mfu_analytic=metrics.mfu(per_image and per_image * s.batch, 1 / dt, 1, peak),
+      peak_bytes=stats.get("peak_bytes_in_use"), xla_bytes=_xla_bytes(compiled),
+      device=device.device_kind, platform=device.platform, jax=jax.__version__,
+      xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _json_lines(text: str) -> list[dict]:
+  rows = []
+  for line in text.splitlines():
+    line = line.strip()
+    if line.startswith("{"):
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass
+  return rows
+
+
+def _emit(row: dict, out) -> None:
+  line = json.dumps(row)
+  print(line, flush=True)
+  if out:
+    out.write(line + "\n")
+    out.flush()
+
+
+def _child_args(s: Settings) -> list[str]:
+  args = ["--batch", str(s.batch), "--image-size", str(s.image_size), "--steps", str(s.steps),
+          "--warmup", str(s.warmup)]
+  if s.smoke:
+    args.append("--smoke-models")
+  if s.peak_tflops:
+    args += ["--peak-tflops", str(s.peak_tflops)]
+  return args
+
+
+def run_isolated(model_key: str, mode: str, s: Settings, timeout: float) -> dict:
+  """One configuration in a fresh process (its own peak memory); an error becomes a row."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{model_key}:{mode}", *_child_args(s)]
+  base = dict(framework="ftjax", key=model_key, model=MODELS[model_key][3], mode=mode)
+  try:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return dict(base, error=f"timed out after {timeout:.0f} s")
+  rows = _json_lines(p.stdout)
+  if p.returncode or not rows:
+    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    return dict(base, error=f"exit {p.returncode}: {tail[-300:]}")
+  return rows[-1]
+
+
+def run_baseline(path: str, models: list[str], s: Settings, out) -> list[dict]:
+  """Runs timm_baseline.py (its own process: torch must be done with the GPU before jax starts)."""
+  env = dict(os.environ, BATCH=str(s.batch), STEPS=str(s.steps))
+  p = subprocess.run([sys.executable, path, *models], capture_output=True, text=True, env=env)
+  rows = _json_lines(p.stdout)
+  for row in rows:
+    _emit(row, out)
+  if p.returncode:
+    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    _emit(dict(framework="torch", error=f"timm baseline exit {p.returncode}: {tail[-300:]}"), out)
+  return rows
+
+
+def _timm_row(baseline: list[dict], timm_name: str, mode: str, compiled: bool) -> dict | None:
+  for row in baseline:
+    if (row.get("model"), row.get("mode"), row.get("compiled")) == (timm_name, mode, compiled):
+      return row
+  return None
+
+
+def _fmt(x, spec: str, scale: float = 1.0) -> str:
+  return "n/a" if x is None else format(x * scale, spec)
+
+
+def ratio_table(ours: list[dict], baseline: list[dict]) -> str:
+  """The issue's table: each ftjax row against its timm row, the goals, MFU and peak memory."""
+  head = (f"{'model':<22}{'mode':<12}{'ftjax img/s':>12}{'timm ref':>22}{'timm img/s':>11}"
+          f"{'ratio':>7}{'goal':>6}{'met':>5}{'MFU xla':>9}{'MFU anl':>9}{'peak GiB':>9}{'xla GiB':>8}")
+  lines = [head, "-" * len(head)]
+  by_key = {(r["model"], r["mode"]): r for r in ours}
+  for r in ours:
+    key = r["key"]
+    ref_mode, compiled = REFERENCE.get(r["mode"], (None, None))
+    ref = _timm_row(baseline, r["model"], ref_mode, compiled) if ref_mode else None
+    ref_name = f"{ref_mode} {'compiled' if compiled else 'eager'}" if ref_mode else "-"
+    if "error" in r:
+      lines.append(f"{r['model']:<22}{r['mode']:<12}  error: {r['error']}")
+      continue
+    ratio = r["img_s"] / ref["img_s"] if ref and ref.get("img_s") else None
+    goal = GOALS.get((key, r["mode"])) if r["model"] == MODELS[key][3] else None  # not for smoke models
+    met = "-" if goal is None or ratio is None else ("yes" if ratio >= goal else "NO")
+    gib = 1 / 2**30
+    lines.append(
+        f"{r['model']:<22}{r['mode']:<12}{r['img_s']:>12.1f}{ref_name:>22}"
+        f"{_fmt(ref and ref.get('img_s'), '.1f'):>11}{_fmt(ratio, '.3f'):>7}"
+        f"{_fmt(goal, '.2f'):>6}{met:>5}{_fmt(r.get('mfu_xla'), '.1f', 100):>9}"
+        f"{_fmt(r.get('mfu_analytic'), '.1f', 100):>9}{_fmt(r.get('peak_bytes'), '.2f', gib):>9}"
+        f"{_fmt(r.get('xla_bytes'), '.2f', gib):>8}")
+  for model in dict.fromkeys(r["model"] for r in ours):
+    head_only, fwd, full = (by_key.get((model, m)) for m in ("head_only", "forward", "full"))
+    if head_only and fwd and "error" not in head_only and "error" not in fwd:
+      x = head_only["step_ms"] / fwd["step_ms"]
+      lines.append(f"{model}: head-only step / forward step {x:.3f} (goal <= 1.05: "
+                   f"{'yes' if x <= 1.05 else 'NO'}); XLA FLOPs "
+                   f"{_fmt(head_only['gflop_per_image_xla'], '.3f')} vs {_fmt(fwd['gflop_per_image_xla'], '.3f')}"
+                   f" GFLOP/image")
+    if head_only and full and "error" not in head_only and "error" not in full:
+      for field, what in (("peak_bytes", "device peak"), ("xla_bytes", "XLA buffers")):
+        if head_only.get(field) and full.get(field):
+          x = head_only[field] / full[field]
+          lines.append(f"{model}: head-only / full {what} memory {x:.3f} (goal <= 0.5: "
+                       f"{'yes' if x <= 0.5 else 'NO'})")
+  devices = {r.get("device") for r in ours if r.get("device")}
+  gpus = {r.get("gpu") for r in baseline if r.get("gpu")}
+  lines.append(f"ftjax on {', '.join(sorted(devices)) or '?'}; timm on {', '.join(sorted(gpus)) or 'n/a'}")
+  if not baseline:
+    lines.append("no timm baseline in this call: no ratios (run with --baseline or --baseline-json)")
+  return "\n".join(lines)
+
+
+def lora_available() -> bool:
+  return importlib.util.find_spec("ftjax.lora") is not None
+
+
+def plan(models: list[str], modes: list[str]) -> list[tuple[str, str]]:
+  """The (model, mode) pairs to run, the issue's goals first: a run cut short keeps what matters.
+
+  >>> plan(["resnet", "vit"], list(MODES))[:5]
+  [('vit', 'full'), ('vit', 'head_only'), ('vit', 'forward'), ('resnet', 'full'), ('resnet', 'head_only')]
+  """
+  # LoRA: ftjax.lora's default targets are the ViT's dense projections.
+  pairs = [(m, x) for m in models for x in modes if x != "lora" or MODELS[m][0] == "vit"]
+  return sorted(pairs, key=lambda p: PRIORITY.index(p) if p in PRIORITY else len(PRIORITY))
+
+
+PRIORITY = [("vit", "full"), ("vit", "head_only"), ("vit", "forward"), ("resnet", "full"),
+            ("resnet", "head_only"), ("vit", "layer_decay"), ("resnet", "layer_decay"),
+            ("vit", "lora"), ("resnet", "forward")]
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--models", default="vit,resnet", help="comma list of: " + ", ".join(MODELS))
+  ap.add_argument("--modes", default="full,head_only,layer_decay,lora,forward",
+                  help="comma list of: " + ", ".join(MODES))
+  ap.add_argument("--batch", type=int, default=256)
+  ap.add_argument("--image-size", type=int, default=224)
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--warmup", type=int, default=4)
+  ap.add_argument("--smoke", action="store_true",
+                  help="tiny CPU run: ViT test variant and ResNet-18, batch 4, 64 px, 2 steps")
+  ap.add_argument("--smoke-models", action="store_true", help=argparse.SUPPRESS)
+  ap.add_argument("--peak-tflops", type=float, help="device peak for MFU when not in the table")
+  ap.add_argument("--baseline", help="timm_baseline.py to run first, in this call")
+  ap.add_argument("--baseline-json", help="JSON lines of timm_baseline.py from this call")
+  ap.add_argument("--out", help="also append every JSON line here")
+  ap.add_argument("--timeout", type=float, default=240, help="seconds per configuration at most")
+  ap.add_argument("--budget", type=float, default=None,
+                  help="seconds for the whole call: no configuration starts after it, the table still prints")
+  ap.add_argument("--table", help="only print the ratio table of a JSON-lines file (timm and ftjax rows)")
+  ap.add_argument("--one", help=argparse.SUPPRESS)  # model:mode, in this process
+  a = ap.parse_args(argv)
+  t0 = time.perf_counter()
+  s = Settings(a.batch, a.image_size, a.steps, a.warmup, a.smoke_models, a.peak_tflops)
+  if a.smoke:
+    s = Settings(batch=4, image_size=64, steps=2, warmup=1, smoke=True, peak_tflops=a.peak_tflops)
+  if a.one:
+    print(json.dumps(run_one(*a.one.split(":"), s)), flush=True)
+    return 0
+  if a.table:
+    with open(a.table) as f:
+      rows = _json_lines(f.read())
+    print(ratio_table([r for r in rows if r.get("framework") == "ftjax"],
+                      [r for r in rows if r.get("framework") != "ftjax"]))
+    return 0
+
+  models = [m for m in a.models.split(",") if m]
+  modes = [m for m in a.modes.split(",") if m]
+  for name, known in ((models, MODELS), (modes, MODES)):
+    bad = [x for x in name if x not in known]
+    if bad:
+      ap.error(f"unknown {bad}; known: {list(known)}")
+  if "lora" in modes and not lora_available():
+    print("lora: skipped, ftjax/lora.py does not exist", file=sys.stderr)
+    modes.remove("lora")
+  out = open(a.out, "a") if a.out else None
+  baseline = []
+  if a.baseline_json:
+    with open(a.baseline_json) as f:
+      baseline = _json_lines(f.read())
+  if a.baseline:
+    baseline += run_baseline(a.baseline, models, s, out)
+  ours = []
+  for model_key, mode in plan(models, modes):
+    left = a.timeout if a.budget is None else min(a.timeout, a.budget - (time.perf_counter() - t0))
+    if left < 30:
+      print(f"{model_key}:{mode}: skipped, {left:.0f} s of the budget left", file=sys.stderr)
+      continue
+    row = run_isolated(model_key, mode, s, left)
+    _emit(row, out)
+    ours.append(row)
+  print(ratio_table(ours, baseline), flush=True)
+  if out:
+    out.close()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -226,7 +226,7 @@ def small():
   """The ImageNet backbone at 32 px with a new 4-class head, set to random values so the
   logits carry signal (loading needs no initialisation: no init program to compile)."""
   model, variables, report = models.from_pretrained("efficientnet:lite0", num_classes=4,
-                                                    image_size=32, dropout=0.0)
+                                                    image_size=32, dropout_rate=0.0)
   rng = np.random.default_rng(0)
   variables["params"]["head"] = {"kernel": rng.normal(0, 0.1, (1280, 4)).astype(np.float32),
                                  "bias": np.zeros(4, np.float32)}
@@ -260,7 +260,7 @@ def test_batchnorm_updates_running_stats_with_tf_momentum(small):
 
 def test_frozen_bn_keeps_running_stats_and_matches_eval(small):
   _, variables, _, x, evaluated = small
-  frozen = E.create_model({"variant": "lite0", "dropout": 0.0, "frozen_bn": True}, 4)
+  frozen = E.create_model({"variant": "lite0", "dropout_rate": 0.0, "frozen_bn": True}, 4)
   out, upd = _train(frozen, variables, x)
   for a, b in zip(jax.tree.leaves(upd["batch_stats"]), jax.tree.leaves(variables["batch_stats"])):
     assert np.array_equal(a, b)
@@ -271,18 +271,18 @@ def test_frozen_bn_keeps_running_stats_and_matches_eval(small):
 def test_depthwise_as_grouped_conv_equals_unrolled(small):
   """Accelerators run XLA's grouped conv ("auto" there); CPU the unrolled form; same numbers."""
   _, variables, _, x, evaluated = small
-  grouped = E.create_model({"variant": "lite0", "dropout": 0.0, "depthwise_impl": "conv"}, 4)
+  grouped = E.create_model({"variant": "lite0", "dropout_rate": 0.0, "depthwise_impl": "conv"}, 4)
   if jax.default_backend() == "cpu":
     unrolled = evaluated
   else:
-    unrolled = _eval(E.create_model({"variant": "lite0", "dropout": 0.0,
+    unrolled = _eval(E.create_model({"variant": "lite0", "dropout_rate": 0.0,
                                      "depthwise_impl": "unrolled"}, 4), variables, x)
   _close(_eval(grouped, variables, x), unrolled)
 
 
 def test_dropout_and_drop_path_need_and_follow_the_rng(small):
   _, variables, _, x, evaluated = small
-  noisy = E.create_model({"variant": "lite0", "dropout": 0.5, "drop_path_rate": 0.5,
+  noisy = E.create_model({"variant": "lite0", "dropout_rate": 0.5, "droppath_rate": 0.5,
                           "frozen_bn": True}, 4)
   run = jax.jit(lambda v, x, key: noisy.apply(v, x, train=True, rngs={"dropout": key}))
   a, b = (np.asarray(run(variables, x, jax.random.key(s))) for s in (1, 2))

@@ -304,7 +304,7 @@ class Stage(nn.Module):
     return x
 
 
-ARCH_OPTIONS = ("variant", "padding", "bn_eps", "bn_momentum", "dropout", "drop_path_rate",
+ARCH_OPTIONS = ("variant", "padding", "bn_eps", "bn_momentum", "dropout_rate", "droppath_rate",
                 "frozen_bn", "depthwise_impl")
 
 
@@ -318,8 +318,8 @@ class EfficientNetLite(nn.Module):
       (PyTorch ``k // 2``, timm's ``efficientnet_lite*``).
     bn_eps, bn_momentum: BatchNorm epsilon and running-average momentum
       (Flax/TF convention: ``new = momentum * old + (1 - momentum) * batch``).
-    dropout: rate before the head; None takes the variant's (0.2 or 0.3).
-    drop_path_rate: stochastic depth of the last block; block ``i`` of ``n``
+    dropout_rate: rate before the head; None takes the variant's (0.2 or 0.3).
+    droppath_rate: stochastic depth of the last block; block ``i`` of ``n``
       drops with ``rate * i / n`` (as TF and timm).
     frozen_bn: BatchNorm uses and keeps its running statistics even when
       ``train=True`` (for a frozen or nearly frozen backbone).
@@ -333,8 +333,8 @@ class EfficientNetLite(nn.Module):
   padding: str = "same"
   bn_eps: float = 1e-3
   bn_momentum: float = 0.99
-  dropout: float | None = None
-  drop_path_rate: float = 0.0
+  dropout_rate: float | None = None
+  droppath_rate: float = 0.0
   frozen_bn: bool = False
   depthwise_impl: str = "auto"
   dtype: Any = None
@@ -349,12 +349,12 @@ class EfficientNetLite(nn.Module):
     plan = stages(self.variant)
     total, first = sum(s.repeats for s in plan), 0
     for i, s in enumerate(plan):
-      rates = tuple(self.drop_path_rate * (first + j) / total for j in range(s.repeats))
+      rates = tuple(self.droppath_rate * (first + j) / total for j in range(s.repeats))
       x = Stage(s, rates, conv_bn, name=f"stage{i}")(x, train)
       first += s.repeats
     x = conv_bn(HEAD_CHANNELS, 1, name="conv_head")(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    rate = _variant(self.variant).dropout if self.dropout is None else self.dropout
+    rate = _variant(self.variant).dropout if self.dropout_rate is None else self.dropout_rate
     x = nn.Dropout(rate, deterministic=not train, name="dropout")(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=_dense_init, name="head")(x)
@@ -364,7 +364,7 @@ class EfficientNetLite(nn.Module):
 def create_model(arch: Mapping[str, Any], num_classes: int, dtype: Any = None) -> EfficientNetLite:
   """The Family hook: ``arch`` holds :data:`ARCH_OPTIONS` keys only.
 
-  >>> create_model({"variant": "lite2", "dropout": 0.1}, 5).dropout
+  >>> create_model({"variant": "lite2", "dropout_rate": 0.1}, 5).dropout_rate
   0.1
   """
   unknown = sorted(set(arch) - set(ARCH_OPTIONS))
@@ -380,7 +380,7 @@ def create_model(arch: Mapping[str, Any], num_classes: int, dtype: Any = None) -
   if arch.get("depthwise_impl", "auto") not in ("auto", "conv", "unrolled"):
     raise ConfigError("unknown depthwise convolution implementation", where="depthwise_impl",
                       value=repr(arch["depthwise_impl"]), hint="'auto', 'conv' or 'unrolled'")
-  for key in ("dropout", "drop_path_rate"):
+  for key in ("dropout_rate", "droppath_rate"):
     if arch.get(key) is not None and not 0.0 <= float(arch[key]) < 1.0:
       raise ConfigError("rate must be in [0, 1)", where=key, value=arch[key])
   return EfficientNetLite(num_classes=num_classes, dtype=dtype, **arch)

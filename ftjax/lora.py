@@ -114,9 +114,9 @@ def target_shapes(params, spec: LoraSpec) -> dict[str, tuple[int, int]]:
   A target regex that matches nothing, or matches something other than a
   ``.../kernel`` of two or more axes, is a ConfigError.
 
-  >>> p = {"a": {"kernel": np.zeros((3, 2, 4))}, "out": {"kernel": np.zeros((2, 4, 3))}}
-  >>> target_shapes(p, LoraSpec(1, targets=("a/kernel",)))
-  {'a/kernel': (3, 8)}
+  >>> attn = {"query": {"kernel": np.zeros((8, 2, 4))}, "out": {"kernel": np.zeros((2, 4, 8))}}
+  >>> target_shapes({"MultiHeadDotProductAttention_1": attn}, LoraSpec(1, targets=(".*/kernel",)))
+  {'MultiHeadDotProductAttention_1/out/kernel': (8, 8), 'MultiHeadDotProductAttention_1/query/kernel': (8, 8)}
   """
   if LORA in params:
     raise ConfigError("params already hold LoRA adapters", where=f"params/{LORA}",

@@ -15,6 +15,11 @@ representation: ViT's pooled, normalised token; ResNet's pooled map), taken
 with a flax method interceptor, so any ftjax model (and a LoRA model) works
 unchanged.
 
+On its own, for a training run (its data config, train split as the shot pool,
+first eval split as the test set; prints JSON)::
+
+  python -m ftjax.fewshot --workdir RUN --shots 1,5,10,25 [--l2_reg 1024] [--split test]
+
 >>> rng = np.random.default_rng(0)
 >>> centres = 5.0 * np.eye(3, 8)
 >>> labels = np.repeat(np.arange(3), 30)
@@ -25,8 +30,11 @@ unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -34,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import data as data_lib
-from ftjax.errors import ConfigError, DataError
+from ftjax.errors import ConfigError, DataError, FtjaxError
 
 SHOTS = (1, 5, 10, 25)
 L2_REG = 2.0 ** 10  # big_vision's default regulariser for its fewshot evaluator
@@ -184,5 +192,58 @@ class FewshotEvaluator:
     return {f"fewshot_{k}shot": a for k, a in acc.items()}
 
 
-__all__ = ["L2_REG", "SHOTS", "FewshotEvaluator", "extract_features", "features", "fewshot_evaluate",
-           "ridge_fit", "shot_indices"]
+def run_data_config(workdir: str | Path):
+  """The data config a training run stored in ``<workdir>/config.json``."""
+  from ftjax.data.config import default_config
+  stored = Path(workdir) / "config.json"
+  if not stored.is_file():
+    raise ConfigError("run has no stored config.json", where=str(workdir),
+                      hint="pass the --workdir of a training run")
+  config = default_config()
+  config.update(json.loads(stored.read_text())["data"])
+  return config
+
+
+def evaluate_run(workdir: str | Path, *, shots: Sequence[int] = SHOTS, l2_reg: float = L2_REG,
+                 seed: int = 0, split: str | None = None, batch_size: int = 64) -> dict[str, float]:
+  """Few-shot accuracies of a training run's newest checkpoint on its own data."""
+  from ftjax.predict import load_model
+  model, variables, meta = load_model(workdir)
+  config = run_data_config(workdir)
+  test_split = split or config.eval_splits[0]
+  evaluator = FewshotEvaluator(data_lib.build(config, split=config.train_split),
+                               data_lib.build(config, split=test_split), config, shots=shots,
+                               l2_reg=l2_reg, seed=seed, batch_size=batch_size)
+  return evaluator(model, variables, image_size=int(meta["image_size"][0]), mean=meta["mean"],
+                   std=meta["std"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m ftjax.fewshot", description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="a training run's workdir")
+  parser.add_argument("--shots", default=",".join(map(str, SHOTS)), help="comma-separated, e.g. 1,5")
+  parser.add_argument("--l2_reg", type=float, default=L2_REG)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--split", default=None, help="test split; default the run's first eval split")
+  args = parser.parse_args(argv)
+  try:
+    try:
+      shots = [int(k) for k in args.shots.split(",")]
+    except ValueError:
+      raise ConfigError("shots must be comma-separated integers", where="--shots",
+                        value=repr(args.shots)) from None
+    result = evaluate_run(args.workdir, shots=shots, l2_reg=args.l2_reg, seed=args.seed,
+                          split=args.split)
+  except FtjaxError as e:
+    print(str(e), file=sys.stderr)
+    return e.exit_code
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
+
+
+__all__ = ["L2_REG", "SHOTS", "FewshotEvaluator", "evaluate_run", "extract_features", "features",
+           "fewshot_evaluate", "main", "ridge_fit", "run_data_config", "shot_indices"]

@@ -110,3 +110,28 @@ def test_evaluator_on_digits_equals_the_function_on_extracted_features(vit):
   assert got == {"fewshot_1shot": want[1], "fewshot_5shot": want[5]}
   # even random-init ViT features beat chance (0.1) on digits with 5 shots (measured: 0.325)
   assert got["fewshot_5shot"] > 0.2
+
+
+def test_cli_on_a_trained_run(tiny_vit_npz, tmp_path, capsys):
+  import json
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).parent))
+  from conftest import tiny_config
+
+  from ftjax import train
+  wd = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **{"train.total_steps": 2, "train.eval_every": 0}),
+                           str(wd))
+  capsys.readouterr()  # the trainer's own output
+  assert fewshot.main([f"--workdir={wd}", "--shots=1,5", "--l2_reg=1.0"]) == 0
+  got = json.loads(capsys.readouterr().out)
+  # the same evaluation by hand: the trained weights, the run's data config, digits train/test
+  model, variables, report = models.from_pretrained(str(wd))
+  cfg = fewshot.run_data_config(wd)
+  assert cfg.source == "digits" and cfg.image_size == 32
+  ev = fewshot.FewshotEvaluator(data_lib.build(cfg, split="train"), data_lib.build(cfg, split="test"),
+                                cfg, shots=(1, 5), l2_reg=1.0)
+  assert got == ev(model, variables, image_size=32, mean=report.mean, std=report.std)
+  assert fewshot.main([f"--workdir={wd}", "--shots=1,five"]) == 2
+  assert capsys.readouterr().err.startswith("ftjax: error: shots must be comma-separated integers")

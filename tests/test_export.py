@@ -95,7 +95,8 @@ def test_resnet_round_trip_with_batch_stats(tmp_path, fmt, arch):
   ours = np.asarray(model.apply(variables, jnp.asarray(x), train=False))
   out = export.export(variables, _meta("resnet", arch, 64), tmp_path / fmt, fmt)
   tensors = load_file(str(out / "model.safetensors"))
-  stem_mean = tensors["resnet.embedder.embedder.normalization.running_mean" if fmt == "hf" else "bn1.running_mean"]
+  stem = "resnet.embedder.embedder.normalization" if fmt == "hf" else "bn1"
+  stem_mean = tensors[f"{stem}.running_mean"]
   np.testing.assert_array_equal(stem_mean.numpy(), variables["batch_stats"]["stem"]["bn"]["mean"])
   if fmt == "hf":
     theirs = _torch_logits(_check_hf(out, ResNetForImageClassification), x)

@@ -19,7 +19,8 @@ def base():
   """The tiny ViT ('test': width 32, 2 blocks, 2 heads, MLP 64) with a random, non-zero head."""
   model, _ = models.create("vit", {"variant": "test"}, num_classes=5, image_size=SIZE)
   params = flatten(models.init_variables(model, SIZE, seed=0)["params"])
-  params["head/kernel"] = np.random.default_rng(0).normal(0, 0.5, params["head/kernel"].shape).astype(np.float32)
+  head = np.random.default_rng(0).normal(0, 0.5, params["head/kernel"].shape)
+  params["head/kernel"] = head.astype(np.float32)
   return model, jax.tree.map(np.asarray, unflatten(params))
 
 

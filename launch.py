@@ -7,6 +7,8 @@ fails at once.  Errors print one line and exit with the codes in the README
 (2 usage/config, 3 data/checkpoint, 4 numerics, 75 preempted: rerun to resume).
 Set ``FTJAX_TRACEBACK=1`` for a traceback.
 
+A rerun resumes from the newest checkpoint that verifies; if checkpoints exist and none
+does, it refuses (exit 3) unless ``--allow_fresh_start``.
 ``python launch.py --workdir DIR`` alone resumes the run in DIR with its stored
 ``DIR/config.json`` (never a ``config.py`` found there).
 ``--config.train.deterministic=true`` sets ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``
@@ -27,6 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", default=None,
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and plots go "
                                "(default: runs/<config name>)")
+_ALLOW_FRESH = flags.DEFINE_bool("allow_fresh_start", False, "when the workdir holds checkpoints but "
+                                 "none verifies, move them aside and start from step 0 (default: refuse)")
 
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
@@ -131,7 +135,7 @@ def main(argv):
     if workdir is None:
       name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
       workdir = os.path.join("runs", name)
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, allow_fresh=_ALLOW_FRESH.value)
   except FtjaxError as e:
     if os.environ.get("FTJAX_TRACEBACK"):
       raise

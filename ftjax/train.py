@@ -251,8 +251,10 @@ def schema_problems(config, schema=None, prefix: str = "") -> list[tuple[str, st
   >>> schema_problems(ml_collections.ConfigDict(d))
   []
   >>> d["train"]["batch_sizee"], d["train"]["total_steps"] = 8, "10"
-  >>> schema_problems(ml_collections.ConfigDict(d))
-  [('train.batch_sizee', 'unknown config key', 'did you mean train.batch_size?'), ('train.total_steps', 'wrong type', "expected int, got str '10'")]
+  >>> for problem in schema_problems(ml_collections.ConfigDict(d)):
+  ...   print(problem)
+  ('train.batch_sizee', 'unknown config key', 'did you mean train.batch_size?')
+  ('train.total_steps', 'wrong type', "expected int, got str '10'")
   """
   schema = config_lib.default_config() if schema is None else schema
   if not hasattr(config, "keys"):
@@ -728,10 +730,13 @@ def prepare(config, workdir: str) -> tuple[_Run, dict]:
   return run, variables
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> dict:
   """Fine-tunes ``config.model`` on ``config.data``; leaves checkpoints, metrics and plots in ``workdir``.
 
-  Rerunning the same command resumes from the newest verified checkpoint.
+  Rerunning the same command resumes from the newest verified checkpoint
+  (damaged steps are skipped with a warning and moved to ``checkpoints/rejected``).
+  When checkpoints exist but none verifies, this raises CheckpointError rather
+  than start again from step 0, unless ``allow_fresh``.
   Returns the final evaluation summaries.
   """
   run, variables = prepare(config, workdir)
@@ -771,7 +776,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         fingerprint={k: config_lib._get(config_dict, k) for k in config_lib.RESUME_KEYS},
                         on_phase=lambda phase, s: hit(f"ckpt:{phase}", s))
     hit("startup", 0)
-    summaries = _run_loop(run, ckpt, params, variables.get("batch_stats"), make_tx, opts, hit, sigterm)
+    summaries = _run_loop(run, ckpt, params, variables.get("batch_stats"), make_tx, opts, hit, sigterm,
+                          allow_fresh)
   finally:
     sigterm.__exit__()
   return summaries
@@ -783,7 +789,7 @@ def _preempted(step: int, wd: Path) -> Preempted:
 
 
 def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts: StepOptions, hit,
-              sigterm) -> dict:
+              sigterm, allow_fresh: bool) -> dict:
   """Restore, compile, train, evaluate, save: the loop of :func:`train_and_evaluate`."""
   cfg, t, wd, total, masks = run.config, run.config.train, run.workdir, run.total_steps, run.masks
   meta = _model_meta(run.report, run.num_classes, run.train_ds.class_names)
@@ -794,7 +800,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   early = metrics_lib.EarlyStopping(t.best_metric, t.best_mode, t.early_stopping_patience,
                                     t.early_stopping_min_delta) if t.early_stopping_patience else None
   try:
-    restored = ckpt.restore_latest(template)
+    restored = ckpt.restore_latest(template, allow_fresh=allow_fresh)
   except BaseException:
     ckpt.close()
     raise

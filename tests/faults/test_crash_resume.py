@@ -69,11 +69,11 @@ def leftovers(workdir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_vit_npz, tmp_path_factory):
+def setup(tiny_vit_npz, tmp_path_factory, jax_cache):
   """The config file, a shared compilation cache, and the uninterrupted run's outcome."""
   tmp = tmp_path_factory.mktemp("crash")
   cfg = write_config(tmp, tiny_vit_npz, **OVERRIDES)
-  env = cached_env(tmp / "jax_cache")
+  env = cached_env(jax_cache)
   ref = tmp / "ref"
   r = launch(cfg, ref, env)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -269,7 +269,8 @@ def CLI(*args, config=lambda tmp, npz: write_config(tmp, npz), workdir=lambda tm
 
 COMMAND_LINE = [
     ("cli: unknown key on the command line", CLI("--config.train.batch_sizee=3"),
-     "ftjax: error: unknown config key (--config.train.batch_sizee): 'batch_sizee'; did you mean batch_size?", 2),
+     "ftjax: error: unknown config key (--config.train.batch_sizee): 'batch_sizee'; "
+     "did you mean batch_size?", 2),
     ("cli: misspelled key inside a config file", CLI(config=lambda tmp, npz: _file(tmp, "c.py", _MISSPELLED)),
      "ftjax: error: unknown config key ({tmp}/c.py): 'batch_sizee'; did you mean batch_size?", 2),
     ("cli: wrong type on the command line", CLI("--config.train.total_steps=abc"),

@@ -2,8 +2,9 @@
 
 * the train step runs on device-resident state and batches under
   ``jax.transfer_guard("disallow")``: nothing in it moves data implicitly;
-* the real training loop reads device values (explicitly) on log, eval and
-  checkpoint steps only, and never implicitly;
+* the real training loop reads or waits for device values on log steps only
+  (eval and checkpoint steps fall on log steps here), and its log lines carry
+  the MFU of the compiled step;
 * XLA's cost analysis of the compiled trainer step: a head-only step costs what
   a forward pass costs (the frozen backbone gets no backward pass), a full
   fine-tune about three forwards; XLA's buffer assignment: a head-only step
@@ -12,6 +13,7 @@
 
 import dataclasses
 import functools
+import io
 import re
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from ftjax import metrics, models, optim, train
 from ftjax.tree import flatten
@@ -95,9 +97,12 @@ def _forward_flops(t: _Setup) -> float:
 # ----------------------------------------------------------------------------- no host sync
 
 
-def _host_callbacks(compiled) -> list[str]:
-  """The host callbacks (jax.debug.print, pure_callback, io_callback) in a compiled program."""
-  return re.findall(r'custom_call_target="([^"]*callback[^"]*)"', compiled.as_text())
+def _host_callbacks(lowered) -> list[str]:
+  """The host callbacks (jax.debug.print, pure_callback, io_callback) in a lowered program.
+
+  Only jax emits them (XLA adds none), so the StableHLO before compilation says it all.
+  """
+  return re.findall(r"custom_call @(\w*callback\w*)", lowered.as_text())
 
 
 def test_train_step_runs_under_transfer_guard_and_matches_unguarded_steps():
@@ -121,8 +126,8 @@ def test_train_step_runs_under_transfer_guard_and_matches_unguarded_steps():
     np.testing.assert_array_equal(value, flatten(ref.params)[path], err_msg=path)
   # XLA:CPU -> numpy reads are zero-copy and escape the guard (jax issue #16602);
   # what could read the host from inside a step is a host callback: there is none.
-  assert _host_callbacks(t.step.lower(state, t.batch).compile()) == []
-  probe = jax.jit(lambda x: jax.debug.print("{}", x) or x).lower(jnp.ones(())).compile()
+  assert _host_callbacks(t.step.lower(state, t.batch)) == []
+  probe = jax.jit(lambda x: jax.debug.print("{}", x) or x).lower(jnp.ones(()))
   assert len(_host_callbacks(probe)) == 1  # the check sees one where there is one
 
 
@@ -146,7 +151,8 @@ class _Counted:
     return getattr(self._fn, name)
 
 
-def test_training_loop_reads_the_device_only_on_log_steps(tiny_vit_npz, tmp_path, monkeypatch):
+def test_training_loop_reads_the_device_only_on_log_steps_and_reports_mfu(tiny_vit_npz, tmp_path,
+                                                                         monkeypatch):
   """Every device read or wait of train_and_evaluate between its first and last step is on a log step.
 
   On CPU ``jax.transfer_guard_device_to_host`` sees nothing (XLA:CPU -> numpy is
@@ -195,11 +201,30 @@ def test_training_loop_reads_the_device_only_on_log_steps(tiny_vit_npz, tmp_path
   float(jnp.ones(()) + 1)  # the instrument sees an implicit read where there is one
   assert reads == [("implicit", 0)]
   reads.clear()
+  # The CPU has no peak FLOP/s: give it one, and keep the step's FLOP count, to check the MFU line.
+  step_flops = []
+  compiled_flops = metrics.compiled_flops
+
+  def recording_flops(compiled):
+    step_flops.append(compiled_flops(compiled))
+    return step_flops[-1]
+
+  monkeypatch.setattr(metrics, "device_peak_flops", lambda device=None: 1e9)
+  monkeypatch.setattr(metrics, "compiled_flops", recording_flops)
+  log = io.StringIO()
+  monkeypatch.setattr(train, "Progress", functools.partial(train.Progress, stream=log))
   summaries = train.train_and_evaluate(cfg, str(tmp_path / "wd"))
   assert len(calls) == total and summaries["test"]["n"] == 360
   inside = [(kind, s) for kind, s in reads if 0 < s < total]
   assert {s for _, s in inside} == {4}, sorted(set(inside))  # the one log step inside the run
   assert ("device_get", 4) in inside
+
+  # MFU on every log line: the step's XLA FLOPs x steps/s over the peak.
+  lines = re.findall(r"step (\d+)/8 loss \S+ img/s ([\d.]+) .*mfu ([\d.]+)%", log.getvalue())
+  assert [int(s) for s, _, _ in lines] == [4, 8] and len(step_flops) == 1
+  for _, img_s, util in lines:
+    expected = 100 * step_flops[0] * float(img_s) / cfg.train.batch_size / 1e9
+    assert abs(float(util) - expected) <= 0.051 + 1e-3 * expected, (util, expected)
 
 
 # ----------------------------------------------------------------------------- cost analysis
@@ -220,7 +245,8 @@ def _step_cost(t: _Setup, batch=None) -> tuple[float, int]:
 def test_head_only_step_costs_a_forward_and_full_step_three(family, arch, size, batch):
   head = _setup(family, arch, size, HEAD_ONLY, batch=batch)
   head_flops, head_bytes = _step_cost(head)
-  head_only = head_flops / _forward_flops(head)
+  head_forward = _forward_flops(head)
+  head_only = head_flops / head_forward
 
   # A full step also does per-parameter work that does not grow with the batch
   # (AdamW, the finiteness checks, the gradient norm: about 40 FLOPs a parameter,
@@ -230,7 +256,9 @@ def test_head_only_step_costs_a_forward_and_full_step_three(family, arch, size, 
   full_flops, full_bytes = _step_cost(full)
   double_flops, _ = _step_cost(full, full.runner.put_batch(_host_batch(2 * batch, size)))
   per_image = (double_flops - full_flops) / batch
-  full_per_forward = per_image / (_forward_flops(full) / batch)
+  # Without BatchNorm statistics to update, the full step's forward is the head-only one.
+  full_forward = _forward_flops(full) if full.update_batch_stats else head_forward
+  full_per_forward = per_image / (full_forward / batch)
   print(f"{family}: head-only step {head_only:.4f} forwards; full step {full_per_forward:.4f} "
         f"forwards an image + {(2 * full_flops - double_flops) / 1e6:.1f} MFLOP a step; "
         f"head-only / full XLA bytes {head_bytes / full_bytes:.3f}")

@@ -9,10 +9,14 @@ steps).  Modes: ``full`` fine-tune, ``head_only``, ``layer_decay`` (0.75),
 gradients: what a head-only step should cost).  Each (model, mode) runs in its
 own process, so the device's peak memory is that configuration's alone.
 
-    # on the GPU: the timm baseline first, then ours, then the ratio table
-    python bench/train_throughput.py --baseline path/to/timm_baseline.py --out $OUT/bench.jsonl
-    # a baseline already run in the same job
-    python bench/train_throughput.py --baseline-json $OUT/timm.jsonl
+    # on the GPU: the timm baseline first, then ours (goals first), then the ratio table
+    python bench/train_throughput.py --baseline path/to/timm_baseline.py --out $OUT/bench.jsonl \
+        --budget 480
+    # a lever: the plain runs, then ViT and ResNet full again with XLA flags added
+    python bench/train_throughput.py --baseline-json timm.jsonl --modes full \
+        --variant notriton=--xla_gpu_enable_triton_gemm=false
+    # the table again from the JSON lines of a run (timm and ftjax rows together)
+    python bench/train_throughput.py --table bench.jsonl
     # CPU: tiny settings (ViT "test" variant and ResNet-18, batch 4, 64 px, 2 timed steps)
     python bench/train_throughput.py --smoke
 
@@ -235,31 +239,45 @@ def _child_args(s: Settings) -> list[str]:
   return args
 
 
-def run_isolated(model_key: str, mode: str, s: Settings, timeout: float) -> dict:
-  """One configuration in a fresh process (its own peak memory); an error becomes a row."""
+def run_isolated(model_key: str, mode: str, s: Settings, timeout: float,
+                 variant: tuple[str, str] | None = None) -> dict:
+  """One configuration in a fresh process (its own peak memory); an error becomes a row.
+
+  ``variant``: (name, XLA flags) added to ``XLA_FLAGS`` for this process, a lever to compare.
+  """
   cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{model_key}:{mode}", *_child_args(s)]
+  env = dict(os.environ)
   base = dict(framework="ftjax", key=model_key, model=MODELS[model_key][3], mode=mode)
+  if variant:
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {variant[1]}".strip()
+    base["variant"] = variant[0]
   try:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
   except subprocess.TimeoutExpired:
     return dict(base, error=f"timed out after {timeout:.0f} s")
   rows = _json_lines(p.stdout)
   if p.returncode or not rows:
     tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
     return dict(base, error=f"exit {p.returncode}: {tail[-300:]}")
-  return rows[-1]
+  return {**rows[-1], "variant": variant[0]} if variant else rows[-1]
 
 
-def run_baseline(path: str, models: list[str], s: Settings, out) -> list[dict]:
+def run_baseline(path: str, models: list[str], s: Settings, out, timeout: float | None) -> list[dict]:
   """Runs timm_baseline.py (its own process: torch must be done with the GPU before jax starts)."""
   env = dict(os.environ, BATCH=str(s.batch), STEPS=str(s.steps))
-  p = subprocess.run([sys.executable, path, *models], capture_output=True, text=True, env=env)
-  rows = _json_lines(p.stdout)
+  try:
+    p = subprocess.run([sys.executable, path, *models], capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    stdout, error = p.stdout, p.returncode and f"exit {p.returncode}: " + (
+        p.stderr.strip().splitlines() or ["no output"])[-1][-300:]
+  except subprocess.TimeoutExpired as e:  # keep the rows it printed
+    stdout, error = e.stdout or "", f"timed out after {timeout:.0f} s"
+    stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+  rows = _json_lines(stdout)
   for row in rows:
     _emit(row, out)
-  if p.returncode:
-    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    _emit(dict(framework="torch", error=f"timm baseline exit {p.returncode}: {tail[-300:]}"), out)
+  if error:
+    _emit(dict(framework="torch", error=f"timm baseline {error}"), out)
   return rows
 
 
@@ -279,21 +297,22 @@ def ratio_table(ours: list[dict], baseline: list[dict]) -> str:
   head = (f"{'model':<22}{'mode':<12}{'ftjax img/s':>12}{'timm ref':>22}{'timm img/s':>11}"
           f"{'ratio':>7}{'goal':>6}{'met':>5}{'MFU xla':>9}{'MFU anl':>9}{'peak GiB':>9}{'xla GiB':>9}")
   lines = [head, "-" * len(head)]
-  by_key = {(r["model"], r["mode"]): r for r in ours}
+  by_key = {(r["model"], r["mode"]): r for r in ours if not r.get("variant")}
   for r in ours:
     key = r["key"]
+    mode = f"{r['mode']}[{r['variant']}]" if r.get("variant") else r["mode"]
     ref_mode, compiled = REFERENCE.get(r["mode"], (None, None))
     ref = _timm_row(baseline, r["model"], ref_mode, compiled) if ref_mode else None
     ref_name = f"{ref_mode} {'compiled' if compiled else 'eager'}" if ref_mode else "-"
     if "error" in r:
-      lines.append(f"{r['model']:<22}{r['mode']:<12}  error: {r['error']}")
+      lines.append(f"{r['model']:<22}{mode:<12}  error: {r['error']}")
       continue
     ratio = r["img_s"] / ref["img_s"] if ref and ref.get("img_s") else None
     goal = GOALS.get((key, r["mode"])) if r["model"] == MODELS[key][3] else None  # not for smoke models
     met = "-" if goal is None or ratio is None else ("yes" if ratio >= goal else "NO")
     gib = 1 / 2**30
     lines.append(
-        f"{r['model']:<22}{r['mode']:<12}{r['img_s']:>12.1f}{ref_name:>22}"
+        f"{r['model']:<22}{mode:<12}{r['img_s']:>12.1f}{ref_name:>22}"
         f"{_fmt(ref and ref.get('img_s'), '.1f'):>11}{_fmt(ratio, '.3f'):>7}"
         f"{_fmt(goal, '.2f'):>6}{met:>5}{_fmt(r.get('mfu_xla'), '.1f', 100):>9}"
         f"{_fmt(r.get('mfu_analytic'), '.1f', 100):>9}{_fmt(r.get('peak_bytes'), '.3f', gib):>9}"
@@ -358,6 +377,9 @@ def main(argv=None) -> int:
   ap.add_argument("--timeout", type=float, default=240, help="seconds per configuration at most")
   ap.add_argument("--budget", type=float, default=None,
                   help="seconds for the whole call: no configuration starts after it, the table still prints")
+  ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                  help="after the plain runs, rerun --variant-configs with FLAGS added to XLA_FLAGS")
+  ap.add_argument("--variant-configs", default="vit:full,resnet:full")
   ap.add_argument("--table", help="only print the ratio table of a JSON-lines file (timm and ftjax rows)")
   ap.add_argument("--one", help=argparse.SUPPRESS)  # model:mode, in this process
   a = ap.parse_args(argv)
@@ -389,15 +411,21 @@ def main(argv=None) -> int:
   if a.baseline_json:
     with open(a.baseline_json) as f:
       baseline = _json_lines(f.read())
+  variants = [tuple(v.split("=", 1)) for v in a.variant]
+  if any(len(v) != 2 for v in variants):
+    ap.error("--variant takes NAME=FLAGS")
   if a.baseline:
-    baseline += run_baseline(a.baseline, models, s, out)
+    # Most of the budget at most: a hung torch.compile must leave time for ours.
+    baseline += run_baseline(a.baseline, models, s, out, a.budget and 0.6 * a.budget)
+  runs = [(m, x, None) for m, x in plan(models, modes)]
+  runs += [(*c.split(":"), v) for v in variants for c in a.variant_configs.split(",") if c]
   ours = []
-  for model_key, mode in plan(models, modes):
+  for model_key, mode, variant in runs:
     left = a.timeout if a.budget is None else min(a.timeout, a.budget - (time.perf_counter() - t0))
     if left < 30:
       print(f"{model_key}:{mode}: skipped, {left:.0f} s of the budget left", file=sys.stderr)
       continue
-    row = run_isolated(model_key, mode, s, left)
+    row = run_isolated(model_key, mode, s, left, variant)
     _emit(row, out)
     ours.append(row)
   print(ratio_table(ours, baseline), flush=True)

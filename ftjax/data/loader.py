@@ -225,6 +225,7 @@ class _Finish:
     self.size = size
     self.sharding = sharding
     self.queue: collections.deque = collections.deque()
+    self._shift = self._scale = None  # mean/std on the device, put there once (explicitly)
 
   def close(self) -> None:
     self.queue.clear()
@@ -236,7 +237,10 @@ class _Finish:
       out = jax.device_put(batch)  # uncommitted: the jitted step may place it anywhere
     else:
       out = jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.sharding, x), batch)
-    out["image"] = _normalize_on_device(out["image"], 255.0 * self.mean, 1.0 / (255.0 * self.std))
+    if self._shift is None:
+      self._shift = jax.device_put(255.0 * self.mean)
+      self._scale = jax.device_put(1.0 / (255.0 * self.std))
+    out["image"] = _normalize_on_device(out["image"], self._shift, self._scale)
     return out
 
   def __next__(self) -> dict:

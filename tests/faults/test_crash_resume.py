@@ -25,7 +25,7 @@ from _harness import (cached_env, checkpoint, flatten, launch, rows, state_sha, 
 
 pytestmark = pytest.mark.faults
 
-TOTAL, CKPT_EVERY, EVAL_EVERY = 12, 2, 4
+TOTAL, CKPT_EVERY, EVAL_EVERY = 24, 2, 4
 OVERRIDES = {"train.total_steps": TOTAL, "train.checkpoint_every": CKPT_EVERY,
              "train.eval_every": EVAL_EVERY, "train.log_every": 1, "train.async_checkpoint": True,
              "train.keep_latest": 2, "train.keep_best": 1}
@@ -48,7 +48,7 @@ def kill_moment(kind: str, committed: int, rng: random.Random) -> str | None:
   else:
     candidates = _steps_after(committed, CKPT_EVERY)
   # Early candidates spread the kills over the run instead of piling them up at its end.
-  return f"{kind}:{rng.choice(candidates[:3])}" if candidates else None
+  return f"{kind}:{rng.choice(candidates[:2])}" if candidates else None
 
 
 def ledger_steps(workdir, step: int) -> list[int]:

@@ -88,7 +88,7 @@ DETERMINISTIC_PROBE = textwrap.dedent('''
     from ftjax import train
     from jax._src import xla_bridge
 
-    def probe(config, workdir):
+    def probe(config, workdir, **kwargs):
       print("FLAGS", os.environ.get("XLA_FLAGS"), "STARTED", xla_bridge.backends_are_initialized())
     train.train_and_evaluate = probe
     from absl import app

@@ -60,6 +60,7 @@ class TrainState:
   consecutive_skips: jax.Array  # int32
   first_bad_step: jax.Array  # int32: step of the first non-finite update, -1 if none
   first_bad_what: jax.Array  # int32: 0 loss, i + 1 the i-th trainable leaf's gradient, -1 none
+  first_bad_param: jax.Array  # int32: i the first trainable leaf with a non-finite gradient then, -1 none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +178,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
       ema_params=ema, skipped=state.skipped + bad.astype(jnp.int32),
       consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
       first_bad_step=jnp.where(first_new, state.step + 1, state.first_bad_step),
-      first_bad_what=jnp.where(first_new, jnp.argmin(finite).astype(jnp.int32), state.first_bad_what))
+      first_bad_what=jnp.where(first_new, jnp.argmin(finite).astype(jnp.int32), state.first_bad_what),
+      first_bad_param=jnp.where(first_new, jnp.where(jnp.all(finite[1:]), -1, jnp.argmin(finite[1:])),
+                                state.first_bad_param).astype(jnp.int32))
   return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": ok}
 
 
@@ -545,7 +548,7 @@ def _initial_state(params, batch_stats, tx, seed: int, ema: bool) -> TrainState:
       opt_state=tx.init(params), ema_params=jax.tree.map(jnp.array, params) if ema else None,
       rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32),
       consecutive_skips=jnp.zeros((), jnp.int32), first_bad_step=jnp.full((), -1, jnp.int32),
-      first_bad_what=jnp.full((), -1, jnp.int32))
+      first_bad_what=jnp.full((), -1, jnp.int32), first_bad_param=jnp.full((), -1, jnp.int32))
 
 
 def _model_meta(report, num_classes: int, class_names) -> dict:
@@ -670,11 +673,16 @@ def _evaluate(run: _Run, state: TrainState, eval_fn, put_batch, hit=lambda momen
 
 def _check_numerics(state: TrainState, trainable: tuple[str, ...], policy: str, max_skips: int) -> int:
   """Host check at sync points; returns the number of steps skipped so far."""
-  first_step, what, skipped, consecutive = (int(x) for x in jax.device_get(
-      (state.first_bad_step, state.first_bad_what, state.skipped, state.consecutive_skips)))
+  first_step, what, param, skipped, consecutive = (int(x) for x in jax.device_get(
+      (state.first_bad_step, state.first_bad_what, state.first_bad_param, state.skipped,
+       state.consecutive_skips)))
   if first_step < 0:
     return skipped
   quantity = "loss" if what <= 0 else f"gradient of params/{trainable[what - 1]}"
+  if what <= 0 and param >= 0:
+    quantity += f", first non-finite gradient params/{trainable[param]}"
+  elif what <= 0:
+    quantity += " (gradients finite)"
   if policy == "stop":
     raise NumericsError("non-finite value in training", where=f"step {first_step}", value=quantity,
                         hint="lower the learning rate, or set train.on_nan=skip; the last good "

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from ftjax import checkpoint, train
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, NumericsError
 from ftjax.tree import flatten
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -157,7 +158,8 @@ def test_nan_loss_stops_with_numerics_code_and_keeps_last_good_checkpoint(tiny_v
                      env=subprocess_env())
   assert r.returncode == 4, r.stderr[-2000:]
   line = r.stderr.strip().splitlines()[-1]
-  assert line.startswith("ftjax: error: non-finite value in training (step ")
+  assert re.fullmatch(r"ftjax: error: non-finite value in training \(step \d+\): loss, first non-finite "
+                      r"gradient params/\S+; lower the learning rate, .*", line), line
   for step in checkpoint.committed_steps(wd / "checkpoints"):
     flat, _ = checkpoint.read_checkpoint(wd / "checkpoints", step)
     for k, v in flatten(flat).items():
@@ -185,6 +187,13 @@ def test_nan_skip_policy_leaves_state_bit_identical(tiny_vit_npz, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert int(s2.step) == 2 and int(s2.skipped) == 1 and int(s2.first_bad_step) == 2
   assert int(s2.first_bad_what) == 0  # the loss is the first non-finite quantity
+  paths = train.trainable_paths(mask)
+  assert int(s2.first_bad_param) == 0  # and every gradient with it: the first path is named
+  with pytest.raises(NumericsError) as info:
+    train._check_numerics(s2, paths, "stop", max_skips=10)
+  assert str(info.value) == (
+      f"ftjax: error: non-finite value in training (step 2): loss, first non-finite gradient "
+      f"params/{paths[0]}; lower the learning rate, or set train.on_nan=skip; the last good checkpoint is kept")
   with pytest.raises(Exception, match="too many consecutive"):
     train._check_numerics(s2, train.trainable_paths(mask), "skip", max_skips=1)
   assert train._check_numerics(s2, train.trainable_paths(mask), "skip", max_skips=5) == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import functools
 import json
 import os
@@ -414,6 +415,7 @@ def stored_config(workdir: str | os.PathLike):
 
 TEST_KILL_ENV = "FTJAX_TEST_KILL_AT"  # "startup" | "step:N" | "after:N" | "eval:N" | "ckpt:<phase>:N"
 TEST_HOLD_ENV = "FTJAX_TEST_HOLD_AT"  # "<moment>:N=SECONDS": sleep there (e.g. hold a checkpoint phase)
+TEST_FAIL_ENV = "FTJAX_TEST_FAIL_AT"  # "<moment>:N": raise a full-disk OSError there
 
 
 def _parse_moment(spec: str) -> tuple[str, int | None]:
@@ -423,20 +425,27 @@ def _parse_moment(spec: str) -> tuple[str, int | None]:
   return spec, None
 
 
-def fault_hook(kill: str | None = None, hold: str | None = None) -> Callable[[str, int], None]:
-  """``hit(moment, step)``, called at the run's fault-test points; kills or holds where asked.
+def fault_hook(kill: str | None = None, hold: str | None = None,
+               fail: str | None = None) -> Callable[[str, int], None]:
+  """``hit(moment, step)``, called at the run's fault-test points; kills, holds or fails where asked.
 
   Moments: "startup" (workdir ready, before the restore), "step" (a step
   dispatched, before its result is read), "after" (a step's logging, evaluation
   and save done), "eval" (inside an evaluation) and "ckpt:<phase>" (a
-  checkpoint phase, see :class:`ftjax.checkpoint.Checkpointer`).  The trainer
-  reads the specs from ``$FTJAX_TEST_KILL_AT`` and ``$FTJAX_TEST_HOLD_AT``.
+  checkpoint phase, see :class:`ftjax.checkpoint.Checkpointer`).  A failure
+  is the ``OSError`` of a full disk.  The trainer reads the specs from
+  ``$FTJAX_TEST_KILL_AT``, ``$FTJAX_TEST_HOLD_AT`` and ``$FTJAX_TEST_FAIL_AT``.
 
-  >>> hit = fault_hook(hold="ckpt:hashed:2=0.01")
+  >>> hit = fault_hook(hold="ckpt:hashed:2=0.01", fail="ckpt:written:4")
   >>> hit("ckpt:hashed", 2)  # sleeps 10 ms
   >>> hit("step", 3)  # nothing asked here
+  >>> hit("ckpt:written", 4)
+  Traceback (most recent call last):
+  ...
+  OSError: [Errno 28] No space left on device (injected at ckpt:written:4)
   """
   kill_at = _parse_moment(kill) if kill else None
+  fail_at = _parse_moment(fail) if fail else None
   hold_at, seconds = None, 0.0
   if hold:
     spec, _, secs = hold.partition("=")
@@ -447,6 +456,8 @@ def fault_hook(kill: str | None = None, hold: str | None = None) -> Callable[[st
       time.sleep(seconds)
     if kill_at and kill_at[0] == moment and kill_at[1] in (None, step):
       os.kill(os.getpid(), signal.SIGKILL)
+    if fail_at and fail_at[0] == moment and fail_at[1] in (None, step):
+      raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {moment}:{step})")
 
   return hit
 
@@ -749,7 +760,8 @@ def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> di
   """
   run, variables = prepare(config, workdir)
   cfg, t, wd, config_dict = config, config.train, run.workdir, run.config_dict
-  hit = fault_hook(os.environ.get(TEST_KILL_ENV), os.environ.get(TEST_HOLD_ENV))
+  hit = fault_hook(os.environ.get(TEST_KILL_ENV), os.environ.get(TEST_HOLD_ENV),
+                   os.environ.get(TEST_FAIL_ENV))
   params = variables["params"]
   total = t.total_steps
   masks = run.masks

@@ -608,6 +608,11 @@ def _plan(run: _Run, params) -> None:
     optim.make_optimizer(params, cfg.optim, family=run.family, total_steps=total,
                          steps_per_epoch=run.steps_per_epoch, phase=phase)
   t = cfg.train
+  if t.keep_latest < 1 or t.keep_best < 0:
+    raise ConfigError("keep at least the latest checkpoint", where="train.keep_latest / keep_best",
+                      value=f"{t.keep_latest} / {t.keep_best}", hint="keep_latest >= 1, keep_best >= 0")
+  if t.shard_params:
+    rule_tree(params, [(r, True) for r in t.shard_params], what="train.shard_params rule", default=False)
   split = t.best_metric.partition("/")[0].removeprefix("ema_")
   if t.early_stopping_patience and split not in cfg.data.eval_splits:
     raise ConfigError("early stopping watches a split that is not evaluated", where="train.best_metric",
@@ -789,7 +794,6 @@ def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> di
   # SIGTERM from here on saves (once there is something new to save) and exits with the
   # preempted code; the handler only sets a flag that the loop reads between steps.
   sigterm = _SigtermFlag().__enter__()
-  ckpt = writer = progress = None
   try:
     ckpt = Checkpointer(wd / "checkpoints", keep_latest=t.keep_latest, keep_best=t.keep_best,
                         best_metric=t.best_metric, best_mode=t.best_mode, async_save=t.async_checkpoint,

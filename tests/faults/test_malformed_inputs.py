@@ -154,6 +154,12 @@ IN_PROCESS = [
      'ftjax: error: unfreeze step beyond the run (optim.unfreeze #0): 100; the run has steps 0..5', 2),
     ("accum steps not dividing the batch", C(**{"optim.accum_steps": 3}),
      "ftjax: error: batch size not divisible by accum_steps x devices (optim.accum_steps): 16 / (3 x 1)", 2),
+    ("no checkpoint kept", C(**{"train.keep_latest": 0}),
+     "ftjax: error: keep at least the latest checkpoint (train.keep_latest / keep_best): 0 / 1; "
+     "keep_latest >= 1, keep_best >= 0", 2),
+    ("shard rule matching no parameter", C(**{"train.shard_params": ("nomatch/.*",)}),
+     "ftjax: error: train.shard_params rule matches no parameter (train.shard_params rule #0): "
+     "'nomatch/.*'; paths look like 'Transformer/encoder_norm/bias'", 2),
     ("early stopping on a split not evaluated",
      C(**{"train.early_stopping_patience": 2, "train.best_metric": "val/top1"}),
      "ftjax: error: early stopping watches a split that is not evaluated (train.best_metric): "

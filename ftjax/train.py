@@ -599,6 +599,9 @@ def _build(config, workdir: Path) -> tuple[_Run, dict]:
   return run, variables
 
 
+_SCALAR_METRICS = ("top1", "top5", "loss", "mean_class_accuracy", "ece")  # of metrics.summarize
+
+
 def _plan(run: _Run, params) -> None:
   """Phases, masks and the optimizer of every phase: rule and schedule errors surface here."""
   cfg, total = run.config, run.total_steps
@@ -613,10 +616,13 @@ def _plan(run: _Run, params) -> None:
                       value=f"{t.keep_latest} / {t.keep_best}", hint="keep_latest >= 1, keep_best >= 0")
   if t.shard_params:
     rule_tree(params, [(r, True) for r in t.shard_params], what="train.shard_params rule", default=False)
-  split = t.best_metric.partition("/")[0].removeprefix("ema_")
-  if t.early_stopping_patience and split not in cfg.data.eval_splits:
+  split, _, key = t.best_metric.partition("/")
+  if t.early_stopping_patience and split.removeprefix("ema_") not in cfg.data.eval_splits:
     raise ConfigError("early stopping watches a split that is not evaluated", where="train.best_metric",
                       value=repr(t.best_metric), hint=f"evaluated splits: {list(cfg.data.eval_splits)}")
+  if key not in _SCALAR_METRICS:
+    raise ConfigError("unknown evaluation metric", where="train.best_metric", value=repr(t.best_metric),
+                      hint=f"<split>/<metric>, metric one of {', '.join(_SCALAR_METRICS)}")
   run.plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
                                     num_train_examples=run.train_ds.num_examples,
                                     steps_per_epoch=run.steps_per_epoch)

@@ -160,6 +160,9 @@ IN_PROCESS = [
     ("shard rule matching no parameter", C(**{"train.shard_params": ("nomatch/.*",)}),
      "ftjax: error: train.shard_params rule matches no parameter (train.shard_params rule #0): "
      "'nomatch/.*'; paths look like 'Transformer/encoder_norm/bias'", 2),
+    ("unknown best metric", C(**{"train.best_metric": "test/top7"}),
+     "ftjax: error: unknown evaluation metric (train.best_metric): 'test/top7'; <split>/<metric>, "
+     "metric one of top1, top5, loss, mean_class_accuracy, ece", 2),
     ("early stopping on a split not evaluated",
      C(**{"train.early_stopping_patience": 2, "train.best_metric": "val/top1"}),
      "ftjax: error: early stopping watches a split that is not evaluated (train.best_metric): "

@@ -26,7 +26,7 @@ from ftjax.errors import ConfigError
 # Keys whose change makes a stored run a different experiment: resuming a
 # workdir whose config.json differs in one of these is refused.
 RESUME_KEYS = ("seed", "model.source", "model.num_classes", "data.image_size", "model.scratch",
-               "model.dont_load", "data.source", "data.name", "data.root", "data.train_root",
+               "model.dont_load", "model.lora_rank", "data.source", "data.name", "data.root", "data.train_root",
                "data.per_class", "train.batch_size", "optim")
 
 
@@ -39,6 +39,9 @@ def model_config() -> mc.ConfigDict:
   c.scratch = False  # same architecture, random initialisation (a baseline)
   c.dropout_rate = placeholder(float)  # None: the family's default (dropout before the head / in blocks)
   c.droppath_rate = placeholder(float)  # stochastic depth; None: the family's default
+  c.lora_rank = 0  # > 0: LoRA adapters of this rank on lora_targets; the base stays frozen
+  c.lora_alpha = placeholder(float)  # update scale alpha / rank; None: 1
+  c.lora_targets = ()  # regexes of kernel paths; empty: ViT attention and MLP kernels
   return c
 
 

@@ -36,6 +36,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ftjax import config as config_lib
+from ftjax import distributed
 from ftjax import data as data_lib
 from ftjax import metrics as metrics_lib
 from ftjax import models, optim
@@ -218,6 +219,7 @@ class _Run:
   plan: Any = None
   warnings: list = dataclasses.field(default_factory=list)
   config_dict: dict = dataclasses.field(default_factory=dict)
+  lora: Any = None  # the LoraSpec when model.lora_rank > 0
 
 
 # ---------------------------------------------------------------- checks before anything is written
@@ -517,7 +519,14 @@ class JitRunner:
 
   def put_batch(self, batch: dict) -> dict:
     sharding = NamedSharding(self.mesh, P("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    single = jax.process_count() == 1
+
+    def put(v):
+      if single and isinstance(v, jax.Array):  # the loader already put it on a device
+        return jax.device_put(v, sharding)
+      return jax.make_array_from_process_local_data(sharding, np.asarray(v))
+
+    return {k: put(v) for k, v in batch.items()}
 
   def compile(self, fn: Callable, opts: StepOptions) -> Callable:
     return jax.jit(functools.partial(fn, opts=opts), donate_argnums=0)
@@ -543,8 +552,7 @@ class PmapRunner:
 
   def put_batch(self, batch: dict) -> dict:
     n = len(self.devices)
-    return {k: jax.device_put(np.asarray(v).reshape(n, -1, *np.shape(v)[1:]), self._sharding)
-            for k, v in batch.items()}
+    return {k: jax.device_put(v.reshape(n, -1, *v.shape[1:]), self._sharding) for k, v in batch.items()}
 
   def compile(self, fn: Callable, opts: StepOptions) -> Callable:
     opts = dataclasses.replace(opts, axis_name=self.axis_name)
@@ -562,10 +570,13 @@ def _initial_state(params, batch_stats, tx, seed: int, ema: bool) -> TrainState:
       first_bad_what=jnp.full((), -1, jnp.int32), first_bad_param=jnp.full((), -1, jnp.int32))
 
 
-def _model_meta(report, num_classes: int, class_names) -> dict:
-  return {"family": report.family, "arch": report.arch, "num_classes": num_classes,
+def _model_meta(report, num_classes: int, class_names, lora_spec=None) -> dict:
+  meta = {"family": report.family, "arch": report.arch, "num_classes": num_classes,
           "image_size": list(report.image_size), "mean": list(report.mean), "std": list(report.std),
           "class_names": list(class_names) if class_names else None}
+  if lora_spec is not None:
+    meta["lora"] = lora_spec.to_dict()  # export/predict merge the adapters with it
+  return meta
 
 
 def _build(config, workdir: Path) -> tuple[_Run, dict]:
@@ -591,11 +602,19 @@ def _build(config, workdir: Path) -> tuple[_Run, dict]:
   if bad is not None:
     raise CheckpointError("non-finite value in the pretrained weights", where=config.model.source,
                           value=bad, hint="the file is damaged; nothing was trained")
+  lora_spec = None
+  if config.model.lora_rank:
+    from ftjax import lora
+    targets = tuple(config.model.lora_targets) or lora.DEFAULT_TARGETS
+    lora_spec = lora.LoraSpec(rank=config.model.lora_rank, alpha=config.model.lora_alpha, targets=targets)
+    model = lora.LoraModel(model, lora_spec)
+    variables = {**variables, "params": lora.add_lora(variables["params"], lora_spec,
+                                                      jax.random.key(config.seed, impl="rbg"))}
   steps_per_epoch = max(1, train_ds.num_examples // config.train.batch_size)
   run = _Run(config=config, workdir=workdir, model=model, report=report, family=report.family,
              mesh=_mesh(), train_ds=train_ds, eval_sets=eval_sets, num_classes=num_classes,
              total_steps=config.train.total_steps, steps_per_epoch=steps_per_epoch,
-             overrides=overrides, warnings=warnings)
+             overrides=overrides, warnings=warnings, lora=lora_spec)
   return run, variables
 
 
@@ -605,6 +624,10 @@ _SCALAR_METRICS = ("top1", "top5", "loss", "mean_class_accuracy", "ece")  # of m
 def _plan(run: _Run, params) -> None:
   """Phases, masks and the optimizer of every phase: rule and schedule errors surface here."""
   cfg, total = run.config, run.total_steps
+  groups = list(cfg.optim.param_groups)
+  if run.lora is not None and len(groups) == 1 and groups[0][0] == ".*":
+    from ftjax import lora
+    cfg.optim.param_groups = lora.PARAM_GROUPS  # adapters and head train, the base is frozen
   run.phases = optim.unfreeze_phases(cfg.optim, total)
   run.masks = [optim.trainable_mask(params, cfg.optim, phase=i) for i in range(len(run.phases))]
   for phase in range(len(run.phases)):
@@ -689,13 +712,13 @@ def _evaluate(run: _Run, state: TrainState, eval_fn, put_batch, hit=lambda momen
         c = eval_fn(params, state.batch_stats, put_batch(batch))
         hit("eval", step)
         counts = c if counts is None else metrics_lib.add_counts(counts, c)
-      out[f"{prefix}{split}"] = metrics_lib.summarize(jax.device_get(counts), class_names=ds.class_names)
+      out[f"{prefix}{split}"] = metrics_lib.summarize(distributed.host_tree(counts), class_names=ds.class_names)
   return out
 
 
 def _check_numerics(state: TrainState, trainable: tuple[str, ...], policy: str, max_skips: int) -> int:
   """Host check at sync points; returns the number of steps skipped so far."""
-  first_step, what, param, skipped, consecutive = (int(x) for x in jax.device_get(
+  first_step, what, param, skipped, consecutive = (int(x) for x in distributed.host_tree(
       (state.first_bad_step, state.first_bad_what, state.first_bad_param, state.skipped,
        state.consecutive_skips)))
   if first_step < 0:
@@ -739,7 +762,7 @@ def prepare(config, workdir: str) -> tuple[_Run, dict]:
   if config.train.deterministic:
     _set_deterministic()
   if config.train.distributed:
-    jax.distributed.initialize()
+    distributed.initialize()
   t = config.train
   n_dev = jax.device_count()
   if t.batch_size % n_dev or t.eval_batch_size % n_dev:
@@ -787,6 +810,9 @@ def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> di
     run.model, _ = models.create(run.family, {**run.report.arch, **run.overrides, "frozen_bn": True},
                                  num_classes=run.num_classes, image_size=run.report.image_size,
                                  dtype=DTYPES[cfg.model.dtype])
+    if run.lora is not None:
+      from ftjax import lora
+      run.model = lora.LoraModel(run.model, run.lora)
 
   def make_tx(phase):
     return optim.make_optimizer(params, cfg.optim, family=run.family, total_steps=total,
@@ -822,7 +848,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
               sigterm, allow_fresh: bool) -> dict:
   """Restore, compile, train, evaluate, save: the loop of :func:`train_and_evaluate`."""
   cfg, t, wd, total, masks = run.config, run.config.train, run.workdir, run.total_steps, run.masks
-  meta = _model_meta(run.report, run.num_classes, run.train_ds.class_names)
+  meta = _model_meta(run.report, run.num_classes, run.train_ds.class_names, run.lora)
   # Resume: the template's optimizer state must have the phase of the checkpoint's step
   # (which may be an older step than the newest, if that one is damaged).
   template = lambda s: _initial_state(params, batch_stats, make_tx(optim.phase_at(s, cfg.optim)),
@@ -843,7 +869,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     print(f"resumed from step {step0} in {wd / 'checkpoints'}", flush=True)
   else:
     state = template(0)
-  step = int(jax.device_get(state.step))  # the step is state: everything below follows from it
+  step = int(distributed.host_value(state.step))  # the step is state: everything below follows from it
   phase = optim.phase_at(step, cfg.optim)
   tx = make_tx(phase)
   runner = PmapRunner() if t.parallel == "pmap" else JitRunner(run.mesh, t.shard_params)
@@ -895,7 +921,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
       ledger = record_step(ledger, step, new_segment=new_segment)
       new_segment = False
       if step % t.log_every == 0 or step == total:
-        m = jax.device_get(runner.view(m))
+        m = distributed.host_tree(runner.view(m))
         skipped = _check_numerics(runner.view(state), trainable, t.on_nan, t.max_consecutive_skips)
         writer.write(step, "train", {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                                      "skipped_steps": skipped})

@@ -263,3 +263,24 @@ def test_jit_sharded_fsdp_and_pmap_match_one_device(tiny_vit_npz, tmp_path):
   worst, moved = float(line[1]), float(line[3])
   assert moved > 1e-4  # the three steps really changed the parameters
   assert worst <= 1e-5
+
+
+def test_lora_run_trains_adapters_and_head_only(tiny_vit_npz, tmp_path):
+  from ftjax import models
+  wd = tmp_path / "wd"
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 3, "model.lora_rank": 2, "train.eval_every": 0,
+                                     "optim.lr": 1e-2})
+  train.train_and_evaluate(cfg, str(wd))
+  flat, extra = _final_state(wd)
+  assert extra["model"]["lora"]["rank"] == 2
+  lora_keys = [k for k in flat if k.startswith("params/lora/")]
+  assert lora_keys and any(np.any(flat[k] != 0) for k in lora_keys if k.endswith("/b"))
+  with np.load(tiny_vit_npz) as init:
+    for k in init.files:
+      if not k.startswith("head/"):  # the base is frozen: bit-identical
+        np.testing.assert_array_equal(flat[f"params/{k}"], init[k], err_msg=k)
+  assert any(not np.array_equal(flat["params/head/kernel"], v) for v in [np.load(tiny_vit_npz)["head/kernel"]])
+  opt_floats = sum(np.asarray(v).size for k, v in flat.items() if k.startswith("opt_state/")
+                   and np.asarray(v).dtype == np.float32)
+  trainable = sum(flat[k].size for k in lora_keys) + flat["params/head/kernel"].size + flat["params/head/bias"].size
+  assert opt_floats == 2 * trainable  # adamw moments for adapters and head only

@@ -39,6 +39,7 @@ def model_config() -> mc.ConfigDict:
   c.scratch = False  # same architecture, random initialisation (a baseline)
   c.dropout_rate = placeholder(float)  # None: the family's default (dropout before the head / in blocks)
   c.droppath_rate = placeholder(float)  # stochastic depth; None: the family's default
+  c.bn_momentum = placeholder(float)  # BatchNorm running-statistics momentum (flax convention); None: the family's
   c.lora_rank = 0  # > 0: LoRA adapters of this rank on lora_targets; the base stays frozen
   c.lora_alpha = placeholder(float)  # update scale alpha / rank; None: 1
   c.lora_targets = ()  # regexes of kernel paths; empty: ViT attention and MLP kernels

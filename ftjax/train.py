@@ -593,7 +593,8 @@ def _build(config, workdir: Path) -> tuple[_Run, dict]:
     if ds.num_classes != num_classes:
       raise DataError("class count differs between splits", where=f"data split {split}",
                       value=f"{ds.num_classes} vs train {num_classes}")
-  overrides = {k: config.model[k] for k in ("dropout_rate", "droppath_rate") if config.model[k] is not None}
+  overrides = {k: config.model[k] for k in ("dropout_rate", "droppath_rate", "bn_momentum")
+               if config.model[k] is not None}
   dont_load = (".*",) if config.model.scratch else tuple(config.model.dont_load)
   model, variables, report = models.from_pretrained(
       config.model.source, num_classes=num_classes, image_size=config.data.image_size,

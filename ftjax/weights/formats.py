@@ -125,6 +125,13 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict:
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """All arrays of an ``.npz`` file; object arrays (pickles) are refused."""
   p = _check_file(path)
+  with open(p, "rb") as f:
+    magic = f.read(4)
+  if not magic:
+    raise CheckpointError("empty weight file", where=str(p), hint="the download or copy did not finish")
+  if magic != b"PK\x03\x04":  # numpy would take any non-zip file for a pickle
+    raise CheckpointError("not an .npz file (no zip header)", where=str(p),
+                          hint="pass a .npz written by numpy.savez")
   try:
     with np.load(p, allow_pickle=False) as z:
       out = {k: z[k] for k in z.files}

@@ -191,9 +191,8 @@ IN_PROCESS = [
      'ftjax: error: unknown checkpoint source ({tmp}/nothing_here); use hf:, timm:, npz:, '
      'torchvision:, efficientnet: or a checkpoint directory', 3),
     ("wrong format", S(lambda tmp, npz: "npz:test@" + _bytes(tmp, "text.npz", b"hello, not a zip\n" * 8)),
-     # (numpy takes any file that is not a zip or .npy for a pickle: refused, if not the clearest words)
-     "ftjax: error: refused .npz holding pickled objects ({tmp}/text.npz); only plain numeric arrays are "
-     "read; objects could run code", 3),
+     "ftjax: error: not an .npz file (no zip header) ({tmp}/text.npz); pass a .npz written by numpy.savez",
+     3),
     ("wrong family", S(lambda tmp, npz: f"torchvision:resnet18@{npz}"),
      'ftjax: error: unreadable PyTorch file ({npz}): Expected hasRecord("version") to be true, but '
      'got false. (Could this error message be improved? If so, please report an enhancement request '
@@ -204,7 +203,7 @@ IN_PROCESS = [
     ("truncated checkpoint", S(lambda tmp, npz: "npz:test@" + _truncated(tmp, npz)),
      'ftjax: error: corrupted .npz file ({tmp}/truncated.npz): File is not a zip file', 3),
     ("empty checkpoint", S(lambda tmp, npz: "npz:test@" + _bytes(tmp, "empty.npz", b"")),
-     'ftjax: error: corrupted .npz file ({tmp}/empty.npz): No data left in file', 3),
+     'ftjax: error: empty weight file ({tmp}/empty.npz); the download or copy did not finish', 3),
     ("missing key", S(lambda tmp, npz: "npz:test@" + _npz(tmp, npz, "missing.npz", _del("cls"))),
      "ftjax: error: npz has no class token 'cls' (npz:test); global-average-pooled ViTs: pass "
      "pooling='gap' with a timm or hf source", 3),

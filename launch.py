@@ -15,6 +15,7 @@ does, it refuses (exit 3) unless ``--allow_fresh_start``.
 before JAX starts: bit-identical reruns and resumes on GPUs too (CPUs are deterministic anyway).
 """
 
+import logging as pylogging
 import os
 import re
 import sys
@@ -114,6 +115,10 @@ def _parse(argv):
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if not os.environ.get("FTJAX_TRACEBACK"):
+    # orbax reports a failed write with a traceback through absl's logger; ftjax
+    # reports it as one line (ftjax's own warnings use their own loggers).
+    pylogging.getLogger("absl").setLevel(pylogging.CRITICAL)
   if len(argv) > 1:
     _fail(f"ftjax: error: unexpected arguments: {' '.join(argv[1:])}; use --flag=value", 2)
   from ftjax import train  # imports jax; the backend starts later, after XLA_FLAGS is final

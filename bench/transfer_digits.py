@@ -23,7 +23,7 @@ LABELS = {
     "head_only": "ImageNet-pretrained, head only (frozen backbone and BatchNorm)",
     "full": "ImageNet-pretrained, full fine-tune",
     "full_bn": "ImageNet-pretrained, full fine-tune, BatchNorm statistics updated",
-    "layer_decay": "ImageNet-pretrained, full fine-tune + layer-wise lr decay 0.8",
+    "layer_decay": "ImageNet-pretrained, full fine-tune + layer-wise lr decay 0.9",
     "default": "ImageNet-pretrained, default recipe (gradual unfreezing + layer decay)",
 }
 

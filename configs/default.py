@@ -16,12 +16,15 @@ keeps its ImageNet statistics.
 
 Variants (``:variant=``), the comparison in README.md (``python bench/transfer_digits.py``):
 ``default`` (the recipe above; ``:every=,k=,decay=`` change its schedule), ``head_only``,
-``full`` (everything trains from step 0, no layer decay), ``full_bn`` (``full`` with BatchNorm statistics following the batches,
-as timm's train mode does), ``layer_decay`` (full with layer decay, no unfreezing),
-``scratch`` (same network, random initialisation, full training).
+``full`` (everything trains from step 0, no layer decay), ``full_bn`` (``full`` with
+BatchNorm statistics following the batches, as timm's train mode does), ``layer_decay``
+(full with layer decay, no unfreezing), ``scratch`` (same network, random
+initialisation, full training, BatchNorm momentum 0.9 as in PyTorch).
 
-Expected: about REPLACE_EXPECTED% top-1 on the 1,000 test digits (README table); runs in
-under 5 minutes on 2 CPU cores.
+Expected (measured 2026-11-27, seed 0): 90.9% top-1 on the 1,000 test digits; about
+2 minutes on 2 CPU cores. The timm/PyTorch reference for the same network, weights and
+digits (64 px, AdamW 1e-3, batch 50, 200 steps, no augmentation): 74.5% head only,
+80.0% full fine-tune, 57.5% from scratch.
 """
 
 from ftjax import optim

@@ -321,7 +321,7 @@ def committed_steps(directory: str | os.PathLike) -> list[int]:
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
   """A checkpoint directory, or a run's workdir whose steps live in ``checkpoints/``."""
-  p = Path(path)
+  p = Path(path).absolute()  # orbax reads absolute paths only
   if not committed_steps(p) and (p / CHECKPOINT_SUBDIR).is_dir():
     return p / CHECKPOINT_SUBDIR
   return p
@@ -558,7 +558,7 @@ class Checkpointer:
                         value=repr(best_mode))
     if fingerprint is not None:
       _canonical(fingerprint)  # must be JSON: it goes into the manifest
-    self.directory = Path(directory)
+    self.directory = Path(directory).absolute()  # orbax refuses relative paths
     self.keep_latest = keep_latest
     self.keep_best = keep_best if best_metric else 0  # no metric, no "best"
     self.best_metric, self.best_mode = best_metric, best_mode

@@ -284,3 +284,19 @@ def test_lora_run_trains_adapters_and_head_only(tiny_vit_npz, tmp_path):
                    and np.asarray(v).dtype == np.float32)
   trainable = sum(flat[k].size for k in lora_keys) + flat["params/head/kernel"].size + flat["params/head/bias"].size
   assert opt_floats == 2 * trainable  # adamw moments for adapters and head only
+
+
+def test_ema_is_kept_checkpointed_and_evaluated(tiny_vit_npz, tmp_path):
+  from ftjax import models
+  wd = tmp_path / "wd"
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 1, "train.ema_decay": 0.75,
+                                     "train.eval_every": 0})
+  summaries = train.train_and_evaluate(cfg, str(wd))
+  assert set(summaries) == {"test", "ema_test"} and summaries["ema_test"]["n"] == 360
+  flat, _ = _final_state(wd)
+  _, start, _ = models.from_pretrained(cfg.model.source, num_classes=10, image_size=32)
+  for k, p0 in flatten(start).items():
+    p1, ema = flat[k], flat[k.replace("params/", "ema_params/", 1)]
+    np.testing.assert_allclose(ema, 0.75 * p0 + 0.25 * p1, rtol=1e-6, atol=1e-7, err_msg=k)
+  rows = _rows(wd)
+  assert any("ema_test/top1" in r for r in rows if r["kind"] == "eval")

@@ -95,16 +95,9 @@ def analytic_flops_per_image(model_key: str, mode: str, s: Settings) -> float | 
 
 
 def _state(params, batch_stats, tx):
-  import jax
-  import jax.numpy as jnp
+  from ftjax.train import initial_state
 
-  from ftjax.train import TrainState
-
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats or {},
-      opt_state=tx.init(params), ema_params=None, rng=jax.random.PRNGKey(0),
-      skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32),
-      first_bad_step=jnp.full((), -1, jnp.int32), first_bad_what=jnp.full((), -1, jnp.int32))
+  return initial_state(params, batch_stats, tx, 0, ema=False)
 
 
 def _xla_bytes(compiled) -> int | None:

@@ -559,7 +559,8 @@ class PmapRunner:
     return jax.pmap(functools.partial(fn, opts=opts), axis_name=self.axis_name, donate_argnums=0)
 
 
-def _initial_state(params, batch_stats, tx, seed: int, ema: bool) -> TrainState:
+def initial_state(params, batch_stats, tx, seed: int, ema: bool) -> TrainState:
+  """The state at step 0: ``tx.init(params)``, the seed's key, no skipped steps."""
   params = jax.tree.map(jnp.asarray, params)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
@@ -852,7 +853,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   meta = _model_meta(run.report, run.num_classes, run.train_ds.class_names, run.lora)
   # Resume: the template's optimizer state must have the phase of the checkpoint's step
   # (which may be an older step than the newest, if that one is damaged).
-  template = lambda s: _initial_state(params, batch_stats, make_tx(optim.phase_at(s, cfg.optim)),
+  template = lambda s: initial_state(params, batch_stats, make_tx(optim.phase_at(s, cfg.optim)),
                                       cfg.seed, t.ema_decay > 0)
   early = metrics_lib.EarlyStopping(t.best_metric, t.best_mode, t.early_stopping_patience,
                                     t.early_stopping_min_delta) if t.early_stopping_patience else None

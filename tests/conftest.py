@@ -79,6 +79,21 @@ def launch_cmd(config: str, workdir: str, *extra: str) -> list[str]:
   return [sys.executable, str(REPO / "launch.py"), f"--config={config}", f"--workdir={workdir}", *extra]
 
 
+def state_sha(workdir) -> str:
+  """sha256 over the params and optimizer state of a run's newest verified checkpoint."""
+  import hashlib
+  from ftjax import checkpoint
+  from ftjax.tree import flatten
+  tree, _ = checkpoint.read_checkpoint(Path(workdir) / "checkpoints")
+  flat = flatten(tree)
+  h = hashlib.sha256()
+  for k in sorted(flat):
+    if k.startswith(("params/", "opt_state/")):
+      h.update(k.encode())
+      h.update(np.ascontiguousarray(flat[k]).tobytes())
+  return h.hexdigest()
+
+
 def subprocess_env(**extra) -> dict:
   env = dict(os.environ)
   env.pop("FTJAX_TRACEBACK", None)

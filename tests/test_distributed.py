@@ -35,7 +35,7 @@ WORKER = textwrap.dedent('''
                  "label": rng.integers(0, 10, 16).astype(np.int32)}} for _ in range(2)]
     n, i = jax.process_count(), jax.process_index()
     runner = train.JitRunner(Mesh(np.asarray(jax.devices()), ("data",)))
-    state = runner.put_state(train._initial_state(params, None, tx, 0, ema=False))
+    state = runner.put_state(train.initial_state(params, None, tx, 0, ema=False))
     step = runner.compile(fn, train.StepOptions(num_classes=10))
     for b in batches:  # each process feeds its own half of every global batch
       local = {{k: v[i * 16 // n:(i + 1) * 16 // n] for k, v in b.items()}}

@@ -67,7 +67,7 @@ def test_starts_equal_to_the_base_model(base):
 def _train(model, params, config, steps):
   tx = optim.make_optimizer(params, config, total_steps=100)
   trainable = train.trainable_paths(optim.trainable_mask(params, config))
-  state = train._initial_state(params, None, tx, seed=0, ema=False)
+  state = train.initial_state(params, None, tx, seed=0, ema=False)
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, trainable=trainable,
                                    opts=train.StepOptions(num_classes=5)))
   rng = np.random.default_rng(2)
@@ -138,7 +138,7 @@ def test_vit_b16_lora_step_memory_versus_full_fine_tune():
     config = {"name": "adamw", "kwargs": {}, "lr": 1e-3, "param_groups": groups}
     tx = optim.make_optimizer(p, config, total_steps=100)
     trainable = train.trainable_paths(optim.trainable_mask(p, config))
-    state = jax.eval_shape(lambda q: train._initial_state(q, None, tx, 0, False), p)
+    state = jax.eval_shape(lambda q: train.initial_state(q, None, tx, 0, False), p)
     b = {"image": jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32),
          "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
     fn = functools.partial(train.train_step, model=model, tx=tx, trainable=trainable,

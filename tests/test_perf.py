@@ -59,11 +59,7 @@ def _setup(family, arch, image_size, optim_config, *, batch=8) -> _Setup:
   variables = models.init_variables(model, image_size)
   params = variables["params"]
   tx = optim.make_optimizer(params, optim_config, family=family, total_steps=100)
-  state = train.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-      opt_state=tx.init(params), ema_params=None, rng=jax.random.PRNGKey(0),
-      skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32),
-      first_bad_step=jnp.full((), -1, jnp.int32), first_bad_what=jnp.full((), -1, jnp.int32))
+  state = train.initial_state(params, variables.get("batch_stats"), tx, 0, ema=False)
   runner = train.JitRunner(Mesh(np.asarray(jax.devices()[:1]), ("data",)))
   trainable = train.trainable_paths(optim.trainable_mask(params, optim_config))
   opts = train.StepOptions(num_classes=NUM_CLASSES, update_batch_stats=trains_bn)

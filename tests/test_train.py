@@ -1,6 +1,5 @@
 """The trainer end to end on a tiny ViT and real digits: outputs, resume, parallelism, errors."""
 
-import hashlib
 import json
 import re
 import signal
@@ -19,21 +18,12 @@ from ftjax.errors import ConfigError, NumericsError
 from ftjax.tree import flatten
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, launch_cmd, subprocess_env, tiny_config, write_config  # noqa: E402
+from conftest import REPO, launch_cmd, state_sha, subprocess_env, tiny_config, write_config  # noqa: E402
 
 
 def _final_state(workdir):
   tree, extra = checkpoint.read_checkpoint(Path(workdir) / "checkpoints")
   return flatten(tree), extra
-
-
-def _sha(flat):
-  h = hashlib.sha256()
-  for k in sorted(flat):
-    if k.startswith(("params/", "opt_state/")):
-      h.update(k.encode())
-      h.update(np.ascontiguousarray(flat[k]).tobytes())
-  return h.hexdigest()
 
 
 def _rows(workdir):
@@ -96,7 +86,7 @@ def test_killed_run_resumes_bit_identical(tiny_vit_npz, tmp_path):
   train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(wd))
   ours, _ = _final_state(wd)
   theirs, _ = _final_state(ref)
-  assert _sha(ours) == _sha(theirs)
+  assert state_sha(wd) == state_sha(ref)
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
   rows = _rows(wd)
@@ -173,7 +163,7 @@ def test_nan_skip_policy_leaves_state_bit_identical(tiny_vit_npz, tmp_path):
   cfg = tiny_config(tiny_vit_npz)
   model, variables, _ = models.from_pretrained(cfg.model.source, num_classes=10, image_size=32)
   tx = optim.make_optimizer(variables["params"], cfg.optim, family="vit", total_steps=6)
-  state = train._initial_state(variables["params"], None, tx, 0, ema=False)
+  state = train.initial_state(variables["params"], None, tx, 0, ema=False)
   mask = optim.trainable_mask(variables["params"], cfg.optim)
   opts = train.StepOptions(num_classes=10)
   step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx,
@@ -233,7 +223,7 @@ PARALLEL_SCRIPT = textwrap.dedent('''
                  "label": rng.integers(0, 10, 16).astype(np.int32)}} for _ in range(3)]
     opts = train.StepOptions(num_classes=10)
     def run(runner):
-      state = runner.put_state(train._initial_state(params, None, tx, 0, ema=False))
+      state = runner.put_state(train.initial_state(params, None, tx, 0, ema=False))
       step = runner.compile(fn, opts)
       for b in batches:
         state, _ = step(state, runner.put_batch(b))

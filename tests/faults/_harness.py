@@ -1,6 +1,5 @@
 """What the fault tests share: launching the real CLI, reading a workdir back, hashing a state."""
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import numpy as np
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
-from conftest import REPO, launch_cmd, subprocess_env, tiny_config, write_config  # noqa: E402,F401
+from conftest import REPO, launch_cmd, state_sha, subprocess_env, tiny_config, write_config  # noqa: E402,F401
 
 from ftjax import checkpoint  # noqa: E402
 from ftjax.tree import flatten  # noqa: E402
@@ -28,16 +27,6 @@ def launch(config_file: str, workdir, env: dict, *args: str, timeout: float = 18
                         timeout=timeout, env=env)
 
 
-def state_sha(workdir) -> str:
-  """sha256 over the params and optimizer state of the newest verified checkpoint."""
-  tree, _ = checkpoint.read_checkpoint(Path(workdir) / "checkpoints")
-  flat = flatten(tree)
-  h = hashlib.sha256()
-  for k in sorted(flat):
-    if k.startswith(("params/", "opt_state/")):
-      h.update(k.encode())
-      h.update(np.ascontiguousarray(flat[k]).tobytes())
-  return h.hexdigest()
 
 
 def rows(workdir) -> list[dict]:

@@ -12,7 +12,7 @@ def test_shortened_default_job_runs_offline(tmp_path):
   wd = tmp_path / "wd"  # given relative to the working directory, as a newcomer would
   r = subprocess.run([sys.executable, str(REPO / "launch.py"),
                       "--config", f"{REPO / 'configs' / 'default.py'}:steps=6,every=2",
-                      "--workdir", "wd", "--config.train.log_every=2"],
+                      "--workdir", "wd", "--config.train.log_every=2", "--config.train.eval_every=0"],
                      capture_output=True, text=True, timeout=600, cwd=tmp_path,
                      env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
   assert r.returncode == 0, r.stderr[-3000:]

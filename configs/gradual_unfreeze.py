@@ -7,7 +7,9 @@ Command::
 Steps 0-199 train the head; each later phase unfreezes the next two blocks from
 the top (ULMFiT-style), the embeddings last; groups already training keep their
 optimizer state, new ones start fresh; one compilation per phase. AdamW lr 1e-4,
-layer decay 0.75. Expected on CIFAR-10: close to the full fine-tune; measure.
+layer decay 0.75.
+
+Expected: not yet measured here (it needs the dataset and a GPU).
 """
 
 from ftjax import optim

@@ -6,9 +6,10 @@ Command (needs the prepared tfds oxford_iiit_pet and the torchvision file)::
 
 Recipe (timm-style transfer): 224 px, batch 64, AdamW lr 1e-3 (head; stage s gets
 0.7^(5-s), the stem 0.7^5), weight decay 0.05 on kernels only, 2 warm-up epochs,
-cosine, label smoothing 0.1, 30 epochs (~1,720 steps). Expected: about 93% top-1
-(torchvision ResNet-50 v1 weights; not a published anchor of ours, measure before
-quoting).
+cosine, label smoothing 0.1, 30 epochs (~1,720 steps).
+
+Expected: not yet measured here (no published anchor for this recipe; it needs the
+dataset and a GPU).
 """
 
 from ftjax.config import default_config, parse_arg

@@ -11,8 +11,9 @@ CIFAR-10 after 10k steps (98.59% after 500), 92.06% on CIFAR-100 (89.17% after 5
 Recipe (vision_transformer configs common.py / vit.py): 384 px, batch 512, SGD
 momentum 0.9, lr 0.01 (CIFAR-100: 0.03), cosine decay, 500 warm-up steps (50 for
 the 500-step run), gradient clipping at global norm 1.0, no weight decay,
-dropout 0, zero-initialised head. ftjax reaches the same setting on one 80 GB
-GPU with batch 512 in bf16; use optim.accum_steps to fit smaller memory.
+dropout 0, zero-initialised head. Not yet run end to end by ftjax (it needs the
+dataset and a GPU); if batch 512 at 384 px does not fit, optim.accum_steps splits it
+into microbatches inside one compiled step.
 """
 
 from ftjax.config import default_config, parse_arg

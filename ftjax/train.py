@@ -877,7 +877,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   runner = PmapRunner() if t.parallel == "pmap" else JitRunner(run.mesh, t.shard_params)
   state = runner.put_state(state)
   writer = metrics_lib.MetricsWriter(wd, resume_step=step, tensorboard=t.tensorboard)
-  progress = None
+  progress = it = None
   last_saved = step if restored is not None else -1
   summaries = {}
 
@@ -953,6 +953,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   finally:
     if progress is not None:
       progress.close()
+    if it is not None:
+      it.close()  # stops grain worker processes
     writer.flush()
     ckpt.close()
   if not summaries:

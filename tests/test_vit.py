@@ -364,3 +364,19 @@ def test_checkpoint_errors_name_the_key(timm_tiny, tmp_path):
   safetensors.torch.save_file({"conv1.weight": torch.zeros(8, 3, 7, 7)}, str(other))
   with pytest.raises(CheckpointError, match="ViT checkpoint does not have.*conv1.weight"):
     from_pretrained(f"timm:{TIMM_TINY}@{other}")
+
+
+def test_remat_blocks_give_the_same_logits_and_gradients():
+  from ftjax import models
+  plain, _ = models.create("vit", {"variant": "test"}, num_classes=3, image_size=32)
+  remat, _ = models.create("vit", {"variant": "test", "remat": True}, num_classes=3, image_size=32)
+  variables = models.init_variables(plain, 32)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+  def grads(model):
+    loss = lambda p: model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}).sum()
+    return jax.grad(loss)(variables["params"])
+
+  np.testing.assert_array_equal(plain.apply(variables, x), remat.apply(variables, x))
+  for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -159,13 +159,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
   full_grads = unflatten({**{p: jnp.zeros_like(v) for p, v in frozen_flat.items()}, **grads})
   updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
   flat_updates = flatten(updates)
-  # Only trainable leaves are written: frozen ones stay bit-identical (even -0.0).
+  # Only trainable leaves are written (and only when the step is finite): frozen
+  # ones pass through untouched, bit-identical (even -0.0), with no copy made.
   new_flat = dict(flat)
   for p in trainable:
-    new_flat[p] = (flat[p] + flat_updates[p]).astype(flat[p].dtype)
+    new_flat[p] = jnp.where(ok, (flat[p] + flat_updates[p]).astype(flat[p].dtype), flat[p])
   params = unflatten(new_flat)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-  params = keep(params, state.params)
   opt_state = keep(opt_state, state.opt_state)
   batch_stats = keep(batch_stats, state.batch_stats)
   ema = state.ema_params

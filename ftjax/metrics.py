@@ -136,7 +136,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
   return [_str_to_nonfinite(row) for _, row in _parse_lines(path)[0]]
 
 
-def _write_atomically(path: str, text: str) -> None:
+def write_atomically(path, text: str) -> None:
+  """Writes ``text`` to ``path`` through a synced temporary file and one rename."""
+  path = str(path)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
@@ -176,7 +178,7 @@ class MetricsWriter:
     old, torn = _parse_lines(self.path)
     kept = [line for line, row in old if resume_step is not None and row["step"] <= resume_step]
     if torn or len(kept) != len(old):
-      _write_atomically(self.path, "".join(kept))
+      write_atomically(self.path, "".join(kept))
     self._file = open(self.path, "a", encoding="utf-8")
     self._tb = None
     if tensorboard:

@@ -355,12 +355,6 @@ def _make_workdir(wd: Path) -> None:
                       hint="choose another --workdir") from None
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  os.replace(tmp, path)
-
-
 def _read_stored_config(path: Path) -> dict:
   try:
     stored = json.loads(path.read_text())
@@ -781,7 +775,7 @@ def prepare(config, workdir: str) -> tuple[_Run, dict]:
   _plan(run, variables["params"])
   run.config_dict = config_dict
   _make_workdir(wd)
-  _write_json_atomic(wd / CONFIG_FILE, config_dict)
+  metrics_lib.write_atomically(wd / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True))
   return run, variables
 
 

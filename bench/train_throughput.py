@@ -42,6 +42,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -108,8 +109,12 @@ def _xla_bytes(compiled) -> int | None:
              + m.temp_size_in_bytes)
 
 
-def run_one(model_key: str, mode: str, s: Settings) -> dict:
-  """Compiles and times one configuration in this process; returns its JSON row."""
+def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None = None) -> dict:
+  """Compiles and times one configuration in this process; returns its JSON row.
+
+  ``arch_overrides``: model options on top of the bench's (a lever such as the ViT's
+  ``attention``), recorded in the row's ``arch``.
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -119,7 +124,7 @@ def run_one(model_key: str, mode: str, s: Settings) -> dict:
   from ftjax import metrics, models, optim, train
 
   family, arch, smoke_arch, _, _ = MODELS[model_key]
-  arch = dict(smoke_arch if s.smoke else arch)
+  arch = dict(smoke_arch if s.smoke else arch, **(arch_overrides or {}))
   trains_bn = family == "resnet" and mode not in ("head_only", "forward")
   if family == "resnet" and not trains_bn:
     arch["frozen_bn"] = True  # what the trainer builds for a frozen backbone
@@ -233,17 +238,21 @@ def _child_args(s: Settings) -> list[str]:
 
 
 def run_isolated(model_key: str, mode: str, s: Settings, timeout: float,
-                 variant: tuple[str, str] | None = None) -> dict:
+                 variant: tuple[str, str, dict] | None = None) -> dict:
   """One configuration in a fresh process (its own peak memory); an error becomes a row.
 
-  ``variant``: (name, XLA flags) added to ``XLA_FLAGS`` for this process, a lever to compare.
+  ``variant``: (name, XLA flags added to ``XLA_FLAGS`` for this process, arch overrides),
+  a lever to compare.
   """
   cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{model_key}:{mode}", *_child_args(s)]
   env = dict(os.environ)
   base = dict(framework="ftjax", key=model_key, model=MODELS[model_key][3], mode=mode)
   if variant:
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {variant[1]}".strip()
     base["variant"] = variant[0]
+    if variant[1]:
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {variant[1]}".strip()
+    if variant[2]:
+      cmd += ["--arch-json", json.dumps(variant[2])]
   try:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
   except subprocess.TimeoutExpired:
@@ -287,10 +296,10 @@ def _fmt(x, spec: str, scale: float = 1.0) -> str:
 
 def ratio_table(ours: list[dict], baseline: list[dict]) -> str:
   """The issue's table: each ftjax row against its timm row, the goals, MFU and peak memory."""
-  head = (f"{'model':<22}{'mode':<12}{'ftjax img/s':>12}{'timm ref':>22}{'timm img/s':>11}"
+  head = (f"{'model':<22}{'mode':<20}{'ftjax img/s':>12}{'timm ref':>22}{'timm img/s':>11}"
           f"{'ratio':>7}{'goal':>6}{'met':>5}{'MFU xla':>9}{'MFU anl':>9}{'peak GiB':>9}{'xla GiB':>9}")
   lines = [head, "-" * len(head)]
-  by_key = {(r["model"], r["mode"]): r for r in ours if not r.get("variant")}
+  by_key = {(r["model"], r["mode"], r.get("variant")): r for r in ours}
   for r in ours:
     key = r["key"]
     mode = f"{r['mode']}[{r['variant']}]" if r.get("variant") else r["mode"]
@@ -298,30 +307,34 @@ def ratio_table(ours: list[dict], baseline: list[dict]) -> str:
     ref = _timm_row(baseline, r["model"], ref_mode, compiled) if ref_mode else None
     ref_name = f"{ref_mode} {'compiled' if compiled else 'eager'}" if ref_mode else "-"
     if "error" in r:
-      lines.append(f"{r['model']:<22}{mode:<12}  error: {r['error']}")
+      lines.append(f"{r['model']:<22}{mode:<20}  error: {r['error']}")
       continue
     ratio = r["img_s"] / ref["img_s"] if ref and ref.get("img_s") else None
     goal = GOALS.get((key, r["mode"])) if r["model"] == MODELS[key][3] else None  # not for smoke models
     met = "-" if goal is None or ratio is None else ("yes" if ratio >= goal else "NO")
     gib = 1 / 2**30
     lines.append(
-        f"{r['model']:<22}{mode:<12}{r['img_s']:>12.1f}{ref_name:>22}"
+        f"{r['model']:<22}{mode:<20}{r['img_s']:>12.1f}{ref_name:>22}"
         f"{_fmt(ref and ref.get('img_s'), '.1f'):>11}{_fmt(ratio, '.3f'):>7}"
         f"{_fmt(goal, '.2f'):>6}{met:>5}{_fmt(r.get('mfu_xla'), '.1f', 100):>9}"
         f"{_fmt(r.get('mfu_analytic'), '.1f', 100):>9}{_fmt(r.get('peak_bytes'), '.3f', gib):>9}"
         f"{_fmt(r.get('xla_bytes'), '.3f', gib):>9}")
-  for model in dict.fromkeys(r["model"] for r in ours):
-    head_only, fwd, full = (by_key.get((model, m)) for m in ("head_only", "forward", "full"))
+  for model, variant in dict.fromkeys((r["model"], r.get("variant")) for r in ours):
+    head_only, fwd, full = (by_key.get((model, m, variant)) for m in ("head_only", "forward", "full"))
+    name = f"{model}[{variant}]" if variant else model
     if head_only and fwd and "error" not in head_only and "error" not in fwd:
       x = head_only["step_ms"] / fwd["step_ms"]
       gflop = [_fmt(r["gflop_per_image_xla"], ".3f") for r in (head_only, fwd)]
-      lines.append(f"{model}: head-only step / forward step {x:.3f} (goal <= 1.05: "
+      lines.append(f"{name}: head-only step / forward step {x:.3f} (goal <= 1.05: "
                    f"{'yes' if x <= 1.05 else 'NO'}); XLA GFLOP/image {gflop[0]} vs {gflop[1]}")
-    if head_only and full and "error" not in head_only and "error" not in full:
+    lora = by_key.get((model, "lora", variant))
+    for small, what_mode in ((head_only, "head-only"), (lora, "LoRA")):
+      if not (small and full and "error" not in small and "error" not in full):
+        continue
       for field, what in (("peak_bytes", "device peak"), ("xla_bytes", "XLA buffers")):
-        if head_only.get(field) and full.get(field):
-          x = head_only[field] / full[field]
-          lines.append(f"{model}: head-only / full {what} memory {x:.3f} (goal <= 0.5: "
+        if small.get(field) and full.get(field):
+          x = small[field] / full[field]
+          lines.append(f"{name}: {what_mode} / full {what} memory {x:.3f} (goal <= 0.5: "
                        f"{'yes' if x <= 0.5 else 'NO'})")
   devices = {r.get("device") for r in ours if r.get("device")}
   gpus = {r.get("gpu") for r in baseline if r.get("gpu")}
@@ -373,6 +386,12 @@ def main(argv=None) -> int:
   ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                   help="after the plain runs, rerun --variant-configs with FLAGS added to XLA_FLAGS")
   ap.add_argument("--variant-configs", default="vit:full,resnet:full")
+  ap.add_argument("--arch-variant", action="append", default=[], metavar="NAME=JSON",
+                  help="model options of a lever, e.g. 'cudnn={\"attention\": \"cudnn\"}'; "
+                       "run as model:mode[NAME] in --runs, else after the plain runs on vit:full")
+  ap.add_argument("--runs", help="the configurations in this order instead of --models x --modes, "
+                                 "comma-separated model:mode or model:mode[NAME] (an --arch-variant)")
+  ap.add_argument("--arch-json", help=argparse.SUPPRESS)  # the child's arch overrides
   ap.add_argument("--table", help="only print the ratio table of a JSON-lines file (timm and ftjax rows)")
   ap.add_argument("--one", help=argparse.SUPPRESS)  # model:mode, in this process
   a = ap.parse_args(argv)
@@ -381,7 +400,8 @@ def main(argv=None) -> int:
   if a.smoke:
     s = Settings(batch=4, image_size=64, steps=2, warmup=1, smoke=True, peak_tflops=a.peak_tflops)
   if a.one:
-    print(json.dumps(run_one(*a.one.split(":"), s)), flush=True)
+    overrides = json.loads(a.arch_json) if a.arch_json else None
+    print(json.dumps(run_one(*a.one.split(":"), s, overrides)), flush=True)
     return 0
   if a.table:
     with open(a.table) as f:
@@ -407,11 +427,27 @@ def main(argv=None) -> int:
   variants = [tuple(v.split("=", 1)) for v in a.variant]
   if any(len(v) != 2 for v in variants):
     ap.error("--variant takes NAME=FLAGS")
+  arch_variants = {}
+  for v in a.arch_variant:
+    name, _, overrides = v.partition("=")
+    try:
+      arch_variants[name] = json.loads(overrides)
+    except json.JSONDecodeError as e:
+      ap.error(f"--arch-variant {name}: JSON after '=': {e}")
+  if a.runs:
+    runs = []
+    for c in a.runs.split(","):
+      m = re.fullmatch(r"(\w+):(\w+)(?:\[(.+)\])?", c.strip())
+      if not m or m[1] not in MODELS or m[2] not in MODES or (m[3] and m[3] not in arch_variants):
+        ap.error(f"--runs: {c!r} is not model:mode or model:mode[NAME] with NAME an --arch-variant")
+      runs.append((m[1], m[2], m[3] and (m[3], "", arch_variants[m[3]])))
+  else:
+    runs = [(m, x, None) for m, x in plan(models, modes)]
+    runs += [("vit", "full", (name, "", o)) for name, o in arch_variants.items()]
   if a.baseline:
     # Most of the budget at most: a hung torch.compile must leave time for ours.
     baseline += run_baseline(a.baseline, models, s, out, a.budget and 0.6 * a.budget)
-  runs = [(m, x, None) for m, x in plan(models, modes)]
-  runs += [(*c.split(":"), v) for v in variants for c in a.variant_configs.split(",") if c]
+  runs += [(*c.split(":"), (v[0], v[1], {})) for v in variants for c in a.variant_configs.split(",") if c]
   ours = []
   for model_key, mode, variant in runs:
     left = a.timeout if a.budget is None else min(a.timeout, a.budget - (time.perf_counter() - t0))

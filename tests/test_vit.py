@@ -380,3 +380,40 @@ def test_remat_blocks_give_the_same_logits_and_gradients():
   np.testing.assert_array_equal(plain.apply(variables, x), remat.apply(variables, x))
   for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 64])
+def test_padded_attention_equals_unpadded(multiple):
+  # The cuDNN path pads the token axis and masks the padding keys; on the CPU the same
+  # padding runs through XLA and must not change a value (nor, through the mask, a gradient).
+  from ftjax.models.vit import attend
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 197, 4, 16))
+  plain = jax.nn.dot_product_attention(q, k, v)
+  np.testing.assert_allclose(attend(q, k, v, "xla", multiple), plain, atol=2e-6)
+  g = lambda fn: jax.grad(lambda k: (fn(q, k, v) * v).sum())(k)
+  np.testing.assert_allclose(g(lambda *a: attend(*a, "xla", multiple)),
+                             g(jax.nn.dot_product_attention), atol=2e-5)
+
+
+def test_attention_and_gelu_options():
+  from ftjax import models
+  from ftjax.models.vit import attention_implementation
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  plain, _ = models.create("vit", {"variant": "test"}, num_classes=3, image_size=32)
+  variables = models.init_variables(plain, 32)
+  variables = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), variables)
+  auto, _ = models.create("vit", {"variant": "test", "attention": "auto"}, num_classes=3, image_size=32)
+  np.testing.assert_array_equal(plain.apply(variables, x), auto.apply(variables, x))  # CPU: xla
+  assert attention_implementation("auto", jnp.bfloat16, dropout=False) == (
+      "cudnn" if jax.default_backend() == "gpu" else "xla")
+  assert attention_implementation("auto", jnp.bfloat16, dropout=True) == "xla"
+  tanh, _ = models.create("vit", {"variant": "test", "gelu_approximate": True}, num_classes=3,
+                          image_size=32)
+  diff = np.abs(plain.apply(variables, x) - tanh.apply(variables, x)).max()
+  assert 0 < diff < 1e-2  # a different function, close to the erf one
+  for bad, match in (({"attention": "flash"}, "unknown ViT attention implementation"),
+                     ({"attention_pad_multiple": 0}, "attention_pad_multiple must be a positive"),
+                     ({"attention": "cudnn", "attention_dropout_rate": 0.1},
+                      "cuDNN attention has no attention dropout")):
+    with pytest.raises(ConfigError, match=match):
+      models.create("vit", {"variant": "test", **bad}, num_classes=3, image_size=32)

@@ -1,0 +1,78 @@
+"""ViT-B/16 self-attention alone: XLA against cuDNN flash attention at several token paddings.
+
+One (batch 256, 197 tokens, 12 heads, 64 dims) bf16 attention, forward and
+backward (the gradient of sum(out * w) for a fixed random w), per
+implementation: ``xla`` unpadded, and ``cudnn`` with the token axis padded to a
+multiple of 1 (none), 8, 16, 64 and 128 (``ftjax.models.vit.attend``).  Each
+case prints a JSON line: milliseconds (median of 20 after 3 warm-ups), the
+largest difference of output and gradients from the XLA case computed in
+float32, or the error that refused it.  The last line names the fastest
+working cuDNN padding, which ``bench/gpu_session.sh`` passes on as the ViT arch
+option ``attention_pad_multiple``.
+
+    python bench/attention.py            # GPU
+    python bench/attention.py --smoke    # CPU: XLA only, small batch, checks the padding
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from ftjax.models.vit import attend
+
+
+def timed(fn, *args, reps: int = 20) -> float:
+  for _ in range(3):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) * 1e3
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--smoke", action="store_true")
+  a = ap.parse_args(argv)
+  batch = 2 if a.smoke else 256
+  q, k, v, w = jax.random.normal(jax.random.key(0), (4, batch, 197, 12, 64), jnp.float32)
+  lo = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+
+  def loss_and_grads(impl, pad):
+    def f(q, k, v):
+      return (attend(q, k, v, impl, pad).astype(jnp.float32) * w).sum()
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+  reference = jax.jit(jax.grad(lambda q, k, v: (attend(q, k, v, "xla", 1) * w).sum(), argnums=(0, 1, 2)))
+  ref = reference(*(x.astype(jnp.float32) for x in lo))
+  cases = [("xla", 1)] + ([] if a.smoke else [("cudnn", m) for m in (1, 8, 16, 64, 128)])
+  cases += [("xla", 64)] if a.smoke else []
+  best = None
+  for impl, pad in cases:
+    row = {"bench": "attention", "impl": impl, "pad_multiple": pad, "batch": batch}
+    try:
+      fn = loss_and_grads(impl, pad)
+      _, grads = fn(*lo)
+      row["grad_max_diff"] = max(float(jnp.abs(g.astype(jnp.float32) - r).max())
+                                 for g, r in zip(grads, ref))
+      row["grad_max_ref"] = max(float(jnp.abs(r).max()) for r in ref)
+      row["ms"] = round(timed(fn, *lo), 3)
+      if impl == "cudnn" and (best is None or row["ms"] < best[1]):
+        best = (pad, row["ms"])
+    except Exception as e:  # a refusal is a result here: report it and go on
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    print(json.dumps(row), flush=True)
+  print(json.dumps({"bench": "attention", "best_cudnn_pad_multiple": best and best[0]}), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -50,7 +50,7 @@ class Progress:
     start_step: the step the run starts from (a resumed run's checkpoint step).
     batch_size: images per step over all devices.
     log_every: a plain line (or the bar's rates) every this many steps, and at the end.
-    flops_per_step: FLOPs of one step over all devices (``metrics.compiled_flops``).
+    flops_per_step: FLOPs of one step over all devices (``metrics.step_flops``).
     peak_flops: one device's peak FLOP/s (``metrics.device_peak_flops``); MFU is
       shown only when both are known.
     num_devices: devices the step runs on.

@@ -86,8 +86,7 @@ def _forward_flops(t: _Setup) -> float:
       logits = t.model.apply(variables, batch["image"], train=True)
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                            batch["label"]).mean()
-  return metrics.compiled_flops(
-      jax.jit(loss).lower(t.state.params, t.state.batch_stats, t.batch).compile())
+  return metrics.step_flops(jax.jit(loss).lower(t.state.params, t.state.batch_stats, t.batch))
 
 
 # ----------------------------------------------------------------------------- no host sync
@@ -199,14 +198,14 @@ def test_training_loop_reads_the_device_only_on_log_steps_and_reports_mfu(tiny_v
   reads.clear()
   # The CPU has no peak FLOP/s: give it one, and keep the step's FLOP count, to check the MFU line.
   step_flops = []
-  compiled_flops = metrics.compiled_flops
+  count_flops = metrics.step_flops
 
-  def recording_flops(compiled):
-    step_flops.append(compiled_flops(compiled))
+  def recording_flops(lowered, copies=1):
+    step_flops.append(count_flops(lowered, copies))
     return step_flops[-1]
 
   monkeypatch.setattr(metrics, "device_peak_flops", lambda device=None: 1e9)
-  monkeypatch.setattr(metrics, "compiled_flops", recording_flops)
+  monkeypatch.setattr(metrics, "step_flops", recording_flops)
   log = io.StringIO()
   monkeypatch.setattr(train, "Progress", functools.partial(train.Progress, stream=log))
   summaries = train.train_and_evaluate(cfg, str(tmp_path / "wd"))
@@ -228,9 +227,9 @@ def test_training_loop_reads_the_device_only_on_log_steps_and_reports_mfu(tiny_v
 
 def _step_cost(t: _Setup, batch=None) -> tuple[float, int]:
   """(FLOPs, bytes) of a compiled step: XLA's cost analysis and its buffer assignment."""
-  compiled = t.step.lower(t.state, t.batch if batch is None else batch).compile()
-  m = compiled.memory_analysis()
-  return metrics.compiled_flops(compiled), (m.argument_size_in_bytes + m.output_size_in_bytes
+  lowered = t.step.lower(t.state, t.batch if batch is None else batch)
+  m = lowered.compile().memory_analysis()
+  return metrics.step_flops(lowered), (m.argument_size_in_bytes + m.output_size_in_bytes
                                             - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
@@ -261,3 +260,22 @@ def test_head_only_step_costs_a_forward_and_full_step_three(family, arch, size, 
   assert 1.0 <= head_only <= 1.05
   assert 2.5 <= full_per_forward <= 3.5
   assert head_bytes <= 0.5 * full_bytes
+
+
+def test_each_unfreezing_phase_gets_its_own_flop_count(tiny_vit_npz, tmp_path, monkeypatch):
+  # The MFU base is the step being run: unfreezing the backbone at step 2 makes a step that
+  # differentiates it, about three forwards' worth instead of one.
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 4, "train.eval_every": 4,
+                                     "train.checkpoint_every": 4})
+  with cfg.unlocked():
+    cfg.optim.param_groups = [("head/.*", {}), (".*", {})]
+    cfg.optim.unfreeze = [(2, "Transformer/.*|embedding/.*|cls")]
+  counts, count = [], metrics.step_flops
+
+  def recording(lowered, copies=1):
+    counts.append(count(lowered, copies))
+    return counts[-1]
+
+  monkeypatch.setattr(metrics, "step_flops", recording)
+  train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  assert len(counts) == 2 and 2.0 < counts[1] / counts[0] < 3.5, counts

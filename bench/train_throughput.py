@@ -22,7 +22,7 @@ own process, so the device's peak memory is that configuration's alone.
 
 Prints one JSON line per configuration (``framework: ftjax``; the baseline's
 lines pass through unchanged), then the ratio table.  MFU is given twice: from
-the compiled step's XLA cost analysis, and from the analytic per-image counts
+XLA's count of the lowered step (see ``ftjax.metrics.step_flops``), and from the analytic per-image counts
 in shared/anchors.md (ViT-B/16 35.2 GFLOP forward, 105.5 per training image;
 ResNet-50 8.2 / 24.7).  Peak memory is the device allocator's
 ``peak_bytes_in_use`` (none on CPU) and XLA's own buffer assignment for the
@@ -167,7 +167,8 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
                                                trainable=trainable), opts)
 
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  lowered = step_fn.lower(state, batch)
+  compiled = lowered.compile()
   if mode == "forward":
     advance = lambda state: (state, compiled(state, batch))
   else:
@@ -187,7 +188,7 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
 
   device = jax.devices()[0]
   peak = s.peak_tflops * 1e12 if s.peak_tflops else metrics.device_peak_flops(device)
-  flops = metrics.compiled_flops(compiled)
+  flops = metrics.step_flops(lowered)  # before the GPU's GEMMs become uncounted custom calls
   per_image = analytic_flops_per_image(model_key, mode, s)
   stats = device.memory_stats() or {}
   # The timm name it is compared with; a smoke model is compared with nothing.

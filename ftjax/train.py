@@ -525,6 +525,8 @@ class JitRunner:
   def compile(self, fn: Callable, opts: StepOptions) -> Callable:
     return jax.jit(functools.partial(fn, opts=opts), donate_argnums=0)
 
+  program_copies = 1  # one program with the global shapes (metrics.step_flops)
+
 
 class PmapRunner:
   """The same step under ``jax.pmap``: state replicated, gradients averaged over "batch"."""
@@ -547,6 +549,10 @@ class PmapRunner:
   def put_batch(self, batch: dict) -> dict:
     n = len(self.devices)
     return {k: jax.device_put(v.reshape(n, -1, *v.shape[1:]), self._sharding) for k, v in batch.items()}
+
+  @property
+  def program_copies(self) -> int:  # one device's program, run on each (metrics.step_flops)
+    return len(self.devices)
 
   def compile(self, fn: Callable, opts: StepOptions) -> Callable:
     opts = dataclasses.replace(opts, axis_name=self.axis_name)
@@ -574,6 +580,10 @@ def _model_meta(report, num_classes: int, class_names, lora_spec=None) -> dict:
   return meta
 
 
+# model.* config keys passed to the architecture (options that keep parameter shapes).
+MODEL_OVERRIDES = ("dropout_rate", "droppath_rate", "bn_momentum", "remat", "attention")
+
+
 def _build(config, workdir: Path) -> tuple[_Run, dict]:
   """Data, model and plan: everything that can fail on bad input, before any compilation."""
   warnings = []
@@ -588,8 +598,7 @@ def _build(config, workdir: Path) -> tuple[_Run, dict]:
     if ds.num_classes != num_classes:
       raise DataError("class count differs between splits", where=f"data split {split}",
                       value=f"{ds.num_classes} vs train {num_classes}")
-  overrides = {k: config.model[k] for k in ("dropout_rate", "droppath_rate", "bn_momentum")
-               if config.model[k] is not None}
+  overrides = {k: config.model[k] for k in MODEL_OVERRIDES if config.model[k] is not None}
   dont_load = (".*",) if config.model.scratch else tuple(config.model.dont_load)
   model, variables, report = models.from_pretrained(
       config.model.source, num_classes=num_classes, image_size=config.data.image_size,
@@ -890,8 +899,9 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     eval_put = JitRunner(run.mesh).put_batch
     it = _train_iterator(run, step)
     first_batch = runner.put_batch(next(it)) if step < total else None
-    compiled = step_fn.lower(state, first_batch).compile() if step < total else None
-    flops = metrics_lib.compiled_flops(compiled) if compiled is not None else None
+    lowered = step_fn.lower(state, first_batch) if step < total else None
+    compiled = lowered.compile() if lowered is not None else None
+    flops = metrics_lib.step_flops(lowered, runner.program_copies) if lowered is not None else None
     peak = metrics_lib.device_peak_flops()
     progress = Progress(total, start_step=step, batch_size=t.batch_size, log_every=t.log_every,
                         flops_per_step=flops, peak_flops=peak * jax.device_count() if peak else None)
@@ -900,6 +910,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     if sigterm.raised:  # during start-up: nothing new to save
       raise _preempted(step, wd)
     while step < total:
+      batch = first_batch if first_batch is not None else runner.put_batch(next(it))
+      first_batch = None
       new_phase = optim.phase_at(step, cfg.optim)
       if new_phase != phase:
         new_tx = make_tx(new_phase)
@@ -907,10 +919,11 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
         view = view.replace(opt_state=optim.transition_opt_state(view.opt_state, new_tx, view.params))
         state = runner.put_state(view)
         phase, tx = new_phase, new_tx
-        compiled, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
+        step_fn, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
+        lowered = step_fn.lower(state, batch)
+        compiled = lowered.compile()
+        progress.flops_per_step = metrics_lib.step_flops(lowered, runner.program_copies)  # a new MFU base
         print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
-      batch = first_batch if first_batch is not None else runner.put_batch(next(it))
-      first_batch = None
       state, m = compiled(state, batch)
       hit("step", step + 1)  # the update is in flight
       step += 1

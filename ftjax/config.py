@@ -40,6 +40,8 @@ def model_config() -> mc.ConfigDict:
   c.dropout_rate = placeholder(float)  # None: the family's default (dropout before the head / in blocks)
   c.droppath_rate = placeholder(float)  # stochastic depth; None: the family's default
   c.bn_momentum = placeholder(float)  # BatchNorm running-statistics momentum (flax convention); None: the family's
+  c.remat = placeholder(bool)  # ViT: recompute each block in the backward pass (less memory, ~1/3 more compute)
+  c.attention = placeholder(str)  # ViT: "auto" (cuDNN flash attention on a GPU in bf16) | "xla" | "cudnn"
   c.lora_rank = 0  # > 0: LoRA adapters of this rank on lora_targets; the base stays frozen
   c.lora_alpha = placeholder(float)  # update scale alpha / rank; None: 1
   c.lora_targets = ()  # regexes of kernel paths; empty: ViT attention and MLP kernels

@@ -258,11 +258,14 @@ def test_jit_sharded_fsdp_and_pmap_match_one_device(tiny_vit_npz, tmp_path):
 def test_lora_run_trains_adapters_and_head_only(tiny_vit_npz, tmp_path):
   from ftjax import models
   wd = tmp_path / "wd"
+  # remat on (the memory-bound LoRA setting): the adapters' gradients go through the
+  # recomputed blocks.
   cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 3, "model.lora_rank": 2, "train.eval_every": 0,
-                                     "optim.lr": 1e-2})
+                                     "optim.lr": 1e-2, "model.remat": True, "model.attention": "xla"})
   train.train_and_evaluate(cfg, str(wd))
   flat, extra = _final_state(wd)
   assert extra["model"]["lora"]["rank"] == 2
+  assert extra["model"]["arch"]["remat"] is True and extra["model"]["arch"]["attention"] == "xla"
   lora_keys = [k for k in flat if k.startswith("params/lora/")]
   assert lora_keys and any(np.any(flat[k] != 0) for k in lora_keys if k.endswith("/b"))
   with np.load(tiny_vit_npz) as init:

@@ -119,6 +119,9 @@ IN_PROCESS = [
      "ftjax: error: train.on_nan must be one of ('stop', 'skip') (train.on_nan): 'explode'", 2),
     ("bad dtype", C(**{"model.dtype": "float64"}),
      "ftjax: error: model.dtype must be float32, bfloat16 or float16 (model.dtype): 'float64'", 2),
+    ("unknown ViT attention", C(**{"model.attention": "flash"}),
+     "ftjax: error: unknown ViT attention implementation (arch.attention): 'flash'; "
+     "one of ['xla', 'cudnn', 'auto']", 2),
     ("label smoothing out of range", C(**{"train.label_smoothing": 1.5}),
      "ftjax: error: train.label_smoothing must be in [0, 1) (train.label_smoothing): 1.5", 2),
     ("hand-built config, misspelled key", lambda tmp, npz: (

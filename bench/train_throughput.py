@@ -101,14 +101,6 @@ def _state(params, batch_stats, tx):
   return initial_state(params, batch_stats, tx, 0, ema=False)
 
 
-def _xla_bytes(compiled) -> int | None:
-  m = compiled.memory_analysis()
-  if m is None:
-    return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-             + m.temp_size_in_bytes)
-
-
 def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None = None) -> dict:
   """Compiles and times one configuration in this process; returns its JSON row.
 
@@ -200,7 +192,7 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
       gflop_per_image_xla=None if flops is None else round(flops / s.batch / 1e9, 3),
       mfu_xla=metrics.mfu(flops, 1 / dt, 1, peak),
       mfu_analytic=metrics.mfu(per_image and per_image * s.batch, 1 / dt, 1, peak),
-      peak_bytes=stats.get("peak_bytes_in_use"), xla_bytes=_xla_bytes(compiled),
+      peak_bytes=stats.get("peak_bytes_in_use"), xla_bytes=(metrics.step_memory(compiled) or {}).get("peak"),
       device=device.device_kind, platform=device.platform, jax=jax.__version__,
       xla_flags=os.environ.get("XLA_FLAGS", ""))
 

@@ -274,17 +274,5 @@ class LoraModel:
     return merge(params, self.spec)
 
 
-def compiled_memory(compiled) -> dict[str, int]:
-  """Bytes of a compiled step (``jax.jit(f).lower(...).compile()``) from XLA's memory analysis.
-
-  ``peak`` is arguments + outputs + temporaries - outputs aliased to donated
-  arguments: what the step needs resident at once.
-  """
-  m = compiled.memory_analysis()
-  out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
-  out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-  return out
-
-
 __all__ = ["DEFAULT_TARGETS", "INPUT_AXES", "LORA", "LoraModel", "LoraSpec", "PARAM_GROUPS", "add_lora",
-           "compiled_memory", "init_lora", "merge", "num_lora_params", "split_lora", "target_shapes"]
+           "init_lora", "merge", "num_lora_params", "split_lora", "target_shapes"]

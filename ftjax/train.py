@@ -788,6 +788,29 @@ def prepare(config, workdir: str) -> tuple[_Run, dict]:
   return run, variables
 
 
+def _compile_step(step_fn, state, batch, runner, phase: int):
+  """Compiles a phase's step; prints its memory and FLOPs; returns (compiled, FLOPs per step).
+
+  The memory is XLA's buffer assignment for one device (the fine-tuning plan's
+  "peak memory"): parameters, optimizer state, batch and the activations kept
+  for the backward pass, known before the first step runs.
+  """
+  lowered = step_fn.lower(state, batch)
+  compiled = lowered.compile()
+  flops = metrics_lib.step_flops(lowered, runner.program_copies)
+  mem = metrics_lib.step_memory(compiled)
+  parts = []
+  if mem:
+    size = metrics_lib.format_bytes
+    parts.append(f"peak memory {size(mem['peak'])} per device (arguments {size(mem['argument'])}, "
+                 f"temporaries {size(mem['temp'])})")
+  if flops:
+    parts.append(f"{flops / 1e9:.3g} GFLOP per step")
+  if parts:
+    print(f"compiled step, phase {phase}: " + ", ".join(parts), flush=True)
+  return compiled, flops
+
+
 def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> dict:
   """Fine-tunes ``config.model`` on ``config.data``; leaves checkpoints, metrics and plots in ``workdir``.
 
@@ -899,9 +922,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     eval_put = JitRunner(run.mesh).put_batch
     it = _train_iterator(run, step)
     first_batch = runner.put_batch(next(it)) if step < total else None
-    lowered = step_fn.lower(state, first_batch) if step < total else None
-    compiled = lowered.compile() if lowered is not None else None
-    flops = metrics_lib.step_flops(lowered, runner.program_copies) if lowered is not None else None
+    compiled, flops = (_compile_step(step_fn, state, first_batch, runner, phase) if step < total
+                       else (None, None))
     peak = metrics_lib.device_peak_flops()
     progress = Progress(total, start_step=step, batch_size=t.batch_size, log_every=t.log_every,
                         flops_per_step=flops, peak_flops=peak * jax.device_count() if peak else None)
@@ -920,10 +942,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
         state = runner.put_state(view)
         phase, tx = new_phase, new_tx
         step_fn, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
-        lowered = step_fn.lower(state, batch)
-        compiled = lowered.compile()
-        progress.flops_per_step = metrics_lib.step_flops(lowered, runner.program_copies)  # a new MFU base
         print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
+        compiled, progress.flops_per_step = _compile_step(step_fn, state, batch, runner, phase)
       state, m = compiled(state, batch)
       hit("step", step + 1)  # the update is in flight
       step += 1

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import lora, models, optim, train
+from ftjax import lora, metrics, models, optim, train
 from ftjax.errors import ConfigError
 from ftjax.tree import flatten, unflatten
 
@@ -130,7 +130,7 @@ def _step_peak(model, params, groups, batch, image_size):
        "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
   fn = functools.partial(train.train_step, model=model, tx=tx, trainable=trainable,
                          opts=train.StepOptions(num_classes=10))
-  return lora.compiled_memory(jax.jit(fn, donate_argnums=0).lower(state, b).compile())["peak"]
+  return metrics.step_memory(jax.jit(fn, donate_argnums=0).lower(state, b).compile())["peak"]
 
 
 def _full_and_lora_peaks(arch, batch, image_size):

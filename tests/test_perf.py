@@ -228,9 +228,7 @@ def test_training_loop_reads_the_device_only_on_log_steps_and_reports_mfu(tiny_v
 def _step_cost(t: _Setup, batch=None) -> tuple[float, int]:
   """(FLOPs, bytes) of a compiled step: XLA's cost analysis and its buffer assignment."""
   lowered = t.step.lower(t.state, t.batch if batch is None else batch)
-  m = lowered.compile().memory_analysis()
-  return metrics.step_flops(lowered), (m.argument_size_in_bytes + m.output_size_in_bytes
-                                            - m.alias_size_in_bytes + m.temp_size_in_bytes)
+  return metrics.step_flops(lowered), metrics.step_memory(lowered.compile())["peak"]
 
 
 @pytest.mark.parametrize("family,arch,size,batch", [
@@ -262,9 +260,11 @@ def test_head_only_step_costs_a_forward_and_full_step_three(family, arch, size, 
   assert head_bytes <= 0.5 * full_bytes
 
 
-def test_each_unfreezing_phase_gets_its_own_flop_count(tiny_vit_npz, tmp_path, monkeypatch):
+def test_each_unfreezing_phase_gets_its_own_flop_count_and_memory_line(tiny_vit_npz, tmp_path,
+                                                                       monkeypatch, capsys):
   # The MFU base is the step being run: unfreezing the backbone at step 2 makes a step that
-  # differentiates it, about three forwards' worth instead of one.
+  # differentiates it, about three forwards' worth instead of one, and needs more memory
+  # (gradients, moments, activations), which the plan's output reports before it runs.
   cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 4, "train.eval_every": 4,
                                      "train.checkpoint_every": 4})
   with cfg.unlocked():
@@ -276,6 +276,21 @@ def test_each_unfreezing_phase_gets_its_own_flop_count(tiny_vit_npz, tmp_path, m
     counts.append(count(lowered, copies))
     return counts[-1]
 
+  memory, measure = [], metrics.step_memory
+
+  def recording_memory(compiled):
+    memory.append(measure(compiled))
+    return memory[-1]
+
   monkeypatch.setattr(metrics, "step_flops", recording)
+  monkeypatch.setattr(metrics, "step_memory", recording_memory)
   train.train_and_evaluate(cfg, str(tmp_path / "wd"))
   assert len(counts) == 2 and 2.0 < counts[1] / counts[0] < 3.5, counts
+  size = r"([\d.]+ [MG]iB)"
+  lines = re.findall(rf"compiled step, phase (\d): peak memory {size} per device \(arguments {size}, "
+                     rf"temporaries {size}\), ([\d.e+]+) GFLOP per step", capsys.readouterr().out)
+  assert [int(p) for p, *_ in lines] == [0, 1] and memory[1]["peak"] > memory[0]["peak"]
+  for (_, peak, args, temp, gflop), m, f in zip(lines, memory, counts):
+    assert (peak, args, temp) == tuple(metrics.format_bytes(m[k]) for k in ("peak", "argument", "temp"))
+    assert peak != "0.0 MiB"
+    assert float(gflop) == pytest.approx(f / 1e9, rel=1e-2)

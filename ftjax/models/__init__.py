@@ -175,16 +175,10 @@ def _read_efficientnet(rest: str, source: str) -> Converted:
 
 
 def _read_ftjax(path: str, source: str) -> Converted:
-  from ftjax import checkpoint  # the trainer's format; imported here to keep model imports light
-  tree, extra = checkpoint.read_checkpoint(path)
-  meta = extra.get("model")
-  if not meta:
-    raise CheckpointError("checkpoint has no model metadata", where=path,
-                          hint="only checkpoints written by ftjax's trainer can be loaded")
-  state = tree.get("state", tree)
-  variables = {"params": state["params"]}
-  if state.get("batch_stats"):
-    variables["batch_stats"] = state["batch_stats"]
+  # The trainer's format, LoRA adapters merged into the base (imported here: export
+  # imports this module).
+  from ftjax.export import read_run
+  variables, meta = read_run(path)
   flat = {k: np.asarray(v) for k, v in flatten(variables).items()}
   return Converted(family=meta["family"], arch=dict(meta["arch"]), num_classes=int(meta["num_classes"]),
                    image_size=tuple(meta["image_size"]), variables=flat, mean=tuple(meta["mean"]),

@@ -273,9 +273,12 @@ def layer_depths(params, family: str):
   ...           "Transformer": {"encoderblock_0": {"w": 0}, "encoderblock_1": {"w": 0}}}
   >>> layer_depths(params, "vit")
   {'Transformer': {'encoderblock_0': {'w': 1}, 'encoderblock_1': {'w': 2}}, 'cls': 0, 'head': {'kernel': 3}}
+  >>> layer_depths({**params, "lora": {"Transformer": {"encoderblock_1": {"w": {"a": 0}}}}}, "vit")["lora"]
+  {'Transformer': {'encoderblock_1': {'w': {'a': 2}}}}
   """
   table = _family_rules(family)
-  regexes = [rx.replace("{i}", r"(\d+)") for rx, _ in table]
+  # LoRA adapters (ftjax.lora: ``lora/<kernel path>/{a,b}``) take the depth of their kernel.
+  regexes = ["(?:lora/)?(?:" + rx.replace("{i}", r"(\d+)") + ")" for rx, _ in table]
   which = tree_lib.flatten(tree_lib.rule_tree(
       params, [(rx, i) for i, rx in enumerate(regexes)], default=-1, allow_unused=True))
   outside = [p for p, i in which.items() if i < 0]

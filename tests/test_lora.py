@@ -43,6 +43,23 @@ def test_rank_r_adds_exactly_r_times_in_plus_out(base, rank):
   assert len(shapes) == 12
 
 
+def test_layer_decay_gives_adapters_their_kernels_rate(base):
+  # Test variant: embedding depth 0, blocks 1 and 2, head 3; decay 0.5 -> blocks x0.25, x0.5.
+  _, params = base
+  params = lora.add_lora(params, lora.LoraSpec(rank=2), jax.random.key(0))
+  config = {"name": "sgd", "kwargs": {}, "lr": 1.0, "schedule": {"name": "constant"},
+            "layer_decay": 0.5, "weight_decay": 0.0, "param_groups": lora.PARAM_GROUPS}
+  tx = optim.make_optimizer(params, config, family="vit", total_steps=10)
+  grads = jax.tree.map(np.ones_like, params)
+  updates = flatten(tx.update(grads, tx.init(params), params)[0])
+  for block, mult in ((0, 0.25), (1, 0.5)):
+    for leaf in ("a", "b"):
+      key = f"lora/Transformer/encoderblock_{block}/MlpBlock_3/Dense_0/kernel/{leaf}"
+      np.testing.assert_array_equal(updates[key], -mult * np.ones_like(updates[key]))
+  np.testing.assert_array_equal(updates["head/bias"], -np.ones(5, np.float32))
+  assert not np.any(updates["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"])  # frozen
+
+
 def test_targets_regex_selects_and_bad_targets_fail(base):
   _, params = base
   only_q = lora.LoraSpec(rank=2, targets=(r".*/query/kernel",))

@@ -179,8 +179,9 @@ def test_vit_b16_lora_step_memory_versus_full_fine_tune(batch, remat):
   with the batch.  Measured on CPU (2026-11-27), peak = arguments + outputs + temporaries -
   aliased, LoRA r=8 vs full:
   - no remat: batch 1 0.76 vs 2.02 GB (0.38x); batch 8 2.95 vs 3.80 (0.78x); batch 32 0.93x.
-  - remat on both (the ViT option; what a memory-bound run turns on): batch 1 0.27x,
-    batch 8 0.98 vs 2.27 GB (0.43x), batch 32 2.46 vs 3.57 GB (0.69x).
+  - remat on both (the ViT option; what a memory-bound run turns on): batch 8 0.94 vs
+    2.26 GB (0.41x), batch 32 1.97 vs 3.12 GB (0.63x); in bf16 compute, batch 8 0.80 vs
+    2.08 GB (0.39x).
   """
   full, low = _full_and_lora_peaks({"variant": "B/16", "remat": remat}, batch, 224)
   print(f"ViT-B/16 batch {batch} remat {remat} step peak: full {full / 1e9:.2f} GB, "

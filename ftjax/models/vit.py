@@ -313,11 +313,16 @@ _JitEncoder1DBlock = nn.jit(Encoder1DBlock, static_argnames=("deterministic",))
 
 
 def _tied(tree, ct):
-  """``tree`` with 0 * sum(ct) added to its leaves shaped like ``ct``: same values, but now
-  they cannot be computed before ``ct`` exists (float x * 0 is not folded: NaN * 0 is NaN)."""
+  """``tree`` with 0 * sum(ct) added to its floating leaves: the same values, which now cannot
+  be computed before ``ct`` exists (XLA does not fold float x * 0: NaN * 0 is NaN).
+
+  The leaves are the recomputation's inputs: the block's input and its parameters.  Tying
+  the parameters too keeps XLA from sharing their bf16 casts between the forward pass and
+  the recomputation, which would hold every block's cast weights for the whole step.
+  """
   dep = jnp.sum(ct.astype(jnp.float32)) * 0.0
   return jax.tree.map(lambda r: r + dep.astype(r.dtype)
-                      if getattr(r, "shape", None) == ct.shape and r.dtype == ct.dtype else r, tree)
+                      if hasattr(r, "dtype") and jnp.issubdtype(r.dtype, jnp.floating) else r, tree)
 
 
 def _remat_block(block: Encoder1DBlock, x, deterministic: bool):
@@ -327,7 +332,7 @@ def _remat_block(block: Encoder1DBlock, x, deterministic: bool):
   XLA:CPU drops before scheduling: the recomputation then ran in the forward pass
   and held its activations to the end (ViT-B/16 at batch 8: 4.03 GB against 3.80
   without remat).  Here the recomputation takes the incoming gradient as an input,
-  so no scheduler can move it ahead of the backward pass (2.27 GB).  Known limit:
+  so no scheduler can move it ahead of the backward pass (2.26 GB).  Known limit:
   with dropout on, ``jax.grad`` of an already-jitted apply fails in flax's custom_vjp
   (a leaked tracer); ``jax.jit(jax.grad(...))``, the train step's form, works.
   """

@@ -29,7 +29,14 @@ Layout on disk (``WORKDIR/checkpoints`` is where the trainer puts them)::
   WORKDIR/checkpoints/.writing-<step>/      a step being written (never read)
   WORKDIR/checkpoints/rejected/<step>/      damaged steps moved aside on resume
 
-Only one process may write a directory at a time.
+Only one process may write a directory at a time.  On several processes
+(``jax.process_count() > 1``, a shared filesystem) that is process 0: the state
+is replicated, so process 0 holds every value on its host and orbax is told it
+works alone (each process is orbax's only active process, so none of orbax's
+cross-process barriers runs).  The others check the same values and write
+nothing; :meth:`Checkpointer.wait` returns on every process only once process 0
+has committed, and :meth:`Checkpointer.restore_latest` restores on every process
+the step that process 0 picked.  One process runs no barrier at all.
 
 >>> import tempfile, numpy as np
 >>> d = tempfile.mkdtemp()
@@ -45,6 +52,7 @@ Only one process may write a directory at a time.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -59,7 +67,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from ftjax import distributed
 from ftjax.errors import CheckpointError, ConfigError, NumericsError
 from ftjax.tree import flatten, map_with_path, unflatten
 
@@ -111,9 +121,16 @@ def host_state(state) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   flat = flatten(state)
   impls = {p: str(jax.random.key_impl(x)) for p, x in flat.items() if _is_key(x)}
   leaves = [jax.random.key_data(x) if p in impls else x for p, x in flat.items()]
+  # A replicated array over several processes' devices: jax.device_get refuses it; the
+  # local copy is the whole value.
+  leaves = [distributed.host_value(x) if _spans_processes(x) else x for x in leaves]
   # One device_get for all leaves, then a copy so no buffer is shared with jax.
   host = [np.array(x, copy=True) for x in jax.device_get(leaves)]
   return dict(zip(flat, host)), impls
+
+
+def _spans_processes(x) -> bool:
+  return isinstance(x, jax.Array) and not x.is_fully_addressable
 
 
 def first_non_finite(flat: Mapping[str, np.ndarray]) -> str | None:
@@ -335,10 +352,47 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
   return text if len(text) <= limit else f"{text[:half]} ... {text[-half:]}"
 
 
+def _alone() -> ocp.options.MultiprocessingOptions:
+  """Orbax options that make this process the only one orbax knows of.
+
+  On several processes ftjax decides who writes (process 0) and who reads; orbax
+  would otherwise run barriers across all processes, and a barrier that only one
+  process enters never returns.  One process keeps orbax's defaults.
+  """
+  if jax.process_count() == 1:
+    return ocp.options.MultiprocessingOptions()
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
 def _orbax_checkpointer() -> ocp.Checkpointer:
   """A synchronous orbax checkpointer for our two items (handlers named, so metadata reads)."""
+  alone = _alone()
   return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
-      state=ocp.StandardCheckpointHandler(), manifest=ocp.JsonCheckpointHandler()))
+      composite_options=ocp.CompositeOptions(multiprocessing_options=alone),
+      state=ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+      manifest=ocp.JsonCheckpointHandler(multiprocessing_options=alone)),
+      multiprocessing_options=alone)
+
+
+_FAILED = -2  # what process 0 broadcasts when its restore raised
+
+
+def _from_process_0(value: int) -> int:
+  """Process 0's ``value``, on every process.  A collective: every process must call it, in the
+  same order; it is also a barrier (no process returns before process 0 has called it)."""
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _run_now(fn: Callable[[], None]) -> concurrent.futures.Future:
+  """A finished future holding what ``fn()`` raised: a synchronous write, waited for like one in
+  the background."""
+  future = concurrent.futures.Future()
+  try:
+    future.set_result(fn())
+  except Exception as e:  # _write raises CheckpointError; test hooks may raise anything
+    future.set_exception(e)
+  return future
 
 
 def _physical_memory() -> int:
@@ -425,6 +479,15 @@ def _warn_skipped(directory: Path, step: int, reason: str, tail: str = "") -> No
               reason, tail)
 
 
+def _put_like(value, like: jax.Array) -> jax.Array:
+  """``value`` on ``like``'s devices, committed to them only if ``like`` is.
+
+  An uncommitted leaf (made by jnp on the default device) must stay so: on
+  several processes a committed one cannot move to a mesh spanning them all.
+  """
+  return jax.device_put(value, like.sharding) if like.committed else jnp.asarray(value)
+
+
 def _fit(path: str, stored: np.ndarray, like, key_impl: str | None):
   """Gives a stored array the type, device and sharding of the template leaf ``like``."""
   if _is_key(like):
@@ -441,11 +504,11 @@ def _fit(path: str, stored: np.ndarray, like, key_impl: str | None):
         hint="was it written by another model or config?")
   if _is_key(like):
     key = jax.random.wrap_key_data(stored, impl=key_impl or str(jax.random.key_impl(like)))
-    return jax.device_put(key, like.sharding)
+    return _put_like(key, like)
   if isinstance(like, (bool, int, float)):
     return type(like)(stored.item())
   if isinstance(like, jax.Array):
-    return jax.device_put(stored, like.sharding)
+    return _put_like(stored, like)
   if isinstance(like, jax.ShapeDtypeStruct):
     return jax.device_put(stored, like.sharding) if like.sharding is not None else jnp.asarray(stored)
   if isinstance(like, np.generic):
@@ -541,6 +604,10 @@ class Checkpointer:
       thread), then in the writer thread at "hashed" (manifest made), "written"
       (orbax done, step not yet renamed into place), "committed" and
       "retained"; a fault test may hold a phase open or kill the process there.
+
+  On several processes every process constructs one on the same directory and
+  calls :meth:`save`, :meth:`wait` and :meth:`restore_latest` at the same
+  points; process 0 writes, cleans up and retains (see the module docstring).
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep_latest: int = 2, keep_best: int = 1,
@@ -564,20 +631,25 @@ class Checkpointer:
     self.best_metric, self.best_mode = best_metric, best_mode
     self.fingerprint = fingerprint
     self._on_phase = on_phase
-    try:
-      self.directory.mkdir(parents=True, exist_ok=True)
-      _remove_unfinished(self.directory)
-    except OSError as e:
-      raise CheckpointError("cannot use checkpoint directory", where=str(self.directory),
-                            value=e.strerror or _one_line(e),
-                            hint="check the path and its permissions") from None
+    self._processes = jax.process_count()
+    self._writes = jax.process_index() == 0  # the one process that touches the directory
+    self._async = async_save
+    if self._writes:
+      try:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _remove_unfinished(self.directory)
+      except OSError as e:
+        raise CheckpointError("cannot use checkpoint directory", where=str(self.directory),
+                              value=e.strerror or _one_line(e),
+                              hint="check the path and its permissions") from None
     # Orbax writes each step synchronously, from our own writer thread when
     # async: a failed write then raises where we can report it, where orbax's
     # async CheckpointManager logs it and carries on.
     self._writer = _orbax_checkpointer()
     self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ftjax-ckpt")
-                      if async_save else None)
-    self._pending: tuple[int, concurrent.futures.Future] | None = None
+                      if async_save and self._writes else None)
+    # (step, its write) since the last wait(); the write is None on the processes that do not write.
+    self._pending: tuple[int, concurrent.futures.Future | None] | None = None
     self._metrics: dict[int, float | None] = {}
 
   # -- queries ---------------------------------------------------------------
@@ -611,9 +683,17 @@ class Checkpointer:
     """
     self.wait()
     step = int(step)
-    if step in self.all_steps():
+    if self._writes and step in self.all_steps():
       log.info("checkpoint step %d already committed; not rewriting it", step)
-      return
+    else:
+      self._start_write(step, state, metrics, extra)
+    if self._processes > 1 and self._pending is None:
+      self._pending = (step, None)  # wait() is where every process learns that step is committed
+    if not self._async:
+      self.wait()
+
+  def _start_write(self, step: int, state, metrics: dict | None, extra: dict | None) -> None:
+    # Every process checks the state (they hold the same values), so all raise alike.
     flat, key_impls = host_state(state)
     bad = first_non_finite(flat)
     if bad is not None:
@@ -623,24 +703,44 @@ class Checkpointer:
     _canonical(extra)  # JSON or a TypeError/ValueError now, not in the writer thread
     metrics = {k: _metric_value(v) for k, v in (metrics or {}).items()}
     self._phase("copied", step)
-    if self._executor is None:
-      self._write(step, flat, key_impls, metrics, extra)
-    else:
-      self._pending = (step, self._executor.submit(self._write, step, flat, key_impls, metrics,
-                                                   extra))
+    if not self._writes:
+      return
+    write = functools.partial(self._write, step, flat, key_impls, metrics, extra)
+    self._pending = (step, self._executor.submit(write) if self._executor else _run_now(write))
 
   def wait(self) -> None:
-    """Blocks until the pending write is committed; raises CheckpointError if it failed."""
+    """Blocks until the pending write is committed; raises CheckpointError if it failed.
+
+    On several processes every process must call it at the same point: it
+    returns once process 0 has committed (and retained), and raises on every
+    process if that write failed.  A preempted or finished run calls it before
+    exiting, so the step it saved is on disk for whichever process restarts.
+    """
     if self._pending is None:
       return
-    _, future = self._pending
+    step, future = self._pending
     self._pending = None
-    future.result()  # _write raises only CheckpointError
+    error = future.exception() if future is not None else None  # _write raises CheckpointError
+    if self._processes > 1:
+      committed = _from_process_0(error is None)  # every process calls it: it is the barrier
+      if not committed and error is None:
+        error = CheckpointError("checkpoint write failed on process 0",
+                                where=str(self.directory / str(step)), hint="see process 0's error")
+    if error is not None:
+      raise error
 
   def close(self) -> None:
-    """Waits for the pending write (raising if it failed) and releases resources."""
+    """Finishes this process's pending write (raising if it failed) and releases resources.
+
+    Unlike :meth:`wait` it does not wait for other processes: it runs on error
+    paths too, where another process may never reach the same point.
+    """
     try:
-      self.wait()
+      if self._pending is not None:
+        _, future = self._pending
+        self._pending = None
+        if future is not None:
+          future.result()
     finally:
       if self._executor is not None:
         self._executor.shutdown(wait=True)
@@ -731,6 +831,29 @@ class Checkpointer:
     whose stored fingerprint differs from ours raises :class:`ConfigError`.
     """
     self.wait()
+    if self._processes == 1:
+      return self._restore_newest(template, allow_fresh)
+    # Process 0 picks the step and the others restore that one: each walking the steps on its
+    # own could pick another (process 0 moves damaged steps aside while they read; a read
+    # error on one host).  The broadcast also keeps them from reading before it is done.
+    if self._writes:
+      try:
+        found = self._restore_newest(template, allow_fresh)
+      except BaseException:
+        _from_process_0(_FAILED)
+        raise
+      _from_process_0(-1 if found is None else found[0])
+      return found
+    step = _from_process_0(0)
+    if step == _FAILED:
+      raise CheckpointError("process 0 could not restore", where=str(self.directory),
+                            hint="see process 0's error")
+    if step < 0:
+      return None
+    state, extra = self.restore(step, template)
+    return step, state, extra
+
+  def _restore_newest(self, template, allow_fresh: bool) -> tuple[int, Any, dict] | None:
     steps = self.all_steps()
     if not steps:
       return None

@@ -222,6 +222,20 @@ class MetricsWriter:
     self.close()
 
 
+class NullWriter:
+  """A :class:`MetricsWriter` that records nothing: what the processes of a
+  multi-process run other than process 0 write to (their rows would repeat its rows)."""
+
+  def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
+    pass
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 # ---------------------------------------------------------------------------
 # Evaluation metrics
 

@@ -777,15 +777,30 @@ def prepare(config, workdir: str) -> tuple[_Run, dict]:
   if t.batch_size % (accum * n_dev):
     raise ConfigError("batch size not divisible by accum_steps x devices", where="optim.accum_steps",
                       value=f"{t.batch_size} / ({accum} x {n_dev})")
+  if t.shard_params and jax.process_count() > 1:
+    # Checkpoints are written by process 0 from its host copy of the (replicated) state.
+    raise ConfigError("train.shard_params needs a single process", where="train.shard_params",
+                      value=f"{jax.process_count()} processes",
+                      hint="replicate the parameters (shard_params=()) on several hosts")
   wd = _check_workdir(workdir)
   config_dict = config_lib.to_dict(config)
   _check_resume_config(wd, config_dict)
   run, variables = _build(config, wd)
   _plan(run, variables["params"])
   run.config_dict = config_dict
-  _make_workdir(wd)
-  metrics_lib.write_atomically(wd / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True))
+  if writes_workdir():
+    _make_workdir(wd)
+    metrics_lib.write_atomically(wd / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True))
   return run, variables
+
+
+def writes_workdir() -> bool:
+  """Whether this process writes the workdir: on several processes only process 0 does.
+
+  The others compute the same (replicated) metrics and states and skip writing
+  them: two writers would duplicate metric rows and race on checkpoint renames.
+  """
+  return jax.process_index() == 0
 
 
 def _compile_step(step_fn, state, batch, runner, phase: int):
@@ -902,7 +917,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   tx = make_tx(phase)
   runner = PmapRunner() if t.parallel == "pmap" else JitRunner(run.mesh, t.shard_params)
   state = runner.put_state(state)
-  writer = metrics_lib.MetricsWriter(wd, resume_step=step, tensorboard=t.tensorboard)
+  writer = (metrics_lib.MetricsWriter(wd, resume_step=step, tensorboard=t.tensorboard)
+            if writes_workdir() else metrics_lib.NullWriter())
   progress = it = None
   last_saved = step if restored is not None else -1
   summaries = {}
@@ -1002,7 +1018,7 @@ def _lookup_metric(summaries: dict, name: str) -> float:
 
 def _finish(run: _Run, summaries: dict) -> None:
   wd = run.workdir
-  if run.config.train.plots:
+  if run.config.train.plots and writes_workdir():
     rows = metrics_lib.read_metrics(wd / "metrics.jsonl")
     metrics_lib.plot_learning_curves(rows, wd / "learning_curves.png")
     for split, s in summaries.items():

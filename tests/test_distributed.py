@@ -1,5 +1,6 @@
 """Two processes joined by jax.distributed over loopback train like one process."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import REPO, subprocess_env  # noqa: E402
 
 WORKER = textwrap.dedent('''
     import os, sys
@@ -81,3 +83,87 @@ def test_two_processes_agree_with_one(tiny_vit_npz, tmp_path):
     with np.load(tiny_vit_npz) as init:
       moved = any(not np.allclose(one[f"{k}"], init[k]) for k in init.files)
     assert moved
+
+
+TRAINER = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_config
+    from ftjax import train
+    train.train_and_evaluate(tiny_config({npz!r}, **json.loads(sys.argv[2])), sys.argv[1])
+''')
+
+# A constant learning rate: the schedule does not depend on total_steps, so 4 steps resumed
+# to 6 must equal 6 steps in one go.  SGD, not Adam: Adam scales the rounding noise of a zero
+# gradient (attention key biases) up to a full step.  Eval and checkpoint every 2 steps, the
+# best step kept too.
+LOOP = {"train.checkpoint_every": 2, "train.eval_every": 2, "train.log_every": 1,
+        "train.keep_latest": 2, "train.keep_best": 1, "train.tensorboard": True, "train.plots": True,
+        "optim.schedule.name": "constant", "optim.name": "sgd", "optim.kwargs": {"momentum": 0.9},
+        "optim.lr": 0.1}
+
+
+def _train(script, workdir, total_steps: int, processes: int) -> list[str]:
+  """Runs the full loop in ``processes`` processes on one workdir; returns their stdouts."""
+  overrides = json.dumps({**LOOP, "train.total_steps": total_steps, "train.distributed": processes > 1})
+  env = subprocess_env(JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device per process
+  if processes > 1:
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+  procs = [subprocess.Popen([sys.executable, str(script), str(workdir), overrides],
+                            env={**env, "JAX_PROCESS_ID": str(i)} if processes > 1 else env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(processes)]
+  outs = []
+  for i, p in enumerate(procs):
+    try:
+      out, err = p.communicate(timeout=150)
+    except subprocess.TimeoutExpired:  # a barrier entered by one process only hangs
+      for q in procs:
+        q.kill()
+      errs = [q.communicate()[1][-1500:] for q in procs]
+      raise AssertionError(f"process {i} of {processes} hung; stderr tails: {errs}") from None
+    assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+    outs.append(out)
+  return outs
+
+
+def test_two_processes_share_one_workdir(tiny_vit_npz, tmp_path):
+  from ftjax import checkpoint, metrics
+  from ftjax.tree import flatten
+
+  script = tmp_path / "trainer.py"
+  script.write_text(TRAINER.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
+  one, two = tmp_path / "one", tmp_path / "two"
+  _train(script, one, 6, processes=1)
+  _train(script, two, 4, processes=2)
+  assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["2", "4"]  # nothing half-done
+  four, _ = checkpoint.read_checkpoint(two, step=4)
+  outs = _train(script, two, 6, processes=2)  # resumes from step 4
+  assert all("resumed from step 4" in out for out in outs)
+  six, extra = checkpoint.read_checkpoint(two, step=6)
+  assert extra["data_step"] == 6 and extra["ledger"] == [[1, 4], [5, 6]]  # each update once
+
+  rows = metrics.read_metrics(two)
+  assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in rows if r["kind"] == "eval"] == [2, 4, 6]
+  ref_rows = metrics.read_metrics(one)
+  np.testing.assert_allclose([r["loss"] for r in rows if r["kind"] == "train"],
+                             [r["loss"] for r in ref_rows if r["kind"] == "train"], rtol=1e-5)
+  # Retention ran once per save, on one process: the latest two and the best by test/top1.
+  top1 = {r["step"]: r["test/top1"] for r in rows if r["kind"] == "eval"}
+  want = checkpoint.steps_to_keep(top1, keep_latest=2, keep_best=1)
+  assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(str(s) for s in want)
+  assert len(list(two.glob("events.out.tfevents.*"))) == 2  # one per invocation, not per process
+  assert not [p for p in two.iterdir() if p.name.endswith(".tmp")]
+
+  # The same global batches (8 examples from each process = the one process's 16): the same
+  # parameters and optimizer state, before and after the resume.
+  for step, ours in ((4, flatten(four)), (6, flatten(six))):
+    ref = flatten(checkpoint.read_checkpoint(one, step=step)[0])
+    assert sorted(ref) == sorted(ours)
+    for k in ref:
+      if k.startswith(("params/", "opt_state/")):
+        np.testing.assert_allclose(ours[k], ref[k], atol=1e-5, err_msg=f"step {step}: {k}")
+  moved = max(np.abs(flatten(six)[k] - flatten(four)[k]).max() for k in flatten(six) if k.startswith("params/"))
+  assert moved > 1e-3  # steps 5 and 6 change the parameters far beyond the tolerance

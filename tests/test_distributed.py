@@ -1,6 +1,7 @@
 """Two processes joined by jax.distributed over loopback train like one process."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -103,10 +104,10 @@ LOOP = {"train.checkpoint_every": 2, "train.eval_every": 2, "train.log_every": 1
         "optim.lr": 0.1}
 
 
-def _train(script, workdir, total_steps: int, processes: int) -> list[str]:
-  """Runs the full loop in ``processes`` processes on one workdir; returns their stdouts."""
+def _launch(script, workdir, total_steps: int, processes: int, **env_extra) -> list[tuple[int, str, str]]:
+  """Runs the full loop in ``processes`` processes on one workdir: ``(rc, stdout, stderr)`` of each."""
   overrides = json.dumps({**LOOP, "train.total_steps": total_steps, "train.distributed": processes > 1})
-  env = subprocess_env(JAX_PLATFORMS="cpu")
+  env = subprocess_env(JAX_PLATFORMS="cpu", **env_extra)
   env.pop("XLA_FLAGS", None)  # one CPU device per process
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
@@ -114,7 +115,7 @@ def _train(script, workdir, total_steps: int, processes: int) -> list[str]:
                             env={**env, "JAX_PROCESS_ID": str(i)} if processes > 1 else env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(processes)]
-  outs = []
+  results = []
   for i, p in enumerate(procs):
     try:
       out, err = p.communicate(timeout=150)
@@ -123,9 +124,16 @@ def _train(script, workdir, total_steps: int, processes: int) -> list[str]:
         q.kill()
       errs = [q.communicate()[1][-1500:] for q in procs]
       raise AssertionError(f"process {i} of {processes} hung; stderr tails: {errs}") from None
-    assert p.returncode == 0, f"process {i}: {err[-3000:]}"
-    outs.append(out)
-  return outs
+    results.append((p.returncode, out, err))
+  return results
+
+
+def _train(script, workdir, total_steps: int, processes: int) -> list[str]:
+  """:func:`_launch` that must succeed; the stdout of each process."""
+  results = _launch(script, workdir, total_steps, processes)
+  for i, (rc, _, err) in enumerate(results):
+    assert rc == 0, f"process {i}: {err[-3000:]}"
+  return [out for _, out, _ in results]
 
 
 def test_two_processes_share_one_workdir(tiny_vit_npz, tmp_path):
@@ -167,3 +175,27 @@ def test_two_processes_share_one_workdir(tiny_vit_npz, tmp_path):
         np.testing.assert_allclose(ours[k], ref[k], atol=1e-5, err_msg=f"step {step}: {k}")
   moved = max(np.abs(flatten(six)[k] - flatten(four)[k]).max() for k in flatten(six) if k.startswith("params/"))
   assert moved > 1e-3  # steps 5 and 6 change the parameters far beyond the tolerance
+
+
+def _last_line(err: str) -> str:
+  return err.strip().splitlines()[-1]
+
+
+def test_process_0_failing_to_restore_or_write_stops_every_process(tiny_vit_npz, tmp_path):
+  script = tmp_path / "trainer.py"
+  script.write_text(TRAINER.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
+  wd = tmp_path / "wd"
+  (wd / "checkpoints" / "1").mkdir(parents=True)
+  (wd / "checkpoints" / "1" / "junk").write_text("not a checkpoint")
+  (rc0, _, err0), (rc1, _, err1) = _launch(script, wd, 2, processes=2)
+  assert (rc0, rc1) == (1, 1)
+  assert "no checkpoint verifies" in _last_line(err0)
+  assert "process 0 could not restore" in _last_line(err1)
+
+  shutil.rmtree(wd / "checkpoints")  # a full disk at process 0's commit of step 2
+  (rc0, _, err0), (rc1, _, err1) = _launch(script, wd, 2, processes=2,
+                                           FTJAX_TEST_FAIL_AT="ckpt:written:2")
+  assert (rc0, rc1) == (1, 1)
+  assert "checkpoint write failed" in _last_line(err0) and "No space left" in _last_line(err0)
+  assert "checkpoint write failed on process 0" in _last_line(err1)
+  assert list((wd / "checkpoints").iterdir()) == []  # the staging dir removed, nothing committed

@@ -412,6 +412,7 @@ def stored_config(workdir: str | os.PathLike):
 TEST_KILL_ENV = "FTJAX_TEST_KILL_AT"  # "startup" | "step:N" | "after:N" | "eval:N" | "ckpt:<phase>:N"
 TEST_HOLD_ENV = "FTJAX_TEST_HOLD_AT"  # "<moment>:N=SECONDS": sleep there (e.g. hold a checkpoint phase)
 TEST_FAIL_ENV = "FTJAX_TEST_FAIL_AT"  # "<moment>:N": raise a full-disk OSError there
+TEST_TERM_ENV = "FTJAX_TEST_TERM_AT"  # "<moment>:N": send this process a SIGTERM there
 
 
 def _parse_moment(spec: str) -> tuple[str, int | None]:
@@ -422,15 +423,16 @@ def _parse_moment(spec: str) -> tuple[str, int | None]:
 
 
 def fault_hook(kill: str | None = None, hold: str | None = None,
-               fail: str | None = None) -> Callable[[str, int], None]:
+               fail: str | None = None, term: str | None = None) -> Callable[[str, int], None]:
   """``hit(moment, step)``, called at the run's fault-test points; kills, holds or fails where asked.
 
   Moments: "startup" (workdir ready, before the restore), "step" (a step
   dispatched, before its result is read), "after" (a step's logging, evaluation
   and save done), "eval" (inside an evaluation) and "ckpt:<phase>" (a
   checkpoint phase, see :class:`ftjax.checkpoint.Checkpointer`).  A failure
-  is the ``OSError`` of a full disk.  The trainer reads the specs from
-  ``$FTJAX_TEST_KILL_AT``, ``$FTJAX_TEST_HOLD_AT`` and ``$FTJAX_TEST_FAIL_AT``.
+  is the ``OSError`` of a full disk; ``term`` sends SIGTERM (a preemption notice).  The
+  trainer reads the specs from ``$FTJAX_TEST_KILL_AT``, ``$FTJAX_TEST_HOLD_AT``,
+  ``$FTJAX_TEST_FAIL_AT`` and ``$FTJAX_TEST_TERM_AT``.
 
   >>> hit = fault_hook(hold="ckpt:hashed:2=0.01", fail="ckpt:written:4")
   >>> hit("ckpt:hashed", 2)  # sleeps 10 ms
@@ -442,6 +444,7 @@ def fault_hook(kill: str | None = None, hold: str | None = None,
   """
   kill_at = _parse_moment(kill) if kill else None
   fail_at = _parse_moment(fail) if fail else None
+  term_at = _parse_moment(term) if term else None
   hold_at, seconds = None, 0.0
   if hold:
     spec, _, secs = hold.partition("=")
@@ -454,6 +457,8 @@ def fault_hook(kill: str | None = None, hold: str | None = None,
       os.kill(os.getpid(), signal.SIGKILL)
     if fail_at and fail_at[0] == moment and fail_at[1] in (None, step):
       raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {moment}:{step})")
+    if term_at and term_at[0] == moment and term_at[1] in (None, step):
+      os.kill(os.getpid(), signal.SIGTERM)
 
   return hit
 
@@ -688,6 +693,22 @@ class _SigtermFlag:
   def _handle(self, signum, frame):
     self.raised = True
 
+  def agreed(self, sync: bool) -> bool:
+    """Whether to save and exit now.
+
+    One process: as soon as SIGTERM came.  Several: each may get the signal at
+    another step, and a process saving alone would wait forever in the save's
+    collective; so they decide together, only where every process asks
+    (``sync``: the log steps, which already wait for the device), and stop if
+    any of them got the signal.
+    """
+    if jax.process_count() == 1:
+      return self.raised
+    if not sync:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.raised))))
+
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
@@ -838,7 +859,7 @@ def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> di
   run, variables = prepare(config, workdir)
   cfg, t, wd, config_dict = config, config.train, run.workdir, run.config_dict
   hit = fault_hook(os.environ.get(TEST_KILL_ENV), os.environ.get(TEST_HOLD_ENV),
-                   os.environ.get(TEST_FAIL_ENV))
+                   os.environ.get(TEST_FAIL_ENV), os.environ.get(TEST_TERM_ENV))
   params = variables["params"]
   total = t.total_steps
   masks = run.masks
@@ -945,7 +966,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
                         flops_per_step=flops, peak_flops=peak * jax.device_count() if peak else None)
     stopped_early = False
     new_segment = True  # this process's updates start a new ledger segment
-    if sigterm.raised:  # during start-up: nothing new to save
+    if sigterm.agreed(sync=True):  # during start-up: nothing new to save
       raise _preempted(step, wd)
     while step < total:
       batch = first_batch if first_batch is not None else runner.put_batch(next(it))
@@ -987,7 +1008,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
               f"at step {early.best_step}", flush=True)
         break
       hit("after", step)
-      if sigterm.raised:
+      if sigterm.agreed(sync=step % t.log_every == 0):
         if last_saved != step:
           save(step)
         ckpt.wait()

@@ -104,15 +104,22 @@ LOOP = {"train.checkpoint_every": 2, "train.eval_every": 2, "train.log_every": 1
         "optim.lr": 0.1}
 
 
-def _launch(script, workdir, total_steps: int, processes: int, **env_extra) -> list[tuple[int, str, str]]:
-  """Runs the full loop in ``processes`` processes on one workdir: ``(rc, stdout, stderr)`` of each."""
-  overrides = json.dumps({**LOOP, "train.total_steps": total_steps, "train.distributed": processes > 1})
+def _launch(script, workdir, total_steps: int, processes: int, overrides: dict | None = None,
+            process_env: dict[int, dict] | None = None, **env_extra) -> list[tuple[int, str, str]]:
+  """Runs the full loop in ``processes`` processes on one workdir: ``(rc, stdout, stderr)`` of each.
+
+  ``overrides``: config keys on top of LOOP; ``process_env``: environment of one process only.
+  """
+  overrides = json.dumps({**LOOP, **(overrides or {}), "train.total_steps": total_steps,
+                          "train.distributed": processes > 1})
   env = subprocess_env(JAX_PLATFORMS="cpu", **env_extra)
   env.pop("XLA_FLAGS", None)  # one CPU device per process
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+  process_env = process_env or {}
   procs = [subprocess.Popen([sys.executable, str(script), str(workdir), overrides],
-                            env={**env, "JAX_PROCESS_ID": str(i)} if processes > 1 else env,
+                            env={**env, **process_env.get(i, {}), "JAX_PROCESS_ID": str(i)}
+                            if processes > 1 else env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(processes)]
   results = []
@@ -199,3 +206,34 @@ def test_process_0_failing_to_restore_or_write_stops_every_process(tiny_vit_npz,
   assert "checkpoint write failed" in _last_line(err0) and "No space left" in _last_line(err0)
   assert "checkpoint write failed on process 0" in _last_line(err1)
   assert list((wd / "checkpoints").iterdir()) == []  # the staging dir removed, nothing committed
+
+
+def test_sigterm_on_one_process_stops_both_at_the_same_step(tiny_vit_npz, tmp_path):
+  # Process 1 alone is told to stop after step 3; the processes agree at the next log step
+  # (4), both save it and exit with the preempted code, and a rerun finishes the run.
+  from ftjax import checkpoint, metrics
+  script = tmp_path / "trainer.py"
+  script.write_text(TRAINER.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
+  wd = tmp_path / "wd"
+  quiet = {"train.log_every": 2, "train.checkpoint_every": 0, "train.eval_every": 0,
+           "train.tensorboard": False, "train.plots": False}
+  (rc0, _, err0), (rc1, _, err1) = _launch(script, wd, 8, processes=2, overrides=quiet,
+                                           process_env={1: {"FTJAX_TEST_TERM_AT": "after:3"}})
+  # (the script calls train_and_evaluate: Preempted is an exception here; launch.py exits 75)
+  assert (rc0, rc1) == (1, 1), (err0[-1500:], err1[-1500:])
+  for err in (err0, err1):
+    assert _last_line(err).startswith("ftjax.errors.Preempted:") and "step 4" in _last_line(err), err[-1500:]
+  assert checkpoint.committed_steps(wd / "checkpoints") == [4]
+  assert [r["step"] for r in metrics.read_metrics(wd) if r["kind"] == "train"] == [2, 4]
+  outs = _train_with(script, wd, 8, quiet)
+  assert all("resumed from step 4" in out for out in outs)
+  _, extra = checkpoint.read_checkpoint(wd, step=8)
+  assert extra["ledger"] == [[1, 4], [5, 8]]
+  assert [r["step"] for r in metrics.read_metrics(wd) if r["kind"] == "train"] == [2, 4, 6, 8]
+
+
+def _train_with(script, workdir, total_steps: int, overrides: dict) -> list[str]:
+  results = _launch(script, workdir, total_steps, 2, overrides=overrides)
+  for i, (rc, _, err) in enumerate(results):
+    assert rc == 0, f"process {i}: {err[-3000:]}"
+  return [out for _, out, _ in results]

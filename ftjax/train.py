@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ftjax import config as config_lib
@@ -677,7 +678,8 @@ def _update_batch_stats(config, variables, masks) -> bool:
 
 
 class _SigtermFlag:
-  """SIGTERM sets a flag; the loop saves at the current step and exits with the preempted code."""
+  """SIGTERM sets a flag; the loop saves at the step where :meth:`agreed` says so and exits
+  with the preempted code."""
 
   def __init__(self):
     self.raised = False
@@ -706,7 +708,6 @@ class _SigtermFlag:
       return self.raised
     if not sync:
       return False
-    from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.raised))))
 
   def __exit__(self, *exc):

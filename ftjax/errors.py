@@ -16,6 +16,9 @@ ftjax: error: unknown config key (--config.optim.lrr): 0.1; did you mean optim.l
 
 from __future__ import annotations
 
+import os
+import sys
+
 EXIT_USAGE = 2  # bad config, bad command line, bad argument
 EXIT_DATA = 3  # bad data or bad checkpoint
 EXIT_NUMERICS = 4  # non-finite loss / parameters
@@ -78,3 +81,12 @@ class Preempted(FtjaxError):
   """The run was asked to stop (SIGTERM) and saved; rerun the command to resume."""
 
   exit_code = EXIT_PREEMPTED
+
+
+def report(error: FtjaxError) -> int:
+  """What a command-line ``main`` does with an FtjaxError it caught: print its one line to
+  stderr and return its exit code; with ``FTJAX_TRACEBACK=1`` re-raise it instead."""
+  if os.environ.get("FTJAX_TRACEBACK"):
+    raise error
+  print(str(error), file=sys.stderr)
+  return error.exit_code

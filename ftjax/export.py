@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ftjax.errors import CheckpointError, ConfigError, FtjaxError
+from ftjax.errors import CheckpointError, ConfigError, FtjaxError, report
 from ftjax.tree import flatten
 
 FORMATS = ("hf", "timm")
@@ -449,8 +449,7 @@ def main(argv=None) -> int:
     variables, meta = read_run(args.workdir, ema=args.ema)
     out = export(variables, meta, args.out, args.format)
   except FtjaxError as e:
-    print(str(e), file=sys.stderr)
-    return e.exit_code
+    return report(e)
   print(f"exported {meta['family']} ({args.format}) to {out}")
   return 0
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import data as data_lib
-from ftjax.errors import ConfigError, DataError, FtjaxError
+from ftjax.errors import ConfigError, DataError, FtjaxError, report
 
 SHOTS = (1, 5, 10, 25)
 L2_REG = 2.0 ** 10  # big_vision's default regulariser for its fewshot evaluator
@@ -235,8 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate_run(args.workdir, shots=shots, l2_reg=args.l2_reg, seed=args.seed,
                           split=args.split)
   except FtjaxError as e:
-    print(str(e), file=sys.stderr)
-    return e.exit_code
+    return report(e)
   print(json.dumps(result))
   return 0
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from ftjax.data.folder import ImageFile, is_image_file
 from ftjax.data.transforms import Preprocess, normalize
-from ftjax.errors import ConfigError, DataError, FtjaxError
+from ftjax.errors import ConfigError, DataError, FtjaxError, report
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
@@ -163,10 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = predict(args.workdir, args.images, top=args.top_k, out=args.out, batch_size=args.batch_size,
                   ema=args.ema)
   except FtjaxError as e:
-    if os.environ.get("FTJAX_TRACEBACK"):
-      raise
-    print(str(e), file=sys.stderr)
-    return e.exit_code
+    return report(e)
   print(f"wrote {out}")
   return 0
 

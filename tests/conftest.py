@@ -58,6 +58,30 @@ def tiny_config(npz: str, **overrides):
   return c
 
 
+def sgd_step_setup(npz: str, num_batches: int):
+  """The tiny ViT's train step with SGD + momentum, for the parallel-equivalence scripts.
+
+  Returns ``(params, tx, fn, batches)``: ``fn(state, batch, opts)`` is
+  ``train.train_step`` bound to the model; ``batches`` are ``num_batches`` random
+  global batches of 16.  SGD with momentum (the vit_jax recipe), not Adam: Adam's
+  normalisation would amplify the float reduction-order noise of different shardings
+  in leaves with ~0 gradients.
+  """
+  from ftjax import models, optim, train
+
+  cfg = tiny_config(npz, **{"optim.name": "sgd", "optim.kwargs": {"momentum": 0.9}, "optim.lr": 0.1})
+  model, variables, _ = models.from_pretrained(cfg.model.source, num_classes=10, image_size=32)
+  params = variables["params"]
+  tx = optim.make_optimizer(params, cfg.optim, family="vit", total_steps=6)
+  trainable = train.trainable_paths(optim.trainable_mask(params, cfg.optim))
+  fn = lambda state, batch, opts: train.train_step(state, batch, model=model, tx=tx,
+                                                   trainable=trainable, opts=opts)
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+              "label": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(num_batches)]
+  return params, tx, fn, batches
+
+
 CONFIG_TEMPLATE = '''
 import sys
 sys.path.insert(0, {tests!r})

@@ -23,19 +23,9 @@ WORKER = textwrap.dedent('''
     if os.environ.get("JAX_NUM_PROCESSES"):
       distributed.initialize()
     from jax.sharding import Mesh
-    from conftest import tiny_config
-    from ftjax import models, optim, train
-    cfg = tiny_config({npz!r}, **{{"optim.name": "sgd", "optim.kwargs": {{"momentum": 0.9}},
-                                   "optim.lr": 0.1}})
-    model, variables, _ = models.from_pretrained(cfg.model.source, num_classes=10, image_size=32)
-    params = variables["params"]
-    tx = optim.make_optimizer(params, cfg.optim, family="vit", total_steps=6)
-    mask = optim.trainable_mask(params, cfg.optim)
-    fn = lambda state, batch, opts: train.train_step(state, batch, model=model, tx=tx,
-                                                       trainable=train.trainable_paths(mask), opts=opts)
-    rng = np.random.default_rng(0)
-    batches = [{{"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
-                 "label": rng.integers(0, 10, 16).astype(np.int32)}} for _ in range(2)]
+    from conftest import sgd_step_setup
+    from ftjax import train
+    params, tx, fn, batches = sgd_step_setup({npz!r}, 2)
     n, i = jax.process_count(), jax.process_index()
     runner = train.JitRunner(Mesh(np.asarray(jax.devices()), ("data",)))
     state = runner.put_state(train.initial_state(params, None, tx, 0, ema=False))

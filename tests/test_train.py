@@ -205,22 +205,10 @@ PARALLEL_SCRIPT = textwrap.dedent('''
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import numpy as np, jax
     sys.path.insert(0, {tests!r})
-    from conftest import tiny_config
-    from ftjax import models, optim, train
+    from conftest import sgd_step_setup
+    from ftjax import train
     from jax.sharding import Mesh
-    # SGD with momentum (the vit_jax recipe): Adam's normalisation would amplify the
-    # float reduction-order noise of different shardings in leaves with ~0 gradients.
-    cfg = tiny_config({npz!r}, **{{"optim.name": "sgd", "optim.kwargs": {{"momentum": 0.9}},
-                                   "optim.lr": 0.1}})
-    model, variables, _ = models.from_pretrained(cfg.model.source, num_classes=10, image_size=32)
-    params = variables["params"]
-    tx = optim.make_optimizer(params, cfg.optim, family="vit", total_steps=6)
-    mask = optim.trainable_mask(params, cfg.optim)
-    fn = lambda state, batch, opts: train.train_step(state, batch, model=model, tx=tx,
-                                                       trainable=train.trainable_paths(mask), opts=opts)
-    rng = np.random.default_rng(0)
-    batches = [{{"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
-                 "label": rng.integers(0, 10, 16).astype(np.int32)}} for _ in range(3)]
+    params, tx, fn, batches = sgd_step_setup({npz!r}, 3)
     opts = train.StepOptions(num_classes=10)
     def run(runner):
       state = runner.put_state(train.initial_state(params, None, tx, 0, ema=False))

@@ -301,6 +301,22 @@ def test_train_step_updates_batch_stats_like_torch(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), before[p])
 
 
+def test_batch_norm_statistics_far_from_zero():
+  # One-pass moments: E[x^2] - E[x]^2 in float32 would cancel at an offset of 1000 (E[x^2]
+  # about 1e6, float32 spacing there 0.06); the sums around a value from the batch do not.
+  x = 1000.0 + 3.0 * np.random.default_rng(0).standard_normal((4, 5, 5, 8)).astype(np.float32)
+  bn = resnet.BatchNorm(use_running_average=False)
+  variables = bn.init(jax.random.key(0), x)
+  y, updated = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"]))(variables, x)
+  x64 = x.astype(np.float64)
+  mean, var = x64.mean((0, 1, 2)), x64.var((0, 1, 2))
+  np.testing.assert_allclose(np.asarray(y), (x64 - mean) / np.sqrt(var + resnet.BN_EPS), rtol=0, atol=1e-4)
+  n = 4 * 5 * 5
+  want_var = 0.9 + 0.1 * var * n / (n - 1)
+  np.testing.assert_allclose(np.asarray(updated["batch_stats"]["var"]), want_var, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(updated["batch_stats"]["mean"]), 0.1 * mean, rtol=1e-6)
+
+
 def test_zero_init_residual_and_bf16_compute():
   arch = {"block": "bottleneck", "depths": [1, 1], "widths": [32, 64], "stem_width": 16,
           "zero_init_residual": True}

@@ -185,6 +185,12 @@ class BatchNorm(nn.Module):
   statistics of a fine-tuned torch checkpoint would wander off.  Statistics are
   computed in float32 whatever the compute dtype.
 
+  The batch moments come from one pass over ``x`` (both sums fuse into one read;
+  the two-pass form, mean then mean squared deviation, reads every activation map
+  once more in the forward).  The sums are taken around one value of each channel
+  from the batch itself, a few standard deviations from the mean at most, so
+  ``E[d^2] - E[d]^2`` does not cancel when activations sit far from zero.
+
   Parameters ``scale``/``bias``; statistics ``batch_stats/{mean,var}``.
   """
 
@@ -206,8 +212,11 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     else:
       axes = tuple(range(x.ndim - 1))
-      mean = xf.mean(axes)
-      var = jnp.square(xf - mean).mean(axes)
+      shift = jax.lax.stop_gradient(xf[(0,) * (x.ndim - 1)])
+      d = xf - shift
+      d_mean = d.mean(axes)
+      mean = shift + d_mean
+      var = jnp.maximum(jnp.square(d).mean(axes) - jnp.square(d_mean), 0.0)
       if not self.is_initializing():
         n = math.prod(x.shape[:-1])
         m = self.momentum

@@ -15,6 +15,7 @@ AttributeError: ...
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
 
@@ -172,3 +173,71 @@ def validate(config) -> None:
   if not 0 <= t.label_smoothing < 1:
     raise ConfigError("train.label_smoothing must be in [0, 1)", where="train.label_smoothing",
                       value=t.label_smoothing)
+
+
+_FREE_FORM = ("optim.kwargs",)  # sections whose keys go to optax unchecked (it checks them)
+
+
+def _type_fits(value, kind, default) -> bool:
+  if value is None:
+    return default is None  # placeholders only
+  if kind is bool:
+    return isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is str:
+    return isinstance(value, str)
+  if kind in (list, tuple):
+    return isinstance(value, (list, tuple))
+  if kind is mc.ConfigDict:
+    return hasattr(value, "keys")
+  return True
+
+
+def schema_problems(config, schema=None, prefix: str = "") -> list[tuple[str, str, str | None]]:
+  """``(key, problem, hint)`` for each key that ftjax's schema lacks, misses or types otherwise.
+
+  ``schema`` defaults to :func:`default_config`.  A config built from that
+  (locked) schema cannot go wrong; one built by hand can, and would otherwise
+  fail deep in the run or, worse, be ignored.
+
+  >>> d = to_dict(default_config())
+  >>> schema_problems(mc.ConfigDict(d))
+  []
+  >>> d["train"]["batch_sizee"], d["train"]["total_steps"] = 8, "10"
+  >>> for problem in schema_problems(mc.ConfigDict(d)):
+  ...   print(problem)
+  ('train.batch_sizee', 'unknown config key', 'did you mean train.batch_size?')
+  ('train.total_steps', 'wrong type', "expected int, got str '10'")
+  """
+  schema = default_config() if schema is None else schema
+  if not hasattr(config, "keys"):
+    return [(prefix.rstrip(".") or "config", "expected a section", f"got {type(config).__name__}")]
+  have, want = set(config.keys()), set(schema.keys())
+  out = []
+  for key in sorted(have - want):
+    near = difflib.get_close_matches(key, sorted(want), n=1)
+    out.append((prefix + key, "unknown config key", f"did you mean {prefix}{near[0]}?" if near else None))
+  for key in sorted(want - have):
+    out.append((prefix + key, "missing config key", "start config files from ftjax.config.default_config()"))
+  for key in sorted(have & want):
+    name, value, default = prefix + key, config[key], schema[key]
+    if isinstance(default, mc.ConfigDict) and name not in _FREE_FORM:
+      out.extend(schema_problems(value, default, name + "."))
+      continue
+    kind = schema.get_type(key)
+    if not _type_fits(value, kind, default):
+      out.append((name, "wrong type", f"expected {kind.__name__}, got {type(value).__name__} {value!r}"[:160]))
+  return out
+
+
+def check_schema(config) -> None:
+  """Raises a ConfigError naming the first of :func:`schema_problems` (and how many more)."""
+  problems = schema_problems(config)
+  if problems:
+    key, what, hint = problems[0]
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise ConfigError(what, where=key, value=f"{len(problems)} problem(s){more}" if more else None,
+                      hint=hint)

@@ -16,7 +16,6 @@ function ``(state, batch) -> (state, metrics)`` compiled once per unfreezing pha
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import errno
 import functools
 import json
@@ -226,73 +225,6 @@ class _Run:
 # ---------------------------------------------------------------- checks before anything is written
 
 CONFIG_FILE = "config.json"  # WORKDIR/config.json: the run's config of record
-_FREE_FORM = ("optim.kwargs",)  # sections whose keys go to optax unchecked (it checks them)
-
-
-def _type_fits(value, kind, default) -> bool:
-  if value is None:
-    return default is None  # placeholders only
-  if kind is bool:
-    return isinstance(value, bool)
-  if kind is int:
-    return isinstance(value, int) and not isinstance(value, bool)
-  if kind is float:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if kind is str:
-    return isinstance(value, str)
-  if kind in (list, tuple):
-    return isinstance(value, (list, tuple))
-  if kind is ml_collections.ConfigDict:
-    return hasattr(value, "keys")
-  return True
-
-
-def schema_problems(config, schema=None, prefix: str = "") -> list[tuple[str, str, str | None]]:
-  """``(key, problem, hint)`` for each key that ftjax's schema lacks, misses or types otherwise.
-
-  ``schema`` defaults to :func:`ftjax.config.default_config`.  A config built
-  from that (locked) schema cannot go wrong; one built by hand can, and would
-  otherwise fail deep in the run or, worse, be ignored.
-
-  >>> d = config_lib.to_dict(config_lib.default_config())
-  >>> schema_problems(ml_collections.ConfigDict(d))
-  []
-  >>> d["train"]["batch_sizee"], d["train"]["total_steps"] = 8, "10"
-  >>> for problem in schema_problems(ml_collections.ConfigDict(d)):
-  ...   print(problem)
-  ('train.batch_sizee', 'unknown config key', 'did you mean train.batch_size?')
-  ('train.total_steps', 'wrong type', "expected int, got str '10'")
-  """
-  schema = config_lib.default_config() if schema is None else schema
-  if not hasattr(config, "keys"):
-    return [(prefix.rstrip(".") or "config", "expected a section", f"got {type(config).__name__}")]
-  have, want = set(config.keys()), set(schema.keys())
-  out = []
-  for key in sorted(have - want):
-    near = difflib.get_close_matches(key, sorted(want), n=1)
-    out.append((prefix + key, "unknown config key", f"did you mean {prefix}{near[0]}?" if near else None))
-  for key in sorted(want - have):
-    out.append((prefix + key, "missing config key", "start config files from ftjax.config.default_config()"))
-  for key in sorted(have & want):
-    name, value, default = prefix + key, config[key], schema[key]
-    if isinstance(default, ml_collections.ConfigDict) and name not in _FREE_FORM:
-      out.extend(schema_problems(value, default, name + "."))
-      continue
-    kind = schema.get_type(key)
-    if not _type_fits(value, kind, default):
-      out.append((name, "wrong type", f"expected {kind.__name__}, got {type(value).__name__} {value!r}"[:160]))
-  return out
-
-
-def _check_schema(config) -> None:
-  problems = schema_problems(config)
-  if problems:
-    key, what, hint = problems[0]
-    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-    raise ConfigError(what, where=key, value=f"{len(problems)} problem(s){more}" if more else None,
-                      hint=hint)
-
-
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
@@ -390,7 +322,7 @@ def stored_config(workdir: str | os.PathLike):
     return None
   stored = _read_stored_config(path)
   config = ml_collections.ConfigDict(stored)
-  _check_schema(config)
+  config_lib.check_schema(config)
   merged = config_lib.default_config()
 
   def fill(node, values, prefix=""):
@@ -782,7 +714,7 @@ def prepare(config, workdir: str) -> tuple[_Run, dict]:
   one line and leaves no trace.  Only then is the workdir created and its
   ``config.json`` written.
   """
-  _check_schema(config)
+  config_lib.check_schema(config)
   config_lib.validate(config)
   from ftjax.data import config as data_config
   data_config.check(config.data)

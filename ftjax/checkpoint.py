@@ -36,7 +36,8 @@ works alone (each process is orbax's only active process, so none of orbax's
 cross-process barriers runs).  The others check the same values and write
 nothing; :meth:`Checkpointer.wait` returns on every process only once process 0
 has committed, and :meth:`Checkpointer.restore_latest` restores on every process
-the step that process 0 picked.  One process runs no barrier at all.
+the step that process 0 picked, and raises on every process when any of them
+failed to.  One process runs no barrier at all.
 
 >>> import tempfile, numpy as np
 >>> d = tempfile.mkdtemp()
@@ -384,6 +385,13 @@ def _from_process_0(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def _failed_processes(ok: bool) -> list[int]:
+  """The processes that passed ``ok=False``, on every process (a collective, like
+  :func:`_from_process_0`)."""
+  oks = np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1)
+  return [i for i, v in enumerate(oks) if not v]
+
+
 def _run_now(fn: Callable[[], None]) -> concurrent.futures.Future:
   """A finished future holding what ``fn()`` raised: a synchronous write, waited for like one in
   the background."""
@@ -603,7 +611,8 @@ class Checkpointer:
     on_phase: test hook ``fn(phase, step)``, called at "copied" (caller's
       thread), then in the writer thread at "hashed" (manifest made), "written"
       (orbax done, step not yet renamed into place), "committed" and
-      "retained"; a fault test may hold a phase open or kill the process there.
+      "retained"; and at "restore" when :meth:`restore` begins to read a step;
+      a fault test may hold a phase open or kill the process there.
 
   On several processes every process constructs one on the same directory and
   calls :meth:`save`, :meth:`wait` and :meth:`restore_latest` at the same
@@ -843,15 +852,26 @@ class Checkpointer:
         _from_process_0(_FAILED)
         raise
       _from_process_0(-1 if found is None else found[0])
-      return found
-    step = _from_process_0(0)
-    if step == _FAILED:
-      raise CheckpointError("process 0 could not restore", where=str(self.directory),
-                            hint="see process 0's error")
-    if step < 0:
-      return None
-    state, extra = self.restore(step, template)
-    return step, state, extra
+    else:
+      step = _from_process_0(0)
+      if step == _FAILED:
+        raise CheckpointError("process 0 could not restore", where=str(self.directory),
+                              hint="see process 0's error")
+      found = None
+      if step >= 0:
+        try:
+          found = (step, *self.restore(step, template))
+        except BaseException:
+          _failed_processes(False)
+          raise
+    # Then all agree: a process that failed alone would leave the others waiting in the
+    # first collective of the training step.
+    failed = _failed_processes(True)
+    if failed:
+      raise CheckpointError("another process could not restore", where=str(self.directory),
+                            value=f"process {', '.join(map(str, failed))}",
+                            hint="see that process's error")
+    return found
 
   def _restore_newest(self, template, allow_fresh: bool) -> tuple[int, Any, dict] | None:
     steps = self.all_steps()
@@ -881,6 +901,7 @@ class Checkpointer:
     """
     self.wait()
     step = int(step)
+    self._phase("restore", step)
     if step not in self.all_steps():
       raise CheckpointError("checkpoint step not found", where=str(self.directory), value=step,
                             hint=f"steps present: {self.all_steps() or 'none'}")

@@ -178,7 +178,8 @@ def _last_line(err: str) -> str:
   return err.strip().splitlines()[-1]
 
 
-def test_process_0_failing_to_restore_or_write_stops_every_process(tiny_vit_npz, tmp_path):
+def test_a_process_failing_to_restore_or_write_stops_every_process(tiny_vit_npz, tmp_path):
+  from ftjax import checkpoint
   script = tmp_path / "trainer.py"
   script.write_text(TRAINER.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
   wd = tmp_path / "wd"
@@ -196,6 +197,15 @@ def test_process_0_failing_to_restore_or_write_stops_every_process(tiny_vit_npz,
   assert "checkpoint write failed" in _last_line(err0) and "No space left" in _last_line(err0)
   assert "checkpoint write failed on process 0" in _last_line(err1)
   assert list((wd / "checkpoints").iterdir()) == []  # the staging dir removed, nothing committed
+
+  # Process 1 alone fails to read the step process 0 picked: both stop, neither trains on.
+  _train(script, wd, 2, processes=2)
+  (rc0, _, err0), (rc1, _, err1) = _launch(script, wd, 4, processes=2,
+                                           process_env={1: {"FTJAX_TEST_FAIL_AT": "ckpt:restore:2"}})
+  assert (rc0, rc1) == (1, 1)
+  assert "another process could not restore" in _last_line(err0) and "process 1" in _last_line(err0)
+  assert "injected at ckpt:restore:2" in _last_line(err1)
+  assert checkpoint.committed_steps(wd / "checkpoints") == [2]
 
 
 def test_sigterm_on_one_process_stops_both_at_the_same_step(tiny_vit_npz, tmp_path):

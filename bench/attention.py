@@ -3,8 +3,8 @@
 One (batch 256, 197 tokens, 12 heads, 64 dims) bf16 attention, forward and
 backward (the gradient of sum(out * w) for a fixed random w), per
 implementation: ``xla`` unpadded, and ``cudnn`` with the token axis padded to a
-multiple of 1 (none), 8, 16, 64 and 128 (``ftjax.models.vit.attend``).  Each
-case prints a JSON line: milliseconds (median of 20 after 3 warm-ups), the
+multiple of 1 (none), 8, 16, 32 and 64: 197, 200, 208, 224 and 256 tokens
+(``ftjax.models.vit.attend``).  Each case prints a JSON line: milliseconds (median of 20 after 3 warm-ups), the
 largest difference of output and gradients from the XLA case computed in
 float32, or the error that refused it, followed by a line naming the fastest
 working cuDNN padding so far (the ViT arch option ``attention_pad_multiple``).
@@ -58,7 +58,8 @@ def main(argv=None) -> int:
   reference = jax.jit(jax.grad(lambda q, k, v, w: (attend(q, k, v, "xla", 1) * w).sum(),
                                argnums=(0, 1, 2)))
   ref = reference(*(x.astype(jnp.float32) for x in lo), w)
-  cases = [("xla", 1)] + ([] if a.smoke else [("cudnn", m) for m in (1, 8, 16, 64, 128)])
+  # 197 tokens padded to 197 (refused by jax 0.11.2), 200, 208, 224 and 256.
+  cases = [("xla", 1)] + ([] if a.smoke else [("cudnn", m) for m in (1, 8, 16, 32, 64)])
   cases += [("xla", 64)] if a.smoke else []
   best = None
   for impl, pad in cases:

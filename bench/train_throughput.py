@@ -15,6 +15,12 @@ own process, so the device's peak memory is that configuration's alone.
     # a lever: the plain runs, then ViT and ResNet full again with XLA flags added
     python bench/train_throughput.py --baseline-json timm.jsonl --modes full \
         --variant notriton=--xla_gpu_enable_triton_gemm=false
+    # the run order in full: [NAME] is an --arch-variant (model options) or a --variant (XLA flags)
+    python bench/train_throughput.py --runs 'vit:full,vit:full[xla],resnet:full[notriton]' \
+        --arch-variant 'xla={"attention": "xla"}' --variant notriton=--xla_gpu_enable_triton_gemm=false
+    # a kernel-time breakdown of chosen runs (3 more steps traced after the timed ones)
+    python bench/train_throughput.py --runs vit:full,resnet:full --profile-runs vit:full,resnet:full \
+        --profile-dir /tmp/ftjax-profile
     # the table again from the JSON lines of a run (timm and ftjax rows together)
     python bench/train_throughput.py --table bench.jsonl
     # CPU: tiny settings (ViT "test" variant and ResNet-18, batch 4, 64 px, 2 timed steps)
@@ -29,6 +35,23 @@ ResNet-50 8.2 / 24.7).  Peak memory is the device allocator's
 step (arguments + outputs not aliased to arguments + temporaries), which the
 CPU reports too.
 
+``--runs`` fixes the configurations and their order: ``model:mode`` or
+``model:mode[NAME]``, NAME an ``--arch-variant`` (model options), a
+``--variant`` (XLA flags added to that child's ``XLA_FLAGS``) or both (a lever
+that needs the two together). A ``--variant`` named in ``--runs`` runs only
+there; the others still run after the plain runs on each of ``--variant-configs``.
+``--repeat-runs`` (labels as in ``--runs``) also runs two steps twice from one
+state and records in the row's ``repeat`` whether the results are bit-identical.
+
+``--profile-runs`` (labels as in ``--runs``; ``vit:full`` is the plain run only)
+traces 3 more steps of those configurations after their timed steps, so the
+timed figures are untouched, and summarises the device's kernels
+(``bench/kernel_profile.py``): ``<dir>/<model>-<mode>[-<variant>].profile.json``
+holds the summary, next to the raw trace and the step's HLO text (keep
+``--profile-dir`` out of a device call's ``$OUT``: those are large). The row gets
+the per-step totals and ms per category under ``profile``; after the ratio
+table the parent prints each profiled run's table with its top ops.
+
 No GPU figure exists yet: see bench/NOTES.md for the predictions and the
 command of the next GPU session.  On the 2-core development machine
 ``--smoke`` runs its 9 configurations in about 3 minutes.
@@ -39,6 +62,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gzip
 import importlib.util
 import json
 import os
@@ -50,6 +74,7 @@ import time
 MODES = ("full", "head_only", "layer_decay", "lora", "forward")
 NUM_CLASSES = 100  # the timm baseline's
 LORA_RANK = 8  # PEFT's default r
+PROFILE_STEPS = 3  # traced after the timed steps: enough to see a step's kernels repeat
 
 # name -> (family, arch, smoke arch, timm model, analytic forward GFLOP per image at 224 px)
 MODELS = {
@@ -101,11 +126,94 @@ def _state(params, batch_stats, tx):
   return initial_state(params, batch_stats, tx, 0, ema=False)
 
 
-def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None = None) -> dict:
+def profile_name(model_key: str, mode: str, variant: str | None = None) -> str:
+  """The file stem of a configuration's profile.
+
+  >>> profile_name("vit", "full"), profile_name("vit", "full", "xla")
+  ('vit-full', 'vit-full-xla')
+  """
+  return f"{model_key}-{mode}" + (f"-{variant}" if variant else "")
+
+
+def _kernel_profile():
+  """bench/kernel_profile.py: bench/ holds scripts, not a package, so import it by its folder."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  if here not in sys.path:
+    sys.path.insert(0, here)
+  import kernel_profile
+
+  return kernel_profile
+
+
+def profile_steps(advance, state, compiled, stem: str) -> dict:
+  """Traces PROFILE_STEPS more steps and summarises their kernels; the row's compact profile.
+
+  Writes ``<stem>.profile.json`` (the full summary), ``<stem>.hlo.txt.gz`` (the
+  step's HLO, to re-summarise the trace later) and the trace under ``<stem>.trace/``.
+  An error becomes the profile's ``error``: the timed figures stand without it.
+  """
+  import jax
+
+  kp = _kernel_profile()
+
+  def run():
+    nonlocal state
+    for _ in range(PROFILE_STEPS):
+      state, m = advance(state)  # the state is donated: thread it through
+    jax.block_until_ready((state, m))
+
+  try:
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    trace = kp.capture(run, stem + ".trace")
+    hlo = compiled.as_text()
+    with gzip.open(stem + ".hlo.txt.gz", "wt") as f:
+      f.write(hlo)
+    summary = kp.summarize(kp.load_trace(trace), hlo, PROFILE_STEPS)
+    summary.update(trace=trace, hlo_text=stem + ".hlo.txt.gz")
+    with open(stem + ".profile.json", "w") as f:
+      json.dump(summary, f, indent=1)
+  except Exception as e:  # noqa: BLE001  (a failed trace must not lose the timed row)
+    return {"error": f"{type(e).__name__}: {e}"[:300]}
+  return dict(kp.compact(summary), path=stem + ".profile.json")
+
+
+def repeat_check(advance, state, steps: int = 2) -> dict:
+  """Runs ``steps`` steps twice from copies of ``state``: are the two results bit-identical?
+
+  On a GPU, reductions with atomics (cuBLAS split-K, cuDNN attention's backward,
+  scatters) may add in a different order each run; ``--xla_gpu_deterministic_ops``
+  (the trainer's ``train.deterministic``) should rule that out.  Compares the loss
+  and every floating leaf of the state (parameters, optimizer state, BatchNorm
+  statistics); ``max_abs_diff`` is over all of them.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  def run():
+    st = jax.tree.map(jnp.copy, state)  # the step donates its state: never the caller's
+    for _ in range(steps):
+      st, m = advance(st)
+    leaves = [x for x in jax.tree.leaves((st, m["loss"]))
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+    return [np.asarray(jax.device_get(x), np.float64) for x in leaves]
+
+  a, b = run(), run()
+  diff = max(float(np.abs(x - y).max(initial=0.0)) for x, y in zip(a, b))
+  equal = all(np.array_equal(x, y) for x, y in zip(a, b))
+  return {"steps": steps, "bit_identical": equal, "max_abs_diff": diff}
+
+
+def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None = None,
+            profile_dir: str | None = None, variant: str | None = None,
+            check_repeat: bool = False) -> dict:
   """Compiles and times one configuration in this process; returns its JSON row.
 
   ``arch_overrides``: model options on top of the bench's (a lever such as the ViT's
-  ``attention``), recorded in the row's ``arch``.
+  ``attention``), recorded in the row's ``arch``. ``profile_dir``: after the timed
+  steps, trace a few more into it (:func:`profile_steps`, the file named by
+  ``variant`` too) and put the summary's totals in the row's ``profile``.
+  ``check_repeat``: before that, :func:`repeat_check` into the row's ``repeat``.
   """
   import jax
   import jax.numpy as jnp
@@ -182,10 +290,10 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
   peak = s.peak_tflops * 1e12 if s.peak_tflops else metrics.device_peak_flops(device)
   flops = metrics.step_flops(lowered)  # before the GPU's GEMMs become uncounted custom calls
   per_image = analytic_flops_per_image(model_key, mode, s)
-  stats = device.memory_stats() or {}
+  stats = device.memory_stats() or {}  # before any profiling: the step's peak alone
   # The timm name it is compared with; a smoke model is compared with nothing.
   name = f"{family}-{arch['variant']}" if s.smoke else MODELS[model_key][3]
-  return dict(
+  row = dict(
       framework="ftjax", key=model_key, model=name, arch=arch, mode=mode, bf16=True,
       batch=s.batch, image_size=s.image_size, steps=s.steps, step_ms=round(dt * 1e3, 2),
       img_s=round(s.batch / dt, 1), compile_s=round(compile_s, 1), loss=loss,
@@ -195,6 +303,14 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
       peak_bytes=stats.get("peak_bytes_in_use"), xla_bytes=(metrics.step_memory(compiled) or {}).get("peak"),
       device=device.device_kind, platform=device.platform, jax=jax.__version__,
       xla_flags=os.environ.get("XLA_FLAGS", ""))
+  if check_repeat and mode != "forward":
+    row["repeat"] = repeat_check(advance, state)  # on copies: `state` stays for the profile
+  if profile_dir:
+    # The timed row first: should the tracer crash or hang this process, the parent keeps it.
+    print(json.dumps(row), flush=True)
+    row["profile"] = profile_steps(advance, state, compiled,
+                                   os.path.join(profile_dir, profile_name(model_key, mode, variant)))
+  return row
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -231,13 +347,19 @@ def _child_args(s: Settings) -> list[str]:
 
 
 def run_isolated(model_key: str, mode: str, s: Settings, timeout: float,
-                 variant: tuple[str, str, dict] | None = None) -> dict:
+                 variant: tuple[str, str, dict] | None = None, profile_dir: str | None = None,
+                 check_repeat: bool = False) -> dict:
   """One configuration in a fresh process (its own peak memory); an error becomes a row.
 
   ``variant``: (name, XLA flags added to ``XLA_FLAGS`` for this process, arch overrides),
-  a lever to compare.
+  a lever to compare. ``profile_dir``: profile it there after the timed steps;
+  ``check_repeat``: check that two repeats of two steps agree bit for bit.
   """
   cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{model_key}:{mode}", *_child_args(s)]
+  if profile_dir:
+    cmd += ["--profile-dir", profile_dir] + (["--variant-name", variant[0]] if variant else [])
+  if check_repeat:
+    cmd.append("--check-repeat")
   env = dict(os.environ)
   base = dict(framework="ftjax", key=model_key, model=MODELS[model_key][3], mode=mode)
   if variant:
@@ -248,13 +370,19 @@ def run_isolated(model_key: str, mode: str, s: Settings, timeout: float,
       cmd += ["--arch-json", json.dumps(variant[2])]
   try:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-  except subprocess.TimeoutExpired:
-    return dict(base, error=f"timed out after {timeout:.0f} s")
-  rows = _json_lines(p.stdout)
-  if p.returncode or not rows:
-    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return dict(base, error=f"exit {p.returncode}: {tail[-300:]}")
-  return {**rows[-1], "variant": variant[0]} if variant else rows[-1]
+    stdout, failed = p.stdout, p.returncode and f"exit {p.returncode}: " + (
+        p.stderr.strip().splitlines() or ["no output"])[-1][-300:]
+  except subprocess.TimeoutExpired as e:  # keep the row it printed
+    stdout, failed = e.stdout or "", f"timed out after {timeout:.0f} s"
+    stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+  rows = _json_lines(stdout)
+  if rows and failed and profile_dir and "profile" not in rows[-1]:
+    row = dict(rows[-1], profile={"error": f"{failed} (while profiling)"})  # timed, then lost
+  elif failed or not rows:
+    return dict(base, error=failed or "exit 0: no JSON row")
+  else:
+    row = rows[-1]
+  return {**row, "variant": variant[0]} if variant else row
 
 
 def run_baseline(path: str, models: list[str], s: Settings, out, timeout: float | None) -> list[dict]:
@@ -337,6 +465,29 @@ def ratio_table(ours: list[dict], baseline: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def run_label(model_key: str, mode: str, variant: str | None = None) -> str:
+  """A run as ``--runs`` and ``--profile-runs`` spell it.
+
+  >>> run_label("vit", "full"), run_label("vit", "full", "xla")
+  ('vit:full', 'vit:full[xla]')
+  """
+  return f"{model_key}:{mode}" + (f"[{variant}]" if variant else "")
+
+
+def profile_text(row: dict) -> str:
+  """A profiled row's kernel table: the full summary its file holds, else the row's totals."""
+  profile = row["profile"]
+  summary = profile
+  if profile.get("path"):
+    try:
+      with open(profile["path"]) as f:
+        summary = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      pass
+  label = run_label(row["key"], row["mode"], row.get("variant"))
+  return _kernel_profile().format_summary(summary, f"kernels of {row['model']} {label}")
+
+
 def lora_available() -> bool:
   return importlib.util.find_spec("ftjax.lora") is not None
 
@@ -377,14 +528,26 @@ def main(argv=None) -> int:
   ap.add_argument("--budget", type=float, default=None,
                   help="seconds for the whole call: no configuration starts after it, the table still prints")
   ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                  help="after the plain runs, rerun --variant-configs with FLAGS added to XLA_FLAGS")
+                  help="FLAGS added to XLA_FLAGS: run as model:mode[NAME] in --runs, else after the "
+                       "plain runs on each of --variant-configs")
   ap.add_argument("--variant-configs", default="vit:full,resnet:full")
   ap.add_argument("--arch-variant", action="append", default=[], metavar="NAME=JSON",
                   help="model options of a lever, e.g. 'cudnn={\"attention\": \"cudnn\"}'; "
                        "run as model:mode[NAME] in --runs, else after the plain runs on vit:full")
   ap.add_argument("--runs", help="the configurations in this order instead of --models x --modes, "
-                                 "comma-separated model:mode or model:mode[NAME] (an --arch-variant)")
+                                 "comma-separated model:mode or model:mode[NAME] (NAME an "
+                                 "--arch-variant or a --variant)")
+  ap.add_argument("--profile-runs", default="",
+                  help="comma list of the runs (labels as in --runs) whose kernels are profiled "
+                       "after their timed steps; default none")
+  ap.add_argument("--profile-dir", help="where profiles go (a child given it profiles itself); "
+                                        "default /tmp/ftjax-profile when --profile-runs is given")
+  ap.add_argument("--repeat-runs", default="",
+                  help="comma list of the runs (labels as in --runs) that also check, after their "
+                       "timed steps, that two repeats of two steps agree bit for bit")
+  ap.add_argument("--check-repeat", action="store_true", help=argparse.SUPPRESS)  # the child's
   ap.add_argument("--arch-json", help=argparse.SUPPRESS)  # the child's arch overrides
+  ap.add_argument("--variant-name", help=argparse.SUPPRESS)  # the child's variant, to name its profile
   ap.add_argument("--table", help="only print the ratio table of a JSON-lines file (timm and ftjax rows)")
   ap.add_argument("--one", help=argparse.SUPPRESS)  # model:mode, in this process
   a = ap.parse_args(argv)
@@ -394,7 +557,9 @@ def main(argv=None) -> int:
     s = Settings(batch=4, image_size=64, steps=2, warmup=1, smoke=True, peak_tflops=a.peak_tflops)
   if a.one:
     overrides = json.loads(a.arch_json) if a.arch_json else None
-    print(json.dumps(run_one(*a.one.split(":"), s, overrides)), flush=True)
+    model_key, mode = a.one.split(":")
+    print(json.dumps(run_one(model_key, mode, s, overrides, a.profile_dir, a.variant_name,
+                             a.check_repeat)), flush=True)
     return 0
   if a.table:
     with open(a.table) as f:
@@ -427,30 +592,58 @@ def main(argv=None) -> int:
       arch_variants[name] = json.loads(overrides)
     except json.JSONDecodeError as e:
       ap.error(f"--arch-variant {name}: JSON after '=': {e}")
+  flags = dict(variants)
+  both = set(flags) & set(arch_variants)  # one lever of model options and XLA flags together
+  if both and not a.runs:
+    ap.error(f"{sorted(both)}: a NAME that is both an --arch-variant and a --variant runs only "
+             "through --runs")
+  in_runs = set()
   if a.runs:
     runs = []
     for c in a.runs.split(","):
       m = re.fullmatch(r"(\w+):(\w+)(?:\[(.+)\])?", c.strip())
-      if not m or m[1] not in MODELS or m[2] not in MODES or (m[3] and m[3] not in arch_variants):
-        ap.error(f"--runs: {c!r} is not model:mode or model:mode[NAME] with NAME an --arch-variant")
-      runs.append((m[1], m[2], m[3] and (m[3], "", arch_variants[m[3]])))
+      known = m and m[1] in MODELS and m[2] in MODES and (not m[3] or m[3] in {**flags, **arch_variants})
+      if not known:
+        ap.error(f"--runs: {c!r} is not model:mode or model:mode[NAME] with NAME an --arch-variant "
+                 "or a --variant")
+      runs.append((m[1], m[2], m[3] and (m[3], flags.get(m[3], ""), arch_variants.get(m[3], {}))))
+      in_runs.add(m[3])
   else:
     runs = [(m, x, None) for m, x in plan(models, modes)]
     runs += [("vit", "full", (name, "", o)) for name, o in arch_variants.items()]
   if a.baseline:
     # Most of the budget at most: a hung torch.compile must leave time for ours.
     baseline += run_baseline(a.baseline, models, s, out, a.budget and 0.6 * a.budget)
-  runs += [(*c.split(":"), (v[0], v[1], {})) for v in variants for c in a.variant_configs.split(",") if c]
+  runs += [(*c.split(":"), (v[0], v[1], {})) for v in variants if v[0] not in in_runs
+           for c in a.variant_configs.split(",") if c]
+  to_profile = {c.strip() for c in a.profile_runs.split(",") if c.strip()}
+  to_repeat = {c.strip() for c in a.repeat_runs.split(",") if c.strip()}
+  labels = {run_label(m, x, v and v[0]) for m, x, v in runs}
+  for option, chosen in (("--profile-runs", to_profile), ("--repeat-runs", to_repeat)):
+    for c in sorted(chosen - labels):
+      print(f"{option}: {c} is none of the runs, skipped", file=sys.stderr)
+  profile_dir = a.profile_dir or "/tmp/ftjax-profile"
   ours = []
   for model_key, mode, variant in runs:
     left = a.timeout if a.budget is None else min(a.timeout, a.budget - (time.perf_counter() - t0))
     if left < 30:
       print(f"{model_key}:{mode}: skipped, {left:.0f} s of the budget left", file=sys.stderr)
       continue
-    row = run_isolated(model_key, mode, s, left, variant)
+    label = run_label(model_key, mode, variant and variant[0])
+    row = run_isolated(model_key, mode, s, left, variant,
+                       profile_dir if label in to_profile else None, label in to_repeat)
     _emit(row, out)
     ours.append(row)
   print(ratio_table(ours, baseline), flush=True)
+  for row in ours:
+    if row.get("repeat"):
+      r = row["repeat"]
+      print(f"repeat {run_label(row['key'], row['mode'], row.get('variant'))}: {r['steps']} steps twice, "
+            f"bit-identical {'yes' if r['bit_identical'] else 'NO'} (max abs diff {r['max_abs_diff']:.3g}); "
+            f"XLA_FLAGS {row.get('xla_flags') or '(none)'}", flush=True)
+  for row in ours:
+    if row.get("profile"):
+      print("\n" + profile_text(row), flush=True)
   if out:
     out.close()
   return 0

@@ -5,7 +5,8 @@
 # to fill it: the timm baseline script and the wheels the device image lacks):
 #   bash bench/gpu_session.sh            # BUDGET=480 seconds for the bench by default
 #   SMOKE=1 bash bench/gpu_session.sh    # here, on the CPU: the same steps at tiny sizes, no timm
-# Writes under $OUT (or /tmp/ftjax-bench): attention.jsonl, bench.jsonl, bench.log.
+# Writes under $OUT (or /tmp/ftjax-bench): attention.jsonl, bench.jsonl, bench.log and the
+# kernel summaries vit-full.profile.json, resnet-full.profile.json.
 set -u -o pipefail
 OUT=${OUT:-/tmp/ftjax-bench}
 BUDGET=${BUDGET:-480}
@@ -28,16 +29,40 @@ python3 -c "import ftjax.train" || exit 1
 # 1. Attention alone: XLA against cuDNN at each token padding (about 30 s; a diagnostic).
 timeout 75 python3 bench/attention.py $SMOKE 2>&1 | tee "$OUT/attention.jsonl"
 
+# The fastest cuDNN padding the probe saw, when it is not the default 8: one more ViT run with it.
+BEST_PAD=$(python3 -c "
+import json, sys
+best = None
+for line in open(sys.argv[1]):
+  try:
+    best = json.loads(line).get('best_cudnn_pad_multiple', best)
+  except ValueError:
+    pass
+print(best if best not in (None, 8) else '')" "$OUT/attention.jsonl" 2>/dev/null)
+
 # 2. The timm baseline, then ours, most important first; the table prints at the end.
-# Plain runs use the defaults (ViT attention "auto": cuDNN, tokens padded to a multiple of 8);
-# [xla] is the XLA attention path (the first GPU session's plain runs), [fast] adds the tanh
-# GELU, [remat] recomputes the blocks in the backward pass.
-RUNS="vit:full,vit:head_only,vit:forward,resnet:full,vit:lora,vit:full[xla],vit:full[fast]"
-RUNS="$RUNS,resnet:head_only,vit:layer_decay,resnet:forward,vit:lora[remat],vit:full[remat]"
-RUNS="$RUNS,resnet:layer_decay"
+# Plain runs use the defaults (ViT attention "auto": cuDNN, tokens padded to a multiple of 8;
+# ResNet BatchNorm moments in one pass).  Levers: [fastlt] the tanh GELU with cuBLASLt on (XLA
+# fuses bias + GELU into a cuBLASLt epilogue only, and cuBLASLt is off by default); [det]
+# --xla_gpu_deterministic_ops (train.deterministic: its cost, and whether repeats then agree);
+# [merge] lets XLA's dot merger join the q/k/v projections (it skips dots over 32 MB of
+# operands and result, ours are 155 MB); [lt] cuBLASLt alone; [pad] the probe's best padding;
+# [xla] XLA's attention (session 2's plain runs).  The plain full runs are profiled (kernel
+# time by category, bench/kernel_profile.py) and, like [det], run two steps twice to compare.
+RUNS="vit:full,resnet:full,vit:head_only,vit:forward,vit:full[fastlt],vit:full[det]"
+RUNS="$RUNS,vit:full[merge]${BEST_PAD:+,vit:full[pad]},vit:lora,vit:full[lt],vit:full[xla]"
+RUNS="$RUNS,resnet:head_only,vit:layer_decay,resnet:forward"
 python3 bench/train_throughput.py $SMOKE $BASELINE --out "$OUT/bench.jsonl" \
   --budget "$BUDGET" --timeout 150 --runs "$RUNS" \
-  --arch-variant 'xla={"attention": "xla"}' --arch-variant 'fast={"gelu_approximate": true}' \
-  --arch-variant 'remat={"remat": true}' 2>&1 | grep --line-buffered -v -i \
+  --arch-variant 'fastlt={"gelu_approximate": true}' --variant fastlt=--xla_gpu_enable_cublaslt=true \
+  --variant lt=--xla_gpu_enable_cublaslt=true --variant det=--xla_gpu_deterministic_ops=true \
+  --variant merge=--xla_gpu_dot_merger_threshold_mb=1024 \
+  --arch-variant "pad={\"attention_pad_multiple\": ${BEST_PAD:-8}}" \
+  --arch-variant 'xla={"attention": "xla"}' \
+  --profile-runs vit:full,resnet:full --profile-dir /tmp/ftjax-profile \
+  --repeat-runs vit:full,resnet:full,vit:full[det] 2>&1 | grep --line-buffered -v -i \
   -e 'constant folding' -e slow_operation -e 'necessarily a bug' -e 'file a bug' -e '^ *%' \
   | tee "$OUT/bench.log"
+# The full summaries (top ops with their HLO) come back too: 2 files of the 8 allowed.
+cp /tmp/ftjax-profile/*.profile.json "$OUT/" 2>/dev/null
+true

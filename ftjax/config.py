@@ -175,7 +175,7 @@ def validate(config) -> None:
                       value=t.label_smoothing)
 
 
-_FREE_FORM = ("optim.kwargs",)  # sections whose keys go to optax unchecked (it checks them)
+FREE_FORM = ("optim.kwargs",)  # sections whose keys go to optax unchecked (it checks them)
 
 
 def _type_fits(value, kind, default) -> bool:
@@ -224,7 +224,7 @@ def schema_problems(config, schema=None, prefix: str = "") -> list[tuple[str, st
     out.append((prefix + key, "missing config key", "start config files from ftjax.config.default_config()"))
   for key in sorted(have & want):
     name, value, default = prefix + key, config[key], schema[key]
-    if isinstance(default, mc.ConfigDict) and name not in _FREE_FORM:
+    if isinstance(default, mc.ConfigDict) and name not in FREE_FORM:
       out.extend(schema_problems(value, default, name + "."))
       continue
     kind = schema.get_type(key)

@@ -327,7 +327,7 @@ def stored_config(workdir: str | os.PathLike):
 
   def fill(node, values, prefix=""):
     for key, value in values.items():
-      if isinstance(value, dict) and prefix + key not in _FREE_FORM:
+      if isinstance(value, dict) and prefix + key not in config_lib.FREE_FORM:
         fill(node[key], value, prefix + key + ".")
       else:
         node[key] = value

@@ -6,7 +6,7 @@
 #   bash bench/gpu_session.sh            # BUDGET=480 seconds for the bench by default
 #   SMOKE=1 bash bench/gpu_session.sh    # here, on the CPU: the same steps at tiny sizes, no timm
 # Writes under $OUT (or /tmp/ftjax-bench): attention.jsonl, bench.jsonl, bench.log and the
-# kernel summaries vit-full.profile.json, resnet-full.profile.json.
+# kernel summaries vit-full.profile.json, resnet-full.profile.json, vit-head_only.profile.json.
 set -u -o pipefail
 OUT=${OUT:-/tmp/ftjax-bench}
 BUDGET=${BUDGET:-480}
@@ -47,8 +47,9 @@ print(best if best not in (None, 8) else '')" "$OUT/attention.jsonl" 2>/dev/null
 # --xla_gpu_deterministic_ops (train.deterministic: its cost, and whether repeats then agree);
 # [merge] lets XLA's dot merger join the q/k/v projections (it skips dots over 32 MB of
 # operands and result, ours are 155 MB); [lt] cuBLASLt alone; [pad] the probe's best padding;
-# [xla] XLA's attention (session 2's plain runs).  The plain full runs are profiled (kernel
-# time by category, bench/kernel_profile.py) and, like [det], run two steps twice to compare.
+# [xla] XLA's attention (session 2's plain runs).  The plain full and head-only runs are
+# profiled (kernel time by category, bench/kernel_profile.py); the plain full runs and [det]
+# also run two steps twice and compare the results bit for bit.
 RUNS="vit:full,resnet:full,vit:head_only,vit:forward,vit:full[fastlt],vit:full[det]"
 RUNS="$RUNS,vit:full[merge]${BEST_PAD:+,vit:full[pad]},vit:lora,vit:full[lt],vit:full[xla]"
 RUNS="$RUNS,resnet:head_only,vit:layer_decay,resnet:forward"
@@ -59,10 +60,10 @@ python3 bench/train_throughput.py $SMOKE $BASELINE --out "$OUT/bench.jsonl" \
   --variant merge=--xla_gpu_dot_merger_threshold_mb=1024 \
   --arch-variant "pad={\"attention_pad_multiple\": ${BEST_PAD:-8}}" \
   --arch-variant 'xla={"attention": "xla"}' \
-  --profile-runs vit:full,resnet:full --profile-dir /tmp/ftjax-profile \
+  --profile-runs vit:full,resnet:full,vit:head_only --profile-dir /tmp/ftjax-profile \
   --repeat-runs vit:full,resnet:full,vit:full[det] 2>&1 | grep --line-buffered -v -i \
   -e 'constant folding' -e slow_operation -e 'necessarily a bug' -e 'file a bug' -e '^ *%' \
   | tee "$OUT/bench.log"
-# The full summaries (top ops with their HLO) come back too: 2 files of the 8 allowed.
+# The full summaries (top ops with their HLO) come back too: 3 files of the 8 allowed.
 cp /tmp/ftjax-profile/*.profile.json "$OUT/" 2>/dev/null
 true

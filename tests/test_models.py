@@ -1,6 +1,5 @@
 """from_pretrained's common contract: bad inputs fail with one clear line; dont_load and the report."""
 
-import struct
 
 import numpy as np
 import pytest

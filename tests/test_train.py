@@ -244,7 +244,6 @@ def test_jit_sharded_fsdp_and_pmap_match_one_device(tiny_vit_npz, tmp_path):
 
 
 def test_lora_run_trains_adapters_and_head_only(tiny_vit_npz, tmp_path):
-  from ftjax import models
   wd = tmp_path / "wd"
   # remat on (the memory-bound LoRA setting): the adapters' gradients go through the
   # recomputed blocks.

@@ -25,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn
 
 from ftjax.errors import CheckpointError, ConfigError
-from ftjax.models import create, from_pretrained, init_variables, vit
+from ftjax.models import create, from_pretrained, vit
 from ftjax.tree import flatten, unflatten
 
 torch.set_num_threads(1)

@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 from conftest import REPO, launch_cmd, state_sha, subprocess_env, tiny_config, write_config  # noqa: E402,F401

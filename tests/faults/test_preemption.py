@@ -5,7 +5,6 @@ asynchronous checkpoint write is held open, and during start-up.  The
 ``train.deterministic`` switch is checked to reach XLA before its backend starts.
 """
 
-import json
 import signal
 import subprocess
 import sys

@@ -68,15 +68,15 @@ HOSTILE = [
                      f"efficientnet:lite0@{tmp}/legacy.pth")[1],
      "ftjax: error: refused PyTorch file: it holds objects other than tensors ({tmp}/legacy.pth)"),
     ("safetensors claiming 2^82 bytes",
-     lambda tmp, m: f"timm:vit_tiny_patch16_224@" + str(_safetensors(tmp / "absurd.safetensors", {
+     lambda tmp, m: "timm:vit_tiny_patch16_224@" + str(_safetensors(tmp / "absurd.safetensors", {
          "cls_token": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16)),
      "ftjax: error: safetensors entry size disagrees with its shape ({tmp}/absurd.safetensors:cls_token)"),
     ("safetensors offsets past the end",
-     lambda tmp, m: f"timm:vit_tiny_patch16_224@" + str(_safetensors(tmp / "far.safetensors", {
+     lambda tmp, m: "timm:vit_tiny_patch16_224@" + str(_safetensors(tmp / "far.safetensors", {
          "cls_token": {"dtype": "F32", "shape": [2**28], "data_offsets": [0, 2**30]}}, b"\0" * 16)),
      "ftjax: error: truncated safetensors file ({tmp}/far.safetensors:cls_token)"),
     ("safetensors header length of 2^62",
-     lambda tmp, m: f"timm:vit_tiny_patch16_224@" + str(
+     lambda tmp, m: "timm:vit_tiny_patch16_224@" + str(
          (tmp / "long.safetensors").write_bytes(struct.pack("<Q", 2**62) + b"{}") and tmp / "long.safetensors"),
      "ftjax: error: invalid safetensors header length ({tmp}/long.safetensors)"),
     ("Hugging Face folder with a hostile safetensors",

@@ -110,18 +110,43 @@ def capture(run_steps: Callable[[], object], log_dir: str) -> str:
 
   ``run_steps`` executes a few already-compiled steps and blocks until they are
   done (``jax.block_until_ready``): what is still queued when the trace stops is
-  not in it. The path is ``<log_dir>/plugins/profile/<timestamp>/<host>.trace.json.gz``.
+  not in it. The path is ``<log_dir>/plugins/profile/<timestamp>/<host>.trace.json.gz``,
+  or the ``<host>.xplane.pb`` beside it where jax wrote no JSON (:func:`load_trace` reads both).
   """
   import jax
 
-  pattern = os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz")
-  before = set(glob.glob(pattern))
+  pattern = os.path.join(log_dir, "plugins", "profile", "*", "*.{}")
+  before = set(glob.glob(pattern.format("*")))
   with jax.profiler.trace(log_dir):
     run_steps()
-  written = sorted(set(glob.glob(pattern)) - before, key=os.path.getmtime)
-  if not written:
-    raise FileNotFoundError(f"jax.profiler.trace wrote no {pattern}")
-  return written[-1]
+  for kind in ("trace.json.gz", "xplane.pb"):  # the JSON when jax wrote it, else its source
+    written = sorted(set(glob.glob(pattern.format(kind))) - before, key=os.path.getmtime)
+    if written:
+      return written[-1]
+  raise FileNotFoundError(f"jax.profiler.trace wrote neither {pattern.format('trace.json.gz')} "
+                          "nor an .xplane.pb")
+
+
+def xplane_to_trace(path: str) -> dict:
+  """An ``.xplane.pb`` (the profiler's own record) as the Chrome trace JSON jax derives from it.
+
+  A plane becomes a process named as the plane (``/device:GPU:0``), a line a thread
+  named as the line (``Stream #7(...)``), an event an ``X`` event in microseconds
+  whose ``args`` are the event's stats (``hlo_op``, ``hlo_module``, ...) as strings.
+  For a jax that writes no ``.trace.json.gz``.
+  """
+  from jax.profiler import ProfileData
+
+  events = []
+  for pid, plane in enumerate(ProfileData.from_file(path).planes):
+    events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": plane.name}})
+    for tid, line in enumerate(plane.lines):
+      events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name",
+                     "args": {"name": line.name}})
+      for ev in line.events:
+        events.append({"ph": "X", "pid": pid, "tid": tid, "name": ev.name, "ts": ev.start_ns / 1e3,
+                       "dur": ev.duration_ns / 1e3, "args": {k: str(v) for k, v in ev.stats}})
+  return {"traceEvents": events}
 
 
 def read_text(path: str) -> str:
@@ -132,7 +157,9 @@ def read_text(path: str) -> str:
 
 
 def load_trace(path: str) -> dict:
-  """The Chrome trace JSON at ``path`` (``.json`` or ``.json.gz``)."""
+  """The Chrome trace JSON at ``path`` (``.json`` or ``.json.gz``; an ``.xplane.pb`` converted)."""
+  if path.endswith(".xplane.pb"):
+    return xplane_to_trace(path)
   return json.loads(read_text(path))
 
 

@@ -235,6 +235,13 @@ def test_cpu_capture_is_host_source(tmp_path):
   # the command line re-reads the trace
   assert kernel_profile.main([path, "--steps", "3"]) == 0
 
+  # The .xplane.pb beside it (all a jax that writes no JSON leaves) gives the same ops and times.
+  (xplane,) = Path(path).parent.glob("*.xplane.pb")
+  x = kernel_profile.summarize(kernel_profile.load_trace(str(xplane)), hlo, steps=3)
+  assert x["source"] == "host"
+  assert x["total_ms"] == pytest.approx(s["total_ms"], rel=1e-3)
+  assert [(o["op"], o["count"]) for o in x["top_ops"]] == [(o["op"], o["count"]) for o in s["top_ops"]]
+
 
 def test_doctests():
   for module in (kernel_profile, train_throughput):

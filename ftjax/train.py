@@ -92,6 +92,31 @@ def _soft_labels(labels, opts: StepOptions):
   return onehot
 
 
+def finiteness(loss: jax.Array, grads: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """``(finite, global_norm)``: is the loss, then each gradient, finite; and the gradients' norm.
+
+  One pass over each gradient serves both: a gradient counts as finite when its sum of
+  squares is, so one whose squared norm overflows float32 (``|g|`` above about 1.8e19)
+  counts as non-finite too, and no update could use it.  (A separate ``isfinite`` pass
+  per leaf cost ViT-B/16's step about a hundred more small kernels.)
+
+  >>> f, n = finiteness(jnp.float32(1.0), [jnp.array([3.0, 4.0]), jnp.array([jnp.inf]),
+  ...                                      jnp.array([1e20])])
+  >>> f.tolist(), bool(jnp.isinf(n))
+  ([True, True, False, False], True)
+  >>> finiteness(jnp.float32(jnp.nan), [jnp.array([3.0, 4.0])])[0].tolist()
+  [False, True]
+  >>> float(finiteness(jnp.float32(0.0), [jnp.array([3.0]), jnp.array([4.0])])[1])
+  5.0
+  >>> [x.tolist() for x in finiteness(jnp.float32(2.0), [])]  # nothing trainable yet
+  [[True], 0.0]
+  """
+  sq_norms = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads] or
+                       [jnp.zeros((), jnp.float32)])[:len(grads)]  # nothing trainable: no leaf
+  finite = jnp.concatenate([jnp.isfinite(loss)[None], jnp.isfinite(sq_norms)])
+  return finite, jnp.sqrt(jnp.sum(sq_norms))
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: optax.GradientTransformation,
                trainable: tuple[str, ...], opts: StepOptions) -> tuple[TrainState, dict]:
   """One update: ``(state, batch) -> (state, metrics)``; pure, for ``jax.jit`` or ``jax.pmap``.
@@ -151,8 +176,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
   if opts.axis_name:
     grads, loss, batch_stats = jax.lax.pmean((grads, loss, batch_stats), opts.axis_name)
 
-  finite = [jnp.isfinite(loss)] + [jnp.all(jnp.isfinite(grads[p])) for p in trainable]
-  finite = jnp.stack(finite)
+  finite, grad_norm = finiteness(loss, [grads[p] for p in trainable])
   ok = jnp.all(finite)
   # Frozen leaves get a zero gradient the optimizer's set_to_zero discards;
   # XLA removes both, so their backward pass is never computed.
@@ -174,7 +198,6 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
   bad = jnp.logical_not(ok)
   first_new = jnp.logical_and(bad, state.first_bad_step < 0)
-  grad_norm = optax.global_norm(grads)
   new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
       ema_params=ema, skipped=state.skipped + bad.astype(jnp.int32),

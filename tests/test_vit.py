@@ -419,6 +419,41 @@ def test_padded_attention_equals_unpadded(multiple):
                              g(jax.nn.dot_product_attention), atol=2e-5)
 
 
+@pytest.mark.parametrize("arch", [{}, {"pooling": "gap", "fc_norm": True}])
+def test_token_padding_once_or_per_layer_equals_unpadded(monkeypatch, arch):
+  # On a GPU cuDNN attention gets the tokens padded, either once for the whole encoder (the
+  # padding tokens run through every block, masked out as keys) or around each attention.
+  # Here XLA's attention is padded the same way: logits and gradients must not move.
+  from ftjax import models
+  x = jax.random.normal(jax.random.key(0), (3, 48, 48, 3))  # 36 patches + class token = 37
+  base = {"variant": "test", "attention": "xla", **arch}
+  plain, _ = models.create("vit", base, num_classes=3, image_size=48)
+  variables = models.init_variables(plain, 48)
+  variables = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), variables)
+
+  def logits_and_grads(model):
+    fn = lambda p: model.apply({"params": p}, x)
+    return fn(variables["params"]), jax.grad(lambda p: (fn(p) ** 2).sum())(variables["params"])
+
+  want, want_g = logits_and_grads(plain)
+  monkeypatch.setattr(vit, "PADDED_IMPLEMENTATIONS", ("cudnn", "xla"))
+  # (another pad multiple per case: the blocks' traces are cached by their attributes)
+  for extra in ({"token_padding": "encoder"}, {"token_padding": "attention", "attention_pad_multiple": 16}):
+    padded, _ = models.create("vit", {**base, **extra}, num_classes=3, image_size=48)
+    got, got_g = logits_and_grads(padded)
+    np.testing.assert_allclose(got, want, atol=2e-6, err_msg=str(extra))
+    for (path, a), b in zip(flatten(got_g).items(), jax.tree.leaves(want_g)):
+      np.testing.assert_allclose(a, b, atol=2e-5, err_msg=f"{extra}: {path}")
+  assert max(np.abs(g).max() for g in jax.tree.leaves(want_g)) > 1e-3  # not vacuous
+  # The padding really happened: 37 tokens went in, the blocks saw 40.
+  seen = []
+  monkeypatch.setattr(vit, "attend", lambda q, *a, **kw: seen.append(q.shape[1]) or
+                      jax.nn.dot_product_attention(q, *a[:2]))
+  models.create("vit", {**base, "attention_pad_multiple": 20}, num_classes=3,
+                image_size=48)[0].apply(variables, x)
+  assert seen == [40, 40]
+
+
 def test_attention_and_gelu_options():
   from ftjax import models
   from ftjax.models.vit import attention_implementation
@@ -437,6 +472,7 @@ def test_attention_and_gelu_options():
   assert 0 < diff < 1e-2  # a different function, close to the erf one
   for bad, match in (({"attention": "flash"}, "unknown ViT attention implementation"),
                      ({"attention_pad_multiple": 0}, "attention_pad_multiple must be a positive"),
+                     ({"token_padding": "never"}, "unknown ViT token_padding"),
                      ({"attention": "cudnn", "attention_dropout_rate": 0.1},
                       "cuDNN attention has no attention dropout")):
     with pytest.raises(ConfigError, match=match):

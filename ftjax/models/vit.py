@@ -79,15 +79,24 @@ OPTIONS: dict[str, Any] = {
     # applies and is accepted, xla otherwise.  On an H100, ViT-B/16 training at batch 256:
     # attention forward + backward 1.52 ms with cudnn vs 3.38 with xla, the step +27%.
     "attention": "auto",
-    # cudnn only: the token axis is zero-padded to a multiple of this inside attention (the
-    # padding keys masked out): jax 0.11 refuses cuDNN training attention over 197 tokens.
+    # cudnn only: the token axis is zero-padded to a multiple of this (the padding keys
+    # masked out): jax 0.11 refuses cuDNN training attention over 197 tokens.
     "attention_pad_multiple": 8,
+    # Where that padding happens. "encoder": once, before the first block (the padding
+    # tokens go through every block, masked out of attention, and are dropped before the
+    # final norm); "attention": around each attention call (q, k, v padded, its output
+    # sliced: on an H100 about 1 GB of copies a ViT-B/16 layer at batch 256, per XLA's
+    # deviceless compile).  The same logits either way.
+    "token_padding": "encoder",
     # True: the tanh GELU, which XLA can fuse into the GEMM (predicted +2-4% on a GPU, not yet
     # measured); False: the exact erf GELU of ViT, timm and transformers (logit parity).
     "gelu_approximate": False,
 }
 
 ATTENTION = ("xla", "cudnn", "auto")
+TOKEN_PADDING = ("encoder", "attention")
+# The implementations that get the token axis padded to attention_pad_multiple.
+PADDED_IMPLEMENTATIONS = ("cudnn",)
 
 _VARIANT_NAME = re.compile(r"(?:vit-)?(ti|s|b|l|h)[/_](\d+)", re.IGNORECASE)
 
@@ -161,6 +170,9 @@ def resolve_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
   if not isinstance(pad, (int, np.integer)) or isinstance(pad, bool) or pad < 1:
     raise ConfigError("attention_pad_multiple must be a positive integer",
                       where="arch.attention_pad_multiple", value=repr(pad))
+  if out["token_padding"] not in TOKEN_PADDING:
+    raise ConfigError("unknown ViT token_padding", where="arch.token_padding",
+                      value=repr(out["token_padding"]), hint=f"one of {list(TOKEN_PADDING)}")
   return out
 
 
@@ -214,25 +226,41 @@ def attention_implementation(choice: str, dtype: Any, dropout: bool) -> str:
   return "cudnn" if sixteen_bit and not dropout and jax.default_backend() == "gpu" else "xla"
 
 
-def attend(q, k, v, implementation: str = "xla", pad_multiple: int = 1):
-  """Softmax attention of (batch, tokens, heads, head_dim) arrays, all tokens visible.
+def padded_length(tokens: int, multiple: int) -> int:
+  """``tokens`` rounded up to a multiple of ``multiple``.
 
-  With ``pad_multiple`` > 1 the token axis is zero-padded up to a multiple of it
-  and the padding keys are masked out (``key_value_seq_lengths``): the result is
-  that of the unpadded call, whatever the implementation.
+  >>> padded_length(197, 8), padded_length(200, 8), padded_length(197, 1)
+  (200, 200, 197)
+  """
+  return -(-tokens // multiple) * multiple
+
+
+def attend(q, k, v, implementation: str = "xla", pad_multiple: int = 1, valid: int | None = None):
+  """Softmax attention of (batch, tokens, heads, head_dim) arrays over the first ``valid`` tokens.
+
+  ``valid`` (default: all) says how many leading tokens are real: the others are
+  padding, masked out as keys (``key_value_seq_lengths``).  With ``pad_multiple``
+  > 1 the token axis is zero-padded up to a multiple of it here, the padding
+  masked the same way and sliced off the output: the result is that of the
+  unpadded call, whatever the implementation.
 
   >>> q = jnp.ones((1, 5, 2, 8))
   >>> attend(q, q, q, "xla", pad_multiple=4).shape
   (1, 5, 2, 8)
   """
   b, t = q.shape[:2]
-  padded = -(-t // pad_multiple) * pad_multiple
-  if padded == t:
+  n = t if valid is None else valid
+  padded = padded_length(t, pad_multiple)
+  if padded == t and n == t:
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-  widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
-  q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
-  lengths = jnp.full((b,), t, jnp.int32)
-  y = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+  if padded != t:
+    widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
+  lengths = jnp.full((b,), n, jnp.int32)
+  # Padding added here is sliced off, so its query rows may be skipped (query lengths).
+  # Padding tokens that live on (``valid``) attend like any token, to the real ones only,
+  # so that they stay finite: a fully masked row may come out of cuDNN as anything.
+  y = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths if valid is None else None,
                                    key_value_seq_lengths=lengths, implementation=implementation)
   return y[:, :t]
 
@@ -245,6 +273,7 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Any = None
   attention: str = "auto"
   attention_pad_multiple: int = 8
+  valid_tokens: int | None = None  # the tokens after these are padding (token_padding "encoder")
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -257,14 +286,18 @@ class MultiHeadDotProductAttention(nn.Module):
     impl = attention_implementation(self.attention, self.dtype, dropout)
     if not dropout and impl == "cudnn" and self.attention == "auto":
       try:  # the shape or dtype checks run while tracing: refused, take the XLA path
-        y = attend(q, k, v, "cudnn", self.attention_pad_multiple)
+        y = attend(q, k, v, "cudnn", self.attention_pad_multiple, self.valid_tokens)
       except (NotImplementedError, RuntimeError, ValueError):
-        y = attend(q, k, v, "xla")
+        y = attend(q, k, v, "xla", 1, self.valid_tokens)
     elif not dropout:
-      y = attend(q, k, v, impl, self.attention_pad_multiple if impl == "cudnn" else 1)
+      multiple = self.attention_pad_multiple if impl in PADDED_IMPLEMENTATIONS else 1
+      y = attend(q, k, v, impl, multiple, self.valid_tokens)
     else:
       # Dropout on the attention weights needs them materialised.
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+      if self.valid_tokens is not None:
+        keys = jnp.arange(logits.shape[-1]) < self.valid_tokens
+        logits = jnp.where(keys, logits, jnp.finfo(logits.dtype).min)
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
       weights = nn.Dropout(self.attention_dropout_rate, name="attention_dropout")(
           weights, deterministic=False)
@@ -286,6 +319,7 @@ class Encoder1DBlock(nn.Module):
   attention: str = "auto"
   attention_pad_multiple: int = 8
   gelu_approximate: bool = False
+  valid_tokens: int | None = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -296,7 +330,7 @@ class Encoder1DBlock(nn.Module):
 
     y = _layer_norm(self.layer_norm_eps, self.dtype, "LayerNorm_0")(x)
     y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
-                                     self.attention, self.attention_pad_multiple,
+                                     self.attention, self.attention_pad_multiple, self.valid_tokens,
                                      name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
     y = nn.Dropout(self.dropout_rate, name="dropout")(y, deterministic=deterministic)
     x = x + droppath("droppath_attention")(y, deterministic=deterministic)
@@ -370,20 +404,30 @@ class Encoder(nn.Module):
   attention: str = "auto"
   attention_pad_multiple: int = 8
   gelu_approximate: bool = False
+  token_padding: str = "encoder"
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     x = AddPositionEmbs(name="posembed_input")(x)
     x = nn.Dropout(self.dropout_rate, name="dropout")(x, deterministic=deterministic)
+    tokens = x.shape[1]
+    impl = attention_implementation(self.attention, self.dtype,
+                                    not deterministic and self.attention_dropout_rate > 0.0)
+    padded = tokens
+    if self.token_padding == "encoder" and impl in PADDED_IMPLEMENTATIONS:
+      padded = padded_length(tokens, self.attention_pad_multiple)
+      x = jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0)))
+    valid = tokens if padded != tokens else None
     for i in range(self.num_layers):
       rate = self.droppath_rate * i / max(self.num_layers - 1, 1)
       args = (self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dropout_rate,
               self.attention_dropout_rate, rate, self.dtype, self.attention,
-              self.attention_pad_multiple, self.gelu_approximate)
+              self.attention_pad_multiple, self.gelu_approximate, valid)
       if self.remat:
         x = _remat_block(Encoder1DBlock(*args, name=f"encoderblock_{i}"), x, deterministic)
       else:  # static by name (nn.jit's static_argnames)
         x = _JitEncoder1DBlock(*args, name=f"encoderblock_{i}")(x, deterministic=deterministic)
+    x = x[:, :tokens]  # the padding tokens, if any, end here
     if self.final_norm:
       x = _layer_norm(self.layer_norm_eps, self.dtype, "encoder_norm")(x)
     return x
@@ -415,6 +459,7 @@ class VisionTransformer(nn.Module):
   attention: str = "auto"
   attention_pad_multiple: int = 8
   gelu_approximate: bool = False
+  token_padding: str = "encoder"
   dtype: Any = None
 
   @nn.compact
@@ -432,7 +477,8 @@ class VisionTransformer(nn.Module):
                 self.attention_dropout_rate, self.droppath_rate, final_norm=not self.fc_norm,
                 remat=self.remat, dtype=self.dtype, attention=self.attention,
                 attention_pad_multiple=self.attention_pad_multiple,
-                gelu_approximate=self.gelu_approximate, name="Transformer")(x, deterministic=deterministic)
+                gelu_approximate=self.gelu_approximate, token_padding=self.token_padding,
+                name="Transformer")(x, deterministic=deterministic)
     if self.pooling == "token":
       x = x[:, 0]
     else:  # the mean leaves the class token out, as timm's avg pooling does

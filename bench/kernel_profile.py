@@ -260,9 +260,20 @@ def hlo_category(hlo: dict, name: str) -> str | None:
   ...   cc.1 = (bf16[8]{0}, s8[64]{0}) custom-call(), custom_call_target="__cudnn$fmhaSoftmax"
   ...   cc.2 = (bf16[8]{0}, s8[64]{0}) custom-call(), custom_call_target="__cublas$lt$matmul"
   ...   t.3 = bf16[8,4]{0,1} transpose(x), dimensions={1,0}
+  ...   f.4 = bf16[4,8]{1,0} fusion(x), kind=kInput, calls=c.t
+  ...   f.5 = f32[4]{0} fusion(x), kind=kInput, calls=c.r
+  ... }
+  ... c.t {
+  ...   p = f32[8,4]{1,0} parameter(0)
+  ...   c = bf16[8,4]{1,0} convert(p)
+  ...   ROOT t = bf16[4,8]{1,0} transpose(c), dimensions={1,0}
+  ... }
+  ... c.r {
+  ...   p = f32[4,8]{1,0} parameter(0)
+  ...   ROOT r = f32[4]{0} reduce(p, z), dimensions={1}, to_apply=add
   ... }''')
-  >>> [hlo_category(h, n) for n in ("cc.1", "cc.2", "t.3", "missing")]
-  ['attention', 'gemm', 'copy', None]
+  >>> [hlo_category(h, n) for n in ("cc.1", "cc.2", "t.3", "f.4", "f.5", "missing")]
+  ['attention', 'gemm', 'copy', 'copy', 'reduction', None]
   """
   ins = hlo["instructions"].get(name)
   if ins is None:
@@ -283,7 +294,8 @@ def hlo_category(hlo: dict, name: str) -> str | None:
       return "gemm"
     if "custom-call" in inner:
       return None  # e.g. a cuDNN graph: let the kernel name decide
-    if ins["kind"] == "kInput" or inner & REDUCE_OPS:
+    # Not the fusion kind: XLA's transpose emitter shares kInput with its reductions.
+    if inner & REDUCE_OPS:
       return "reduction"
     # Data movement, possibly with a dtype cast on the way (a transposing convert is a copy).
     moves = inner <= MOVE_OPS or (inner & {"copy", "transpose"} and inner <= MOVE_OPS | {"convert"})

@@ -204,6 +204,23 @@ def repeat_check(advance, state, steps: int = 2) -> dict:
   return {"steps": steps, "bit_identical": equal, "max_abs_diff": diff}
 
 
+def forward_step(model):
+  """``(state, batch) -> {"loss"}``: the forward pass and loss of a train step, no gradients."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  def forward(state, batch):
+    variables = {"params": state.params}
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+    logits = model.apply(variables, batch["image"], train=True)
+    labels = jax.nn.one_hot(batch["label"], NUM_CLASSES, dtype=jnp.float32)
+    return {"loss": optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()}
+
+  return forward
+
+
 def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None = None,
             profile_dir: str | None = None, variant: str | None = None,
             check_repeat: bool = False) -> dict:
@@ -218,7 +235,6 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from ftjax import metrics, models, optim, train
@@ -252,14 +268,7 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
       NamedSharding(mesh, P("data")))
 
   if mode == "forward":
-    def forward(state, batch):
-      variables = {"params": state.params}
-      if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-      logits = model.apply(variables, batch["image"], train=True)
-      labels = jax.nn.one_hot(batch["label"], NUM_CLASSES, dtype=jnp.float32)
-      return {"loss": optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()}
-    step_fn = jax.jit(forward)  # the state is only read: no donation, no copy of it
+    step_fn = jax.jit(forward_step(model))  # the state is only read: no donation, no copy of it
   else:
     trainable = train.trainable_paths(optim.trainable_mask(state.params, cfg))
     opts = train.StepOptions(num_classes=NUM_CLASSES, update_batch_stats=trains_bn)

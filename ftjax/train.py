@@ -92,6 +92,13 @@ def _soft_labels(labels, opts: StepOptions):
   return onehot
 
 
+def _first_false(flags: jax.Array) -> jax.Array:
+  """The index of the first False in ``flags``, -1 if none (or no flags: nothing trainable)."""
+  if flags.shape[0] == 0:
+    return jnp.int32(-1)
+  return jnp.where(jnp.all(flags), -1, jnp.argmin(flags)).astype(jnp.int32)
+
+
 def finiteness(loss: jax.Array, grads: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
   """``(finite, global_norm)``: is the loss, then each gradient, finite; and the gradients' norm.
 
@@ -204,8 +211,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
       consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
       first_bad_step=jnp.where(first_new, state.step + 1, state.first_bad_step),
       first_bad_what=jnp.where(first_new, jnp.argmin(finite).astype(jnp.int32), state.first_bad_what),
-      first_bad_param=jnp.where(first_new, jnp.where(jnp.all(finite[1:]), -1, jnp.argmin(finite[1:])),
-                                state.first_bad_param).astype(jnp.int32))
+      first_bad_param=jnp.where(first_new, _first_false(finite[1:]), state.first_bad_param))
   return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": ok}
 
 

@@ -280,3 +280,19 @@ def test_ema_is_kept_checkpointed_and_evaluated(tiny_vit_npz, tmp_path):
     np.testing.assert_allclose(ema, 0.75 * p0 + 0.25 * p1, rtol=1e-6, atol=1e-7, err_msg=k)
   rows = _rows(wd)
   assert any("ema_test/top1" in r for r in rows if r["kind"] == "eval")
+
+
+def test_nothing_trainable_runs_with_the_warning_and_changes_nothing(tiny_vit_npz, tmp_path, capsys):
+  # Every parameter frozen (the head too): the plan warns, and the run still steps through
+  # (no gradient is taken, no weight moves) instead of failing inside the compiled step.
+  wd = tmp_path / "wd"
+  cfg = tiny_config(tiny_vit_npz, **{"optim.param_groups": [(".*", None)], "train.total_steps": 2,
+                                     "train.eval_every": 0, "train.checkpoint_every": 2})
+  train.train_and_evaluate(cfg, str(wd))
+  assert "nothing trains at step 0" in capsys.readouterr().out
+  flat, _ = _final_state(wd)
+  with np.load(tiny_vit_npz) as init:
+    for k in init.files:
+      np.testing.assert_array_equal(flat[f"params/{k}"], init[k], err_msg=k)
+  rows = [r for r in _rows(wd) if r["kind"] == "train"]
+  assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows)

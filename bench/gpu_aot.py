@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import os
 import re
@@ -132,57 +131,25 @@ def compile_only_mesh(target_config: str = H100_TARGET_CONFIG):
   return topologies.make_mesh(topo=topology, mesh_shape=(1,), axis_names=("data",))
 
 
-def _abstract(tree, sharding):
-  """Every array leaf of ``tree`` (concrete or abstract) as a ShapeDtypeStruct on ``sharding``."""
-  import jax
-
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 def build_step(model_key: str, mode: str, mesh, arch_overrides: dict | None = None,
                batch: int = 256, image_size: int = 224):
   """The bench's step of ``model_key:mode``, abstract: ``(jitted, state, batch, model, arch)``.
 
-  The construction is ``train_throughput.run_one``'s (model, optimizer config,
-  trainer step, state donated), with ``jax.eval_shape`` in place of the random
-  initialisation: the state and the batch are ShapeDtypeStructs on ``mesh``.
+  ``train_throughput.build_step`` with an abstract state (``jax.eval_shape`` in place of
+  the random initialisation); the batch is ShapeDtypeStructs on ``mesh`` too.
   """
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from ftjax import models, optim, train
-
   tt = _here_module("train_throughput")
-  family, arch, _, _, _ = tt.MODELS[model_key]
-  arch = {**arch, **GPU_ARCH.get(model_key, {}), **(arch_overrides or {})}
-  trains_bn = family == "resnet" and mode not in ("head_only", "forward")
-  if family == "resnet" and not trains_bn:
-    arch["frozen_bn"] = True  # what the trainer builds for a frozen backbone
-  model, _ = models.create(family, arch, num_classes=tt.NUM_CLASSES, image_size=image_size,
-                           dtype=jnp.bfloat16)
-  cfg = tt.optimizer_config(mode)
-  if mode == "lora":
-    from ftjax import lora
-
-    model = lora.LoraModel(model, lora.LoraSpec(rank=tt.LORA_RANK))
-    cfg["param_groups"] = lora.PARAM_GROUPS
-  variables = jax.eval_shape(lambda: models.init_variables(model, image_size))
-  params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  tx = optim.make_optimizer(params, cfg, family=family, total_steps=25)
-  state = jax.eval_shape(lambda p, b: tt._state(p, b, tx), params, batch_stats)
-  # One device: every leaf whole on it (JitRunner.put_state without shard rules).
-  state = _abstract(state, NamedSharding(mesh, P()))
-  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  batch_spec = _abstract({"image": images, "label": labels}, NamedSharding(mesh, P("data")))
-
-  if mode == "forward":
-    return jax.jit(tt.forward_step(model)), state, batch_spec, model, arch
-  trainable = train.trainable_paths(optim.trainable_mask(state.params, cfg))
-  opts = train.StepOptions(num_classes=tt.NUM_CLASSES, update_batch_stats=trains_bn)
-  step = train.JitRunner(mesh).compile(
-      functools.partial(train.train_step, model=model, tx=tx, trainable=trainable), opts)
+  arch = {**tt.MODELS[model_key][1], **GPU_ARCH.get(model_key, {}), **(arch_overrides or {})}
+  step, state, model, arch = tt.build_step(model_key, mode, arch, mesh, image_size,
+                                           total_steps=25, abstract=True)
+  split = NamedSharding(mesh, P("data"))
+  batch_spec = {"image": jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32,
+                                              sharding=split),
+                "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)}
   return step, state, batch_spec, model, arch
 
 

@@ -221,6 +221,55 @@ def forward_step(model):
   return forward
 
 
+def build_step(model_key: str, mode: str, arch: dict, mesh, image_size: int, total_steps: int,
+               abstract: bool = False):
+  """The bench's step of ``model_key:mode`` on ``mesh``: ``(step_fn, state, model, arch)``.
+
+  ``arch``: the model's arch dict, returned as built (a frozen ResNet backbone gets
+  ``frozen_bn``, as the trainer builds it).  The state is random-initialised and on
+  the mesh's device, or with ``abstract`` ShapeDtypeStructs there (``jax.eval_shape``:
+  for compiling without running, bench/gpu_aot.py).  The train step is the trainer's
+  (``JitRunner.compile``, state donated); ``forward`` is :func:`forward_step` jitted
+  (the state is only read: no donation, no copy of it).
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from ftjax import models, optim, train
+
+  family = MODELS[model_key][0]
+  trains_bn = family == "resnet" and mode not in ("head_only", "forward")
+  if family == "resnet" and not trains_bn:
+    arch = dict(arch, frozen_bn=True)  # what the trainer builds for a frozen backbone
+  model, _ = models.create(family, arch, num_classes=NUM_CLASSES, image_size=image_size,
+                           dtype=jnp.bfloat16)
+  cfg = optimizer_config(mode)
+  if mode == "lora":
+    from ftjax import lora
+
+    model = lora.LoraModel(model, lora.LoraSpec(rank=LORA_RANK))
+    cfg["param_groups"] = lora.PARAM_GROUPS
+  init = lambda: models.init_variables(model, image_size)
+  variables = jax.eval_shape(init) if abstract else init()
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  tx = optim.make_optimizer(params, cfg, family=family, total_steps=total_steps)
+  runner = train.JitRunner(mesh)
+  if abstract:  # one device: every leaf whole on it (put_state without shard rules)
+    state = jax.eval_shape(lambda p, b: _state(p, b, tx), params, batch_stats)
+    whole = NamedSharding(mesh, P())
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), state)
+  else:
+    state = runner.put_state(_state(params, batch_stats, tx))
+  if mode == "forward":
+    return jax.jit(forward_step(model)), state, model, arch
+  trainable = train.trainable_paths(optim.trainable_mask(state.params, cfg))
+  opts = train.StepOptions(num_classes=NUM_CLASSES, update_batch_stats=trains_bn)
+  step_fn = runner.compile(functools.partial(train.train_step, model=model, tx=tx,
+                                             trainable=trainable), opts)
+  return step_fn, state, model, arch
+
+
 def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None = None,
             profile_dir: str | None = None, variant: str | None = None,
             check_repeat: bool = False) -> dict:
@@ -237,43 +286,18 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  from ftjax import metrics, models, optim, train
+  from ftjax import metrics
 
   family, arch, smoke_arch, _, _ = MODELS[model_key]
-  arch = dict(smoke_arch if s.smoke else arch, **(arch_overrides or {}))
-  trains_bn = family == "resnet" and mode not in ("head_only", "forward")
-  if family == "resnet" and not trains_bn:
-    arch["frozen_bn"] = True  # what the trainer builds for a frozen backbone
-  model, _ = models.create(family, arch, num_classes=NUM_CLASSES, image_size=s.image_size,
-                           dtype=jnp.bfloat16)
-  cfg = optimizer_config(mode)
-  if mode == "lora":
-    from ftjax import lora
-
-    model = lora.LoraModel(model, lora.LoraSpec(rank=LORA_RANK))
-    cfg["param_groups"] = lora.PARAM_GROUPS
-  variables = models.init_variables(model, s.image_size)
-  params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  total = 1 + s.warmup + s.steps
-  tx = optim.make_optimizer(params, cfg, family=family, total_steps=total)
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  runner = train.JitRunner(mesh)
-  state = runner.put_state(_state(params, batch_stats, tx))
-  del variables, params
-
+  step_fn, state, _, arch = build_step(model_key, mode, dict(smoke_arch if s.smoke else arch,
+                                                             **(arch_overrides or {})),
+                                       mesh, s.image_size, total_steps=1 + s.warmup + s.steps)
   kx, ky = jax.random.split(jax.random.key(1))
   batch = jax.device_put(
       {"image": jax.random.normal(kx, (s.batch, s.image_size, s.image_size, 3), jnp.float32),
        "label": jax.random.randint(ky, (s.batch,), 0, NUM_CLASSES)},
       NamedSharding(mesh, P("data")))
-
-  if mode == "forward":
-    step_fn = jax.jit(forward_step(model))  # the state is only read: no donation, no copy of it
-  else:
-    trainable = train.trainable_paths(optim.trainable_mask(state.params, cfg))
-    opts = train.StepOptions(num_classes=NUM_CLASSES, update_batch_stats=trains_bn)
-    step_fn = runner.compile(functools.partial(train.train_step, model=model, tx=tx,
-                                               trainable=trainable), opts)
 
   t0 = time.perf_counter()
   lowered = step_fn.lower(state, batch)
@@ -355,6 +379,19 @@ def _child_args(s: Settings) -> list[str]:
   return args
 
 
+def _run_child(cmd: list[str], env: dict, timeout: float | None) -> tuple[str, str | None]:
+  """``(stdout, error)`` of a child process: error None on success, else its exit code and last
+  stderr line, or the timeout; what it printed before a timeout is kept."""
+  try:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+  except subprocess.TimeoutExpired as e:
+    stdout = e.stdout or ""
+    return stdout.decode() if isinstance(stdout, bytes) else stdout, f"timed out after {timeout:.0f} s"
+  if p.returncode:
+    return p.stdout, f"exit {p.returncode}: " + (p.stderr.strip().splitlines() or ["no output"])[-1][-300:]
+  return p.stdout, None
+
+
 def run_isolated(model_key: str, mode: str, s: Settings, timeout: float,
                  variant: tuple[str, str, dict] | None = None, profile_dir: str | None = None,
                  check_repeat: bool = False) -> dict:
@@ -377,13 +414,7 @@ def run_isolated(model_key: str, mode: str, s: Settings, timeout: float,
       env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {variant[1]}".strip()
     if variant[2]:
       cmd += ["--arch-json", json.dumps(variant[2])]
-  try:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    stdout, failed = p.stdout, p.returncode and f"exit {p.returncode}: " + (
-        p.stderr.strip().splitlines() or ["no output"])[-1][-300:]
-  except subprocess.TimeoutExpired as e:  # keep the row it printed
-    stdout, failed = e.stdout or "", f"timed out after {timeout:.0f} s"
-    stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+  stdout, failed = _run_child(cmd, env, timeout)
   rows = _json_lines(stdout)
   if rows and failed and profile_dir and "profile" not in rows[-1]:
     row = dict(rows[-1], profile={"error": f"{failed} (while profiling)"})  # timed, then lost
@@ -397,14 +428,7 @@ def run_isolated(model_key: str, mode: str, s: Settings, timeout: float,
 def run_baseline(path: str, models: list[str], s: Settings, out, timeout: float | None) -> list[dict]:
   """Runs timm_baseline.py (its own process: torch must be done with the GPU before jax starts)."""
   env = dict(os.environ, BATCH=str(s.batch), STEPS=str(s.steps))
-  try:
-    p = subprocess.run([sys.executable, path, *models], capture_output=True, text=True, env=env,
-                       timeout=timeout)
-    stdout, error = p.stdout, p.returncode and f"exit {p.returncode}: " + (
-        p.stderr.strip().splitlines() or ["no output"])[-1][-300:]
-  except subprocess.TimeoutExpired as e:  # keep the rows it printed
-    stdout, error = e.stdout or "", f"timed out after {timeout:.0f} s"
-    stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+  stdout, error = _run_child([sys.executable, path, *models], env, timeout)
   rows = _json_lines(stdout)
   for row in rows:
     _emit(row, out)

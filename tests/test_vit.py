@@ -454,6 +454,51 @@ def test_token_padding_once_or_per_layer_equals_unpadded(monkeypatch, arch):
   assert seen == [40, 40]
 
 
+@pytest.mark.parametrize("case", ["plain", "padded", "lora", "dropout"])
+def test_folded_attention_bias_is_the_same_function(monkeypatch, case):
+  # fold_attention_bias leaves the key bias out (softmax ignores it) and applies the value
+  # bias after the output projection: logits and gradients must equal the literal model's,
+  # with the tokens padded for attention, through LoRA adapters on value and out, and with
+  # attention dropout (which keeps the value bias in place).
+  from ftjax import lora, models
+  x = jax.random.normal(jax.random.key(0), (3, 48, 48, 3))  # 36 patches + class token
+  base = {"variant": "test", "attention": "xla"}
+  if case == "padded":
+    monkeypatch.setattr(vit, "PADDED_IMPLEMENTATIONS", ("cudnn", "xla"))
+    base["attention_pad_multiple"] = 24  # 37 tokens -> 48 (a multiple of its own: see above)
+  if case == "dropout":
+    base.update(attention_dropout_rate=0.3, attention_pad_multiple=40)
+  literal, _ = models.create("vit", {**base, "fold_attention_bias": False}, num_classes=3, image_size=48)
+  folded, _ = models.create("vit", base, num_classes=3, image_size=48)
+  params = models.init_variables(literal, 48)["params"]
+  params = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(2), a.shape), params)
+  if case == "lora":
+    spec = lora.LoraSpec(rank=2, targets=(r".*/(?:value|out)/kernel",))
+    params = jax.tree.map(lambda a: a + 0.1, lora.add_lora(params, spec, jax.random.key(3)))  # b != 0
+    literal, folded = lora.LoraModel(literal, spec), lora.LoraModel(folded, spec)
+  kw = {"train": True, "rngs": {"dropout": jax.random.key(4)}} if case == "dropout" else {}
+
+  def logits_and_grads(model):
+    fn = lambda p: model.apply({"params": p}, x, **kw)
+    return fn(params), jax.grad(lambda p: (fn(p) ** 2).sum())(params)
+
+  want, want_g = logits_and_grads(literal)
+  got, got_g = logits_and_grads(folded)
+  assert np.abs(want).max() > 0.1  # not vacuous
+  np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(want_g))
+  for (path, a), b in zip(flatten(got_g).items(), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(a, b, atol=2e-5 * scale, err_msg=path)
+    if re.search(r"/key/bias$", path):  # no path from the key bias to the loss any more
+      assert not np.any(a), path
+      assert np.abs(b).max() < 1e-5 * scale, path  # in the literal model, rounding only
+  # The folded model computes a different expression: the value bias is added elsewhere.
+  value_bias = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/value/bias"
+  bumped = unflatten({k: v + (k == value_bias) for k, v in flatten(params).items()})
+  moved = folded.apply({"params": bumped}, x, **kw)
+  assert np.abs(moved - got).max() > 1e-3
+
+
 def test_attention_and_gelu_options():
   from ftjax import models
   from ftjax.models.vit import attention_implementation

@@ -133,7 +133,7 @@ def compile_only_mesh(target_config: str = H100_TARGET_CONFIG):
 
 def build_step(model_key: str, mode: str, mesh, arch_overrides: dict | None = None,
                batch: int = 256, image_size: int = 224):
-  """The bench's step of ``model_key:mode``, abstract: ``(jitted, state, batch, model, arch)``.
+  """The bench's step of ``model_key:mode``, abstract: ``(jitted, args, model, arch)``.
 
   ``train_throughput.build_step`` with an abstract state (``jax.eval_shape`` in place of
   the random initialisation); the batch is ShapeDtypeStructs on ``mesh`` too.
@@ -144,13 +144,13 @@ def build_step(model_key: str, mode: str, mesh, arch_overrides: dict | None = No
 
   tt = _here_module("train_throughput")
   arch = {**tt.MODELS[model_key][1], **GPU_ARCH.get(model_key, {}), **(arch_overrides or {})}
-  step, state, model, arch = tt.build_step(model_key, mode, arch, mesh, image_size,
-                                           total_steps=25, abstract=True)
+  step, state, frozen, model, arch = tt.build_step(model_key, mode, arch, mesh, image_size,
+                                                   total_steps=25, abstract=True)
   split = NamedSharding(mesh, P("data"))
   batch_spec = {"image": jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32,
                                               sharding=split),
                 "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)}
-  return step, state, batch_spec, model, arch
+  return step, (state, batch_spec, frozen), model, arch
 
 
 # --------------------------------------------------------------------------- the HLO, statically
@@ -284,10 +284,9 @@ def memory_figures(compiled) -> dict | None:
 def compile_run(model_key: str, mode: str, mesh, arch_overrides: dict | None, batch: int,
                 image_size: int, dump: str | None) -> dict:
   """Lowers and compiles one configuration for the compile-only device; its summary row."""
-  step, state, batch_spec, model, arch = build_step(model_key, mode, mesh, arch_overrides, batch,
-                                                    image_size)
+  step, args, model, arch = build_step(model_key, mode, mesh, arch_overrides, batch, image_size)
   t0 = time.perf_counter()
-  lowered = step.lower(state, batch_spec)
+  lowered = step.lower(*args)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()

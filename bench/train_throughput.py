@@ -205,13 +205,18 @@ def repeat_check(advance, state, steps: int = 2) -> dict:
 
 
 def forward_step(model):
-  """``(state, batch) -> {"loss"}``: the forward pass and loss of a train step, no gradients."""
+  """``(state, batch, frozen) -> {"loss"}``: the forward pass and loss of a train step, no gradients.
+
+  ``frozen``: weights already cast, used in place of the state's (as the train step does).
+  """
   import jax
   import jax.numpy as jnp
   import optax
 
-  def forward(state, batch):
-    variables = {"params": state.params}
+  from ftjax.tree import flatten, unflatten
+
+  def forward(state, batch, frozen):
+    variables = {"params": unflatten({**flatten(state.params), **frozen})}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
     logits = model.apply(variables, batch["image"], train=True)
@@ -223,14 +228,18 @@ def forward_step(model):
 
 def build_step(model_key: str, mode: str, arch: dict, mesh, image_size: int, total_steps: int,
                abstract: bool = False):
-  """The bench's step of ``model_key:mode`` on ``mesh``: ``(step_fn, state, model, arch)``.
+  """The bench's step of ``model_key:mode`` on ``mesh``: ``(step_fn, state, frozen, model, arch)``.
 
   ``arch``: the model's arch dict, returned as built (a frozen ResNet backbone gets
   ``frozen_bn``, as the trainer builds it).  The state is random-initialised and on
   the mesh's device, or with ``abstract`` ShapeDtypeStructs there (``jax.eval_shape``:
   for compiling without running, bench/gpu_aot.py).  The train step is the trainer's
-  (``JitRunner.compile``, state donated); ``forward`` is :func:`forward_step` jitted
-  (the state is only read: no donation, no copy of it).
+  (``JitRunner.compile``, state donated), called as ``step_fn(state, batch, frozen)``:
+  ``frozen`` holds the frozen weights cast to bf16 once, as the trainer casts them
+  (``train.frozen_cast_paths``); the bench-only arch key ``"frozen_cast": false``
+  leaves them out (every step casts them itself).  ``forward`` is
+  :func:`forward_step` jitted (the state is only read: no donation, no copy of it),
+  every weight frozen.
   """
   import jax
   import jax.numpy as jnp
@@ -239,6 +248,8 @@ def build_step(model_key: str, mode: str, arch: dict, mesh, image_size: int, tot
   from ftjax import models, optim, train
 
   family = MODELS[model_key][0]
+  use_casts = arch.get("frozen_cast", True)
+  arch = {k: v for k, v in arch.items() if k != "frozen_cast"}
   trains_bn = family == "resnet" and mode not in ("head_only", "forward")
   if family == "resnet" and not trains_bn:
     arch = dict(arch, frozen_bn=True)  # what the trainer builds for a frozen backbone
@@ -261,13 +272,24 @@ def build_step(model_key: str, mode: str, arch: dict, mesh, image_size: int, tot
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), state)
   else:
     state = runner.put_state(_state(params, batch_stats, tx))
-  if mode == "forward":
-    return jax.jit(forward_step(model)), state, model, arch
-  trainable = train.trainable_paths(optim.trainable_mask(state.params, cfg))
+  trainable = () if mode == "forward" else train.trainable_paths(optim.trainable_mask(state.params, cfg))
   opts = train.StepOptions(num_classes=NUM_CLASSES, update_batch_stats=trains_bn)
-  step_fn = runner.compile(functools.partial(train.train_step, model=model, tx=tx,
-                                             trainable=trainable), opts)
-  return step_fn, state, model, arch
+  if mode == "forward":
+    step_fn = jax.jit(forward_step(model))
+  else:
+    step_fn = runner.compile(functools.partial(train.train_step, model=model, tx=tx,
+                                               trainable=trainable), opts)
+  casts = {}
+  if use_casts:
+    casts = train.frozen_cast_paths(model, state.params, state.batch_stats,
+                                    (image_size, image_size, 3), opts)
+    casts = {p: d for p, d in casts.items() if p not in set(trainable)}
+  if abstract:
+    frozen = jax.eval_shape(lambda p: train.cast_frozen(p, casts), state.params)
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), frozen)
+  else:
+    frozen = runner.cast_frozen(state, casts)
+  return step_fn, state, frozen, model, arch if use_casts else dict(arch, frozen_cast=False)
 
 
 def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None = None,
@@ -290,9 +312,9 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
 
   family, arch, smoke_arch, _, _ = MODELS[model_key]
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  step_fn, state, _, arch = build_step(model_key, mode, dict(smoke_arch if s.smoke else arch,
-                                                             **(arch_overrides or {})),
-                                       mesh, s.image_size, total_steps=1 + s.warmup + s.steps)
+  step_fn, state, frozen, _, arch = build_step(model_key, mode, dict(smoke_arch if s.smoke else arch,
+                                                                     **(arch_overrides or {})),
+                                               mesh, s.image_size, total_steps=1 + s.warmup + s.steps)
   kx, ky = jax.random.split(jax.random.key(1))
   batch = jax.device_put(
       {"image": jax.random.normal(kx, (s.batch, s.image_size, s.image_size, 3), jnp.float32),
@@ -300,12 +322,12 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
       NamedSharding(mesh, P("data")))
 
   t0 = time.perf_counter()
-  lowered = step_fn.lower(state, batch)
+  lowered = step_fn.lower(state, batch, frozen)
   compiled = lowered.compile()
   if mode == "forward":
-    advance = lambda state: (state, compiled(state, batch))
+    advance = lambda state: (state, compiled(state, batch, frozen))
   else:
-    advance = lambda state: compiled(state, batch)
+    advance = lambda state: compiled(state, batch, frozen)
   state, m = advance(state)
   jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0

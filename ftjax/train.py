@@ -43,7 +43,7 @@ from ftjax import models, optim
 from ftjax.checkpoint import Checkpointer, first_non_finite
 from ftjax.errors import CheckpointError, ConfigError, DataError, NumericsError, Preempted
 from ftjax.progress import Progress
-from ftjax.tree import flatten, rule_tree, unflatten
+from ftjax.tree import flatten, path_str, rule_tree, unflatten
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -124,13 +124,99 @@ def finiteness(loss: jax.Array, grads: list[jax.Array]) -> tuple[jax.Array, jax.
   return finite, jnp.sqrt(jnp.sum(sq_norms))
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: optax.GradientTransformation,
-               trainable: tuple[str, ...], opts: StepOptions) -> tuple[TrainState, dict]:
+# Primitives whose body runs once per use with the caller's arguments, recomputation
+# included (jit, remat); a leaf used by anything else (a custom_vjp's backward may read
+# it apart from its body) is not followed.
+_TRANSPARENT = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat")
+
+
+def _cast_targets(jaxpr, var) -> set | None:
+  """The dtypes the uses of ``var`` in ``jaxpr`` cast it to; None if a use is not a cast."""
+  if any(v is var for v in jaxpr.outvars):
+    return None
+  targets: set = set()
+  for eqn in jaxpr.eqns:
+    for i, v in enumerate(eqn.invars):
+      if v is not var:
+        continue
+      if eqn.primitive.name == "convert_element_type":
+        targets.add(np.dtype(eqn.params["new_dtype"]))
+        continue
+      inner = eqn.params.get("jaxpr") if eqn.primitive.name in _TRANSPARENT else None
+      inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's open one
+      if inner is None or len(inner.invars) != len(eqn.invars):
+        return None
+      found = _cast_targets(inner, inner.invars[i])
+      if found is None:
+        return None
+      targets |= found
+  return targets
+
+
+def cast_only_leaves(apply_fn: Callable, params, *args) -> dict[str, Any]:
+  """``{path: dtype}``: the ``params`` leaves ``apply_fn(params, *args)`` only ever casts to ``dtype``.
+
+  These are the weights a 16-bit forward pass casts from float32 on every call
+  (dense and convolution kernels, their biases, embeddings), not those it reads
+  in float32 (normalisation scales, BatchNorm statistics).  For such a leaf,
+  frozen, a copy cast once gives the step the same values without its casts
+  (:func:`train_step`'s ``frozen_cast``).  Found by tracing ``apply_fn``
+  (arguments may be ShapeDtypeStructs) and following each leaf into jitted
+  bodies; a leaf reaching anything else (a ``custom_vjp``, an output) is left out.
+
+  >>> def apply(p, x):
+  ...   return x @ p["w"].astype(jnp.bfloat16) * p["scale"] + p["b"].astype(jnp.bfloat16)
+  >>> p = {"w": jnp.ones((2, 2)), "b": jnp.ones(2), "scale": jnp.ones(2)}
+  >>> cast_only_leaves(apply, p, jnp.ones((1, 2), jnp.bfloat16))
+  {'b': dtype(bfloat16), 'w': dtype(bfloat16)}
+  """
+  closed = jax.make_jaxpr(apply_fn)(params, *args)
+  keyed = jax.tree_util.tree_flatten_with_path(params)[0]
+  out = {}
+  for (kp, leaf), var in zip(keyed, closed.jaxpr.invars):
+    targets = _cast_targets(closed.jaxpr, var)
+    if targets and len(targets) == 1:
+      dtype = targets.pop()
+      if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < np.dtype(leaf.dtype).itemsize:
+        out[path_str(kp)] = dtype
+  return dict(sorted(out.items()))
+
+
+def frozen_cast_paths(model, params, batch_stats, image_shape: tuple[int, ...],
+                      opts: StepOptions) -> dict[str, Any]:
+  """:func:`cast_only_leaves` of the forward pass :func:`train_step` runs (one image)."""
+  spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+  def forward(params, batch_stats, images):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    mutable = ["batch_stats"] if opts.update_batch_stats else False
+    return model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(0)},
+                       mutable=mutable)
+
+  return cast_only_leaves(forward, jax.tree.map(spec, params), jax.tree.map(spec, batch_stats),
+                          jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+
+
+def cast_frozen(params, paths: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """``{path: leaf cast to its dtype}`` for :func:`train_step`'s ``frozen_cast`` (jit it)."""
+  flat = flatten(params)
+  return {p: flat[p].astype(dtype) for p, dtype in paths.items()}
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array],
+               frozen_cast: Mapping[str, jax.Array] | None = None, *, model,
+               tx: optax.GradientTransformation, trainable: tuple[str, ...],
+               opts: StepOptions) -> tuple[TrainState, dict]:
   """One update: ``(state, batch) -> (state, metrics)``; pure, for ``jax.jit`` or ``jax.pmap``.
 
   Args:
     state: the train state.
     batch: ``{"image": [B, H, W, 3] float, "label": [B] int}``.
+    frozen_cast: optional ``{path: leaf}``, frozen leaves already cast to the dtype
+      the model casts them to (:func:`frozen_cast_paths`, :func:`cast_frozen`): the
+      forward pass uses these, the same values, and skips those casts (on a GPU a
+      kernel and a read of the float32 weight each, every step).  The state keeps
+      the float32 leaves.
     model: the flax module.
     tx: the optimizer (frozen leaves mapped to ``optax.set_to_zero``).
     trainable: sorted '/'-paths of the trainable params; gradients are taken
@@ -142,6 +228,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
   flat = flatten(state.params)
   train_flat = {p: flat[p] for p in trainable}
   frozen_flat = {p: v for p, v in flat.items() if p not in train_flat}
+  cast = dict(frozen_cast or {})
+  if set(cast) - set(frozen_flat):
+    raise ValueError(f"frozen_cast holds leaves that are not frozen: {sorted(set(cast) - set(frozen_flat))}")
+  frozen_in = {**frozen_flat, **cast}
   images, labels = batch["image"], _soft_labels(batch["label"], opts)
   if opts.mixup_alpha or opts.cutmix_alpha:
     images, labels = data_lib.mixup_cutmix(mix_rng, images, labels, mixup_alpha=opts.mixup_alpha,
@@ -149,7 +239,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx: 
                                            switch_prob=opts.mix_switch_prob)
 
   def loss_fn(train_flat, batch_stats, images, labels, drop_rng):
-    variables = {"params": unflatten({**frozen_flat, **train_flat})}
+    variables = {"params": unflatten({**frozen_in, **train_flat})}
     if batch_stats:
       variables["batch_stats"] = batch_stats
     if opts.update_batch_stats:
@@ -492,6 +582,10 @@ class JitRunner:
   def compile(self, fn: Callable, opts: StepOptions) -> Callable:
     return jax.jit(functools.partial(fn, opts=opts), donate_argnums=0)
 
+  def cast_frozen(self, state: TrainState, paths: Mapping[str, Any]) -> dict:
+    """:func:`cast_frozen` of the state's params, laid out as they are."""
+    return jax.jit(lambda params: cast_frozen(params, paths))(state.params)
+
   program_copies = 1  # one program with the global shapes (metrics.step_flops)
 
 
@@ -524,6 +618,10 @@ class PmapRunner:
   def compile(self, fn: Callable, opts: StepOptions) -> Callable:
     opts = dataclasses.replace(opts, axis_name=self.axis_name)
     return jax.pmap(functools.partial(fn, opts=opts), axis_name=self.axis_name, donate_argnums=0)
+
+  def cast_frozen(self, state: TrainState, paths: Mapping[str, Any]) -> dict:
+    """:func:`cast_frozen` of the state's params, one copy per device."""
+    return jax.pmap(lambda params: cast_frozen(params, paths), devices=self.devices)(state.params)
 
 
 def initial_state(params, batch_stats, tx, seed: int, ema: bool) -> TrainState:
@@ -676,10 +774,12 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _compile_phase(run: _Run, runner, tx, mask, opts: StepOptions):
+def _compile_phase(run: _Run, runner, tx, mask, opts: StepOptions, state, cast_paths: Mapping[str, Any]):
+  """A phase's step, its trainable paths and its frozen leaves cast once (``frozen_cast``)."""
   trainable = trainable_paths(mask)
   fn = functools.partial(train_step, model=run.model, tx=tx, trainable=trainable)
-  return runner.compile(fn, opts), trainable
+  casts = {p: d for p, d in cast_paths.items() if p not in set(trainable)}
+  return runner.compile(fn, opts), trainable, runner.cast_frozen(state, casts)
 
 
 def _evaluate(run: _Run, state: TrainState, eval_fn, put_batch, hit=lambda moment, step: None,
@@ -786,22 +886,27 @@ def writes_workdir() -> bool:
   return jax.process_index() == 0
 
 
-def _compile_step(step_fn, state, batch, runner, phase: int):
+def _compile_step(step_fn, state, batch, frozen, runner, phase: int):
   """Compiles a phase's step; prints its memory and FLOPs; returns (compiled, FLOPs per step).
 
   The memory is XLA's buffer assignment for one device (the fine-tuning plan's
-  "peak memory"): parameters, optimizer state, batch and the activations kept
-  for the backward pass, known before the first step runs.
+  "peak memory"): parameters, optimizer state, batch, the frozen weights' 16-bit
+  copies and the activations kept for the backward pass, known before the first
+  step runs.
   """
-  lowered = step_fn.lower(state, batch)
+  lowered = step_fn.lower(state, batch, frozen)
   compiled = lowered.compile()
   flops = metrics_lib.step_flops(lowered, runner.program_copies)
   mem = metrics_lib.step_memory(compiled)
   parts = []
+  size = metrics_lib.format_bytes
   if mem:
-    size = metrics_lib.format_bytes
     parts.append(f"peak memory {size(mem['peak'])} per device (arguments {size(mem['argument'])}, "
                  f"temporaries {size(mem['temp'])})")
+  if frozen:
+    copies = runner.view(frozen)
+    parts.append(f"{len(copies)} frozen tensors cast once "
+                 f"({size(sum(x.size * x.dtype.itemsize for x in copies.values()))})")
   if flops:
     parts.append(f"{flops / 1e9:.3g} GFLOP per step")
   if parts:
@@ -916,12 +1021,15 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     ckpt.save(step, view, metrics=flat_metrics or None, extra=extra)
 
   try:
-    step_fn, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
     eval_fn = jax.jit(functools.partial(eval_step, model=run.model, num_classes=run.num_classes))
     eval_put = JitRunner(run.mesh).put_batch
     it = _train_iterator(run, step)
     first_batch = runner.put_batch(next(it)) if step < total else None
-    compiled, flops = (_compile_step(step_fn, state, first_batch, runner, phase) if step < total
+    view = runner.view(state)
+    cast_paths = (frozen_cast_paths(run.model, view.params, view.batch_stats,
+                                    first_batch["image"].shape[-3:], opts) if step < total else {})
+    step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths)
+    compiled, flops = (_compile_step(step_fn, state, first_batch, frozen, runner, phase) if step < total
                        else (None, None))
     peak = metrics_lib.device_peak_flops()
     progress = Progress(total, start_step=step, batch_size=t.batch_size, log_every=t.log_every,
@@ -940,10 +1048,11 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
         view = view.replace(opt_state=optim.transition_opt_state(view.opt_state, new_tx, view.params))
         state = runner.put_state(view)
         phase, tx = new_phase, new_tx
-        step_fn, trainable = _compile_phase(run, runner, tx, masks[phase], opts)
+        del frozen  # before the next phase's copies exist
+        step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths)
         print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
-        compiled, progress.flops_per_step = _compile_step(step_fn, state, batch, runner, phase)
-      state, m = compiled(state, batch)
+        compiled, progress.flops_per_step = _compile_step(step_fn, state, batch, frozen, runner, phase)
+      state, m = compiled(state, batch, frozen)
       hit("step", step + 1)  # the update is in flight
       step += 1
       ledger = record_step(ledger, step, new_segment=new_segment)

@@ -296,3 +296,127 @@ def test_nothing_trainable_runs_with_the_warning_and_changes_nothing(tiny_vit_np
       np.testing.assert_array_equal(flat[f"params/{k}"], init[k], err_msg=k)
   rows = [r for r in _rows(wd) if r["kind"] == "train"]
   assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows)
+
+
+# ------------------------------------------------------------------- frozen weights cast once
+
+
+def _cast_case(family, arch, groups, image_size=32):
+  """A bf16 model, its AdamW state with ``groups`` trainable, the step's static pieces and 3 batches."""
+  import jax.numpy as jnp
+
+  from ftjax import models, optim
+
+  model, _ = models.create(family, arch, num_classes=5, image_size=image_size, dtype=jnp.bfloat16)
+  variables = models.init_variables(model, image_size)
+  params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape),
+                        variables["params"])
+  cfg = {"name": "adamw", "kwargs": {}, "lr": 1e-2, "schedule": {"name": "constant"},
+         "weight_decay": 0.01, "param_groups": groups}
+  tx = optim.make_optimizer(params, cfg, family=family, total_steps=3)
+  state = train.initial_state(params, variables.get("batch_stats", {}), tx, 0, ema=True)
+  trainable = train.trainable_paths(optim.trainable_mask(params, cfg))
+  opts = train.StepOptions(num_classes=5)
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.normal(size=(4, image_size, image_size, 3)).astype(np.float32),
+              "label": rng.integers(0, 5, 4).astype(np.int32)} for _ in range(3)]
+  return model, state, tx, trainable, opts, batches
+
+
+@pytest.mark.parametrize("family, arch, groups", [
+    ("vit", {"variant": "test"}, [("head/.*", {}), (".*", None)]),
+    # the backward pass goes through frozen blocks to a trainable embedding
+    ("vit", {"variant": "test"}, [("head/.*", {}), ("embedding/.*", {}), (".*", None)]),
+    ("resnet", {"variant": "resnet18", "frozen_bn": True}, [("head/.*", {}), (".*", None)]),
+])
+def test_frozen_weights_cast_once_give_bit_identical_steps(family, arch, groups):
+  import functools
+
+  model, state, tx, trainable, opts, batches = _cast_case(family, arch, groups)
+  paths = train.frozen_cast_paths(model, state.params, state.batch_stats, (32, 32, 3), opts)
+  paths = {p: d for p, d in paths.items() if p not in trainable}
+  # The weights the bf16 forward casts, not those it reads in float32.
+  kernels = [p for p in flatten(state.params) if p.endswith("kernel") and p not in trainable]
+  assert kernels and set(kernels) <= set(paths)
+  assert not any(re.search(r"LayerNorm|encoder_norm|/bn\d*/|/bn_", p) for p in paths), paths
+  frozen = train.cast_frozen(state.params, paths)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, trainable=trainable, opts=opts))
+  a = b = state
+  for batch in batches:
+    a, ma = step(a, batch)
+    b, mb = step(b, batch, frozen)
+    assert float(ma["loss"]) == float(mb["loss"]) and float(ma["grad_norm"]) == float(mb["grad_norm"])
+  want, got = flatten(a), flatten(b)
+  assert want.keys() == got.keys()
+  for path, x in want.items():
+    np.testing.assert_array_equal(got[path], x, err_msg=path)
+  assert not np.array_equal(a.params["head"]["kernel"], state.params["head"]["kernel"])  # it trained
+  # The copies must be the values the model would have cast: others change the step.
+  wrong = {p: (v * 1.01).astype(v.dtype) for p, v in frozen.items()}
+  assert float(step(state, batches[0], wrong)[1]["loss"]) != float(step(state, batches[0])[1]["loss"])
+  with pytest.raises(ValueError, match="not frozen: .*head/kernel"):
+    step(state, batches[0], {**frozen, "head/kernel": state.params["head"]["kernel"]})
+
+
+def test_cast_only_leaves_follow_jitted_bodies_and_stop_at_other_uses():
+  import jax.numpy as jnp
+
+  inner = jax.jit(lambda w, x: x @ w.astype(jnp.bfloat16))
+  apply = lambda p, x: (inner(p["w"], x) + p["b"].astype(jnp.float16).astype(jnp.bfloat16)
+                        + p["both"].astype(jnp.bfloat16) * p["both"].astype(jnp.float16).astype(jnp.bfloat16)
+                        + jnp.sum(p["raw"]) + p["half"])
+  p = {"w": jnp.ones((2, 2)), "b": jnp.ones(2), "both": jnp.ones(2), "raw": jnp.ones(2),
+       "half": jnp.ones(2, jnp.bfloat16)}
+  assert train.cast_only_leaves(apply, p, jnp.ones((1, 2), jnp.bfloat16)) == {
+      "b": np.dtype(jnp.float16), "w": np.dtype(jnp.bfloat16)}
+  # float32 compute casts nothing: no copies
+  from ftjax import models
+  model, _ = models.create("vit", {"variant": "test"}, num_classes=3, image_size=32)
+  params = models.init_variables(model, 32)["params"]
+  assert train.frozen_cast_paths(model, params, {}, (32, 32, 3), train.StepOptions(num_classes=3)) == {}
+
+
+def test_gradual_unfreezing_in_bf16_equals_a_run_without_cast_copies(tiny_vit_npz, tmp_path, monkeypatch,
+                                                                     capsys):
+  # The loop casts each phase's frozen weights once; a run where it casts none (every step
+  # casting them itself) ends bit-identical.
+  overrides = {"model.dtype": "bfloat16", "train.total_steps": 4, "train.eval_every": 0,
+               "train.checkpoint_every": 4,
+               "optim.param_groups": [("head/.*", {}), ("Transformer/encoderblock_1/.*", {}), (".*", None)],
+               "optim.unfreeze": [(2, "Transformer/encoderblock_1/.*")]}
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(tmp_path / "cast"))
+  out = capsys.readouterr().out
+  counts = [int(n) for n in re.findall(r"phase \d: .* (\d+) frozen tensors cast once", out)]
+  assert len(counts) == 2 and counts[0] > counts[1] > 0, out  # block 1's weights train from step 2
+  with monkeypatch.context() as m:  # the copies are what the steps use: wrong ones show
+    m.setattr(train, "cast_frozen", lambda params, paths: {
+        p: (flatten(params)[p] * 1.01).astype(d) for p, d in paths.items()})
+    train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(tmp_path / "wrong"))
+  capsys.readouterr()
+  monkeypatch.setattr(train, "frozen_cast_paths", lambda *a, **k: {})
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(tmp_path / "plain"))
+  assert "cast once" not in capsys.readouterr().out
+  got, _ = _final_state(tmp_path / "cast")
+  want, _ = _final_state(tmp_path / "plain")
+  wrong, _ = _final_state(tmp_path / "wrong")
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert not np.array_equal(wrong["params/head/kernel"], want["params/head/kernel"])
+  assert not np.array_equal(got["params/Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"],
+                            np.load(tiny_vit_npz)["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"])
+
+
+def test_pmap_head_only_in_bf16_casts_once_per_device_and_matches(tiny_vit_npz, tmp_path, monkeypatch, capsys):
+  overrides = {"model.dtype": "bfloat16", "train.parallel": "pmap", "train.total_steps": 2,
+               "train.eval_every": 0, "train.checkpoint_every": 2,
+               "optim.param_groups": [("head/.*", {}), (".*", None)]}
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(tmp_path / "cast"))
+  assert re.search(r"phase 0: .* \d+ frozen tensors cast once", capsys.readouterr().out)
+  monkeypatch.setattr(train, "frozen_cast_paths", lambda *a, **k: {})
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(tmp_path / "plain"))
+  got, _ = _final_state(tmp_path / "cast")
+  want, _ = _final_state(tmp_path / "plain")
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert not np.array_equal(got["params/head/kernel"], np.load(tiny_vit_npz)["head/kernel"])

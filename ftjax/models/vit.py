@@ -381,7 +381,8 @@ class MultiHeadDotProductAttention(nn.Module):
       y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     y = out(y)
     if self.fold_bias and not dropout:  # the value bias, through the projection (and its adapters)
-      y = y + out(value.bias()[None, None], add_bias=False)
+      bias = value.bias()
+      y = y + out(bias.astype(self.dtype or bias.dtype)[None, None], add_bias=False)
     return y
 
 
@@ -411,7 +412,8 @@ class Encoder1DBlock(nn.Module):
     y = _layer_norm(self.layer_norm_eps, self.dtype, "LayerNorm_0")(x)
     y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
                                      self.attention, self.attention_pad_multiple, self.valid_tokens,
-                                     self.fold_attention_bias, name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
+                                     self.fold_attention_bias, name="MultiHeadDotProductAttention_1")(
+        y, deterministic=deterministic)
     y = nn.Dropout(self.dropout_rate, name="dropout")(y, deterministic=deterministic)
     x = x + droppath("droppath_attention")(y, deterministic=deterministic)
     y = _layer_norm(self.layer_norm_eps, self.dtype, "LayerNorm_2")(x)

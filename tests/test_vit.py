@@ -499,6 +499,54 @@ def test_folded_attention_bias_is_the_same_function(monkeypatch, case):
   assert np.abs(moved - got).max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_equals_flax_values_and_gradients(dtype):
+  # ViT's LayerNorm: flax's values (two-pass variance), its own backward pass (the forward's
+  # row statistics reused); on a residual stream with large offsets, as trained ViTs have.
+  import flax.linen as nn
+  k = jax.random.split(jax.random.key(0), 4)
+  x = (jax.random.normal(k[0], (4, 5, 64)) * 2 + 50 * jax.random.normal(k[1], (64,))).astype(dtype)
+  scale = 1 + 0.3 * jax.random.normal(k[2], (64,))
+  bias = 0.3 * jax.random.normal(k[3], (64,))
+  ref = nn.LayerNorm(epsilon=1e-6, dtype=dtype, use_fast_variance=False)
+  ref_fn = lambda x, s, b: ref.apply({"params": {"scale": s, "bias": b}}, x)
+  ours = lambda x, s, b: vit.LayerNorm(1e-6, dtype).apply({"params": {"scale": s, "bias": b}}, x)
+  y = ours(x, scale, bias)
+  assert y.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref_fn(x, scale, bias), np.float32))
+  w = jax.random.normal(jax.random.key(5), y.shape)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w)
+  got = jax.grad(loss(ours), argnums=(0, 1, 2))(x, scale, bias)
+  want = jax.grad(loss(ref_fn), argnums=(0, 1, 2))(x, scale, bias)
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: the input gradient is rounded to bf16
+  for name, a, b in zip(("x", "scale", "bias"), got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert a.shape == b.shape and np.abs(b).max() > 1e-2, name
+    np.testing.assert_allclose(a, b, atol=tol * np.abs(b).max(), rtol=0, err_msg=name)
+  # eps enters the statistics: a different eps gives another function
+  other = vit.LayerNorm(1e2, dtype).apply({"params": {"scale": scale, "bias": bias}}, x)
+  assert np.abs(np.asarray(other, np.float32) - np.asarray(y, np.float32)).max() > 1e-3
+
+
+def test_model_with_flax_layer_norm_is_the_same_function():
+  from ftjax import models
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  ours, _ = models.create("vit", {"variant": "test", "pooling": "gap", "fc_norm": True}, num_classes=3,
+                          image_size=32)
+  flax_ln, _ = models.create("vit", {"variant": "test", "pooling": "gap", "fc_norm": True,
+                                     "layer_norm_impl": "flax"}, num_classes=3, image_size=32)
+  params = models.init_variables(ours, 32)["params"]
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
+  fn = lambda model: lambda p: model.apply({"params": p}, x)
+  np.testing.assert_array_equal(fn(ours)(params), fn(flax_ln)(params))
+  got = flatten(jax.grad(lambda p: (fn(ours)(p) ** 2).sum())(params))
+  want = flatten(jax.grad(lambda p: (fn(flax_ln)(p) ** 2).sum())(params))
+  scale = max(np.abs(v).max() for v in want.values())
+  assert scale > 1e-3 and any("LayerNorm" in k and np.abs(v).max() > 1e-4 for k, v in want.items())
+  for k, v in want.items():
+    np.testing.assert_allclose(got[k], v, atol=1e-5 * scale, err_msg=k)
+
+
 def test_attention_and_gelu_options():
   from ftjax import models
   from ftjax.models.vit import attention_implementation
@@ -518,6 +566,7 @@ def test_attention_and_gelu_options():
   for bad, match in (({"attention": "flash"}, "unknown ViT attention implementation"),
                      ({"attention_pad_multiple": 0}, "attention_pad_multiple must be a positive"),
                      ({"token_padding": "never"}, "unknown ViT token_padding"),
+                     ({"layer_norm_impl": "apex"}, "unknown ViT layer_norm_impl"),
                      ({"attention": "cudnn", "attention_dropout_rate": 0.1},
                       "cuDNN attention has no attention dropout")):
     with pytest.raises(ConfigError, match=match):

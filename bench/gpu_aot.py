@@ -241,6 +241,8 @@ def summarize_hlo(hlo_text: str, group: str | None = None) -> dict:
   ... }''', group=r"jvp\((\w)\)")
   >>> s["kernels"], s["categories"], s["custom_calls"], s["bytes"]["elementwise"], s["groups"]
   (2, {'elementwise': 1, 'gemm': 1}, {'__cublas$lt$matmul epilogue=GELU': 1}, 16, {'forward M': {'elementwise': 1}})
+  >>> s["operand_bytes"]["elementwise"]  # what its kernels are given to read: x, 16 bytes
+  16
   """
   kp = _here_module("kernel_profile")
   hlo = kp.parse_hlo(hlo_text)
@@ -248,6 +250,7 @@ def summarize_hlo(hlo_text: str, group: str | None = None) -> dict:
   names = kernel_instructions(hlo, entry_name(hlo_text))
   categories, phases, by_phase, kinds, calls = (collections.Counter() for _ in range(5))
   traffic, groups = collections.Counter(), collections.defaultdict(collections.Counter)
+  reads = collections.Counter()
   for name in names:
     ins = hlo["instructions"][name]
     category = kp.hlo_category(hlo, name) or "other"
@@ -260,6 +263,8 @@ def summarize_hlo(hlo_text: str, group: str | None = None) -> dict:
       calls[kernel_kind(hlo, name)] += 1
     if category in TRAFFIC_CATEGORIES:
       traffic[category] += shape_bytes(ins["shape"])
+      reads[category] += sum(shape_bytes(hlo["instructions"][o]["shape"])
+                             for o in ins.get("operands", ()) if o in hlo["instructions"])
     m = group and re.search(group, kp.hlo_op_name(hlo, name) or "")
     if m:
       groups[f"{phase} {m[1]}"][category] += 1
@@ -268,6 +273,7 @@ def summarize_hlo(hlo_text: str, group: str | None = None) -> dict:
       phases=dict(phases.most_common()), by_phase=dict(sorted(by_phase.items())),
       kinds=dict(kinds.most_common()), custom_calls=dict(calls.most_common()),
       bytes={c: traffic[c] for c in TRAFFIC_CATEGORIES},
+      operand_bytes={c: reads[c] for c in TRAFFIC_CATEGORIES},
       groups={k: dict(v.most_common()) for k, v in sorted(groups.items())})
 
 
@@ -324,6 +330,9 @@ def format_row(row: dict) -> str:
   lines.append("  other kernels: " + ", ".join(f"{k} x{v}" for k, v in other.items()))
   written = row["bytes"].items()
   lines.append("  bytes written: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in written))
+  given = row.get("operand_bytes", {}).items()
+  lines.append("  operand bytes (what they read, at most): "
+               + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in given))
   m = row.get("memory")
   if m:
     lines.append("  memory: " + ", ".join(f"{k} {v / gib:.3f} GiB" for k, v in m.items()))

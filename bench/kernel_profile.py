@@ -178,6 +178,16 @@ def _hlo_opcode(rest: str) -> str:
   return m[1] if m else ""
 
 
+def _hlo_operands(rest: str, opcode: str) -> list[str]:
+  """The operand names of an instruction (inside its opcode's parentheses).
+
+  >>> _hlo_operands("bf16[8,4]{1,0} fusion(%p.1, %get-tuple-element.2), kind=kLoop", "fusion")
+  ['p.1', 'get-tuple-element.2']
+  """
+  m = re.search(re.escape(opcode) + r"\(([^)]*)\)", rest) if opcode else None
+  return re.findall(r"%?([\w.\-]+)", m[1]) if m else []
+
+
 def _hlo_shape(rest: str) -> str:
   """The result shape that starts an instruction's right-hand side (a tuple kept whole)."""
   if not rest.startswith("("):
@@ -227,8 +237,10 @@ def parse_hlo(text: str) -> dict:
     kind = re.search(r"\bkind=(k\w+)", rest)
     target = re.search(r'custom_call_target="([^"]*)"', rest)
     op_name = re.search(r'op_name="((?:[^"\\]|\\.)*)"', rest)
+    opcode = _hlo_opcode(rest)
     instructions[name] = dict(
-        opcode=_hlo_opcode(rest), shape=_hlo_shape(rest), kind=kind and kind[1],
+        opcode=opcode, shape=_hlo_shape(rest), kind=kind and kind[1],
+        operands=_hlo_operands(rest, opcode),
         calls=re.findall(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)", rest),
         target=target and target[1], op_name=op_name and op_name[1],
         # A GEMM fusion says so only in its backend config (triton/cuBLAS/cuDNN/cutlass kinds).

@@ -554,6 +554,60 @@ def _param_shardings(params, mesh: Mesh, rules) -> Any:
   return jax.tree.map(pick, params, chosen)
 
 
+class _StateLayoutStep:
+  """A step ``(state, *args) -> (state, metrics)`` under ``jax.jit``, the state donated and
+  the new state given the shardings of the old one (metrics replicated).
+
+  Left to itself, XLA's sharding propagation may lay an output out otherwise (with
+  parameters sharded, the bias of a sharded layer came out sharded too), and a
+  compiled step refuses arguments laid out otherwise than it was compiled for: the
+  second step would fail.  ``lower`` and calls jit once per layout of the state.
+  """
+
+  def __init__(self, fn: Callable, replicated: NamedSharding):
+    self._fn, self._replicated, self._jitted = fn, replicated, {}
+
+  def _for(self, state):
+    leaves, tree = jax.tree.flatten(state)
+    shardings = tuple(getattr(x, "sharding", None) for x in leaves)
+    key = (tree, shardings)
+    if key not in self._jitted:  # a leaf not placed yet (no sharding): XLA's choice
+      out = (None if any(s is None for s in shardings)
+             else (jax.tree.unflatten(tree, shardings), self._replicated))
+      self._jitted[key] = jax.jit(self._fn, donate_argnums=0, out_shardings=out)
+    return self._jitted[key]
+
+  def lower(self, state, *args):
+    return self._for(state).lower(state, *args)
+
+  def __call__(self, state, *args):
+    return self._for(state)(state, *args)
+
+
+def _like_params(tree, params, param_shardings, replicated) -> Any:
+  """Shardings for ``tree`` (optimizer state, EMA): a leaf whose path ends with a
+  parameter's path and has its shape is laid out like that parameter (Adam's
+  moments), any other leaf replicated.
+
+  >>> import numpy as np
+  >>> ps = {"w": np.zeros((4, 2)), "b": np.zeros(2)}
+  >>> _like_params({"mu": {"w": np.zeros((4, 2)), "b": np.zeros(2)}, "count": np.zeros(())}, ps,
+  ...              {"w": "split", "b": "whole"}, "whole")
+  {'count': 'whole', 'mu': {'b': 'whole', 'w': 'split'}}
+  """
+  leaves, by_path = flatten(params), flatten(param_shardings)
+
+  def pick(key_path, leaf):
+    parts = path_str(key_path).split("/")
+    for i in range(len(parts)):
+      p = "/".join(parts[i:])
+      if p in by_path and np.shape(leaves[p]) == np.shape(leaf):
+        return by_path[p]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 class JitRunner:
   """The step under ``jax.jit`` over a mesh of all devices: batch sharded on "data"."""
 
@@ -561,8 +615,17 @@ class JitRunner:
     self.mesh, self.shard_rules = mesh, tuple(shard_rules)
 
   def put_state(self, state: TrainState) -> TrainState:
-    shardings = jax.tree.map(lambda _: NamedSharding(self.mesh, P()), state)
-    shardings = shardings.replace(params=_param_shardings(state.params, self.mesh, self.shard_rules))
+    """The state on the mesh: parameters sharded by the rules, and what follows a
+    parameter (its optimizer moments, its EMA) sharded as it is, since that is how
+    the step's updates come out (and a compiled step takes only what it was
+    compiled for); everything else replicated."""
+    replicated = NamedSharding(self.mesh, P())
+    shardings = jax.tree.map(lambda _: replicated, state)
+    if self.shard_rules:
+      params = _param_shardings(state.params, self.mesh, self.shard_rules)
+      like = lambda tree: _like_params(tree, state.params, params, replicated)
+      shardings = shardings.replace(params=params, opt_state=like(state.opt_state),
+                                    ema_params=like(state.ema_params))
     return jax.device_put(state, shardings)
 
   def view(self, state: TrainState) -> TrainState:
@@ -580,7 +643,8 @@ class JitRunner:
     return {k: put(v) for k, v in batch.items()}
 
   def compile(self, fn: Callable, opts: StepOptions) -> Callable:
-    return jax.jit(functools.partial(fn, opts=opts), donate_argnums=0)
+    """``fn`` jitted, the state donated and its update laid out as the state came in."""
+    return _StateLayoutStep(functools.partial(fn, opts=opts), NamedSharding(self.mesh, P()))
 
   def cast_frozen(self, state: TrainState, paths: Mapping[str, Any]) -> dict:
     """:func:`cast_frozen` of the state's params, laid out as they are."""

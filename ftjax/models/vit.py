@@ -96,7 +96,7 @@ OPTIONS: dict[str, Any] = {
     # projection, as b_v W_out (the weights of a query sum to one): the same function,
     # rounded differently, without the two [tokens x width] bias adds a layer that a GEMM
     # feeding cuDNN attention cannot absorb (deviceless H100 compile of ViT-B/16 at batch
-    # 256: 1.8 GiB fewer bytes written a step, and their reads, and 133 fewer kernels in
+    # 256: 1.7 GiB fewer bytes written a step, and their reads, and 96 fewer kernels in
     # training).  The key bias stays in the tree (loaded, saved, exported) and gets a zero
     # gradient.  Attention dropout keeps the value bias where it is (dropped weights no
     # longer sum to one).  False: every bias added where the checkpoint's model adds it.

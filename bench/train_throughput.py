@@ -283,7 +283,8 @@ def build_step(model_key: str, mode: str, arch: dict, mesh, image_size: int, tot
   if use_casts:
     casts = train.frozen_cast_paths(model, state.params, state.batch_stats,
                                     (image_size, image_size, 3), opts)
-    casts = {p: d for p, d in casts.items() if p not in set(trainable)}
+    trains = set(trainable)
+    casts = {p: d for p, d in casts.items() if p not in trains}
   if abstract:
     frozen = jax.eval_shape(lambda p: train.cast_frozen(p, casts), state.params)
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), frozen)

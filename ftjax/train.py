@@ -228,10 +228,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   flat = flatten(state.params)
   train_flat = {p: flat[p] for p in trainable}
   frozen_flat = {p: v for p, v in flat.items() if p not in train_flat}
-  cast = dict(frozen_cast or {})
-  if set(cast) - set(frozen_flat):
-    raise ValueError(f"frozen_cast holds leaves that are not frozen: {sorted(set(cast) - set(frozen_flat))}")
-  frozen_in = {**frozen_flat, **cast}
+  not_frozen = sorted(set(frozen_cast or {}) - set(frozen_flat))
+  if not_frozen:
+    raise ValueError(f"frozen_cast holds leaves that are not frozen: {not_frozen}")
+  frozen_in = {**frozen_flat, **(frozen_cast or {})}
   images, labels = batch["image"], _soft_labels(batch["label"], opts)
   if opts.mixup_alpha or opts.cutmix_alpha:
     images, labels = data_lib.mixup_cutmix(mix_rng, images, labels, mixup_alpha=opts.mixup_alpha,
@@ -842,7 +842,8 @@ def _compile_phase(run: _Run, runner, tx, mask, opts: StepOptions, state, cast_p
   """A phase's step, its trainable paths and its frozen leaves cast once (``frozen_cast``)."""
   trainable = trainable_paths(mask)
   fn = functools.partial(train_step, model=run.model, tx=tx, trainable=trainable)
-  casts = {p: d for p, d in cast_paths.items() if p not in set(trainable)}
+  trains = set(trainable)
+  casts = {p: d for p, d in cast_paths.items() if p not in trains}
   return runner.compile(fn, opts), trainable, runner.cast_frozen(state, casts)
 
 

@@ -419,6 +419,12 @@ def test_padded_attention_equals_unpadded(multiple):
                              g(jax.nn.dot_product_attention), atol=2e-5)
 
 
+def _logits_and_grads(model, params, x, **kw):
+  """``model``'s logits on ``x`` and ``{path: gradient}`` of their sum of squares."""
+  fn = lambda p: model.apply({"params": p}, x, **kw)
+  return fn(params), flatten(jax.grad(lambda p: (fn(p) ** 2).sum())(params))
+
+
 @pytest.mark.parametrize("arch", [{}, {"pooling": "gap", "fc_norm": True}])
 def test_token_padding_once_or_per_layer_equals_unpadded(monkeypatch, arch):
   # On a GPU cuDNN attention gets the tokens padded, either once for the whole encoder (the
@@ -430,21 +436,17 @@ def test_token_padding_once_or_per_layer_equals_unpadded(monkeypatch, arch):
   plain, _ = models.create("vit", base, num_classes=3, image_size=48)
   variables = models.init_variables(plain, 48)
   variables = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), variables)
-
-  def logits_and_grads(model):
-    fn = lambda p: model.apply({"params": p}, x)
-    return fn(variables["params"]), jax.grad(lambda p: (fn(p) ** 2).sum())(variables["params"])
-
-  want, want_g = logits_and_grads(plain)
+  want, want_g = _logits_and_grads(plain, variables["params"], x)
   monkeypatch.setattr(vit, "PADDED_IMPLEMENTATIONS", ("cudnn", "xla"))
   # (another pad multiple per case: the blocks' traces are cached by their attributes)
   for extra in ({"token_padding": "encoder"}, {"token_padding": "attention", "attention_pad_multiple": 16}):
     padded, _ = models.create("vit", {**base, **extra}, num_classes=3, image_size=48)
-    got, got_g = logits_and_grads(padded)
+    got, got_g = _logits_and_grads(padded, variables["params"], x)
     np.testing.assert_allclose(got, want, atol=2e-6, err_msg=str(extra))
-    for (path, a), b in zip(flatten(got_g).items(), jax.tree.leaves(want_g)):
-      np.testing.assert_allclose(a, b, atol=2e-5, err_msg=f"{extra}: {path}")
-  assert max(np.abs(g).max() for g in jax.tree.leaves(want_g)) > 1e-3  # not vacuous
+    assert got_g.keys() == want_g.keys()
+    for path, b in want_g.items():
+      np.testing.assert_allclose(got_g[path], b, atol=2e-5, err_msg=f"{extra}: {path}")
+  assert max(np.abs(g).max() for g in want_g.values()) > 1e-3  # not vacuous
   # The padding really happened: 37 tokens went in, the blocks saw 40.
   seen = []
   monkeypatch.setattr(vit, "attend", lambda q, *a, **kw: seen.append(q.shape[1]) or
@@ -477,17 +479,14 @@ def test_folded_attention_bias_is_the_same_function(monkeypatch, case):
     params = jax.tree.map(lambda a: a + 0.1, lora.add_lora(params, spec, jax.random.key(3)))  # b != 0
     literal, folded = lora.LoraModel(literal, spec), lora.LoraModel(folded, spec)
   kw = {"train": True, "rngs": {"dropout": jax.random.key(4)}} if case == "dropout" else {}
-
-  def logits_and_grads(model):
-    fn = lambda p: model.apply({"params": p}, x, **kw)
-    return fn(params), jax.grad(lambda p: (fn(p) ** 2).sum())(params)
-
-  want, want_g = logits_and_grads(literal)
-  got, got_g = logits_and_grads(folded)
+  want, want_g = _logits_and_grads(literal, params, x, **kw)
+  got, got_g = _logits_and_grads(folded, params, x, **kw)
   assert np.abs(want).max() > 0.1  # not vacuous
   np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
-  scale = max(np.abs(g).max() for g in jax.tree.leaves(want_g))
-  for (path, a), b in zip(flatten(got_g).items(), jax.tree.leaves(want_g)):
+  scale = max(np.abs(g).max() for g in want_g.values())
+  assert got_g.keys() == want_g.keys()
+  for path, b in want_g.items():
+    a = got_g[path]
     np.testing.assert_allclose(a, b, atol=2e-5 * scale, err_msg=path)
     if re.search(r"/key/bias$", path):  # no path from the key bias to the loss any more
       assert not np.any(a), path
@@ -537,10 +536,9 @@ def test_model_with_flax_layer_norm_is_the_same_function():
                                      "layer_norm_impl": "flax"}, num_classes=3, image_size=32)
   params = models.init_variables(ours, 32)["params"]
   params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
-  fn = lambda model: lambda p: model.apply({"params": p}, x)
-  np.testing.assert_array_equal(fn(ours)(params), fn(flax_ln)(params))
-  got = flatten(jax.grad(lambda p: (fn(ours)(p) ** 2).sum())(params))
-  want = flatten(jax.grad(lambda p: (fn(flax_ln)(p) ** 2).sum())(params))
+  got_logits, got = _logits_and_grads(ours, params, x)
+  want_logits, want = _logits_and_grads(flax_ln, params, x)
+  np.testing.assert_array_equal(got_logits, want_logits)
   scale = max(np.abs(v).max() for v in want.values())
   assert scale > 1e-3 and any("LayerNorm" in k and np.abs(v).max() > 1e-4 for k, v in want.items())
   for k, v in want.items():

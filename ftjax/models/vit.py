@@ -175,9 +175,12 @@ def resolve_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
   for k in ("dropout_rate", "attention_dropout_rate", "droppath_rate"):
     if not 0.0 <= float(out[k]) < 1.0:
       raise ConfigError("rate must be in [0, 1)", where=f"arch.{k}", value=out[k])
-  if out["attention"] not in ATTENTION:
-    raise ConfigError("unknown ViT attention implementation", where="arch.attention",
-                      value=repr(out["attention"]), hint=f"one of {list(ATTENTION)}")
+  for key, what, choices in (("attention", "attention implementation", ATTENTION),
+                             ("token_padding", "token_padding", TOKEN_PADDING),
+                             ("layer_norm_impl", "layer_norm_impl", LAYER_NORM_IMPLS)):
+    if out[key] not in choices:
+      raise ConfigError(f"unknown ViT {what}", where=f"arch.{key}", value=repr(out[key]),
+                        hint=f"one of {list(choices)}")
   if out["attention"] == "cudnn" and out["attention_dropout_rate"] > 0:
     raise ConfigError("cuDNN attention has no attention dropout", where="arch.attention",
                       value="'cudnn'", hint="attention 'xla' or 'auto', or attention_dropout_rate 0")
@@ -185,12 +188,6 @@ def resolve_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
   if not isinstance(pad, (int, np.integer)) or isinstance(pad, bool) or pad < 1:
     raise ConfigError("attention_pad_multiple must be a positive integer",
                       where="arch.attention_pad_multiple", value=repr(pad))
-  if out["layer_norm_impl"] not in LAYER_NORM_IMPLS:
-    raise ConfigError("unknown ViT layer_norm_impl", where="arch.layer_norm_impl",
-                      value=repr(out["layer_norm_impl"]), hint=f"one of {list(LAYER_NORM_IMPLS)}")
-  if out["token_padding"] not in TOKEN_PADDING:
-    raise ConfigError("unknown ViT token_padding", where="arch.token_padding",
-                      value=repr(out["token_padding"]), hint=f"one of {list(TOKEN_PADDING)}")
   return out
 
 

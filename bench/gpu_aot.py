@@ -277,19 +277,14 @@ def summarize_hlo(hlo_text: str, group: str | None = None) -> dict:
       groups={k: dict(v.most_common()) for k, v in sorted(groups.items())})
 
 
-def memory_figures(compiled) -> dict | None:
-  """``compiled.memory_analysis()`` in bytes, with ``peak`` as ftjax.metrics.step_memory adds it."""
-  from ftjax import metrics
-
-  return metrics.step_memory(compiled)
-
-
 # --------------------------------------------------------------------------- one run
 
 
 def compile_run(model_key: str, mode: str, mesh, arch_overrides: dict | None, batch: int,
                 image_size: int, dump: str | None) -> dict:
   """Lowers and compiles one configuration for the compile-only device; its summary row."""
+  from ftjax import metrics
+
   step, args, model, arch = build_step(model_key, mode, mesh, arch_overrides, batch, image_size)
   t0 = time.perf_counter()
   lowered = step.lower(*args)
@@ -300,7 +295,7 @@ def compile_run(model_key: str, mode: str, mesh, arch_overrides: dict | None, ba
   row = dict(run=f"{model_key}:{mode}", arch=arch, layers=getattr(model, "num_layers", None),
              batch=batch, image_size=image_size, xla_flags=os.environ.get("XLA_FLAGS", ""),
              lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
-             memory=memory_figures(compiled), **summarize_hlo(text, GROUPS.get(model_key)))
+             memory=metrics.step_memory(compiled), **summarize_hlo(text, GROUPS.get(model_key)))
   if dump:
     os.makedirs(dump, exist_ok=True)
     path = os.path.join(dump, f"{model_key}-{mode}.hlo.txt")

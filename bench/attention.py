@@ -54,12 +54,12 @@ def main(argv=None) -> int:
 
   # Every array is an argument: closed over, XLA would constant-fold them for minutes.
   def loss_and_grads(impl, pad, once):
-    if once:  # the tokens arrive padded (token_padding "encoder"): only the mask here
-      def f(q, k, v, w):
-        return (attend(q, k, v, impl, 1, valid=197).astype(jnp.float32) * w).sum()
-    else:  # attend pads and slices around the call (token_padding "attention")
-      def f(q, k, v, w):
-        return (attend(q, k, v, impl, pad).astype(jnp.float32) * w).sum()
+    # Once: the tokens arrive padded (token_padding "encoder"), only the mask here;
+    # otherwise attend pads and slices around the call (token_padding "attention").
+    multiple, valid = (1, 197) if once else (pad, None)
+
+    def f(q, k, v, w):
+      return (attend(q, k, v, impl, multiple, valid=valid).astype(jnp.float32) * w).sum()
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
   reference = jax.jit(jax.grad(lambda q, k, v, w: (attend(q, k, v, "xla", 1) * w).sum(),

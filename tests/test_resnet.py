@@ -8,6 +8,7 @@ on-disk format and read back through ``ftjax.models.from_pretrained``.
 from __future__ import annotations
 
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,6 +316,77 @@ def test_batch_norm_statistics_far_from_zero():
   want_var = 0.9 + 0.1 * var * n / (n - 1)
   np.testing.assert_allclose(np.asarray(updated["batch_stats"]["var"]), want_var, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(updated["batch_stats"]["mean"]), 0.1 * mean, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape, padding, dtype", [
+    ((2, 12, 12, 3), 1, np.float32),   # even sizes: the last window overhangs the edge
+    ((3, 11, 9, 2), 1, np.float32),    # odd sizes
+    ((2, 11, 11, 2), 0, np.float32),   # BiT's stem: padded by the caller, pooled VALID
+    ((2, 12, 12, 3), 1, jnp.bfloat16),
+])
+def test_max_pool_values_and_gradients_equal_flax_and_torch(shape, padding, dtype):
+  # Gathered gradient against JAX's select-and-scatter and torch's max_pool2d backward, with
+  # ties (rounded, ReLU-like inputs: whole windows of zeros) where only the first maximum of
+  # a window may get its gradient.  Integer cotangents make every sum exact in any order.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(np.maximum(np.round(2 * rng.standard_normal(shape)), 0), dtype)
+  flax_pool = lambda x: nn.max_pool(x, (3, 3), (2, 2), ((padding, padding), (padding, padding)))
+  y, pull = jax.vjp(lambda x: resnet.max_pool(x, 3, 2, padding), x)
+  y_ref, pull_ref = jax.vjp(flax_pool, x)
+  g = jnp.asarray(rng.integers(-3, 4, y.shape), dtype)
+  (dx,), (dx_ref,) = pull(g), pull_ref(g)
+  assert y.dtype == dx.dtype == dtype and dx.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+  np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32))
+  assert float(jnp.sum(dx != 0)) > 0 and float(jnp.sum(x == 0)) > x.size / 3  # ties were there
+
+  xt = torch.tensor(np.asarray(x, np.float32)).permute(0, 3, 1, 2).requires_grad_()
+  yt = torch.nn.functional.max_pool2d(xt, 3, 2, padding)
+  yt.backward(torch.tensor(np.asarray(g, np.float32)).permute(0, 3, 1, 2))
+  np.testing.assert_array_equal(np.asarray(dx, np.float32), _nhwc(xt.grad))
+
+
+def test_max_pool_nan_takes_the_gradient_like_torch():
+  x = np.zeros((1, 4, 4, 1), np.float32)
+  x[0, 1, 2, 0] = np.nan
+  y, pull = jax.vjp(lambda x: resnet.max_pool(x, 3, 2, 1), jnp.asarray(x))
+  dx = np.asarray(pull(jnp.ones_like(y))[0])
+  xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+  yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+  yt.sum().backward()
+  np.testing.assert_array_equal(np.isnan(np.asarray(y)), np.isnan(_nhwc(yt.detach())))
+  np.testing.assert_array_equal(dx, _nhwc(xt.grad))
+  assert dx[0, 1, 2, 0] == 2  # both windows holding the NaN route their gradient to it
+
+
+def test_train_mode_gradients_equal_torch(tmp_path):
+  # The whole backward (one-pass BatchNorm moments, the gathered max-pool gradient)
+  # against torch autograd, in train mode with batch statistics.
+  torch.manual_seed(0)
+  ref = _randomise_norms(torchvision.models.resnet18(num_classes=4)).train()
+  path = tmp_path / "r18.pth"
+  torch.save(ref.state_dict(), path)
+  model, variables, _ = models.from_pretrained(f"torchvision:resnet18@{path}")
+  x = _images(4, 64)
+  w = torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
+  (ref(x) * w).sum().backward()
+
+  def loss(params):
+    logits, _ = model.apply({**variables, "params": params}, _nhwc(x), train=True,
+                            mutable=["batch_stats"])
+    return jnp.sum(logits * w.numpy())
+
+  grads = flatten(jax.jit(jax.grad(loss))(variables["params"]))
+  # The gradients in torch's layout, through the checkpoint converter (buffers as they are).
+  torch_grads = {k: v.numpy() for k, v in ref.state_dict().items()}
+  torch_grads.update({k: p.grad.numpy() for k, p in ref.named_parameters()})
+  want = {p[len("params/"):]: a for p, a in
+          resnet.convert_torchvision("resnet18", torch_grads).variables.items()
+          if p.startswith("params/")}
+  assert set(grads) == set(want) and len(want) == 62
+  for p, a in want.items():
+    scale = max(1e-3, float(np.abs(a).max()))
+    assert float(np.abs(np.asarray(grads[p]) - a).max()) <= 2e-4 * scale, p
 
 
 def test_zero_init_residual_and_bf16_compute():

@@ -44,7 +44,9 @@ print(best if best not in (None, 8) else '')" "$OUT/attention.jsonl" 2>/dev/null
 # Plain runs use the defaults (ViT attention "auto": cuDNN, the tokens padded once to a
 # multiple of 8 before the blocks, the attention's key and value biases folded away,
 # LayerNorm's backward from the forward's row statistics; ResNet BatchNorm moments in one
-# pass; frozen weights cast to bf16 once, not every step).  Levers: [nocast] every step
+# pass; ResNet's max-pool gradient gathered from an int8 map of each window's chosen tap;
+# frozen weights cast to bf16 once, not every step).  Levers: [flaxpool] ResNet's stem
+# max-pool differentiated by JAX (a select-and-scatter; max_pool_impl "flax"); [nocast] every step
 # casts the frozen weights itself (the bench-only arch key frozen_cast false); [nofold]
 # every attention bias added where the checkpoint's model adds it (fold_attention_bias
 # false); [flaxln] flax's LayerNorm differentiated by JAX (layer_norm_impl "flax");
@@ -52,17 +54,20 @@ print(best if best not in (None, 8) else '')" "$OUT/attention.jsonl" 2>/dev/null
 # tanh GELU (opt-in: about 1e-3 off; XLA's deviceless compile: no GEMM epilogue, and 3.5 GiB
 # more bytes written a step than the erf GELU as ftjax now writes it); [merge] lets XLA's
 # dot merger join the q/k/v projections (it skips dots over 32 MB of operands and result,
-# ours are 155 MB); [det] --xla_gpu_deterministic_ops (train.deterministic: its cost, and
+# ours are 155 MB; since the biases are folded, k and v then need copies out of the merged
+# GEMM for cuDNN: 8.8 GiB more traffic in the deviceless compile); [det] --xla_gpu_deterministic_ops (train.deterministic: its cost, and
 # whether repeats then agree); [pad] the probe's best padding (only when not 8); [xla]
 # XLA's attention.  The plain full and head-only runs are profiled (kernel time by
 # category, bench/kernel_profile.py); the plain full runs and [det] also run two steps
 # twice and compare the results bit for bit.
-RUNS="vit:full,resnet:full,vit:head_only,vit:forward,vit:head_only[nocast],vit:full[nofold]"
-RUNS="$RUNS,vit:full[flaxln],vit:full[attnpad],vit:full[merge]"
-RUNS="$RUNS,vit:full[det],vit:full[fast]${BEST_PAD:+,vit:full[pad]},vit:lora,vit:full[xla]"
+RUNS="vit:full,resnet:full,vit:head_only,vit:forward,resnet:full[flaxpool]"
+RUNS="$RUNS,vit:head_only[nocast],vit:full[nofold]"
+RUNS="$RUNS,vit:full[flaxln],vit:full[attnpad],vit:full[det],vit:full[fast]"
+RUNS="$RUNS,vit:full[merge]${BEST_PAD:+,vit:full[pad]},vit:lora,vit:full[xla]"
 RUNS="$RUNS,resnet:head_only,vit:layer_decay,resnet:forward"
 python3 bench/train_throughput.py $SMOKE $BASELINE --out "$OUT/bench.jsonl" \
   --budget "$BUDGET" --timeout 150 --runs "$RUNS" \
+  --arch-variant 'flaxpool={"max_pool_impl": "flax"}' \
   --arch-variant 'nocast={"frozen_cast": false}' \
   --arch-variant 'nofold={"fold_attention_bias": false}' \
   --arch-variant 'flaxln={"layer_norm_impl": "flax"}' \

@@ -359,14 +359,17 @@ def test_max_pool_nan_takes_the_gradient_like_torch():
   assert dx[0, 1, 2, 0] == 2  # both windows holding the NaN route their gradient to it
 
 
-def test_train_mode_gradients_equal_torch(tmp_path):
-  # The whole backward (one-pass BatchNorm moments, the gathered max-pool gradient)
-  # against torch autograd, in train mode with batch statistics.
+@pytest.mark.parametrize("max_pool_impl", resnet.MAX_POOL_IMPLS)
+def test_train_mode_gradients_equal_torch(tmp_path, max_pool_impl):
+  # The whole backward (one-pass BatchNorm moments, the stem's max-pool gradient, gathered
+  # or JAX's select-and-scatter) against torch autograd, in train mode with batch statistics.
   torch.manual_seed(0)
   ref = _randomise_norms(torchvision.models.resnet18(num_classes=4)).train()
   path = tmp_path / "r18.pth"
   torch.save(ref.state_dict(), path)
-  model, variables, _ = models.from_pretrained(f"torchvision:resnet18@{path}")
+  model, variables, _ = models.from_pretrained(f"torchvision:resnet18@{path}",
+                                               max_pool_impl=max_pool_impl)
+  assert model.max_pool_impl == max_pool_impl
   x = _images(4, 64)
   w = torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
   (ref(x) * w).sum().backward()

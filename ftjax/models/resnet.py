@@ -59,7 +59,8 @@ V1_VARIANTS: dict[str, tuple[str, tuple[int, ...]]] = {
 _V1_WIDTHS = {"basic": (64, 128, 256, 512), "bottleneck": (256, 512, 1024, 2048)}
 _V1_STRUCTURE = ("block", "depths", "widths", "stem_width", "stride_in_1x1", "first_stage_stride")
 # Options that change no parameter shape: the trainer may override them on any checkpoint.
-_V1_OPTIONS = {"frozen_bn": False, "zero_init_residual": False}
+_V1_OPTIONS = {"frozen_bn": False, "zero_init_residual": False, "max_pool_impl": "ftjax"}
+MAX_POOL_IMPLS = ("ftjax", "flax")
 
 BIT_VARIANTS: dict[str, tuple[tuple[int, ...], int]] = {
     "R50x1": ((3, 4, 6, 3), 1),
@@ -94,7 +95,9 @@ def v1_config(arch: Mapping[str, Any]) -> dict[str, Any]:
   ``stride_in_1x1`` (bottleneck stride on the first 1x1 conv, original v1) and
   ``first_stage_stride``.  Options on top: ``frozen_bn`` (BatchNorm always uses
   and keeps its running statistics, for frozen backbones) and
-  ``zero_init_residual`` (the last BatchNorm scale of every block starts at 0).
+  ``zero_init_residual`` (the last BatchNorm scale of every block starts at 0),
+  ``max_pool_impl`` (the stem's max-pool: "ftjax", :func:`max_pool`, or "flax",
+  ``nn.max_pool`` differentiated by JAX; the same values and gradients).
 
   >>> cfg = v1_config({"variant": "resnet18", "frozen_bn": True})
   >>> cfg["block"], cfg["widths"], cfg["frozen_bn"]
@@ -103,6 +106,10 @@ def v1_config(arch: Mapping[str, Any]) -> dict[str, Any]:
   Traceback (most recent call last):
   ...
   ftjax.errors.ConfigError: ftjax: error: unknown ResNet variant: 'resnet51'; one of ['resnet101', ...]
+  >>> v1_config({"variant": "resnet50", "max_pool_impl": "xla"})  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: unknown max-pool implementation (max_pool_impl): 'xla'; 'ftjax' or 'flax'
   """
   arch = dict(arch)
   unknown = set(arch) - {"variant", *_V1_STRUCTURE, *_V1_OPTIONS}
@@ -131,6 +138,9 @@ def v1_config(arch: Mapping[str, Any]) -> dict[str, Any]:
   cfg["widths"] = tuple(int(w) for w in cfg["widths"])
   if cfg["block"] not in ("basic", "bottleneck"):
     raise ConfigError("unknown ResNet block", value=repr(cfg["block"]), hint="basic or bottleneck")
+  if cfg["max_pool_impl"] not in MAX_POOL_IMPLS:
+    raise ConfigError("unknown max-pool implementation", where="max_pool_impl",
+                      value=repr(cfg["max_pool_impl"]), hint=" or ".join(map(repr, MAX_POOL_IMPLS)))
   if len(cfg["depths"]) != len(cfg["widths"]) or not cfg["depths"]:
     raise ConfigError("ResNet depths and widths differ in length",
                       value=f"{cfg['depths']} vs {cfg['widths']}")
@@ -413,11 +423,14 @@ class StemV1(nn.Module):
   width: int
   use_running_average: bool = True
   dtype: Any = None
+  max_pool_impl: str = "ftjax"
 
   @nn.compact
   def __call__(self, x):
     x = _conv(self.width, 7, 2, self.dtype, "conv")(x)
     x = nn.relu(BatchNorm(self.use_running_average, dtype=self.dtype, name="bn")(x))
+    if self.max_pool_impl == "flax":
+      return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     return max_pool(x, 3, 2, 1)
 
 
@@ -480,12 +493,13 @@ class ResNet(nn.Module):
   first_stage_stride: int = 1
   frozen_bn: bool = False
   zero_init_residual: bool = False
+  max_pool_impl: str = "ftjax"
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     use_ra = self.frozen_bn or not train
-    x = StemV1(self.stem_width, use_ra, self.dtype, name="stem")(x)
+    x = StemV1(self.stem_width, use_ra, self.dtype, self.max_pool_impl, name="stem")(x)
     channels = self.stem_width
     for s, (depth, width) in enumerate(zip(self.depths, self.widths)):
       x = StageV1(depth=depth, width=width, stride=self.first_stage_stride if s == 0 else 2,

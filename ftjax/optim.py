@@ -20,7 +20,8 @@ norm clipping is masked to trainable leaves) XLA drops their backward pass.
 A trainer with ``unfreeze`` rules builds one optimizer (and one compiled step)
 per phase of :func:`unfreeze_phases`: ``make_optimizer(..., phase=p)``; when
 :func:`phase_at` moves to the next phase it calls :func:`transition_opt_state`
-once; on resume the restore template is ``make_optimizer(..., phase=phase_at(step)).init``.
+once; on resume the restore template is ``make_optimizer(..., phase=state_phase(step)).init``
+(a state saved at a phase's first step still holds the previous phase's optimizer state).
 :func:`fine_tuning_plan` is the table to print before compiling.
 
 >>> import numpy as np
@@ -400,6 +401,20 @@ def phase_at(step: int, config) -> int:
   """
   starts = unfreeze_phases(config)
   return sum(1 for s in starts if s <= step) - 1
+
+
+def state_phase(step: int, config) -> int:
+  """The phase whose optimizer state a train state holds after ``step`` updates.
+
+  The update from ``step - 1`` made it, so a state saved at a phase's first step
+  still holds the previous phase's optimizer state: the loop moves it to the new
+  phase (:func:`transition_opt_state`) before the step's update, and a resume
+  must rebuild the old phase's state to restore into.
+
+  >>> [state_phase(s, {"unfreeze": [(100, "a")]}) for s in (0, 1, 100, 101)]
+  [0, 0, 0, 1]
+  """
+  return phase_at(max(step - 1, 0), config)
 
 
 # ----------------------------------------------------------------------------- leaf table

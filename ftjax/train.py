@@ -1045,9 +1045,9 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   """Restore, compile, train, evaluate, save: the loop of :func:`train_and_evaluate`."""
   cfg, t, wd, total, masks = run.config, run.config.train, run.workdir, run.total_steps, run.masks
   meta = _model_meta(run.report, run.num_classes, run.train_ds.class_names, run.lora)
-  # Resume: the template's optimizer state must have the phase of the checkpoint's step
-  # (which may be an older step than the newest, if that one is damaged).
-  template = lambda s: initial_state(params, batch_stats, make_tx(optim.phase_at(s, cfg.optim)),
+  # Resume: the template's optimizer state must have the phase of the checkpoint's state
+  # (the checkpoint may be older than the newest, if that one is damaged).
+  template = lambda s: initial_state(params, batch_stats, make_tx(optim.state_phase(s, cfg.optim)),
                                       cfg.seed, t.ema_decay > 0)
   early = metrics_lib.EarlyStopping(t.best_metric, t.best_mode, t.early_stopping_patience,
                                     t.early_stopping_min_delta) if t.early_stopping_patience else None
@@ -1066,7 +1066,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   else:
     state = template(0)
   step = int(distributed.host_value(state.step))  # the step is state: everything below follows from it
-  phase = optim.phase_at(step, cfg.optim)
+  phase = optim.state_phase(step, cfg.optim)  # the loop moves it on at the next phase's first step
   tx = make_tx(phase)
   runner = PmapRunner() if t.parallel == "pmap" else JitRunner(run.mesh, t.shard_params)
   state = runner.put_state(state)

@@ -97,6 +97,31 @@ def test_killed_run_resumes_bit_identical(tiny_vit_npz, tmp_path):
       [(r["step"], r["loss"]) for r in _rows(ref) if r["kind"] == "train"]
 
 
+def test_run_killed_after_saving_at_an_unfreezing_step_resumes_bit_identical(tiny_vit_npz, tmp_path):
+  # The checkpoint at step 2, the second phase's first step, holds the first phase's
+  # optimizer state (step 2's update has not run): the resume must rebuild that phase's
+  # state to restore into, then move to the next phase as the uninterrupted run did.
+  overrides = {"train.total_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 0,
+               "optim.param_groups": [("head/.*", {}), ("Transformer/encoderblock_1/.*", {}), (".*", None)],
+               "optim.unfreeze": [(2, "Transformer/encoderblock_1/.*")]}
+  ref = tmp_path / "ref"
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(ref))
+  wd = tmp_path / "wd"
+  killed = subprocess.run(launch_cmd(write_config(tmp_path, tiny_vit_npz, **overrides), str(wd)),
+                          capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(FTJAX_TEST_KILL_AT="after:3"))
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert checkpoint.committed_steps(wd / "checkpoints")[-1] == 2
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(wd))
+  ours, _ = _final_state(wd)
+  theirs, _ = _final_state(ref)
+  assert ours.keys() == theirs.keys()
+  for k in theirs:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  block1 = "params/Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"
+  assert not np.array_equal(ours[block1], np.load(tiny_vit_npz)[block1.removeprefix("params/")])
+
+
 def test_sigterm_saves_exits_75_and_resume_recomputes_nothing(tiny_vit_npz, tmp_path):
   overrides = {"train.total_steps": 400, "train.checkpoint_every": 0, "train.eval_every": 0,
                "train.log_every": 1}

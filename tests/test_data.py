@@ -114,6 +114,31 @@ def test_folder_labels_and_one_skipped_file(image_root):
   assert batch["label"].tolist() == ds.labels.tolist()
 
 
+def test_16_bit_pngs_read_as_their_8_bit_copies(tmp_path):
+  # Pillow's convert("RGB") casts 16-bit samples without scaling: everything above 255 was white.
+  from ftjax.data import folder
+  from ftjax.predict import run_preprocessing
+  deep = np.random.default_rng(0).integers(0, 65536, (24, 32), dtype=np.uint16)
+  (tmp_path / "p" / "x").mkdir(parents=True)
+  Image.fromarray(deep).save(tmp_path / "p" / "x" / "a16.png")
+  Image.fromarray((deep >> 8).astype(np.uint8)).save(tmp_path / "p" / "x" / "b8.png")
+  assert Image.open(tmp_path / "p" / "x" / "a16.png").mode == "I;16"
+  c = _plain(source="folder", root=str(tmp_path / "p"), val_fraction=0.0)
+  ds = fd.build(c, split="train")
+  np.testing.assert_array_equal(ds.image(0), ds.image(1))  # training reads
+  assert ds.image(0).std() > 50  # the noise survives, not a white square
+  batch = _batches(fd.eval_iterator(ds, c, global_batch=2, image_size=16, mean=MEAN, std=STD), 1)[0]
+  np.testing.assert_array_equal(batch["image"][0], batch["image"][1])  # eval: decode_region
+  pre, _, _ = run_preprocessing(tmp_path, {"image_size": [16, 16], "mean": MEAN, "std": STD})
+  a, b = (pre.apply(folder.ImageFile(str(tmp_path / "p" / "x" / n))) for n in ("a16.png", "b8.png"))
+  np.testing.assert_array_equal(a, b)  # predict's path
+  # the other wide modes: big-endian 16-bit, 32-bit int (16-bit PNGs in older Pillow), float 0..1
+  row = np.array([[0, 257, 32768, 65535]])
+  for im in (Image.frombytes("I;16B", (4, 1), row.astype(">u2").tobytes()),
+             Image.fromarray(row.astype(np.int32)), Image.fromarray((row / 65535).astype(np.float32))):
+    assert np.asarray(folder.to_rgb8(im))[0, :, 1].tolist() == [0, 1, 128, 255], im.mode
+
+
 def test_folder_corrupt_is_an_error_when_asked(image_root):
   c = _config(source="folder", root=str(image_root), val_fraction=0.0, on_corrupt="error")
   with pytest.raises(DataError, match=r"corrupt image \(.*broken\.jpg\)"):

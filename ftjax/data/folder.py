@@ -7,6 +7,9 @@ either two roots, or one root split per class by a seeded fraction.
 
 A file that does not decode is skipped with a warning naming it and counted in
 ``Dataset.skipped`` (``on_corrupt="skip"``), or is an error (``"error"``).
+
+Every image is read as 8-bit RGB (:func:`to_rgb8`): 16-bit greyscale PNGs keep
+their top 8 bits, as Pillow already does for 16-bit colour PNGs.
 """
 
 from __future__ import annotations
@@ -56,10 +59,38 @@ def scan(root: str) -> tuple[list[str], list[list[str]]]:
   return classes, files
 
 
+# Pillow's modes for samples wider than 8 bits: 16-bit greyscale PNGs open as "I;16" ("I" in
+# older Pillow), 32-bit data as "I" or "F". ``convert("RGB")`` casts their numbers without
+# scaling them, so everything above 255 turns white.
+_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+  """``im`` as 8-bit RGB, scaled to 8 bits where its samples are wider.
+
+  Integer modes are 16-bit data (what a PNG can hold): ``value >> 8``, the byte
+  Pillow keeps of a 16-bit colour PNG and torchvision's ``to_dtype(uint8, scale=True)``;
+  an 8-bit image saved as 16 bits (``v * 257``) reads back exactly.  Float images
+  are 0..1 (torchvision's and scikit-image's convention), rounded.
+
+  >>> ramp = Image.fromarray(np.array([[0, 255, 256, 32768, 65535]], np.uint16))
+  >>> ramp.mode, np.asarray(to_rgb8(ramp))[0, :, 0].tolist()
+  ('I;16', [0, 0, 1, 128, 255])
+  >>> np.asarray(to_rgb8(Image.fromarray(np.array([[-1, 0.5, 2]], np.float32))))[0].tolist()
+  [[0, 0, 0], [128, 128, 128], [255, 255, 255]]
+  """
+  if im.mode in _INT_MODES:
+    # int64: "I" is signed 32-bit, and a negative value must clip, not wrap.
+    im = Image.fromarray((np.clip(np.asarray(im, np.int64), 0, 65535) >> 8).astype(np.uint8))
+  elif im.mode == "F":
+    im = Image.fromarray(np.rint(np.clip(np.asarray(im), 0.0, 1.0) * 255).astype(np.uint8))
+  return im if im.mode == "RGB" else im.convert("RGB")  # RGB: no copy of a large photo
+
+
 def decode(path: str) -> Image.Image:
-  """Opens and decodes ``path`` as RGB."""
+  """Opens and decodes ``path`` as 8-bit RGB."""
   with Image.open(path) as im:
-    return im.convert("RGB")
+    return to_rgb8(im.copy())  # a copy: to_rgb8 hands an RGB image back, and closing frees it
 
 
 class ImageFile:
@@ -103,8 +134,7 @@ class ImageFile:
       self.image.close()
       raise DataError("image does not decode", where=self.path, value=f"{type(e).__name__}: {e}",
                       hint="remove or replace the file") from None
-    im = self.image if self.image.mode == "RGB" else self.image.convert("RGB")
-    return im, tuple(float(b) for b in box)
+    return to_rgb8(self.image), tuple(float(b) for b in box)
 
 
 def check_decodes(path: str) -> str | None:

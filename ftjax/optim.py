@@ -840,7 +840,8 @@ def _replace_partition(state, new):
 
 
 def _shapes(tree):
-  return jax.tree.structure(tree), [(np.shape(x), np.result_type(x)) for x in jax.tree.leaves(tree)]
+  # jax.typeof, not np.result_type: a state may hold typed PRNG keys (optax.add_noise).
+  return jax.tree.structure(tree), [(np.shape(x), str(jax.typeof(x).dtype)) for x in jax.tree.leaves(tree)]
 
 
 def transition_opt_state(old_state, new_tx: optax.GradientTransformation, params):
@@ -848,7 +849,9 @@ def transition_opt_state(old_state, new_tx: optax.GradientTransformation, params
 
   Labels present in ``old_state`` keep their state exactly (moments and step
   counts); labels new in this phase (the newly unfrozen leaves) start from
-  ``new_tx.init``: zero moments, step count 0.  Call it once at each phase start.
+  ``new_tx.init``: zero moments, step count 0.  Transforms chained around the
+  ``multi_transform`` (``optax.chain(my_transform, make_optimizer(...))``) keep
+  their state too.  Call it once at each phase start.
 
   >>> p = {"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)}
   >>> cfg = {"name": "adam", "kwargs": {}, "unfreeze": [(5, "b")], "total_steps": 10}
@@ -857,6 +860,10 @@ def transition_opt_state(old_state, new_tx: optax.GradientTransformation, params
   >>> s1 = transition_opt_state(s0, tx1, p)
   >>> sorted(s1.inner_states), int(s1.inner_states["g0"].inner_state[0].count)
   (['g0', 'g0.p1'], 1)
+  >>> noisy = lambda phase: optax.chain(optax.add_noise(0.01, 0.55, 0), make_optimizer(p, cfg, phase=phase))
+  >>> _, s0 = noisy(0).update(p, noisy(0).init(p), p)
+  >>> int(transition_opt_state(s0, noisy(1), p)[0].count)  # the noise schedule goes on
+  1
   """
   fresh = new_tx.init(params)
   old, new = _partition_state(old_state), _partition_state(fresh)
@@ -874,7 +881,13 @@ def transition_opt_state(old_state, new_tx: optax.GradientTransformation, params
       raise ConfigError("the optimizer state of a group changes shape at the transition",
                         where=label, hint="build both optimizers from one config and params tree")
     inner[label] = state
-  return _replace_partition(fresh, type(new)(inner))
+  merged = type(new)(inner)
+  carried = _replace_partition(old_state, merged)
+  if _shapes(carried) != _shapes(_replace_partition(fresh, merged)):
+    raise ConfigError("the transforms around the param groups change at the phase transition",
+                      where="transition_opt_state",
+                      hint="chain the same transforms around make_optimizer in every phase")
+  return carried
 
 
 # ----------------------------------------------------------------------------- plan

@@ -199,6 +199,28 @@ def test_config_errors_come_before_reading(tmp_path):
     fd.build(_config(on_corrupt="ignore"), split="train")
 
 
+@pytest.mark.parametrize("ratio", [(0.0, 1.0), (-1.0, 2.0), (2.0, 0.5), (1.0, float("inf"))])
+def test_bad_augment_ratio_fails_the_check_before_the_workdir_is_written(tmp_path, ratio):
+  # It used to pass the check and raise a math domain error inside the loader.
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  from conftest import tiny_config
+
+  from ftjax import train
+  with pytest.raises(ConfigError) as e:
+    fd.build(_config(source="digits", augment__ratio=ratio), split="train")
+  assert str(e.value) == (f"ftjax: error: augment.ratio must satisfy 0 < lo <= hi "
+                          f"(config.data.augment.ratio): {ratio}; width / height of the random "
+                          "crop, e.g. (0.75, 1.333)")
+  cfg = tiny_config(str(tmp_path / "unused.npz"), **{"data.augment.ratio": ratio})
+  with pytest.raises(ConfigError, match="augment.ratio") as e:
+    train.prepare(cfg, str(tmp_path / "wd"))
+  assert e.value.exit_code == 2 and not (tmp_path / "wd").exists()
+  with pytest.raises(ConfigError, match=r"augment.ratio must be two numbers \(lo, hi\)"):
+    fd.build(_config(augment__ratio=(0.5, 1.0, 2.0)), split="train")
+  fd.build(_config(source="digits", augment__ratio=(1.0, 1.0)), split="train")  # square crops: fine
+
+
 # ---------------------------------------------------------------- built-in sets and arrays
 
 

@@ -15,6 +15,8 @@ ftjax.errors.ConfigError: ftjax: error: unknown data source (config.data.source)
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -75,6 +77,24 @@ def _choice(value, choices, key: str) -> None:
                       hint=f"choose one of {', '.join(choices)}")
 
 
+def _pair(value, key: str) -> tuple[float, float]:
+  """``(lo, hi)`` of a two-number config value, or a ConfigError naming ``key``.
+
+  >>> _pair((3, 4.5), "augment.ratio")
+  (3.0, 4.5)
+  >>> _pair((1, 2, 3), "augment.ratio")
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: augment.ratio must be two numbers (lo, hi) (config.data.augment.ratio): (1, 2, 3)
+  """
+  try:
+    lo, hi = (float(v) for v in value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{key} must be two numbers (lo, hi)", where=f"config.data.{key}",
+                      value=value) from None
+  return lo, hi
+
+
 def check(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for a bad data config before any data is read."""
   _choice(config.source, SOURCES, "source")
@@ -104,10 +124,15 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.num_workers < 0 or config.prefetch < 0:
     raise ConfigError("num_workers and prefetch must be >= 0", where="config.data",
                       value=f"num_workers={config.num_workers}, prefetch={config.prefetch}")
-  lo, hi = config.augment.scale
+  lo, hi = _pair(config.augment.scale, "augment.scale")
   if not 0.0 < lo <= hi <= 1.0:
     raise ConfigError("augment.scale must satisfy 0 < lo <= hi <= 1",
                       where="config.data.augment.scale", value=(lo, hi))
+  # The crop's aspect ratio is drawn log-uniformly: both ends must be positive and finite.
+  lo, hi = _pair(config.augment.ratio, "augment.ratio")
+  if not 0.0 < lo <= hi < math.inf:
+    raise ConfigError("augment.ratio must satisfy 0 < lo <= hi", where="config.data.augment.ratio",
+                      value=(lo, hi), hint="width / height of the random crop, e.g. (0.75, 1.333)")
   if not 0 <= config.augment.randaugment_magnitude <= 10:
     raise ConfigError("randaugment_magnitude must be in [0, 10]",
                       where="config.data.augment.randaugment_magnitude",

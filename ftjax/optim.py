@@ -988,21 +988,37 @@ def _plan_warnings(opts, table, rows, trainable0, total_params, num_train_exampl
     out.append("nothing trains at step 0: every parameter is frozen (the head too?)")
   elif head and all(table[p].group is None for p in head):
     out.append("the head is frozen for the whole run: a new head would keep its initialisation")
-  name = opts["name"]
-  limit = 1e-3 if name in _ADAPTIVE else 0.1
-  if (trainable0 == total_params and num_train_examples is not None
-      and num_train_examples < 10_000 and float(opts["lr"]) > limit):
-    out.append(f"full fine-tune of all {total_params:,} parameters with {name} lr {opts['lr']:g} "
-               f"(> {limit:g}) on {num_train_examples:,} examples: likely to wreck the pretrained "
-               "features; lower lr, freeze the backbone or use layer_decay")
-  for i, group in enumerate(_groups(opts)):
+  groups = _groups(opts)
+  last = max(leaf.phase for leaf in table.values())
+  full = all(leaf.label(last) != FROZEN for leaf in table.values())
+  if full and num_train_examples is not None and num_train_examples < 10_000:
+    # The backbone's learning rates, each under its own group's optimizer: the head may
+    # take a high one (a new head often does), the pretrained features may not.
+    worst = None
+    for path, leaf in table.items():
+      if path.split("/")[0] == "head":
+        continue
+      name = groups[leaf.group].name
+      limit = 1e-3 if name in _ADAPTIVE else 0.1
+      lr = float(opts["lr"]) * leaf.lr_mult
+      if lr > limit and (worst is None or lr / limit > worst[0] / worst[2]):
+        worst = (lr, name, limit, path)
+    if worst:
+      lr, name, limit, path = worst
+      start = unfreeze_phases(opts, total_steps)[last]
+      out.append(f"full fine-tune of all {total_params:,} parameters"
+                 + (f" from step {start}" if start else "")
+                 + f" with {name} lr {lr:g} (> {limit:g}, {path}) on {num_train_examples:,} examples:"
+                 " likely to wreck the pretrained features; lower lr, freeze the backbone"
+                 + ("" if opts["layer_decay"] is not None else " or use layer_decay"))
+  for i, group in enumerate(groups):
     if group is not None and group.lr_mult == 0:
       out.append(f"param group #{i} ({group.rule!r}) has lr_mult 0: it still costs gradients and "
                  "optimizer state; use None to freeze it")
   if opts["layer_decay"] is not None and opts["layer_decay"] > 1:
     out.append(f"layer_decay {opts['layer_decay']:g} > 1: lower layers learn faster than the head")
   warmups = [_steps(g.schedule, "warmup_steps", "warmup_epochs", steps_per_epoch, "optim.schedule")
-             for g in _groups(opts) if g is not None]
+             for g in groups if g is not None]
   if warmups and max(warmups) > total_steps // 2:
     out.append(f"warm-up of {max(warmups)} steps is over half of the {total_steps}-step run")
   if float(opts["weight_decay"]) > 0 and not any(r.decayed_params for r in rows):

@@ -664,6 +664,15 @@ def test_plan_warnings():
   assert "full fine-tune of all 55 parameters with adamw lr 0.01" in warnings(full, 5_000)[0]
   assert warnings(full, 50_000) == () and warnings(dict(full, lr=1e-4), 5_000) == ()
   assert warnings({"name": "sgd", "lr": 0.5}, 5_000)[0].startswith("full fine-tune")
+  # Each leaf under its own group's optimizer and learning rate: adamw named by the group,
+  # a high rate on the head alone (no warning), a run that ends as a full fine-tune.
+  assert "with adamw lr 0.05 (> 0.001, body/" in warnings(
+      {"name": "sgd", "lr": 0.05, "param_groups": [(".*", {"name": "adamw"})]}, 5_000)[0]
+  assert warnings({"name": "adamw", "kwargs": {}, "lr": 1e-4,
+                   "param_groups": [("head/.*", {"lr_mult": 100.0}), (".*", {})]}, 5_000) == ()
+  assert "from step 50 with sgd lr 0.5 (> 0.1, body/" in warnings(
+      {"name": "sgd", "lr": 0.5, "param_groups": [("head/.*", {}), (".*", {})],
+       "unfreeze": [(50, "body/.*|mid/.*")]}, 5_000)[0]
   assert "has lr_mult 0" in warnings({"param_groups": [(".*", {"lr_mult": 0.0})]})[0]
   assert "no trainable parameter decays" in warnings(
       {"weight_decay": 0.1, "param_groups": [("head/bias", {}), (".*", None)]})[0]

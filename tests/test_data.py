@@ -221,6 +221,20 @@ def test_bad_augment_ratio_fails_the_check_before_the_workdir_is_written(tmp_pat
   fd.build(_config(source="digits", augment__ratio=(1.0, 1.0)), split="train")  # square crops: fine
 
 
+@pytest.mark.parametrize("num_ops", [-1, True])
+def test_randaugment_num_ops_must_be_a_non_negative_integer(num_ops):
+  # -1 used to pass the check and crash in the loader: not counted as random (no generator
+  # given), yet truthy, so RandAugment ran without one.
+  c = _config(source="digits")
+  c.augment.randaugment_num_ops = num_ops
+  with pytest.raises(ConfigError) as e:
+    fd.build(c, split="train")
+  assert str(e.value) == (f"ftjax: error: randaugment_num_ops must be an integer >= 0 "
+                          f"(config.data.augment.randaugment_num_ops): {num_ops!r}; "
+                          "0 turns RandAugment off")
+  assert e.value.exit_code == 2
+
+
 # ---------------------------------------------------------------- built-in sets and arrays
 
 

@@ -133,6 +133,11 @@ def check(config: ml_collections.ConfigDict) -> None:
   if not 0.0 < lo <= hi < math.inf:
     raise ConfigError("augment.ratio must satisfy 0 < lo <= hi", where="config.data.augment.ratio",
                       value=(lo, hi), hint="width / height of the random crop, e.g. (0.75, 1.333)")
+  num_ops = config.augment.randaugment_num_ops
+  if isinstance(num_ops, bool) or not isinstance(num_ops, int) or num_ops < 0:
+    raise ConfigError("randaugment_num_ops must be an integer >= 0",
+                      where="config.data.augment.randaugment_num_ops", value=repr(num_ops),
+                      hint="0 turns RandAugment off")
   if not 0 <= config.augment.randaugment_magnitude <= 10:
     raise ConfigError("randaugment_magnitude must be in [0, 10]",
                       where="config.data.augment.randaugment_magnitude",

@@ -72,6 +72,25 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, l2_reg: float) -> tuple[np.ndarray, 
   return w, y_mean - x_mean @ w
 
 
+def check_shots(shots: Sequence[int], where: str = "shots") -> tuple[int, ...]:
+  """``shots`` as a tuple of ints, or a ConfigError unless each is a positive integer.
+
+  >>> check_shots([1, np.int64(5)])
+  (1, 5)
+  >>> check_shots([5, 0], where="--shots")
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: shots must be one or more positive integers (--shots): [5, 0]; k shots train the probe on k examples of every class
+  """
+  shots = list(shots)
+  # bool is an int to Python, and True would quietly mean 1 shot.
+  if not shots or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in shots):
+    raise ConfigError("shots must be one or more positive integers", where=where,
+                      value=[k.item() if isinstance(k, np.generic) else k for k in shots],
+                      hint="k shots train the probe on k examples of every class")
+  return tuple(int(k) for k in shots)
+
+
 def shot_indices(labels: np.ndarray, shots: int, num_classes: int, seed: int) -> np.ndarray:
   """Sorted indices of ``shots`` examples of each class; nested across ``shots``.
 
@@ -109,6 +128,7 @@ def fewshot_evaluate(features_train: np.ndarray, labels_train: np.ndarray, featu
   """
   if float(l2_reg) < 0:
     raise ConfigError("few-shot l2_reg must be >= 0", where="l2_reg", value=l2_reg)
+  shots = check_shots(shots)
   labels_train = np.asarray(labels_train)
   labels_test = np.asarray(labels_test)
   if num_classes is None:
@@ -116,11 +136,11 @@ def fewshot_evaluate(features_train: np.ndarray, labels_train: np.ndarray, featu
   test = np.asarray(features_test, np.float64)
   out = {}
   for k in shots:
-    idx = shot_indices(labels_train, int(k), num_classes, seed)
+    idx = shot_indices(labels_train, k, num_classes, seed)
     targets = 2.0 * np.eye(num_classes)[labels_train[idx]] - 1.0
     w, b = ridge_fit(np.asarray(features_train)[idx], targets, float(l2_reg))
     pred = np.argmax(test @ w + b, axis=1)
-    out[int(k)] = float(np.mean(pred == labels_test))
+    out[k] = float(np.mean(pred == labels_test))
   return out
 
 
@@ -177,7 +197,7 @@ class FewshotEvaluator:
     if test_ds.num_classes != train_ds.num_classes:
       raise DataError("few-shot train and test sets differ in classes", where=test_ds.name,
                       value=f"{test_ds.num_classes} vs {train_ds.num_classes}")
-    self.shots, self.l2_reg, self.seed = tuple(int(k) for k in shots), float(l2_reg), seed
+    self.shots, self.l2_reg, self.seed = check_shots(shots), float(l2_reg), seed
     self.num_classes = train_ds.num_classes
     # The largest draw holds every smaller one (nested draws), so embed just that.
     pool = shot_indices(train_ds.labels, max(self.shots), self.num_classes, seed)
@@ -232,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
       raise ConfigError("shots must be comma-separated integers", where="--shots",
                         value=repr(args.shots)) from None
+    shots = check_shots(shots, where="--shots")  # before the run is read: fails at once
     result = evaluate_run(args.workdir, shots=shots, l2_reg=args.l2_reg, seed=args.seed,
                           split=args.split)
   except FtjaxError as e:
@@ -244,5 +265,5 @@ if __name__ == "__main__":
   sys.exit(main())
 
 
-__all__ = ["L2_REG", "SHOTS", "FewshotEvaluator", "evaluate_run", "extract_features", "features",
-           "fewshot_evaluate", "main", "ridge_fit", "run_data_config", "shot_indices"]
+__all__ = ["L2_REG", "SHOTS", "FewshotEvaluator", "check_shots", "evaluate_run", "extract_features",
+           "features", "fewshot_evaluate", "main", "ridge_fit", "run_data_config", "shot_indices"]

@@ -7,7 +7,7 @@ import pytest
 
 from ftjax import data as data_lib
 from ftjax import fewshot, lora, models
-from ftjax.errors import DataError
+from ftjax.errors import ConfigError, DataError
 from ftjax.tree import flatten, unflatten
 
 
@@ -63,6 +63,27 @@ def test_shots_are_nested_and_too_few_examples_is_an_error():
   assert [np.bincount(labels[sorted(s)]).tolist() for s in sets[:2]] == [[1, 1, 1], [5, 5, 5]]
   with pytest.raises(DataError, match="too few training examples"):
     fewshot.shot_indices(labels, 31, 3, seed=0)
+
+
+@pytest.mark.parametrize("shots", [(0,), (-1,), (5, -3), (), (True,)], ids=str)
+def test_shots_must_be_positive_integers(tmp_path, capsys, shots):
+  # 0 shots used to fail inside the feature extractor; -1 "scored" 1.0 (labels[:-1] per class).
+  x, y = _separable(num_classes=3, dim=8, per_class=10)
+  with pytest.raises(ConfigError, match=r"^ftjax: error: shots must be one or more positive "
+                                        r"integers \(shots\): \[") as e:
+    fewshot.fewshot_evaluate(x, y, x, y, shots=shots, l2_reg=1.0)
+  assert "\n" not in str(e.value)
+  train_ds = data_lib.from_arrays(np.zeros((6, 2, 2), np.uint8), [0, 1, 2] * 2)
+  with pytest.raises(ConfigError, match="shots must be one or more positive integers"):
+    fewshot.FewshotEvaluator(train_ds, train_ds, data_lib.default_config(), shots=shots)
+  if shots and not isinstance(shots[0], bool):
+    # the command line: one line, usage exit code, and no run read (this workdir does not exist)
+    flag = ",".join(map(str, shots))
+    assert fewshot.main([f"--workdir={tmp_path / 'none'}", f"--shots={flag}"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == (
+        f"ftjax: error: shots must be one or more positive integers (--shots): {list(shots)}; "
+        "k shots train the probe on k examples of every class\n")
 
 
 @pytest.fixture(scope="module")

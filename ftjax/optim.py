@@ -186,28 +186,62 @@ def _options(config) -> dict:
   if isinstance(config, Sequence) and not isinstance(config, str):
     config = {"param_groups": list(config)}
   opts = _merge(defaults, _plain(config), "optim")
-  opts["kwargs"] = dict(_plain(opts["kwargs"]) or {})
-  opts["schedule"] = _merge(defaults["schedule"], _plain(opts["schedule"]) or {}, "optim.schedule")
+  opts["kwargs"] = _mapping(opts["kwargs"], "optim.kwargs", "{'momentum': 0.9}")
+  opts["schedule"] = _merge(defaults["schedule"], _mapping(opts["schedule"], "optim.schedule"),
+                            "optim.schedule")
   accum = opts["accum_steps"]
   if not (isinstance(accum, (int, np.integer)) and not isinstance(accum, bool) and accum >= 1):
     raise ConfigError("accum_steps must be a positive integer", where="optim.accum_steps",
                       value=repr(accum))
   _nonnegative(opts["lr"], "optim.lr")
   _nonnegative(opts["weight_decay"], "optim.weight_decay")
-  if opts["grad_clip_norm"] is not None and not opts["grad_clip_norm"] > 0:
-    raise ConfigError("grad_clip_norm must be positive or None", where="optim.grad_clip_norm",
-                      value=opts["grad_clip_norm"])
-  if opts["layer_decay"] is not None and not opts["layer_decay"] > 0:
-    raise ConfigError("layer_decay must be positive", where="optim.layer_decay",
-                      value=opts["layer_decay"], hint="0.65-0.9 is usual; None turns it off")
+  if opts["grad_clip_norm"] is not None:
+    opts["grad_clip_norm"] = _positive(opts["grad_clip_norm"], "optim.grad_clip_norm",
+                                       "grad_clip_norm must be positive or None")
+  if opts["layer_decay"] is not None:
+    opts["layer_decay"] = _positive(opts["layer_decay"], "optim.layer_decay",
+                                    "layer_decay must be positive",
+                                    hint="0.65-0.9 is usual; None turns it off")
+  for i, rule in enumerate(opts["wd_rules"] or ()):
+    if isinstance(rule, (tuple, list)) and len(rule) == 2:  # the rest: tree.compile_rules says
+      _nonnegative(rule[1], f"optim.wd_rules #{i}")
   return opts
 
 
+def _is_real(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
 def _nonnegative(value, where: str) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value >= 0:
+  if not _is_real(value) or not value >= 0:
     raise ConfigError("multiplier or rate must be a non-negative number", where=where,
                       value=repr(value))
   return float(value)
+
+
+def _positive(value, where: str, problem: str, hint: str | None = None) -> float:
+  """``value`` as a float when it is a positive real number (numpy scalars too); else the error.
+
+  >>> _positive(np.float32(0.5), "optim.layer_decay", "layer_decay must be positive")
+  0.5
+  >>> _positive("0.75", "optim.layer_decay", "layer_decay must be positive")
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: layer_decay must be positive (optim.layer_decay): '0.75'
+  """
+  if not _is_real(value) or not value > 0:
+    raise ConfigError(problem, where=where, value=repr(value), hint=hint)
+  return float(value)
+
+
+def _mapping(value, where: str, example: str = "{'name': 'cosine'}") -> dict:
+  """A config dict (or None: empty); anything else is a one-line error."""
+  value = _plain(value)
+  if value is None:
+    return {}
+  if not isinstance(value, Mapping):
+    raise ConfigError("expected a dict", where=where, value=repr(value), hint=f"e.g. {example}")
+  return dict(value)
 
 
 def _groups(opts: dict) -> list[_Group | None]:
@@ -236,12 +270,13 @@ def _groups(opts: dict) -> list[_Group | None]:
     # A group that names its own optimizer starts from empty kwargs: the global
     # kwargs belong to the global optimizer (momentum means nothing to adamw).
     kwargs = {} if "name" in spec else dict(opts["kwargs"])
-    kwargs.update(_plain(spec.get("kwargs")) or {})
+    kwargs.update(_mapping(spec.get("kwargs"), f"{where}.kwargs", "{'momentum': 0.9}"))
     groups.append(_Group(
         rule=rule[0],
         lr_mult=_nonnegative(spec.get("lr_mult", 1.0), f"{where}.lr_mult"),
         wd_mult=_nonnegative(spec.get("wd_mult", 1.0), f"{where}.wd_mult"),
-        schedule=_merge(opts["schedule"], _plain(spec.get("schedule")) or {}, f"{where}.schedule"),
+        schedule=_merge(opts["schedule"], _mapping(spec.get("schedule"), f"{where}.schedule"),
+                        f"{where}.schedule"),
         name=name, kwargs=kwargs, own_schedule="schedule" in spec))
   return groups
 
@@ -307,11 +342,10 @@ def layer_decay_multipliers(params, family: str, decay: float):
   >>> tree_lib.flatten(layer_decay_multipliers(params, "vit", 0.5))
   {'Transformer/encoderblock_0/w': 0.25, 'Transformer/encoderblock_1/w': 0.5, 'cls': 0.125, 'head/kernel': 1.0}
   """
-  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay > 0:
-    raise ConfigError("layer_decay must be positive", where="optim.layer_decay", value=repr(decay))
+  decay = _positive(decay, "optim.layer_decay", "layer_decay must be positive")
   depths = layer_depths(params, family)
   top = max(jax.tree.leaves(depths))
-  return jax.tree.map(lambda d: float(decay) ** (top - d), depths)
+  return jax.tree.map(lambda d: decay ** (top - d), depths)
 
 
 def gradual_unfreezing(family: str, *, depth: int | None = None, every: int,
@@ -335,8 +369,9 @@ def gradual_unfreezing(family: str, *, depth: int | None = None, every: int,
       raise ConfigError("gradual unfreezing of a ViT needs its number of blocks", where="depth")
     depth = {"resnet": 4, "resnetv2": 4, "efficientnet": 7}[family]
   for value, name in ((every, "every"), (k, "k"), (depth, "depth")):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise ConfigError("gradual unfreezing needs a positive integer", where=name, value=repr(value))
+  every, k, depth = int(every), int(k), int(depth)
 
   def regex_at(d):
     parts = []
@@ -560,7 +595,7 @@ def _schedule(cfg: dict, *, peak: float, total_steps: int, steps_per_epoch=None,
     raise ConfigError("warm-up as long as the run", where=f"{where}.warmup_steps", value=warmup,
                       hint=f"the run has {total_steps} steps")
   length = total_steps - warmup
-  end = float(cfg["end_factor"]) * peak
+  end = _nonnegative(cfg["end_factor"], f"{where}.end_factor") * peak
   if name == "step":
     bounds = _steps(cfg, "boundaries", "boundary_epochs", steps_per_epoch, where)
     if not bounds or list(bounds) != sorted(bounds) or not 0 < bounds[0] or bounds[-1] >= total_steps:
@@ -568,11 +603,10 @@ def _schedule(cfg: dict, *, peak: float, total_steps: int, steps_per_epoch=None,
                         where=f"{where}.boundaries", value=repr(bounds),
                         hint=f"global steps in 1..{total_steps - 1}")
     # Python products, so each level is exactly peak * factor**n in float32.
-    levels = jnp.asarray([peak * float(cfg["decay_factor"]) ** n for n in range(len(bounds) + 1)],
-                         jnp.float32)
-  timescale = float(cfg["timescale"])
-  if name == "rsqrt" and not timescale > 0:
-    raise ConfigError("rsqrt needs a positive timescale", where=f"{where}.timescale", value=timescale)
+    factor = _nonnegative(cfg["decay_factor"], f"{where}.decay_factor")
+    levels = jnp.asarray([peak * factor ** n for n in range(len(bounds) + 1)], jnp.float32)
+  if name == "rsqrt":
+    timescale = _positive(cfg["timescale"], f"{where}.timescale", "rsqrt needs a positive timescale")
 
   def decay(t, step):  # t: steps since the warm-up ended; step: global step
     frac = jnp.clip(t / length, 0.0, 1.0)

@@ -118,6 +118,10 @@ def rule_tree(tree, rules: Rules, *, what: str = "rule", default: Any = ...,
   Traceback (most recent call last):
   ...
   ftjax.errors.ConfigError: ftjax: error: rule matches no parameter (rule #1): 'c'; paths look like 'a'
+  >>> rule_tree({"a": 0}, [(".*", 1), ("a", 2)])
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: rule is shadowed by an earlier one (rule #1): 'a'; rule #0 ('.*') takes 'a' first; the first matching rule wins: put the narrower rule first
   """
   compiled = compile_rules(rules, what)
   used = [False] * len(compiled)
@@ -140,9 +144,16 @@ def rule_tree(tree, rules: Rules, *, what: str = "rule", default: Any = ...,
   if not allow_unused:
     for i, u in enumerate(used):
       if not u:
-        example = next(iter(flatten(tree)), "")
+        paths = list(flatten(tree))
+        shadowed = [p for p in paths if compiled[i][0].fullmatch(p)]
+        if shadowed:  # it matches, but an earlier rule takes every path first
+          j = first_match(shadowed[0], compiled)
+          raise ConfigError(f"{what} is shadowed by an earlier one", where=f"{what} #{i}",
+                            value=repr(compiled[i][2]),
+                            hint=f"{what} #{j} ({compiled[j][2]!r}) takes {shadowed[0]!r} first; "
+                                 "the first matching rule wins: put the narrower rule first")
         raise ConfigError(f"{what} matches no parameter", where=f"{what} #{i}",
-                          value=repr(compiled[i][2]), hint=f"paths look like {example!r}")
+                          value=repr(compiled[i][2]), hint=f"paths look like {paths[0] if paths else ''!r}")
   return out
 
 

@@ -611,7 +611,21 @@ def test_schedules(schedule, expected):
     ({"param_groups": [(".*", {"wd_mult": -0.5})]}, {}, "(optim.param_groups #0.wd_mult): -0.5"),
     ({"param_groups": [(".*", {"lr_mul": 2.0})]}, {},
      "unknown param group key (optim.param_groups #0.lr_mul): 2.0; did you mean lr_mult?"),
+    ({"param_groups": [(".*", {}), ("head/.*", {"lr_mult": 10.0})]}, {},
+     "param group is shadowed by an earlier one (param group #1): 'head/.*'; param group #0 ('.*') "
+     "takes 'head/bias' first"),
     ({"layer_decay": -0.5}, {}, "layer_decay must be positive (optim.layer_decay): -0.5"),
+    ({"layer_decay": "0.75"}, {"family": "vit"}, "layer_decay must be positive (optim.layer_decay): '0.75'"),
+    ({"grad_clip_norm": "1.0"}, {}, "grad_clip_norm must be positive or None (optim.grad_clip_norm): '1.0'"),
+    ({"schedule": "cosine"}, {}, "expected a dict (optim.schedule): 'cosine'; e.g. {'name': 'cosine'}"),
+    ({"param_groups": [(".*", {"schedule": "cosine"})]}, {},
+     "expected a dict (optim.param_groups #0.schedule): 'cosine'"),
+    ({"kwargs": "momentum=0.9"}, {}, "expected a dict (optim.kwargs): 'momentum=0.9'"),
+    ({"weight_decay": 0.1, "wd_rules": [("head/kernel", None), (".*", 0.0)]}, {},
+     "must be a non-negative number (optim.wd_rules #0): None"),
+    ({"schedule": {"name": "step", "boundaries": [50], "decay_factor": None}}, {},
+     "must be a non-negative number (optim.schedule.decay_factor): None"),
+    ({"schedule": {"name": "rsqrt", "timescale": 0}}, {}, "rsqrt needs a positive timescale"),
     ({"layer_decay": 0.5}, {}, "layer_decay needs the model family"),
     ({"layer_decay": 0.5}, {"family": "vitt"}, "unknown model family for layer decay (family): 'vitt'"),
     ({"name": "adamww"}, {}, "unknown optimizer (optim.name): 'adamww'; did you mean adamw?"),
@@ -635,6 +649,17 @@ def test_config_errors_are_one_line_config_errors(config, kwargs, fragment):
     optim.make_optimizer(small_tree(), config, total_steps=100, **kwargs)
   message = str(info.value)
   assert fragment in message and "\n" not in message and info.value.exit_code == 2, message
+
+
+def test_numpy_scalars_are_numbers():
+  # Values computed with numpy (a sweep's np.linspace) are numbers like any other.
+  params = {"cls": np.zeros((1, 1, 4), np.float32), "head": {"kernel": np.zeros((4, 2), np.float32)},
+            "Transformer": {"encoderblock_0": {"w": np.zeros(4, np.float32)}}}
+  plan = optim.fine_tuning_plan(params, {"layer_decay": np.float32(0.5), "lr": np.float64(0.1)},
+                                family="vit", total_steps=np.int64(10))
+  assert plan.layer_decay == 0.5 and plan.row("g0.d0").lr_mult == 0.25
+  assert optim.gradual_unfreezing("resnet", every=np.int64(100), k=np.int32(2))[0] == (
+      100, "stage4/.*|stage3/.*")
 
 
 def test_default_config_drives_make_optimizer():

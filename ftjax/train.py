@@ -727,6 +727,14 @@ def _build(config, workdir: Path) -> tuple[_Run, dict]:
     if ds.num_classes != num_classes:
       raise DataError("class count differs between splits", where=f"data split {split}",
                       value=f"{ds.num_classes} vs train {num_classes}")
+  # A warning, not an error: the class count is right (the head has every class), but the
+  # run can never learn a class it has no example of; a val_fraction split can cause it.
+  empty = data_lib.empty_classes(train_ds)
+  if empty:
+    names = ", ".join(map(repr, empty[:8])) + (", ..." if len(empty) > 8 else "")
+    warnings.append(f"{len(empty)} of {num_classes} classes have no training example in "
+                    f"{train_ds.name}: {names}; the model cannot learn them (check val_fraction, "
+                    "the image count of each class, skipped files)")
   overrides = {k: config.model[k] for k in MODEL_OVERRIDES if config.model[k] is not None}
   dont_load = (".*",) if config.model.scratch else tuple(config.model.dont_load)
   model, variables, report = models.from_pretrained(

@@ -361,6 +361,29 @@ def test_nothing_trainable_runs_with_the_warning_and_changes_nothing(tiny_vit_np
   assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows)
 
 
+def test_a_class_left_without_training_examples_is_a_plan_warning(tiny_vit_npz, tmp_path):
+  # A seeded val_fraction split sends the only image of "rare" to val: the class count still
+  # agrees (3 folders, 3 outputs), but training would never see that class.
+  from PIL import Image
+  for name, n in [("a", 5), ("b", 5), ("rare", 1)]:
+    (tmp_path / "img" / name).mkdir(parents=True)
+    for i in range(n):
+      Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "img" / name / f"{i}.png")
+
+  def warnings_at(val_fraction):
+    cfg = tiny_config(tiny_vit_npz, **{"data.source": "folder", "data.root": str(tmp_path / "img"),
+                                       "data.val_fraction": val_fraction, "data.eval_splits": ["val"]})
+    run, _ = train.prepare(cfg, str(tmp_path / f"wd{val_fraction}"))
+    assert np.bincount(run.train_ds.labels, minlength=3).tolist() == (
+        [2, 2, 0] if val_fraction == 0.6 else [3, 3, 1])
+    return list(run.plan.warnings) + run.warnings
+
+  assert [w for w in warnings_at(0.6) if "no training example" in w] == [
+      f"1 of 3 classes have no training example in {tmp_path / 'img'}[train]: 'rare'; the model "
+      "cannot learn them (check val_fraction, the image count of each class, skipped files)"]
+  assert not [w for w in warnings_at(0.4) if "no training example" in w]
+
+
 # ------------------------------------------------------------------- frozen weights cast once
 
 

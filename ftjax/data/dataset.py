@@ -194,6 +194,19 @@ def take_per_class(ds: Dataset, n: int, *, seed: int) -> Dataset:
   return ds.subset(np.sort(np.concatenate(keep)), name=f"{ds.name}[{n}/class]")
 
 
+def empty_classes(ds: Dataset) -> tuple[str, ...]:
+  """Names of the classes no example of ``ds`` carries: trained on, the model never sees them.
+
+  A seeded ``val_fraction`` split can send every image of a small class to val.
+
+  >>> ds = from_arrays(np.zeros((3, 2, 2), np.uint8), [0, 2, 2], ["cat", "dog", "emu"])
+  >>> empty_classes(ds)
+  ('dog',)
+  """
+  counts = np.bincount(ds.labels, minlength=ds.num_classes)
+  return tuple(ds.class_names[c] for c in np.flatnonzero(counts == 0))
+
+
 def check_num_classes(ds: Dataset, expected: int | None) -> None:
   """DataError when the config names a class count the data disagrees with."""
   if expected is not None and expected != ds.num_classes:

@@ -9,7 +9,7 @@ rules over '/'-joined parameter paths (full match, first match wins, see
   whose depths each model family defines in :data:`LAYER_DEPTHS`;
 * ``unfreeze``: ``[(step, regex), ...]``: matching leaves stay frozen until
   ``step``, then train with their group's spec;
-* decoupled weight decay on kernels only (``wd_rules`` override the mask).
+* decoupled weight decay on kernels and LoRA adapters only (``wd_rules`` override the mask).
 
 Every leaf gets a *label*: ``frozen``, or ``g<group>[.d<depth>][.p<phase>]``.  A
 label's leaves share one learning rate, so the rules compile into one
@@ -85,7 +85,9 @@ LAYER_DEPTHS: dict[str, tuple[tuple[str, int | str], ...]] = {
 
 # Weight decay by default: kernels (dense and conv) only; no biases, norms,
 # position embeddings or class token.
-DEFAULT_WD_RULES = ((r"(?:.*/)?kernel", 1.0), (r".*", 0.0))
+# LoRA adapters (``lora/<kernel path>/{a,b}``, ftjax.lora) decay as their kernel would, as
+# with PEFT under Hugging Face's Trainer (everything but biases and norms).
+DEFAULT_WD_RULES = ((r"(?:.*/)?kernel", 1.0), (r"lora/.*/kernel/[ab]", 1.0), (r".*", 0.0))
 
 # Optimizers whose step size does not scale with the gradient: the "high
 # learning rate" warning uses a lower threshold for them than for SGD.

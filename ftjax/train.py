@@ -767,9 +767,11 @@ def _plan(run: _Run, params) -> None:
   """Phases, masks and the optimizer of every phase: rule and schedule errors surface here."""
   cfg, total = run.config, run.total_steps
   groups = list(cfg.optim.param_groups)
-  if run.lora is not None and len(groups) == 1 and groups[0][0] == ".*":
+  if run.lora is not None and len(groups) == 1 and groups[0][0] == ".*" and groups[0][1] is not None:
     from ftjax import lora
-    cfg.optim.param_groups = lora.PARAM_GROUPS  # adapters and head train, the base is frozen
+    # Adapters and head train under the one spec given (its lr_mult, optimizer), the base is frozen.
+    cfg.optim.param_groups = [(rx, None if spec is None else groups[0][1])
+                              for rx, spec in lora.PARAM_GROUPS]
   run.phases = optim.unfreeze_phases(cfg.optim, total)
   run.masks = [optim.trainable_mask(params, cfg.optim, phase=i) for i in range(len(run.phases))]
   for phase in range(len(run.phases)):

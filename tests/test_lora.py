@@ -135,6 +135,12 @@ def test_fine_tuning_plan_counts_adapters_and_their_optimizer_state(base):
   assert plan.frozen_params == _size(params) - n_head
   # adam: mu and nu in float32 per trainable param, plus two int32 step counts (adam's, schedule's)
   assert plan.row("g0").state_bytes == 2 * 4 * lora.num_lora_params(params, spec) + 8
+  # Weight decay by default on the adapters, as on the kernels they adapt (PEFT under HF's
+  # Trainer decays all but biases and norms); the head's kernel decays, its bias does not.
+  plan = optim.fine_tuning_plan(p, {"weight_decay": 0.1, "param_groups": lora.PARAM_GROUPS},
+                                total_steps=10)
+  assert plan.row("g0").decayed_params == lora.num_lora_params(params, spec)
+  assert plan.row("g1").decayed_params == 32 * 5
 
 
 def _step_peak(model, params, groups, batch, image_size):

@@ -306,13 +306,16 @@ def test_training_loop_with_sharded_params_runs_and_matches_replicated(tiny_vit_
   assert worst <= 1e-5
 
 
-def test_lora_run_trains_adapters_and_head_only(tiny_vit_npz, tmp_path):
+def test_lora_run_trains_adapters_and_head_only(tiny_vit_npz, tmp_path, capsys):
   wd = tmp_path / "wd"
   # remat on (the memory-bound LoRA setting): the adapters' gradients go through the
-  # recomputed blocks.
+  # recomputed blocks.  The one param group's spec carries over to adapters and head.
   cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 3, "model.lora_rank": 2, "train.eval_every": 0,
-                                     "optim.lr": 1e-2, "model.remat": True, "model.attention": "xla"})
+                                     "optim.lr": 1e-2, "model.remat": True, "model.attention": "xla",
+                                     "optim.param_groups": [(".*", {"lr_mult": 0.5})]})
   train.train_and_evaluate(cfg, str(wd))
+  plan = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("g0 ", "g1 "))]
+  assert [(row[0], row[3], row[4]) for row in plan] == [("g0", "0.5", "0.005"), ("g1", "0.5", "0.005")]
   flat, extra = _final_state(wd)
   assert extra["model"]["lora"]["rank"] == 2
   assert extra["model"]["arch"]["remat"] is True and extra["model"]["arch"]["attention"] == "xla"

@@ -7,9 +7,11 @@ OIHW, linear ``(out, in)``), BatchNorm statistics included.  Files are written
 with ``safetensors`` from numpy (no torch needed to export):
 
 * ``hf``: ``config.json`` (architecture, ``id2label``/``label2id`` from the class
-  names), ``model.safetensors`` and ``preprocessor_config.json`` (mean, std,
-  size), loadable with ``ViTForImageClassification.from_pretrained(dir)`` /
-  ``ResNetForImageClassification.from_pretrained(dir)`` and with
+  names), ``model.safetensors`` and ``preprocessor_config.json`` (ftjax's eval
+  resize and crop, mean, std: see :func:`hf_preprocessor_config`), loadable with
+  ``ViTForImageClassification.from_pretrained(dir)`` /
+  ``ResNetForImageClassification.from_pretrained(dir)`` and
+  ``AutoImageProcessor.from_pretrained(dir)``, and with
   ``ftjax.models.from_pretrained("hf:" + dir)``;
 * ``timm``: ``model.safetensors`` with timm's keys and timm's hub-style
   ``config.json``: ``timm.create_model(cfg["architecture"], pretrained=False,
@@ -352,6 +354,53 @@ def _labels(meta: Mapping[str, Any]) -> list[str]:
   return [str(c) for c in names]
 
 
+def hf_preprocessor_config(image_size: tuple[int, int], mean, std, *, resize: str = "shorter_side",
+                           crop_fraction: float = 0.875) -> dict:
+  """transformers' ``preprocessor_config.json`` that repeats ftjax's eval transform
+  (:class:`ftjax.data.transforms.Preprocess`): the same crop, bilinear resampling with
+  antialiasing, ``x / 255``, mean and std.
+
+  ftjax maps the centred ``crop_fraction`` of the image onto the ``S x S`` input in one
+  resize (of the shorter side for "shorter_side", of each side for "squash").
+  ``BitImageProcessor`` does it in two steps: resize to ``R`` (the shorter side, or both
+  sides), then centre-crop ``S``.  ``R`` is the integer nearest ``S / crop_fraction`` with
+  ``R - S`` even: the processor truncates the crop offset ``(R - S) / 2`` to whole pixels,
+  and an odd difference would shift every pixel by half a pixel (measured on smooth images
+  at S = 32: 1.7 grey levels apart on average with R = 36, 5.4 with R = 37).  The crop
+  then covers ``S / R`` of the side instead of ``crop_fraction`` (exact for 224 / 0.875 =
+  256); the longer side and its crop offset are still rounded to whole pixels.
+  (``ConvNextImageProcessor``'s ``crop_pct`` truncates ``S / crop_pct``, whatever its parity,
+  and from ``S = 384`` on is ignored: the whole image is squashed. transformers 4's
+  ``ViTImageProcessor`` has no crop step.)  ftjax's eval transform is square: a model with a
+  non-square input gets the whole image squashed to it.
+
+  >>> cfg = hf_preprocessor_config((224, 224), [0.5] * 3, [0.5] * 3)
+  >>> cfg["size"], cfg["crop_size"], cfg["resample"]
+  ({'shortest_edge': 256}, {'height': 224, 'width': 224}, 2)
+  >>> hf_preprocessor_config((384, 384), [0.5] * 3, [0.5] * 3, resize="squash")["size"]
+  {'height': 438, 'width': 438}
+  >>> hf_preprocessor_config((64, 64), [0.5] * 3, [0.5] * 3)["size"]  # 64 / 0.875 = 73.1
+  {'shortest_edge': 74}
+  >>> cfg = hf_preprocessor_config((32, 48), [0.5] * 3, [0.5] * 3)
+  >>> cfg["size"], cfg["do_center_crop"]
+  ({'height': 32, 'width': 48}, False)
+  """
+  h, w = image_size
+  if h != w:
+    size, crop = {"height": h, "width": w}, None
+  else:
+    r = h + 2 * round((h / crop_fraction - h) / 2)
+    size = {"shortest_edge": r} if resize == "shorter_side" else {"height": r, "width": r}
+    crop = {"height": h, "width": w}
+  # PIL.Image.BILINEAR: what Preprocess resizes with; torchvision's antialiased bilinear
+  # (the processor's default backend) follows PIL's filter.
+  return {"image_processor_type": "BitImageProcessor", "do_convert_rgb": True,
+          "do_resize": True, "size": size, "resample": 2,
+          "do_center_crop": crop is not None, **({"crop_size": crop} if crop else {}),
+          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": list(mean), "image_std": list(std)}
+
+
 def _save(tensors: Mapping[str, np.ndarray], path: Path) -> None:
   from safetensors.numpy import save_file
   # transformers refuses safetensors files without a "format" entry.
@@ -363,7 +412,8 @@ def _write_json(path: Path, obj) -> None:
   path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str = "hf") -> Path:
+def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str = "hf", *,
+           resize: str = "shorter_side", crop_fraction: float = 0.875) -> Path:
   """Writes ``variables`` as a PyTorch model directory; returns the directory.
 
   Args:
@@ -373,6 +423,8 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
       arch, num_classes, image_size, mean, std, class_names.
     directory: created if missing; existing files of the same names are replaced.
     fmt: ``"hf"`` or ``"timm"``.
+    resize, crop_fraction: the run's eval transform (``data.resize``,
+      ``data.crop_fraction``), which the hf ``preprocessor_config.json`` repeats.
   """
   if fmt not in FORMATS:
     raise ConfigError("unknown export format", where="--format", value=repr(fmt), hint=f"one of {FORMATS}")
@@ -387,11 +439,8 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
     config["id2label"] = {str(i): n for i, n in enumerate(labels)}
     config["label2id"] = {n: i for i, n in enumerate(labels)}
     _write_json(out / "config.json", config)
-    _write_json(out / "preprocessor_config.json", {
-        "image_processor_type": "ViTImageProcessor" if family == "vit" else "ConvNextImageProcessor",
-        "do_resize": True, "size": {"height": image_size[0], "width": image_size[1]},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(meta["mean"]), "image_std": list(meta["std"])})
+    _write_json(out / "preprocessor_config.json", hf_preprocessor_config(
+        image_size, meta["mean"], meta["std"], resize=resize, crop_fraction=crop_fraction))
   else:
     tensors = to_timm(family, arch, variables)
     if family == "vit":
@@ -445,9 +494,11 @@ def main(argv=None) -> int:
   parser.add_argument("--format", default="hf", choices=FORMATS)
   parser.add_argument("--ema", action="store_true", help="export the EMA parameters")
   args = parser.parse_args(argv)
+  from ftjax.predict import run_eval_resize
   try:
     variables, meta = read_run(args.workdir, ema=args.ema)
-    out = export(variables, meta, args.out, args.format)
+    resize, crop_fraction = run_eval_resize(args.workdir)
+    out = export(variables, meta, args.out, args.format, resize=resize, crop_fraction=crop_fraction)
   except FtjaxError as e:
     return report(e)
   print(f"exported {meta['family']} ({args.format}) to {out}")
@@ -458,4 +509,4 @@ if __name__ == "__main__":
   sys.exit(main())
 
 
-__all__ = ["FORMATS", "export", "main", "read_run", "to_hf", "to_timm"]
+__all__ = ["FORMATS", "export", "hf_preprocessor_config", "main", "read_run", "to_hf", "to_timm"]

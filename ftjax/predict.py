@@ -58,9 +58,9 @@ def list_images(folder: str | os.PathLike) -> list[str]:
   return sorted(found)
 
 
-def run_preprocessing(workdir: str | os.PathLike, meta: dict) -> tuple[Preprocess, tuple, tuple]:
-  """(eval transform, mean, std) of a run: sizes and statistics from its checkpoint metadata,
-  resize mode and crop fraction from its stored config (the data defaults without one)."""
+def run_eval_resize(workdir: str | os.PathLike) -> tuple[str, float]:
+  """(``data.resize``, ``data.crop_fraction``) of a run's stored config (the data defaults
+  without one): how its eval transform resizes and crops."""
   from ftjax.data.config import default_config
   data = default_config()
   resize, crop = data.resize, data.crop_fraction
@@ -68,11 +68,18 @@ def run_preprocessing(workdir: str | os.PathLike, meta: dict) -> tuple[Preproces
   if stored.is_file():
     cfg = json.loads(stored.read_text()).get("data", {})
     resize, crop = cfg.get("resize", resize), cfg.get("crop_fraction", crop)
+  return resize, float(crop)
+
+
+def run_preprocessing(workdir: str | os.PathLike, meta: dict) -> tuple[Preprocess, tuple, tuple]:
+  """(eval transform, mean, std) of a run: sizes and statistics from its checkpoint metadata,
+  resize mode and crop fraction from its stored config (:func:`run_eval_resize`)."""
+  resize, crop = run_eval_resize(workdir)
   h, w = (int(s) for s in meta["image_size"])
   if h != w:
     raise ConfigError("prediction needs a square image size", where="checkpoint image_size",
                       value=f"{h}x{w}")
-  return (Preprocess(image_size=h, resize=resize, crop_fraction=float(crop)), tuple(meta["mean"]),
+  return (Preprocess(image_size=h, resize=resize, crop_fraction=crop), tuple(meta["mean"]),
           tuple(meta["std"]))
 
 
@@ -172,4 +179,4 @@ if __name__ == "__main__":
   sys.exit(main())
 
 
-__all__ = ["list_images", "load_model", "main", "predict", "run_preprocessing", "top_k"]
+__all__ = ["list_images", "load_model", "main", "predict", "run_eval_resize", "run_preprocessing", "top_k"]

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from ftjax import export, models
+from ftjax.data.transforms import Preprocess, normalize
 from ftjax.errors import ConfigError
 from ftjax.tree import flatten, unflatten
 
@@ -104,6 +106,64 @@ def test_resnet_round_trip_with_batch_stats(tmp_path, fmt, arch):
     theirs = _torch_logits(_timm_model(out)[0], x)
   assert np.abs(theirs - ours).max() < 1e-4
   assert np.abs(ours).max() > 0.1
+
+
+def _smooth_image(width, height):
+  """Slow colour waves: moving the sampling grid by a fraction of a pixel changes a pixel by
+  about a grey level, so what the comparison sees is the geometry (which region, what scale)."""
+  y, x = np.mgrid[0:height, 0:width] / max(width, height)
+  rgb = [127.5 + 100 * np.sin(2 * np.pi * (1.5 * x + 0.5 * y)), 255 * x,
+         127.5 + 100 * np.cos(4 * np.pi * y)]
+  return Image.fromarray(np.stack(rgb, -1).round().astype(np.uint8))
+
+
+def _processed(directory, image):
+  """pixel_values of transformers' AutoImageProcessor for the export, HWC."""
+  from transformers import AutoImageProcessor
+  processor = AutoImageProcessor.from_pretrained(str(directory))
+  return processor(image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+
+
+def _eval_transform(image, size, **kw):
+  """ftjax's eval input for ``image`` with _meta's mean and std (0.5)."""
+  return normalize(Preprocess(image_size=size, **kw).apply(image)[None], (0.5,) * 3, (0.5,) * 3)[0]
+
+
+@pytest.mark.parametrize("family,arch", [("vit", VIT_ARCH), ("resnet", RESNET_BASIC)], ids=["vit", "resnet"])
+def test_hf_image_processor_repeats_the_eval_transform(tmp_path, family, arch):
+  # The processor used to squash the whole image (ViT) or refuse to run (ResNet: ConvNext's
+  # processor wants a shortest_edge); ftjax resizes the shorter side and crops the centre 0.875.
+  _, variables = _perturbed(family, arch, 224, seed=10)
+  out = export.export(variables, _meta(family, arch, 224), tmp_path, "hf")
+  image = _smooth_image(640, 427)  # a photo's shape, downscaled: antialiasing matters
+  theirs, ours = _processed(out, image), _eval_transform(image, 224)
+  levels = np.abs(theirs - ours) * 0.5 * 255  # std 0.5: back to 0..255 grey levels
+  # Measured: mean 0.35, max 2 levels. The shorter side is exact (427 -> 256, crop 16 px);
+  # the longer side is resized to a whole 383 px and cropped at a whole 79 px where ftjax's
+  # box starts 79.5 px in. (A detailed photo, where half a pixel matters more: mean 3.)
+  # Squashing the whole image, as the export did: mean 34 levels.
+  assert levels.mean() < 0.5 and levels.max() <= 3.001
+  squashed = _eval_transform(image, 224, resize="squash", crop_fraction=1.0)
+  assert np.abs(theirs - squashed).mean() * 127.5 > 20
+
+
+def test_export_command_repeats_the_runs_resize_and_crop(tmp_path):
+  """``python -m ftjax.export`` reads data.resize and data.crop_fraction from the run."""
+  from ftjax import checkpoint
+  _, variables = _perturbed("vit", VIT_ARCH, 32, seed=11)
+  with checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", async_save=False) as c:
+    c.save(1, variables, extra={"model": _meta("vit", VIT_ARCH, 32)})
+  (tmp_path / "run" / "config.json").write_text(json.dumps({"data": {"resize": "squash",
+                                                                      "crop_fraction": 0.9}}))
+  assert export.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}"]) == 0
+  config = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+  # 32 / 0.9 = 35.6: 36, an even 4 px more than 32, so the crop starts on a whole pixel
+  assert (config["size"], config["crop_size"]) == ({"height": 36, "width": 36}, {"height": 32, "width": 32})
+  image = _smooth_image(90, 150)
+  levels = np.abs(_processed(tmp_path / "hf", image) -
+                  _eval_transform(image, 32, resize="squash", crop_fraction=0.9)) * 127.5
+  # Measured: mean 1.4, max 6 levels: 32 / 36 = 0.889 of each side instead of 0.9, 1.2% more
+  assert levels.mean() < 2
 
 
 def test_hf_export_reads_back_into_ftjax_bit_identical(tmp_path):

@@ -28,7 +28,9 @@ own process, so the device's peak memory is that configuration's alone.
 
 Prints one JSON line per configuration (``framework: ftjax``; the baseline's
 lines pass through unchanged), then the ratio table.  MFU is given twice: from
-XLA's count of the lowered step (see ``ftjax.metrics.step_flops``), and from the analytic per-image counts
+ftjax's count of the lowered step's matrix products, convolutions and cuDNN
+attention (``ftjax.metrics.step_flops``, the trainer's count; the column keeps
+its name ``mfu_xla``), and from the analytic per-image counts
 in shared/anchors.md (ViT-B/16 35.2 GFLOP forward, 105.5 per training image;
 ResNet-50 8.2 / 24.7).  Peak memory is the device allocator's
 ``peak_bytes_in_use`` (none on CPU) and XLA's own buffer assignment for the
@@ -344,7 +346,7 @@ def run_one(model_key: str, mode: str, s: Settings, arch_overrides: dict | None 
 
   device = jax.devices()[0]
   peak = s.peak_tflops * 1e12 if s.peak_tflops else metrics.device_peak_flops(device)
-  flops = metrics.step_flops(lowered)  # before the GPU's GEMMs become uncounted custom calls
+  flops = metrics.step_flops(lowered)  # the program as lowered: the GEMMs are not yet library calls
   per_image = analytic_flops_per_image(model_key, mode, s)
   stats = device.memory_stats() or {}  # before any profiling: the step's peak alone
   # The timm name it is compared with; a smoke model is compared with nothing.

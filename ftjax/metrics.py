@@ -35,6 +35,7 @@ import numpy as np
 from matplotlib.figure import Figure  # pyplot is never imported: no backend, no window
 
 from ftjax.errors import ConfigError, DataError
+from ftjax.flops import hlo_flops
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -487,28 +488,23 @@ def device_peak_flops(device=None) -> float | None:
 
 
 def step_flops(lowered, program_copies: int = 1) -> float | None:
-  """FLOPs of one call of a lowered jax function (``jitted.lower(...)``), all devices together.
+  """Model FLOPs of one call of a lowered jax function (``jitted.lower(...)``), all devices together.
 
-  XLA counts the program jax hands it, before the backend's own passes: compiled
-  for a GPU, the matrix products and convolutions become cuBLAS/cuDNN custom
-  calls that a count after compilation leaves out (on an H100 it gave 5.2 of a
-  ViT-B/16 training image's 105.5 GFLOP).  Custom calls that jax itself emits
-  are not counted either (cuDNN flash attention: about 4% of a ViT-B/16 step),
-  so an MFU built on this count errs low, never high.  A jit program has the
-  global shapes; a pmap program is one device's, so ``program_copies`` is then
-  the number of devices.  None when XLA reports no count.
+  Counted from the program jax hands the compiler (:func:`ftjax.flops.hlo_flops`:
+  matrix products, convolutions and cuDNN attention, 2 per multiply-add), the
+  same on every backend: XLA's own count of a lowered program is not available
+  on a GPU (jax returns None for PJRT plugins), and its count of the compiled
+  program leaves out what became cuBLAS/cuDNN calls.  The program as written:
+  ViT's tokens padded for cuDNN (200 of 197) count too, 1.6% more than the
+  unpadded model.  A jit program has the global shapes; a pmap program is one
+  device's, so ``program_copies`` is then the number of devices.  None when the
+  program has no such operation.
 
   >>> step_flops(jax.jit(lambda x: x @ x).lower(jnp.ones((8, 8))))  # 8 * 8 outputs, 8 multiply-adds each
   1024.0
   """
-  cost = lowered.cost_analysis()
-  # jax < 0.4.30 returns one dict per program in a list; later versions one dict.
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  if flops is None or flops < 0:
-    return None
-  return float(flops) * program_copies
+  counted = hlo_flops(lowered.as_text(dialect="hlo"))
+  return counted * program_copies if counted > 0 else None
 
 
 def format_bytes(n: int) -> str:

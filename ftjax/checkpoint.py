@@ -918,9 +918,11 @@ class Checkpointer:
     stored = body.get("fingerprint")
     if self.fingerprint is None or stored is None:
       return
-    # Compare through JSON so that tuples and lists, ints and floats agree as stored.
+    # Compare through JSON so that tuples and lists, ints and floats agree as stored.  Only
+    # keys both sides record: a checkpoint written before a key joined the fingerprint
+    # (config.RESUME_KEYS) says nothing about it.
     mine = json.loads(_canonical(self.fingerprint))
-    differ = sorted(k for k in set(mine) | set(stored) if mine.get(k, ...) != stored.get(k, ...))
+    differ = sorted(k for k in stored.keys() & mine.keys() if mine[k] != stored[k])
     if differ:
       k = differ[0]
       more = f" (and {len(differ) - 1} more keys)" if len(differ) > 1 else ""

@@ -784,9 +784,18 @@ def _plan(run: _Run, params) -> None:
   if t.shard_params:
     rule_tree(params, [(r, True) for r in t.shard_params], what="train.shard_params rule", default=False)
   split, _, key = t.best_metric.partition("/")
-  if t.early_stopping_patience and split.removeprefix("ema_") not in cfg.data.eval_splits:
-    raise ConfigError("early stopping watches a split that is not evaluated", where="train.best_metric",
-                      value=repr(t.best_metric), hint=f"evaluated splits: {list(cfg.data.eval_splits)}")
+  if split.removeprefix("ema_") not in cfg.data.eval_splits:
+    # Early stopping needs the metric; keeping the best checkpoints would silently keep
+    # none by it (a run that evaluates nothing keeps the latest only, as it should).
+    if t.early_stopping_patience:
+      raise ConfigError("early stopping watches a split that is not evaluated", where="train.best_metric",
+                        value=repr(t.best_metric), hint=f"evaluated splits: {list(cfg.data.eval_splits)}")
+    if t.keep_best and cfg.data.eval_splits:
+      raise ConfigError("keep_best ranks by a split that is not evaluated", where="train.best_metric",
+                        value=repr(t.best_metric), hint=f"evaluated splits: {list(cfg.data.eval_splits)}")
+  if t.early_stopping_patience:  # its own checks, before anything is written
+    metrics_lib.EarlyStopping(t.best_metric, t.best_mode, t.early_stopping_patience,
+                              t.early_stopping_min_delta)
   if key not in _SCALAR_METRICS:
     raise ConfigError("unknown evaluation metric", where="train.best_metric", value=repr(t.best_metric),
                       hint=f"<split>/<metric>, metric one of {', '.join(_SCALAR_METRICS)}")
@@ -915,8 +924,9 @@ def prepare(config, workdir: str) -> tuple[_Run, dict]:
 
   Config, devices, workdir, stored config, data, weights and the optimizer
   plan are checked before anything is written, so bad input fails here with
-  one line and leaves no trace.  Only then is the workdir created and its
-  ``config.json`` written.
+  one line and leaves no trace.  Only then is the workdir created (empty); its
+  ``config.json`` is written by :func:`record_config` once the checkpoint, if
+  any, has been restored: a config the checkpoint refuses is never recorded.
   """
   config_lib.check_schema(config)
   config_lib.validate(config)
@@ -948,8 +958,14 @@ def prepare(config, workdir: str) -> tuple[_Run, dict]:
   run.config_dict = config_dict
   if writes_workdir():
     _make_workdir(wd)
-    metrics_lib.write_atomically(wd / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True))
   return run, variables
+
+
+def record_config(run: _Run) -> None:
+  """Writes ``WORKDIR/config.json``, the config of record that a resume by ``--workdir`` reads."""
+  if writes_workdir():
+    metrics_lib.write_atomically(run.workdir / CONFIG_FILE,
+                                 json.dumps(run.config_dict, indent=2, sort_keys=True))
 
 
 def writes_workdir() -> bool:
@@ -1069,13 +1085,28 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   ledger = []
   if restored is not None:
     step0, state, extra = restored
+    if step0 > total:
+      ckpt.close()
+      raise ConfigError("the checkpoint is past the run's end", where=str(wd / "checkpoints"),
+                        value=f"step {step0} > train.total_steps {total}",
+                        hint="raise total_steps to go on, or use a new --workdir")
     if early is not None and extra.get("early_stopping"):
-      early.load_state_dict(extra["early_stopping"])
+      try:
+        early.load_state_dict(extra["early_stopping"])
+      except ConfigError:
+        ckpt.close()
+        raise
     ledger = [list(seg) for seg in extra.get("ledger") or []]
     print(f"resumed from step {step0} in {wd / 'checkpoints'}", flush=True)
   else:
     state = template(0)
+  record_config(run)  # the checkpoint took this config: it is now the run's config of record
   step = int(distributed.host_value(state.step))  # the step is state: everything below follows from it
+  # A run that stopped early is over: rerunning it evaluates, as a finished run does.
+  training = step < total and not (early is not None and early.stopped_step is not None)
+  if step < total and not training:
+    print(f"the run stopped early at step {early.stopped_step} (best {t.best_metric} {early.best:.4f} "
+          f"at step {early.best_step}): nothing left to train", flush=True)
   phase = optim.state_phase(step, cfg.optim)  # the loop moves it on at the next phase's first step
   tx = make_tx(phase)
   runner = PmapRunner() if t.parallel == "pmap" else JitRunner(run.mesh, t.shard_params)
@@ -1099,12 +1130,12 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     eval_fn = jax.jit(functools.partial(eval_step, model=run.model, num_classes=run.num_classes))
     eval_put = JitRunner(run.mesh).put_batch
     it = _train_iterator(run, step)
-    first_batch = runner.put_batch(next(it)) if step < total else None
+    first_batch = runner.put_batch(next(it)) if training else None
     view = runner.view(state)
     cast_paths = (frozen_cast_paths(run.model, view.params, view.batch_stats,
-                                    first_batch["image"].shape[-3:], opts) if step < total else {})
+                                    first_batch["image"].shape[-3:], opts) if training else {})
     step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths)
-    compiled, flops = (_compile_step(step_fn, state, first_batch, frozen, runner, phase) if step < total
+    compiled, flops = (_compile_step(step_fn, state, first_batch, frozen, runner, phase) if training
                        else (None, None))
     peak = metrics_lib.device_peak_flops()
     progress = Progress(total, start_step=step, batch_size=t.batch_size, log_every=t.log_every,
@@ -1113,7 +1144,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     new_segment = True  # this process's updates start a new ledger segment
     if sigterm.agreed(sync=True):  # during start-up: nothing new to save
       raise _preempted(step, wd)
-    while step < total:
+    while training and step < total:
       batch = first_batch if first_batch is not None else runner.put_batch(next(it))
       first_batch = None
       new_phase = optim.phase_at(step, cfg.optim)

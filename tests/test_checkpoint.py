@@ -447,6 +447,9 @@ def test_a_different_fingerprint_is_a_config_error(three_steps):
                             "'tiny' in step 3, now 'base'; resume with the run's own config, "
                             "or use a new workdir")
   assert c.all_steps() == [1, 2, 3]
+  # A key the checkpoint did not record (it joined the fingerprint later) is not compared.
+  newer = Checkpointer(three_steps, fingerprint={"arch": "tiny", "data.split_seed": 3})
+  assert newer.restore_latest(small_state(0))[0] == 3
 
 
 def test_a_template_of_another_model_is_refused(three_steps):

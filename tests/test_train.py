@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ftjax import checkpoint, train
-from ftjax.errors import ConfigError, NumericsError
+from ftjax.errors import CheckpointError, ConfigError, NumericsError
 from ftjax.tree import flatten
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -162,6 +162,28 @@ def test_early_stopping_stops_where_the_history_says(tiny_vit_npz, tmp_path):
   rows = _rows(tmp_path / "wd")
   assert [r["step"] for r in rows if r["kind"] == "eval"] == [1, 2, 3]
   assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints")[-1] == 3
+  # The same command again: the run is over, nothing trains (it used to go on a step a rerun).
+  train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints")[-1] == 3
+  assert [r["step"] for r in _rows(tmp_path / "wd") if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_a_refused_resume_leaves_the_workdir_as_it_was(tiny_vit_npz, tmp_path):
+  # config.json is the run's config of record: a config the checkpoint refuses (another
+  # state layout, a run already past the new end) must not replace it, or the documented
+  # resume by --workdir alone would fail from then on.
+  overrides = {"train.total_steps": 4, "train.eval_every": 0}
+  wd = tmp_path / "wd"
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(wd))
+  stored = (wd / "config.json").read_text()
+  with pytest.raises(CheckpointError, match="checkpoint keys differ from the state"):
+    train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides, **{"train.ema_decay": 0.9}), str(wd))
+  assert (wd / "config.json").read_text() == stored
+  with pytest.raises(ConfigError, match=r"the checkpoint is past the run's end \(.*\): step 4 > "
+                                        r"train.total_steps 2; raise total_steps"):
+    train.train_and_evaluate(tiny_config(tiny_vit_npz, **{**overrides, "train.total_steps": 2}), str(wd))
+  assert (wd / "config.json").read_text() == stored
+  train.train_and_evaluate(train.stored_config(wd), str(wd))  # and the run resumes as recorded
 
 
 def test_nan_loss_stops_with_numerics_code_and_keeps_last_good_checkpoint(tiny_vit_npz, tmp_path):

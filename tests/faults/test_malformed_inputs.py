@@ -170,6 +170,12 @@ IN_PROCESS = [
      C(**{"train.early_stopping_patience": 2, "train.best_metric": "val/top1"}),
      "ftjax: error: early stopping watches a split that is not evaluated (train.best_metric): "
      "'val/top1'; evaluated splits: ['test']", 2),
+    ("best checkpoints ranked by a split not evaluated", C(**{"train.best_metric": "val/top1"}),
+     "ftjax: error: keep_best ranks by a split that is not evaluated (train.best_metric): "
+     "'val/top1'; evaluated splits: ['test']", 2),
+    ("early stopping with a negative min_delta",
+     C(**{"train.early_stopping_patience": 2, "train.early_stopping_min_delta": -1.0}),
+     "ftjax: error: early stopping min_delta must be >= 0 (early_stopping.min_delta): -1.0", 2),
     ("image size not divisible by patch size", C(**{"data.image_size": 30}),
      'ftjax: error: image size not divisible by the ViT patch size (image_size): 30x30; patch 8: try '
      '32x32', 2),

@@ -136,7 +136,8 @@ def test_resume_by_workdir_uses_stored_json_never_a_planted_config_py(tiny_vit_n
                                                                       jax_cache):
   wd = tmp_path / "wd"
   # A workdir as a run leaves it before its first step: checked, created, config.json stored.
-  train.prepare(tiny_config(tiny_vit_npz, **{"train.total_steps": 2, "train.eval_every": 0}), str(wd))
+  run, _ = train.prepare(tiny_config(tiny_vit_npz, **{"train.total_steps": 2, "train.eval_every": 0}), str(wd))
+  train.record_config(run)
   marker = tmp_path / "PLANTED_RAN"
   for name in ("config.py", "cfg.py", "configs/default.py"):
     (wd / name).parent.mkdir(exist_ok=True)

@@ -23,6 +23,7 @@ EXIT_USAGE = 2  # bad config, bad command line, bad argument
 EXIT_DATA = 3  # bad data or bad checkpoint
 EXIT_NUMERICS = 4  # non-finite loss / parameters
 EXIT_PREEMPTED = 75  # preempted (SIGTERM) after a clean save: rerun to resume (EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # Ctrl-C after a clean save (128 + SIGINT, as shells report it)
 
 
 class FtjaxError(Exception):
@@ -81,6 +82,12 @@ class Preempted(FtjaxError):
   """The run was asked to stop (SIGTERM) and saved; rerun the command to resume."""
 
   exit_code = EXIT_PREEMPTED
+
+
+class Interrupted(Preempted):
+  """Ctrl-C: the run saved at the end of its step; rerun the command to resume."""
+
+  exit_code = EXIT_INTERRUPTED
 
 
 def report(error: FtjaxError) -> int:

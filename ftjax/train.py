@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,7 +42,8 @@ from ftjax import data as data_lib
 from ftjax import metrics as metrics_lib
 from ftjax import models, optim
 from ftjax.checkpoint import Checkpointer, first_non_finite
-from ftjax.errors import CheckpointError, ConfigError, DataError, NumericsError, Preempted
+from ftjax.errors import (CheckpointError, ConfigError, DataError, Interrupted, NumericsError,
+                          Preempted)
 from ftjax.progress import Progress
 from ftjax.tree import flatten, path_str, rule_tree, unflatten
 
@@ -820,22 +822,29 @@ def _update_batch_stats(config, variables, masks) -> bool:
 
 
 class _SigtermFlag:
-  """SIGTERM sets a flag; the loop saves at the step where :meth:`agreed` says so and exits
-  with the preempted code."""
+  """SIGTERM, or a first Ctrl-C, sets a flag; the loop saves at the step where :meth:`agreed`
+  says so and exits with the preempted (interrupted) code.  A second Ctrl-C quits at once."""
 
   def __init__(self):
     self.raised = False
-    self._old = None
+    self.interrupted = False
+    self._old = {}
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: leave signals alone
-      self._old = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
     return self
 
   def _handle(self, signum, frame):
     self.raised = True
+    if signum == signal.SIGINT:
+      self.interrupted = True
+      signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+      print("interrupted: saving at the end of this step (Ctrl-C again quits without saving)",
+            file=sys.stderr, flush=True)
 
   def agreed(self, sync: bool) -> bool:
     """Whether to save and exit now.
@@ -853,8 +862,8 @@ class _SigtermFlag:
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.raised))))
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 def _compile_phase(run: _Run, runner, tx, mask, opts: StepOptions, state, cast_paths: Mapping[str, Any]):
@@ -1061,9 +1070,10 @@ def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> di
   return summaries
 
 
-def _preempted(step: int, wd: Path) -> Preempted:
-  return Preempted("preempted by SIGTERM", where=f"step {step}", value=str(wd / "checkpoints"),
-                   hint="rerun the same command to resume")
+def _preempted(step: int, wd: Path, flag: _SigtermFlag) -> Preempted:
+  kind, what = (Interrupted, "interrupted by Ctrl-C") if flag.interrupted else (Preempted, "preempted by SIGTERM")
+  return kind(what, where=f"step {step}", value=str(wd / "checkpoints"),
+              hint="rerun the same command to resume")
 
 
 def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts: StepOptions, hit,
@@ -1143,7 +1153,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     stopped_early = False
     new_segment = True  # this process's updates start a new ledger segment
     if sigterm.agreed(sync=True):  # during start-up: nothing new to save
-      raise _preempted(step, wd)
+      raise _preempted(step, wd, sigterm)
     while training and step < total:
       batch = first_batch if first_batch is not None else runner.put_batch(next(it))
       first_batch = None
@@ -1189,7 +1199,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
         if last_saved != step:
           save(step)
         ckpt.wait()
-        raise _preempted(step, wd)
+        raise _preempted(step, wd, sigterm)
     ckpt.wait()
   finally:
     if progress is not None:

@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny ViT and real digits: outputs, resume, parallelism, errors."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -150,6 +151,30 @@ def test_sigterm_saves_exits_75_and_resume_recomputes_nothing(tiny_vit_npz, tmp_
   assert json.loads((wd / "config.json").read_text())["train"]["total_steps"] == saved[-1] + 2
   logged = [r["step"] for r in _rows(wd) if r["kind"] == "train"]
   assert logged == list(range(1, saved[-1] + 3))
+
+
+def test_ctrl_c_saves_exits_130_and_a_second_one_quits(tiny_vit_npz, tmp_path, monkeypatch):
+  # A first Ctrl-C saves at the end of the step and exits 130; the handler is then the
+  # default again (a second Ctrl-C quits at once), and restored when the run returns.
+  from ftjax.errors import Interrupted
+  handlers = []
+
+  def hook(*specs):
+    def hit(moment, step):
+      if (moment, step) == ("after", 2):
+        os.kill(os.getpid(), signal.SIGINT)
+        handlers.append(signal.getsignal(signal.SIGINT))
+    return hit
+
+  monkeypatch.setattr(train, "fault_hook", hook)
+  before = signal.getsignal(signal.SIGINT)
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 6, "train.eval_every": 0,
+                                     "train.checkpoint_every": 0, "train.log_every": 1})
+  with pytest.raises(Interrupted) as info:
+    train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  assert info.value.exit_code == 130 and str(info.value).startswith("ftjax: error: interrupted by Ctrl-C (step 2)")
+  assert handlers == [signal.default_int_handler] and signal.getsignal(signal.SIGINT) is before
+  assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints") == [2]  # the step it was in
 
 
 def test_early_stopping_stops_where_the_history_says(tiny_vit_npz, tmp_path):

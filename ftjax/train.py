@@ -801,6 +801,10 @@ def _plan(run: _Run, params) -> None:
   if key not in _SCALAR_METRICS:
     raise ConfigError("unknown evaluation metric", where="train.best_metric", value=repr(t.best_metric),
                       hint=f"<split>/<metric>, metric one of {', '.join(_SCALAR_METRICS)}")
+  lower_is_better = key in ("loss", "ece")
+  if (t.keep_best or t.early_stopping_patience) and lower_is_better == (t.best_mode == "max"):
+    run.warnings.append(f"train.best_metric {t.best_metric} with best_mode {t.best_mode!r}: the "
+                        f"{'highest' if t.best_mode == 'max' else 'lowest'} {key} counts as best")
   run.plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
                                     num_train_examples=run.train_ds.num_examples,
                                     steps_per_epoch=run.steps_per_epoch)
@@ -1187,7 +1191,9 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
           writer.write(step, "eval", {f"{split}/{k}": v for k, v in s.items() if k != "confusion"})
         if early is not None and early.update(step, _lookup_metric(summaries, t.best_metric)):
           stopped_early = True
-      if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total or stopped_early:
+      # An evaluated step is saved too when the best are kept: its metric ranks it.
+      if ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == total or stopped_early
+          or (evaluated and t.keep_best)):
         save(step, summaries if evaluated else None)
         last_saved = step
       if stopped_early:

@@ -193,6 +193,24 @@ def test_early_stopping_stops_where_the_history_says(tiny_vit_npz, tmp_path):
   assert [r["step"] for r in _rows(tmp_path / "wd") if r["kind"] == "train"] == [1, 2, 3]
 
 
+def test_keep_best_keeps_the_best_evaluated_step(tiny_vit_npz, tmp_path, capsys):
+  # Evaluations every 2 steps, checkpoints only at the end: each evaluated step is saved
+  # as well, so the best of them survives retention beside the latest (before, only the
+  # end was ever saved and ranked).  A loss ranked with best_mode "max" is a plan warning.
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 6, "train.eval_every": 2,
+                                     "train.checkpoint_every": 0, "train.keep_latest": 1,
+                                     "train.keep_best": 1, "train.best_metric": "test/loss",
+                                     "train.best_mode": "min", "optim.lr": 0.05})
+  train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  losses = {r["step"]: r["test/loss"] for r in _rows(tmp_path / "wd") if r["kind"] == "eval"}
+  assert sorted(losses) == [2, 4, 6]
+  best = min(losses, key=losses.get)
+  assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints") == sorted({best, 6})
+  assert "best_mode 'max': the highest loss counts as best" not in capsys.readouterr().out
+  run, _ = train.prepare(tiny_config(tiny_vit_npz, **{"train.best_metric": "test/loss"}), str(tmp_path / "w2"))
+  assert "train.best_metric test/loss with best_mode 'max': the highest loss counts as best" in run.warnings
+
+
 def test_a_refused_resume_leaves_the_workdir_as_it_was(tiny_vit_npz, tmp_path):
   # config.json is the run's config of record: a config the checkpoint refuses (another
   # state layout, a run already past the new end) must not replace it, or the documented

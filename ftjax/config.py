@@ -25,10 +25,21 @@ from ml_collections.config_dict import placeholder
 from ftjax.errors import ConfigError
 
 # Keys whose change makes a stored run a different experiment: resuming a
-# workdir whose config.json differs in one of these is refused.
+# workdir whose config.json differs in one of these is refused, and every
+# checkpoint records them (its fingerprint, compared on the keys both sides
+# record, so a key added here does not lock older checkpoints out).  The data
+# keys are those that decide which examples are trained on, which labels they
+# carry, how they are transformed, and what the "val" split holds; keys that
+# only change speed or failure handling (num_workers, prefetch, on_corrupt)
+# are not, nor eval_splits (which splits are reported, each under its own
+# name) or data.seed (the trainer seeds the data with the top-level seed).
 RESUME_KEYS = ("seed", "model.source", "model.num_classes", "data.image_size", "model.scratch",
                "model.dont_load", "model.lora_rank", "data.source", "data.name", "data.root", "data.train_root",
-               "data.per_class", "train.batch_size", "optim")
+               "data.per_class", "train.batch_size", "optim",
+               "data.data_dir", "data.path", "data.image_key", "data.label_key", "data.train_split",
+               "data.val_root", "data.val_fraction", "data.split_seed", "data.verify_images",
+               "data.resize", "data.crop_fraction", "data.augment", "data.mixup_alpha",
+               "data.cutmix_alpha", "data.mix_switch_prob")
 
 
 def model_config() -> mc.ConfigDict:
@@ -127,10 +138,10 @@ def to_dict(config) -> dict:
   return json.loads(json.dumps(config, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def _get(d: Mapping, dotted: str):
+def _get(d: Mapping, dotted: str, default=None):
   for part in dotted.split("."):
     if not isinstance(d, Mapping) or part not in d:
-      return None
+      return default
     d = d[part]
   return d
 
@@ -138,10 +149,22 @@ def _get(d: Mapping, dotted: str):
 def resume_mismatches(stored: Mapping, current: Mapping) -> list[str]:
   """Keys in :data:`RESUME_KEYS` whose values differ between two config dicts.
 
+  A key a dict lacks counts as its default: a ``config.json`` written before
+  the key existed describes a run that behaved as the default does.
+
   >>> resume_mismatches({"seed": 0, "optim": {"lr": 1}}, {"seed": 0, "optim": {"lr": 2}})
   ['optim']
+  >>> resume_mismatches({"data": {"name": ""}}, {"data": {"train_split": "test"}})
+  ['data.train_split']
   """
-  return [k for k in RESUME_KEYS if _get(stored, k) != _get(current, k)]
+  defaults = to_dict(default_config())
+  missing = object()
+
+  def value(d: Mapping, key: str):
+    v = _get(d, key, missing)
+    return _get(defaults, key) if v is missing else v
+
+  return [k for k in RESUME_KEYS if value(stored, k) != value(current, k)]
 
 
 def validate(config) -> None:

@@ -1,11 +1,24 @@
-"""Recipe configs: every file loads strictly, and the vit_jax recipe is reproduced key by key."""
+"""Recipe configs: every file loads strictly, and the vit_jax recipe is reproduced key by key.
 
+Also ftjax.config's resume rule: which changed keys make a workdir another experiment.
+"""
+
+import copy
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from ftjax import config as config_lib
+from ftjax import train
+from ftjax.checkpoint import Checkpointer
 from ftjax.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -60,3 +73,91 @@ def test_bit_config_is_the_hyperrule():
   c = get_config("bit_r50x1_cifar10")
   assert c.optim.name == "sgd" and c.optim.lr == 0.003 and c.train.batch_size == 512
   assert c.data.mixup_alpha == 0.1 and list(c.optim.schedule.boundaries) == [3000, 6000, 9000]
+
+
+# (dotted key, a changed value, the resume key that names it)
+DATA_CHANGES = [
+    ("data.train_split", "test", "data.train_split"),
+    ("data.split_seed", 1, "data.split_seed"),
+    ("data.path", "/other.npz", "data.path"),
+    ("data.data_dir", "/other/tfds", "data.data_dir"),
+    ("data.image_key", "image_left", "data.image_key"),
+    ("data.label_key", "coarse_label", "data.label_key"),
+    ("data.val_root", "/other/val", "data.val_root"),
+    ("data.val_fraction", 0.2, "data.val_fraction"),
+    ("data.verify_images", False, "data.verify_images"),
+    ("data.resize", "squash", "data.resize"),
+    ("data.crop_fraction", 1.0, "data.crop_fraction"),
+    ("data.augment.flip", False, "data.augment"),
+    ("data.augment.scale", (0.5, 1.0), "data.augment"),
+    ("data.augment.randaugment_num_ops", 2, "data.augment"),
+    ("data.mixup_alpha", 0.2, "data.mixup_alpha"),
+    ("data.cutmix_alpha", 1.0, "data.cutmix_alpha"),
+    ("data.mix_switch_prob", 0.25, "data.mix_switch_prob"),
+]
+
+
+def _with(d: dict, dotted: str, value) -> dict:
+  d = copy.deepcopy(d)
+  *parents, last = dotted.split(".")
+  node = d
+  for part in parents:
+    node = node[part]
+  node[last] = list(value) if isinstance(value, tuple) else value  # as config.json holds it
+  return d
+
+
+def test_resuming_with_other_data_or_augmentation_is_another_experiment():
+  stored = config_lib.to_dict(config_lib.default_config())
+  for key, value, named in DATA_CHANGES:
+    assert config_lib.resume_mismatches(stored, _with(stored, key, value)) == [named], key
+  # Speed, failure handling, the splits reported and the unused data.seed are not the experiment.
+  for key, value in [("data.num_workers", 4), ("data.prefetch", 8), ("data.on_corrupt", "error"),
+                     ("data.eval_splits", ["val"]), ("data.seed", 7), ("train.total_steps", 5000)]:
+    assert config_lib.resume_mismatches(stored, _with(stored, key, value)) == [], key
+
+
+def test_a_stored_config_that_predates_a_key_holds_its_default():
+  old = config_lib.to_dict(config_lib.default_config())
+  del old["data"]["split_seed"], old["data"]["augment"]
+  now = config_lib.to_dict(config_lib.default_config())
+  assert config_lib.resume_mismatches(old, now) == []
+  assert config_lib.resume_mismatches(old, _with(now, "data.split_seed", 1)) == ["data.split_seed"]
+  assert config_lib.resume_mismatches(old, _with(now, "data.augment.flip", False)) == ["data.augment"]
+
+
+def test_a_workdir_trained_on_one_split_refuses_another(tmp_path):
+  npz = str(tmp_path / "never_read.npz")  # refused before any weight or data is read
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  (wd / "config.json").write_text(json.dumps(config_lib.to_dict(tiny_config(npz))))
+  with pytest.raises(ConfigError) as err:
+    train.train_and_evaluate(tiny_config(npz, **{"data.train_split": "test"}), str(wd))
+  assert str(err.value) == (f"ftjax: error: workdir holds a run with another config ({wd}/config.json): "
+                            "data.train_split; use a new --workdir, or the stored config")
+
+
+# The checkpoint fingerprint's keys before the data keys joined RESUME_KEYS.
+_FINGERPRINT_BEFORE = ("seed", "model.source", "model.num_classes", "data.image_size", "model.scratch",
+                       "model.dont_load", "model.lora_rank", "data.source", "data.name", "data.root",
+                       "data.train_root", "data.per_class", "train.batch_size", "optim")
+
+
+def test_checkpoints_fingerprinted_before_the_data_keys_still_resume(tmp_path):
+  state = {"params": {"w": np.arange(4, dtype=np.float32)}, "step": np.int32(3)}
+  stored = config_lib.to_dict(config_lib.default_config())
+  # What ftjax.train gives the Checkpointer: the RESUME_KEYS of the run's config.
+  fingerprint = lambda keys, d: {k: config_lib._get(d, k) for k in keys}
+  with Checkpointer(tmp_path / "old", async_save=False,
+                    fingerprint=fingerprint(_FINGERPRINT_BEFORE, stored)) as c:
+    c.save(3, state)
+  now = Checkpointer(tmp_path / "old", fingerprint=fingerprint(config_lib.RESUME_KEYS, stored))
+  assert now.restore_latest(state)[0] == 3
+  # A checkpoint that records the data keys refuses a change of them.
+  with Checkpointer(tmp_path / "new", async_save=False,
+                    fingerprint=fingerprint(config_lib.RESUME_KEYS, stored)) as c:
+    c.save(3, state)
+  other = fingerprint(config_lib.RESUME_KEYS, _with(stored, "data.train_split", "test"))
+  with pytest.raises(ConfigError, match=r"config differs from the checkpointed run \(data.train_split\): "
+                                        r"'train' in step 3, now 'test'"):
+    Checkpointer(tmp_path / "new", fingerprint=other).restore_latest(state)

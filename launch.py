@@ -91,7 +91,13 @@ def _parse(argv):
   from ftjax.errors import EXIT_USAGE, FtjaxError
   workdir = _flag_value(argv, "workdir")
   resuming = workdir and os.path.isfile(os.path.join(workdir, "config.json"))
-  if _flag_value(argv, "config") is None and not resuming:
+  if _flag_value(argv, "config") is None and resuming:
+    # Resuming a run by its workdir alone (main reads its config.json): absl knows no
+    # --config.KEY flags without --config and would call them unknown.
+    if any(re.match(r"--(no)?config\.", a) for a in argv[1:]):
+      _fail("ftjax: error: --config.KEY overrides need --config (--workdir): resuming from "
+            f"{os.path.join(workdir, 'config.json')}; pass --config as well", EXIT_USAGE)
+  elif _flag_value(argv, "config") is None:
     argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
   try:
     return flags.FLAGS(argv)
@@ -121,19 +127,19 @@ def main(argv):
     pylogging.getLogger("absl").setLevel(pylogging.CRITICAL)
   if len(argv) > 1:
     _fail(f"ftjax: error: unexpected arguments: {' '.join(argv[1:])}; use --flag=value", 2)
+  from ftjax import config as config_lib
   from ftjax import train  # imports jax; the backend starts later, after XLA_FLAGS is final
   from ftjax.errors import FtjaxError
   workdir = _WORKDIR.value
   try:
     if _flag_value(sys.argv, "config") is None and workdir and train.stored_config(workdir) is not None:
       # Resuming a run by its workdir alone: the stored JSON is the config (a config.py
-      # found there is never executed).
+      # found there is never executed).  _parse refused --config.KEY overrides.
       config = train.stored_config(workdir)
-      if any(a.startswith("--config.") for a in sys.argv[1:]):  # nothing to override without --config
-        _fail("ftjax: error: --config.KEY overrides need --config (--workdir): resuming from "
-              f"{os.path.join(workdir, train.CONFIG_FILE)}; pass --config as well", 2)
     else:
       config = _load_config()
+      # A hand-built config file may lack whole sections: name the key before reading one.
+      config_lib.check_schema(config)
     if config.train.deterministic:
       # XLA reads XLA_FLAGS once, when the backend starts: set it before anything runs.
       os.environ["XLA_FLAGS"] = train.with_deterministic_flag(os.environ.get("XLA_FLAGS"))

@@ -1,0 +1,91 @@
+"""launch.py in-process: what ``--config.KEY=VALUE`` puts into the config, and its one-line refusals.
+
+Each test runs the real flag parsing and ``main`` with the trainer replaced by
+a recorder, so nothing compiles.  The refusals that need a subprocess (a
+config file that raises, an unwritable workdir, ...) are the command-line cases
+of tests/faults/test_malformed_inputs.py.
+"""
+
+import importlib.util
+import json
+import logging as pylogging
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+from absl import logging as absl_logging
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import REPO, tiny_config  # noqa: E402
+
+from ftjax import config as config_lib  # noqa: E402
+from ftjax import train  # noqa: E402
+
+
+def _import_launch():
+  if "launch" in sys.modules:  # its flags live in absl's global FlagValues: define them once
+    return sys.modules["launch"]
+  spec = importlib.util.spec_from_file_location("launch", REPO / "launch.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["launch"] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+launch = _import_launch()
+
+NPZ = "/nonexistent/vit_test.npz"  # never read: the trainer is replaced
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+  """``run(*args)`` -> (config handed to the trainer or None, exit code, stderr lines)."""
+  absl_level, verbosity = pylogging.getLogger("absl").level, absl_logging.get_verbosity()
+
+  def run_(*args):
+    got = {}
+    monkeypatch.setattr(train, "train_and_evaluate",
+                        lambda config, workdir, allow_fresh: got.update(config=config))
+    argv = ["launch.py", *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+      launch.main(launch._parse(argv))
+      code = 0
+    except SystemExit as e:
+      code = e.code
+    return got.get("config"), code, capsys.readouterr().err.strip().splitlines()
+
+  yield run_
+  # main quietens absl's logger; the overrides' flags stay defined in absl's global FlagValues.
+  pylogging.getLogger("absl").setLevel(absl_level)
+  absl_logging.set_verbosity(verbosity)
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)
+  flags.FLAGS.unparse_flags()
+
+
+def test_a_config_file_missing_sections_is_a_missing_key_error(run, tmp_path):
+  cfg = tmp_path / "partial.py"
+  cfg.write_text("import ml_collections\n"
+                 "def get_config(arg=''):\n"
+                 "  c = ml_collections.ConfigDict()\n"
+                 "  c.seed = 0\n"
+                 "  return c\n")
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}")
+  assert (config, code) == (None, 2)
+  assert err == ["ftjax: error: missing config key (data): 4 problem(s) (+3 more); "
+                 "start config files from ftjax.config.default_config()"]
+
+
+def test_overrides_on_a_run_resumed_by_its_workdir_need_config(run, tmp_path):
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  (wd / "config.json").write_text(json.dumps(config_lib.to_dict(tiny_config(NPZ))))
+  config, code, err = run(f"--workdir={wd}", "--config.train.total_steps=12")
+  assert (config, code) == (None, 2)
+  assert err == [f"ftjax: error: --config.KEY overrides need --config (--workdir): resuming from "
+                 f"{wd}/config.json; pass --config as well"]
+  config, code, err = run(f"--workdir={wd}")  # without overrides: the stored config
+  assert (code, err) == (0, [])
+  assert config.train.total_steps == 6 and config.model.source == f"npz:test@{NPZ}"

@@ -17,7 +17,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, tiny_config  # noqa: E402
+from conftest import REPO, tiny_config, write_config  # noqa: E402
 
 from ftjax import config as config_lib  # noqa: E402
 from ftjax import train  # noqa: E402
@@ -63,6 +63,64 @@ def run(monkeypatch, capsys):
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
+
+
+def test_list_valued_keys_take_a_python_literal(run, tmp_path):
+  config, code, err = run(
+      f"--config={write_config(tmp_path, NPZ)}", f"--workdir={tmp_path / 'wd'}",
+      "--config.data.eval_splits=()",
+      '--config.optim.param_groups=[("head/.*", {"lr_mult": 2.0}), (".*", None)]',
+      '--config.optim.unfreeze=[(100, "Transformer/.*")]',
+      "--config.optim.schedule.boundaries=[10, 20]",
+      '--config.optim.wd_rules=[(".*/bias", 0.0)]',
+      '--config.model.dont_load=("head/.*",)')  # a tuple-valued key: ml_collections' own parser
+  assert (code, err) == (0, [])
+  assert config.data.eval_splits == []
+  assert config.optim.param_groups == [("head/.*", {"lr_mult": 2.0}), (".*", None)]
+  assert config.optim.unfreeze == [(100, "Transformer/.*")]
+  assert config.optim.schedule.boundaries == [10, 20]
+  assert config.optim.wd_rules == [(".*/bias", 0.0)]
+  assert config.model.dont_load == ("head/.*",)
+  assert config.optim.lr == 1e-3  # the file's value: only the overridden keys changed
+  with pytest.raises(AttributeError):
+    config.optim.no_such_key = 1  # still locked
+
+
+def test_a_malformed_list_literal_is_one_line_naming_the_key(run, tmp_path):
+  cfg = write_config(tmp_path, NPZ)
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
+                          '--config.optim.param_groups=[("head/.*", {"lr_mult": 2}), (".*"')
+  assert (config, code) == (None, 2)
+  assert err == ["ftjax: error: bad value (--config.optim.param_groups): not a Python list literal: "
+                 "'[(\"head/.*\", {\"lr_mult\": 2}), (\".*\"'; quote it for the shell, "
+                 "e.g. '[]' or '[\"a\", \"b\"]'"]
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}", "--config.data.eval_splits=test")
+  assert (config, code) == (None, 2)
+  assert err == ["ftjax: error: bad value (--config.data.eval_splits): not a Python list literal: 'test'; "
+                 "quote it for the shell, e.g. '[]' or '[\"a\", \"b\"]'"]
+
+
+def test_a_free_form_section_takes_new_keys_and_keeps_the_types_of_its_own(run, tmp_path):
+  cfg = tmp_path / "default.py"  # optim.kwargs as the schema has it: {"momentum": 0.9}, locked
+  cfg.write_text("from ftjax.config import default_config\n"
+                 "def get_config(arg=''):\n"
+                 "  return default_config()\n")
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
+                          "--config.optim.kwargs.momentum=1", "--config.optim.kwargs.nesterov=true",
+                          "--config.optim.kwargs.accumulator_dtype=bfloat16")
+  assert (code, err) == (0, [])
+  kwargs = config.optim.kwargs
+  assert kwargs.to_dict() == {"momentum": 1.0, "nesterov": True, "accumulator_dtype": "bfloat16"}
+  assert type(kwargs.momentum) is float and kwargs.is_locked  # its own key kept its type; locked again
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
+                          "--config.optim.kwargs.momentum=fast")
+  assert (config, code) == (None, 2)
+  assert err == ["ftjax: error: wrong type for config key (--config.optim.kwargs.momentum): 'fast' is str; "
+                 "expected float"]
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}", "--config.optim.kwargs.nesterov")
+  assert (config, code) == (None, 2)
+  assert err == ["ftjax: error: unknown config key (--config.optim.kwargs.nesterov): 'nesterov'; "
+                 "give it a value: --config.optim.kwargs.nesterov=VALUE"]
 
 
 def test_a_config_file_missing_sections_is_a_missing_key_error(run, tmp_path):

@@ -7,7 +7,7 @@ fails at once.  List-valued keys take a Python literal
 (``--config.optim.param_groups='[("head/.*", {}), (".*", None)]'``), and keys of a
 free-form section (``optim.kwargs``) may be added (``--config.optim.kwargs.nesterov=True``).
 Errors print one line and exit with the codes in the README
-(2 usage/config, 3 data/checkpoint, 4 numerics, 75 preempted: rerun to resume).
+(2 usage/config, 3 data/checkpoint, 4 numerics, 75 preempted, 130 Ctrl-C: rerun to resume).
 Set ``FTJAX_TRACEBACK=1`` for a traceback.
 
 A rerun resumes from the newest checkpoint that verifies; if checkpoints exist and none

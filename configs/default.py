@@ -15,7 +15,8 @@ only augmentation (no flips: digits are not symmetric); label smoothing 0.1; Bat
 keeps its ImageNet statistics.
 
 Variants (``:variant=``), the comparison in README.md (``python bench/transfer_digits.py``):
-``default`` (the recipe above; ``:every=,k=,decay=`` change its schedule), ``head_only``,
+``default`` (the recipe above; ``:every=,k=,decay=`` change its schedule: ``every``
+defaults to a tenth of the steps, 20), ``head_only``,
 ``full`` (everything trains from step 0, no layer decay), ``full_bn`` (``full`` with
 BatchNorm statistics following the batches, as timm's train mode does), ``layer_decay``
 (full with layer decay, no unfreezing), ``scratch`` (same network, random
@@ -29,14 +30,24 @@ digits (64 px, AdamW 1e-3, batch 50, 200 steps, no augmentation): 74.5% head onl
 
 from ftjax import optim
 from ftjax.config import default_config, parse_arg
+from ftjax.errors import ConfigError
 
 VARIANTS = ("default", "head_only", "full", "full_bn", "layer_decay", "scratch")
+DEFAULTS = dict(variant="default", steps=200, per_class=10, seed=0, every=0, k=4, decay=0.9, lr=1e-3)
+# The arguments only some variants read: giving one to another variant is a mistake.
+USED_BY = {"every": ("default",), "k": ("default",), "decay": ("default", "layer_decay")}
 
 
 def get_config(arg: str = ""):
-  args = parse_arg(arg, variant="default", steps=200, per_class=10, seed=0, every=20, k=4, decay=0.9, lr=1e-3)
+  args = parse_arg(arg, **DEFAULTS)
   if args["variant"] not in VARIANTS:
-    raise ValueError(f"variant must be one of {VARIANTS}, not {args['variant']!r}")
+    raise ConfigError("unknown variant", where=":variant", value=repr(args["variant"]),
+                      hint=f"one of {', '.join(VARIANTS)}")
+  for key, variants in USED_BY.items():
+    if args[key] != DEFAULTS[key] and args["variant"] not in variants:
+      raise ConfigError("config argument unused by this variant", where=f":{key}={args[key]}",
+                        value=repr(args["variant"]), hint=f"{key} is for {', '.join(variants)}")
+  every = args["every"] or max(1, args["steps"] // 10)  # 20 for the recipe's 200 steps
   c = default_config()
   c.seed = args["seed"]
   c.model.source = "efficientnet:lite0"
@@ -70,7 +81,7 @@ def get_config(arg: str = ""):
   variant = args["variant"]
   if variant == "default":
     c.optim.layer_decay = args["decay"]
-    c.optim.unfreeze = optim.gradual_unfreezing("efficientnet", every=args["every"], k=args["k"])
+    c.optim.unfreeze = optim.gradual_unfreezing("efficientnet", every=every, k=args["k"])
   elif variant == "head_only":
     c.optim.param_groups = [("head/.*", {}), (".*", None)]
   elif variant == "layer_decay":

@@ -161,3 +161,14 @@ def test_checkpoints_fingerprinted_before_the_data_keys_still_resume(tmp_path):
   with pytest.raises(ConfigError, match=r"config differs from the checkpointed run \(data.train_split\): "
                                         r"'train' in step 3, now 'test'"):
     Checkpointer(tmp_path / "new", fingerprint=other).restore_latest(state)
+
+
+def test_default_config_scales_its_unfreezing_and_refuses_arguments_its_variant_ignores():
+  # every: a tenth of the steps (20 for the recipe's 200), so a short run unfreezes inside it.
+  assert [s for s, _ in get_config("default").optim.unfreeze] == [20, 40]
+  assert [s for s, _ in get_config("default", "steps=30").optim.unfreeze] == [3, 6]
+  assert get_config("default", "variant=layer_decay,decay=0.5").optim.layer_decay == 0.5
+  with pytest.raises(ConfigError, match=r"config argument unused by this variant \(:decay=0.5\): 'full'"):
+    get_config("default", "variant=full,decay=0.5")
+  with pytest.raises(ConfigError, match=r"unknown variant \(:variant\): 'ful'"):
+    get_config("default", "variant=ful")

@@ -440,7 +440,8 @@ def test_a_class_left_without_training_examples_is_a_plan_warning(tiny_vit_npz, 
 
   def warnings_at(val_fraction):
     cfg = tiny_config(tiny_vit_npz, **{"data.source": "folder", "data.root": str(tmp_path / "img"),
-                                       "data.val_fraction": val_fraction, "data.eval_splits": ["val"]})
+                                       "data.val_fraction": val_fraction, "data.eval_splits": ["val"],
+                                       "train.best_metric": "val/top1"})
     run, _ = train.prepare(cfg, str(tmp_path / f"wd{val_fraction}"))
     assert np.bincount(run.train_ds.labels, minlength=3).tolist() == (
         [2, 2, 0] if val_fraction == 0.6 else [3, 3, 1])

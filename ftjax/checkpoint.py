@@ -71,6 +71,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ftjax import distributed
+from ftjax.config import differing_keys
 from ftjax.errors import CheckpointError, ConfigError, NumericsError
 from ftjax.tree import flatten, map_with_path, unflatten
 
@@ -147,6 +148,23 @@ def first_non_finite(flat: Mapping[str, np.ndarray]) -> str | None:
     if jnp.issubdtype(a.dtype, jnp.inexact) and not np.isfinite(a).all():
       return path
   return None
+
+
+def _dotted(fingerprint: Mapping, path: str, unset: str = "<unset>"):
+  """The value at ``path`` (``optim.schedule.name``) of a fingerprint keyed by dotted names.
+
+  >>> _dotted({"seed": 0, "optim": {"schedule": {"name": "cosine"}}}, "optim.schedule.name")
+  'cosine'
+  """
+  for key in sorted(fingerprint, key=len, reverse=True):
+    if path == key or path.startswith(key + "."):
+      value = fingerprint[key]
+      for part in filter(None, path[len(key):].split(".")):
+        if not isinstance(value, Mapping) or part not in value:
+          return unset
+        value = value[part]
+      return value
+  return unset
 
 
 def _canonical(obj) -> bytes:
@@ -922,13 +940,13 @@ class Checkpointer:
     # keys both sides record: a checkpoint written before a key joined the fingerprint
     # (config.RESUME_KEYS) says nothing about it.
     mine = json.loads(_canonical(self.fingerprint))
-    differ = sorted(k for k in stored.keys() & mine.keys() if mine[k] != stored[k])
+    differ = [path for k in sorted(stored.keys() & mine.keys())
+              for path in differing_keys(stored[k], mine[k], k)]
     if differ:
       k = differ[0]
       more = f" (and {len(differ) - 1} more keys)" if len(differ) > 1 else ""
       raise ConfigError("config differs from the checkpointed run", where=k,
-                        value=f"{stored.get(k, '<unset>')!r} in step {step}, now "
-                              f"{mine.get(k, '<unset>')!r}{more}",
+                        value=f"{_dotted(stored, k)!r} in step {step}, now {_dotted(mine, k)!r}{more}",
                         hint="resume with the run's own config, or use a new workdir")
 
   def _reject(self, step: int) -> Path:

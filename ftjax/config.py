@@ -152,8 +152,10 @@ def resume_mismatches(stored: Mapping, current: Mapping) -> list[str]:
   A key a dict lacks counts as its default: a ``config.json`` written before
   the key existed describes a run that behaved as the default does.
 
+  A section of the keys (``optim``) is named down to the keys that differ in it.
+
   >>> resume_mismatches({"seed": 0, "optim": {"lr": 1}}, {"seed": 0, "optim": {"lr": 2}})
-  ['optim']
+  ['optim.lr']
   >>> resume_mismatches({"data": {"name": ""}}, {"data": {"train_split": "test"}})
   ['data.train_split']
   """
@@ -164,7 +166,19 @@ def resume_mismatches(stored: Mapping, current: Mapping) -> list[str]:
     v = _get(d, key, missing)
     return _get(defaults, key) if v is missing else v
 
-  return [k for k in RESUME_KEYS if value(stored, k) != value(current, k)]
+  return [path for k in RESUME_KEYS for path in differing_keys(value(stored, k), value(current, k), k)]
+
+
+def differing_keys(a, b, prefix: str) -> list[str]:
+  """Dotted paths below ``prefix`` where two (nested dict) values differ; ``[prefix]`` for leaves.
+
+  >>> differing_keys({"lr": 1, "schedule": {"name": "cosine"}}, {"lr": 1, "schedule": {"name": "linear"}}, "optim")
+  ['optim.schedule.name']
+  """
+  if isinstance(a, Mapping) and isinstance(b, Mapping):
+    return [path for k in sorted(set(a) | set(b), key=str)
+            for path in differing_keys(a.get(k), b.get(k), f"{prefix}.{k}")]
+  return [] if a == b else [prefix]
 
 
 def validate(config) -> None:

@@ -184,7 +184,7 @@ IN_PROCESS = [
      "fix model.num_classes or the dataset", 3),
     ("resume with another config", lambda tmp, npz: (
         tiny_config(npz), _stored_run(tmp, _other_config_json(npz))),
-     "ftjax: error: workdir holds a run with another config ({tmp}/wd/config.json): optim; "
+     "ftjax: error: workdir holds a run with another config ({tmp}/wd/config.json): optim.lr 0.5 -> 0.001; "
      "use a new --workdir, or the stored config", 2),
     ("stored config unreadable", lambda tmp, npz: (tiny_config(npz), _stored_run(tmp, "{not json")),
      "ftjax: error: stored config unreadable ({tmp}/wd/config.json): JSONDecodeError: Expecting property "

@@ -74,22 +74,30 @@ def test_eval_counts_each_example_once_and_matches_direct_computation(tiny_vit_n
   assert summaries["test"]["top1"] == pytest.approx(top1, abs=1e-9)
 
 
-def test_killed_run_resumes_bit_identical(tiny_vit_npz, tmp_path):
-  overrides = {"train.total_steps": 6, "train.checkpoint_every": 2, "train.eval_every": 3}
-  ref = tmp_path / "ref"
-  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(ref))
-  cfg_file = write_config(tmp_path, tiny_vit_npz, **overrides)
-  wd = tmp_path / "wd"
-  killed = subprocess.run(launch_cmd(cfg_file, str(wd)), capture_output=True, text=True, timeout=300,
-                          env=subprocess_env(FTJAX_TEST_KILL_AT="after:5"))
+def _killed_resumed_and_uninterrupted(npz, tmp_path, overrides: dict, kill_at: str, committed: int):
+  """An uninterrupted run (ref), and one SIGKILLed at ``kill_at`` then resumed (wd), whose
+  newest checkpoint at the kill was ``committed``; asserts both end bit-identical.
+  Returns (ref, wd, the final state)."""
+  ref, wd = tmp_path / "ref", tmp_path / "wd"
+  train.train_and_evaluate(tiny_config(npz, **overrides), str(ref))
+  killed = subprocess.run(launch_cmd(write_config(tmp_path, npz, **overrides), str(wd)),
+                          capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(FTJAX_TEST_KILL_AT=kill_at))
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-  assert checkpoint.committed_steps(wd / "checkpoints")[-1] == 4
-  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(wd))
+  assert checkpoint.committed_steps(wd / "checkpoints")[-1] == committed
+  train.train_and_evaluate(tiny_config(npz, **overrides), str(wd))
   ours, _ = _final_state(wd)
   theirs, _ = _final_state(ref)
-  assert state_sha(wd) == state_sha(ref)
+  assert ours.keys() == theirs.keys()
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  return ref, wd, ours
+
+
+def test_killed_run_resumes_bit_identical(tiny_vit_npz, tmp_path):
+  overrides = {"train.total_steps": 6, "train.checkpoint_every": 2, "train.eval_every": 3}
+  ref, wd, _ = _killed_resumed_and_uninterrupted(tiny_vit_npz, tmp_path, overrides, "after:5", 4)
+  assert state_sha(wd) == state_sha(ref)
   rows = _rows(wd)
   train_steps = [r["step"] for r in rows if r["kind"] == "train"]
   assert train_steps == [1, 2, 3, 4, 5, 6]
@@ -105,20 +113,7 @@ def test_run_killed_after_saving_at_an_unfreezing_step_resumes_bit_identical(tin
   overrides = {"train.total_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 0,
                "optim.param_groups": [("head/.*", {}), ("Transformer/encoderblock_1/.*", {}), (".*", None)],
                "optim.unfreeze": [(2, "Transformer/encoderblock_1/.*")]}
-  ref = tmp_path / "ref"
-  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(ref))
-  wd = tmp_path / "wd"
-  killed = subprocess.run(launch_cmd(write_config(tmp_path, tiny_vit_npz, **overrides), str(wd)),
-                          capture_output=True, text=True, timeout=300,
-                          env=subprocess_env(FTJAX_TEST_KILL_AT="after:3"))
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-  assert checkpoint.committed_steps(wd / "checkpoints")[-1] == 2
-  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(wd))
-  ours, _ = _final_state(wd)
-  theirs, _ = _final_state(ref)
-  assert ours.keys() == theirs.keys()
-  for k in theirs:
-    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  _, _, ours = _killed_resumed_and_uninterrupted(tiny_vit_npz, tmp_path, overrides, "after:3", 2)
   block1 = "params/Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"
   assert not np.array_equal(ours[block1], np.load(tiny_vit_npz)[block1.removeprefix("params/")])
 

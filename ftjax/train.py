@@ -127,9 +127,9 @@ def finiteness(loss: jax.Array, grads: list[jax.Array]) -> tuple[jax.Array, jax.
 
 
 # Primitives whose body runs once per use with the caller's arguments, recomputation
-# included (jit, remat); a leaf used by anything else (a custom_vjp's backward may read
-# it apart from its body) is not followed.
-_TRANSPARENT = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat")
+# included (jit, remat: jax.checkpoint's primitive is "remat2"); a leaf used by anything
+# else (a custom_vjp's backward may read it apart from its body) is not followed.
+_TRANSPARENT = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "remat2")
 
 
 def _cast_targets(jaxpr, var) -> set | None:
@@ -144,7 +144,8 @@ def _cast_targets(jaxpr, var) -> set | None:
       if eqn.primitive.name == "convert_element_type":
         targets.add(np.dtype(eqn.params["new_dtype"]))
         continue
-      inner = eqn.params.get("jaxpr") if eqn.primitive.name in _TRANSPARENT else None
+      transparent = eqn.primitive.name in _TRANSPARENT
+      inner = (eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")) if transparent else None
       inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's open one
       if inner is None or len(inner.invars) != len(eqn.invars):
         return None
@@ -184,10 +185,26 @@ def cast_only_leaves(apply_fn: Callable, params, *args) -> dict[str, Any]:
   return dict(sorted(out.items()))
 
 
+def _without_remat(model):
+  """``model`` with ViT's recomputed blocks (``remat``) computed once, LoRA's wrapper kept.
+
+  A recomputed block is a custom VJP, which :func:`cast_only_leaves` does not follow
+  (a backward may read a leaf apart from its body); this one's backward recomputes
+  the same forward, with the same casts, so the leaves the forward only casts are
+  those of the model without it.
+  """
+  from ftjax import lora
+
+  if isinstance(model, lora.LoraModel):
+    return lora.LoraModel(_without_remat(model.model), model.spec)
+  return model.clone(remat=False) if getattr(model, "remat", False) else model
+
+
 def frozen_cast_paths(model, params, batch_stats, image_shape: tuple[int, ...],
                       opts: StepOptions) -> dict[str, Any]:
   """:func:`cast_only_leaves` of the forward pass :func:`train_step` runs (one image)."""
   spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+  model = _without_remat(model)
 
   def forward(params, batch_stats, images):
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}

@@ -477,6 +477,8 @@ def _cast_case(family, arch, groups, image_size=32):
     ("vit", {"variant": "test"}, [("head/.*", {}), (".*", None)]),
     # the backward pass goes through frozen blocks to a trainable embedding
     ("vit", {"variant": "test"}, [("head/.*", {}), ("embedding/.*", {}), (".*", None)]),
+    # and through recomputed blocks (remat: a custom VJP recomputing the forward, casts too)
+    ("vit", {"variant": "test", "remat": True}, [("head/.*", {}), ("embedding/.*", {}), (".*", None)]),
     ("resnet", {"variant": "resnet18", "frozen_bn": True}, [("head/.*", {}), (".*", None)]),
 ])
 def test_frozen_weights_cast_once_give_bit_identical_steps(family, arch, groups):

@@ -105,6 +105,73 @@ def test_dont_load_reinitialises_only_what_it_names(tiny_vit_npz):
   assert "re-initialised" in str(report)
 
 
+def test_dont_load_rule_matching_nothing_is_an_error(tiny_vit_npz):
+  # Full matches on params/... paths: the prefix-free form optim's rules use would keep the head.
+  with pytest.raises(ConfigError, match=r"dont_load rule matches no parameter \(model.dont_load #0\): "
+                                        r"'head/\.\*'; full match on paths such as 'params/"):
+    models.from_pretrained(f"npz:test@{tiny_vit_npz}", dont_load=["head/.*"])
+
+
+def test_a_position_embedding_of_another_grid_is_refused_with_both_shapes(tmp_path):
+  # timm's no_embed_class: the position embedding has no class-token row, which the name
+  # does not say. Not a resampling of the checkpoint's grid: a one-line error, no reshape.
+  timm = pytest.importorskip("timm")
+  import safetensors.torch
+  ref = timm.create_model("vit_tiny_patch16_224", no_embed_class=True, num_classes=3)
+  safetensors.torch.save_file(ref.state_dict(), str(tmp_path / "t.safetensors"))
+  with pytest.raises(CheckpointError, match=r"position embedding does not fit the model \(params/Transformer/"
+                                            r"posembed_input/pos_embedding\): checkpoint \(1, 196, 192\) vs "
+                                            r"model \(1, 197, 192\)"):
+    models.from_pretrained(f"timm:vit_tiny_patch16_224@{tmp_path / 't.safetensors'}")
+
+
+def test_a_hub_repo_brings_its_image_processors_statistics(tmp_path, monkeypatch):
+  # hf:<repo id> fetches preprocessor_config.json beside config.json and the weights (served
+  # here from a local folder, as the hub's cache lays them out), so its mean and std apply.
+  import json
+  from transformers import ViTConfig, ViTForImageClassification
+  ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=48, image_size=32, patch_size=8,
+                                      num_labels=3)).save_pretrained(tmp_path / "snapshot")
+  (tmp_path / "snapshot" / "preprocessor_config.json").write_text(json.dumps(
+      {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+  fetched = []
+
+  class EntryNotFoundError(Exception):
+    pass
+
+  def download(repo_id, filename):
+    fetched.append(filename)
+    if not (tmp_path / "snapshot" / filename).exists():
+      raise EntryNotFoundError(filename)
+    return str(tmp_path / "snapshot" / filename)
+
+  import huggingface_hub
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+  _, _, report = models.from_pretrained("hf:someone/tiny-vit")
+  assert (report.mean, report.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+  assert fetched == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+
+def test_offline_hub_stops_at_the_first_file(monkeypatch):
+  # Offline and not cached: trying the next file name would only wait through the retries again.
+  calls = []
+
+  class LocalEntryNotFoundError(Exception):
+    pass
+
+  def download(repo_id, filename):
+    calls.append(filename)
+    raise LocalEntryNotFoundError("offline")
+
+  import huggingface_hub
+  from ftjax import weights
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+  with pytest.raises(CheckpointError, match="cannot fetch from the Hugging Face hub"):
+    weights.hf_file("timm/x", ("model.safetensors", "pytorch_model.bin"), source="timm:x")
+  assert calls == ["model.safetensors"]
+
+
 def test_head_replacement_is_reported_and_zero(tiny_vit_npz):
   _, variables, report = models.from_pretrained(f"npz:test@{tiny_vit_npz}", num_classes=3)
   assert variables["params"]["head"]["kernel"].shape == (32, 3)

@@ -125,6 +125,10 @@ def _read_hf(rest: str, source: str) -> Converted:
   else:
     cfg_path, _ = weights.hf_file(rest, ("config.json",), source=source)
     wfile, _ = weights.hf_file(rest, ("model.safetensors", "pytorch_model.bin"), source=source)
+    try:  # the normalisation the repo's image processor uses; it lands beside the weights
+      weights.hf_file(rest, ("preprocessor_config.json",), source=source)
+    except CheckpointError:
+      pass  # a repo without one: the family's default mean and std
   try:
     config = json.loads(Path(cfg_path).read_text())
   except (OSError, json.JSONDecodeError) as e:

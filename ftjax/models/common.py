@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ftjax.errors import CheckpointError
+from ftjax.errors import CheckpointError, ConfigError
 from ftjax.tree import any_match
 
 HEAD_PATHS = ("params/head/kernel", "params/head/bias")
@@ -183,4 +183,8 @@ def merge(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], report: L
     raise CheckpointError("checkpoint key the model does not have", where=report.source,
                           value=f"{path} {tuple(loaded[path].shape)}",
                           hint="a checkpoint for another architecture or variant?")
+  for i, rx in enumerate(dont_load or ()):  # a typo would keep the weights it meant to drop
+    if not any(any_match(path, [rx]) for path in set(target) | set(loaded)):
+      raise ConfigError("dont_load rule matches no parameter", where=f"model.dont_load #{i}",
+                        value=repr(rx), hint=f"full match on paths such as {min(target)!r}")
   return out

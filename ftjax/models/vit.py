@@ -773,7 +773,16 @@ def resizers(arch: Mapping[str, Any], image_size: tuple[int, int],
   old_hw = None if old_image_size is None else (old_image_size[0] // p, old_image_size[1] // p)
 
   def resize(arr, target_shape):
-    out = resample_posemb(np.asarray(arr), (image_size[0] // p, image_size[1] // p), prefix, old_hw)
+    arr = np.asarray(arr)
+    # Only a resampling of the checkpoint's own grid: class token(s) + (old image / patch)^2.
+    positions = arr.shape[1] - prefix
+    grid = old_hw[0] * old_hw[1] if old_hw else math.isqrt(max(positions, 0)) ** 2
+    if positions <= 0 or positions != grid or arr.shape[2:] != tuple(target_shape[2:]):
+      raise CheckpointError("position embedding does not fit the model", where=POSEMB_PATH,
+                            value=f"checkpoint {arr.shape} vs model {tuple(target_shape)}",
+                            hint=f"not {prefix} class token(s) + the checkpoint's patch grid: another "
+                                 "variant or image size, or class_token / pooling to pass?")
+    out = resample_posemb(arr, (image_size[0] // p, image_size[1] // p), prefix, old_hw)
     if out.shape != tuple(target_shape):
       raise CheckpointError("resampled position embedding has the wrong shape", where=POSEMB_PATH,
                             value=f"{out.shape} vs model {tuple(target_shape)}")
@@ -1020,7 +1029,8 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
 
   A model trained with a non-default ``global_pool='avg'`` holds ``fc_norm``,
   which the name does not announce: load it with the overrides
-  ``pooling="gap", fc_norm=True`` (``class_token=True`` stays).
+  ``pooling="gap", fc_norm=True, class_token=True`` (its class token is still
+  there, only not pooled; ``pooling="gap"`` alone turns it off).
   """
   arch, image_size = timm_arch(name)
   full = resolve_arch(arch)

@@ -24,9 +24,11 @@ def hf_file(repo_id: str, filenames: tuple[str, ...], *, source: str) -> tuple[s
   for name in filenames:
     try:
       return hf_hub_download(repo_id, name), name
-    except Exception as e:  # EntryNotFound -> try the next name; offline -> stop
+    except Exception as e:  # the repo lacks the file -> try the next name; offline -> stop
       last = e
-      if "EntryNotFound" in type(e).__name__ or "404" in str(e):
+      # LocalEntryNotFoundError is "offline, and not in the cache": no other name can come.
+      if type(e).__name__ != "LocalEntryNotFoundError" and ("EntryNotFound" in type(e).__name__
+                                                             or "404" in str(e)):
         continue
       break
   raise CheckpointError("cannot fetch from the Hugging Face hub", where=source,

@@ -1,0 +1,152 @@
+"""The command line's parsing aids for ``launch.py``: override values and one-line errors.
+
+``--config.KEY=VALUE`` for list-valued keys (:class:`ListParser`) and for new keys
+of free-form sections (:func:`split_free_form`, :func:`apply_free_form`), and
+absl's or ml_collections' failures turned into ftjax's one line
+(:func:`explain`).  ``launch.py`` keeps the flags, the parsing and ``main``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from absl import flags
+
+from ftjax.config import FREE_FORM
+from ftjax.errors import ConfigError
+
+
+def flag_value(argv, name: str) -> str | None:
+  """The value of ``--name=V`` or ``--name V`` in ``argv``, before absl has parsed it.
+
+  >>> flag_value(["launch.py", "--workdir", "runs/a", "--config=c.py:steps=5"], "config")
+  'c.py:steps=5'
+  """
+  for i, a in enumerate(argv):
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+    if a == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def literal(text: str):
+  """A command-line value as Python: the literal it spells, else the text itself.
+
+  >>> literal("0.9"), literal("true"), literal("[1, 2]"), literal("bfloat16")
+  (0.9, True, [1, 2], 'bfloat16')
+  """
+  text = {"true": "True", "false": "False"}.get(text, text)  # absl spells booleans in lower case
+  try:
+    return ast.literal_eval(text)
+  except (SyntaxError, ValueError):
+    return text
+
+
+class ListParser(flags.ArgumentParser):
+  """``--config.KEY=VALUE`` for a list-valued key: VALUE is a Python list or tuple literal.
+
+  ml_collections parses tuple-valued keys this way but refuses list-valued ones.
+
+  >>> ListParser().parse('[("head/.*", {}), (".*", None)]')
+  [('head/.*', {}), ('.*', None)]
+  >>> ListParser().parse("()")
+  []
+  >>> ListParser().parse("[(1,")
+  Traceback (most recent call last):
+  ...
+  ValueError: not a Python list literal: '[(1,'; quote it for the shell, e.g. '[]' or '["a", "b"]'
+  """
+
+  def parse(self, argument):
+    if isinstance(argument, (list, tuple)):  # the config's own value, which absl takes as the default
+      return list(argument)
+    try:
+      value = ast.literal_eval(argument)
+    except (SyntaxError, ValueError):
+      value = None
+    if not isinstance(value, (list, tuple)):
+      raise ValueError(f"not a Python list literal: {argument!r}; quote it for the shell, "
+                       "e.g. '[]' or '[\"a\", \"b\"]'")
+    return list(value)
+
+  def flag_type(self):
+    return "list literal"
+
+
+def split_free_form(argv) -> tuple[list[str], list[tuple[str, str, str]]]:
+  """Takes ``--config.SECTION.NAME=VALUE`` for free-form sections (``optim.kwargs``) out of argv.
+
+  absl cannot add a key to a locked config, and these sections take any key
+  (optax checks them): :func:`apply_free_form` sets them once the config is loaded.
+
+  >>> split_free_form(["launch.py", "--config.optim.kwargs.nesterov=True", "--config.optim.lr=1"])
+  (['launch.py', '--config.optim.lr=1'], [('optim.kwargs', 'nesterov', 'True')])
+  """
+  keep, taken = [], []
+  for a in argv:
+    m = re.fullmatch(r"--config\.([\w.]+)\.(\w+)=(.*)", a, re.DOTALL)
+    if m and m.group(1) in FREE_FORM:
+      taken.append(m.groups())
+    else:
+      keep.append(a)
+  return keep, taken
+
+
+def apply_free_form(config, overrides) -> None:
+  """Sets ``(section, name, text)`` overrides: an existing key keeps its type, a new one is added."""
+  for section, name, text in overrides:
+    node = config
+    for part in section.split("."):
+      node = node[part]
+    value = literal(text)
+    try:
+      with node.unlocked():
+        node[name] = value
+    except TypeError:
+      raise ConfigError("wrong type for config key", where=f"--config.{section}.{name}",
+                        value=f"{value!r} is {type(value).__name__}",
+                        hint=f"expected {type(node[name]).__name__}") from None
+
+
+def config_arg(argv, default: str) -> str:
+  """The config file ``--config`` names (its ``:arg`` cut off), else ``default``."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1].split(":")[0]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return default
+
+
+def explain(e: BaseException, argv, default_config: str) -> str:
+  """A one-line ftjax error for a config/flag failure raised by absl or ml_collections."""
+  msg = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
+  hint = re.search(r'Did you mean "([^"]+)"', msg)
+  hint = f"; did you mean {hint.group(1)}?" if hint else ""
+  key = re.search(r'Key "([^"]+)" does not exist', msg) or re.match(r"^[\"']+([\w.]+)'", msg)
+  flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+               and key and a.split("=")[0].endswith("." + key.group(1))), None)
+  if key:
+    where = flag or config_arg(argv, default_config)
+    if flag and flag.removeprefix("--config.").rpartition(".")[0] in FREE_FORM:  # --config.optim.kwargs.x
+      hint = f"; give it a value: {flag}=VALUE"
+    return f"ftjax: error: unknown config key ({where}): {key.group(1)!r}{hint}"
+  cast = re.search(r"override field '([\w.]+)'.*? (\S*) is of original type <class '(\w+)'> and cannot be "
+                   r"casted to type <class '(\w+)'>", msg)
+  if cast:
+    where = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                  and a.split("=")[0].endswith("." + cast.group(1))), config_arg(argv, default_config))
+    return (f"ftjax: error: wrong type for config key ({where}): {cast.group(1)} = {cast.group(2)!r} "
+            f"is {cast.group(3)}; expected {cast.group(4)}")
+  if "Error whilst parsing config file" in msg:  # the config file raised: its last line says why
+    return f"ftjax: error: bad config file ({config_arg(argv, default_config)}): {msg.rsplit('File ', 1)[-1][-300:]}"
+  flag = re.search(r"flag (--[\w.]+)=", msg)
+  if flag:
+    # absl says "flag --NAME=VALUE: why"; VALUE (a literal, say) may hold ': ' itself.
+    given = " ".join((flag_value(argv, flag.group(1)[2:]) or "").split())
+    prefix = f"flag {flag.group(1)}={given}: "
+    why = msg.split(prefix, 1)[1] if prefix in msg else msg.split(": ", 1)[-1]
+    return f"ftjax: error: bad value ({flag.group(1)}): {why[:200]}"
+  return f"ftjax: error: bad command line: {msg[:300]}"

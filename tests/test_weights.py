@@ -111,6 +111,11 @@ def test_torch_state_dict_roundtrip_and_unwrap(tmp_path):
   np.testing.assert_array_equal(got["w"], sd["w"].numpy())
   np.testing.assert_array_equal(got["b"], sd["b"].float().numpy())
   assert got["n"] == 3
+  # Saved from a DistributedDataParallel (or compiled) model: every key carries the wrapper's prefix.
+  torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in sd.items()}}, path)
+  assert sorted(weights.read_torch(path)) == ["b", "n", "w"]
+  torch.save({"module.w": sd["w"], "head.w": sd["w"]}, path)  # a prefix not on every key is a name
+  assert sorted(weights.read_torch(path)) == ["head.w", "module.w"]
 
 
 def test_torch_pickle_payload_never_runs(tmp_path):

@@ -165,7 +165,9 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """A PyTorch state dict (``.pth``/``.bin``/``.pt``), read with ``weights_only=True``.
 
   A checkpoint that wraps the state dict (``{"state_dict": ...}``, ``{"model": ...}``)
-  is unwrapped.  bf16 tensors come back as float32.
+  is unwrapped, and the ``module.`` prefix that ``DistributedDataParallel`` (and
+  ``torch.compile``'s ``_orig_mod.``) put on every key is dropped.  bf16 tensors
+  come back as float32.
   """
   p = _check_file(path)
   try:
@@ -195,6 +197,9 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
       if v.dtype == torch.bfloat16:
         v = v.float()
       out[k] = v.detach().cpu().numpy()
+  for prefix in ("module.", "_orig_mod."):  # only when every key has it: a wrapper's, not a name
+    if out and all(k.startswith(prefix) for k in out):
+      out = {k[len(prefix):]: v for k, v in out.items()}
   return out
 
 

@@ -90,7 +90,10 @@ def to_rgb8(im: Image.Image) -> Image.Image:
 def decode(path: str) -> Image.Image:
   """Opens and decodes ``path`` as 8-bit RGB."""
   with Image.open(path) as im:
-    return to_rgb8(im.copy())  # a copy: to_rgb8 hands an RGB image back, and closing frees it
+    rgb = to_rgb8(im)
+    # An RGB file comes back as the opened image itself, which closing frees: copy it then
+    # only (a converted image is already new; copying first would copy every pixel twice).
+    return rgb.copy() if rgb is im else rgb
 
 
 class ImageFile:

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import REPO, subprocess_env  # noqa: E402
@@ -132,6 +133,7 @@ def _train(script, workdir, total_steps: int, processes: int) -> list[str]:
   return [out for _, out, _ in results]
 
 
+@pytest.mark.slow  # two processes, several launches: 30-50 s each on 2 cores
 def test_two_processes_share_one_workdir(tiny_vit_npz, tmp_path):
   from ftjax import checkpoint, metrics
   from ftjax.tree import flatten
@@ -177,6 +179,7 @@ def _last_line(err: str) -> str:
   return err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # two processes, several launches: 30-50 s each on 2 cores
 def test_a_process_failing_to_restore_or_write_stops_every_process(tiny_vit_npz, tmp_path):
   from ftjax import checkpoint
   script = tmp_path / "trainer.py"
@@ -207,6 +210,7 @@ def test_a_process_failing_to_restore_or_write_stops_every_process(tiny_vit_npz,
   assert checkpoint.committed_steps(wd / "checkpoints") == [2]
 
 
+@pytest.mark.slow  # two processes, several launches: 30-50 s each on 2 cores
 def test_sigterm_on_one_process_stops_both_at_the_same_step(tiny_vit_npz, tmp_path):
   # Process 1 alone is told to stop after step 3; the processes agree at the next log step
   # (4), both save it and exit with the preempted code, and a rerun finishes the run.

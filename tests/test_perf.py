@@ -233,7 +233,7 @@ def _step_cost(t: _Setup, batch=None) -> tuple[float, int]:
 
 @pytest.mark.parametrize("family,arch,size,batch", [
     ("vit", {"variant": "test"}, 32, 4),
-    ("resnet", {"variant": "resnet18"}, 32, 2),
+    pytest.param("resnet", {"variant": "resnet18"}, 32, 2, marks=pytest.mark.slow),  # ~30 s
 ])
 def test_head_only_step_costs_a_forward_and_full_step_three(family, arch, size, batch):
   head = _setup(family, arch, size, HEAD_ONLY, batch=batch)

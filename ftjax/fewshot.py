@@ -3,9 +3,12 @@
 For ``k`` shots per class, ``k`` training examples of every class are drawn
 (seeded, nested: the 1-shot set is inside the 5-shot set), a ridge regression
 maps their features to targets ``2 * onehot - 1`` (in {-1, 1}, as big_vision),
-and test examples take the class of the largest output.  Features and targets
-are centred on the training means, so the bias is the target mean and is not
-regularised; the weights solve ``(X^T X + l2 I) W = X^T Y`` (or its dual form
+and test examples take the class of the largest output.  As in big_vision, every
+feature is first standardised with the mean and standard deviation (plus 1e-5)
+of the shot set, train and test alike: ``l2_reg`` then means the same whatever a
+feature's units, and big_vision's default 2**10 gives big_vision's numbers.
+Features and targets are centred on the training means, so the bias is the
+target mean and is not regularised; the weights solve ``(X^T X + l2 I) W = X^T Y`` (or its dual form
 ``W = X^T (X X^T + l2 I)^-1 Y`` when there are fewer examples than features;
 the two are the same matrix).  Solved in float64 on the host: at most 25 shots
 times the class count rows.
@@ -21,9 +24,9 @@ first eval split as the test set; prints JSON)::
   python -m ftjax.fewshot --workdir RUN --shots 1,5,10,25 [--l2_reg 1024] [--split test]
 
 >>> rng = np.random.default_rng(0)
->>> centres = 5.0 * np.eye(3, 8)
+>>> centres = 5.0 * np.eye(3)
 >>> labels = np.repeat(np.arange(3), 30)
->>> feats = centres[labels] + rng.normal(0, 0.3, (90, 8))
+>>> feats = centres[labels] + rng.normal(0, 0.3, (90, 3))
 >>> fewshot_evaluate(feats, labels, feats, labels, shots=(1, 5), l2_reg=1.0)
 {1: 1.0, 5: 1.0}
 """
@@ -138,8 +141,11 @@ def fewshot_evaluate(features_train: np.ndarray, labels_train: np.ndarray, featu
   for k in shots:
     idx = shot_indices(labels_train, k, num_classes, seed)
     targets = 2.0 * np.eye(num_classes)[labels_train[idx]] - 1.0
-    w, b = ridge_fit(np.asarray(features_train)[idx], targets, float(l2_reg))
-    pred = np.argmax(test @ w + b, axis=1)
+    x = np.asarray(features_train, np.float64)[idx]
+    # big_vision's whitening: its l2_reg is meant for unit-variance features.
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    w, b = ridge_fit((x - mean) / std, targets, float(l2_reg))
+    pred = np.argmax((test - mean) / std @ w + b, axis=1)
     out[k] = float(np.mean(pred == labels_test))
   return out
 

@@ -105,6 +105,9 @@ _UNSET = object()
 
 _GROUP_KEYS = ("lr_mult", "wd_mult", "schedule", "name", "kwargs")
 
+# default_config()'s optimizer kwargs: the default sgd's, which another optimizer refuses.
+_DEFAULT_KWARGS = {"momentum": 0.9}
+
 
 def default_config() -> ml_collections.ConfigDict:
   """Every key :func:`make_optimizer` understands, with its default.
@@ -118,7 +121,7 @@ def default_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.name = "sgd"  # any optax optimizer taking learning_rate
-  c.kwargs = {"momentum": 0.9}  # passed to it
+  c.kwargs = dict(_DEFAULT_KWARGS)  # passed to it (set {} when naming another optimizer)
   c.lr = 0.01  # peak learning rate
   c.schedule = ml_collections.ConfigDict(dict(
       name="warmup_cosine",  # one of SCHEDULES; every schedule starts with the warm-up
@@ -687,10 +690,10 @@ def named_optimizer(name: str, kwargs: Mapping[str, Any] | None,
   lion) get ``weight_decay=0``.
 
   >>> tx = named_optimizer("sgd", {"momentum": 0.9}, 0.1)
-  >>> named_optimizer("adamw", {"momentum": 0.9}, 0.1)
+  >>> named_optimizer("adamw", {"momentum": 0.5}, 0.1)
   Traceback (most recent call last):
   ...
-  ftjax.errors.ConfigError: ftjax: error: adamw takes no argument momentum (optim.kwargs.momentum): 0.9; it takes b1, b2, eps, eps_root, mu_dtype, nesterov
+  ftjax.errors.ConfigError: ftjax: error: adamw takes no argument momentum (optim.kwargs.momentum): 0.5; it takes b1, b2, eps, eps_root, mu_dtype, nesterov
   """
   kwargs = dict(_plain(kwargs) or {})
   fn = getattr(optax, name, None) if isinstance(name, str) and not name.startswith("_") else None
@@ -707,8 +710,12 @@ def named_optimizer(name: str, kwargs: Mapping[str, Any] | None,
       raise ConfigError(f"{name} kwarg {key} is set elsewhere", where=f"{where}.kwargs.{key}",
                         value=repr(value), hint=f"use {_OWNED_KWARGS[key]}")
     if key not in signature.parameters:
+      hint = f"it takes {', '.join(accepted)}"
+      if _DEFAULT_KWARGS.get(key, _UNSET) == value:  # --config.optim.name=adamw alone
+        hint += (f"; optim.kwargs still holds the default sgd's {key}={value!r}: set "
+                 "optim.kwargs to {} (--config.optim.kwargs='{}')")
       raise ConfigError(f"{name} takes no argument {key}", where=f"{where}.kwargs.{key}",
-                        value=repr(value), hint=f"it takes {', '.join(accepted)}")
+                        value=repr(value), hint=hint)
   if "weight_decay" in signature.parameters:
     kwargs["weight_decay"] = 0.0
   try:

@@ -630,6 +630,9 @@ def test_schedules(schedule, expected):
     ({"layer_decay": 0.5}, {"family": "vitt"}, "unknown model family for layer decay (family): 'vitt'"),
     ({"name": "adamww"}, {}, "unknown optimizer (optim.name): 'adamww'; did you mean adamw?"),
     ({"name": "chain"}, {}, "unknown optimizer (optim.name): 'chain'"),
+    ({"name": "adamw"}, {}, "adamw takes no argument momentum (optim.kwargs.momentum): 0.9; it takes "
+     "b1, b2, eps, eps_root, mu_dtype, nesterov; optim.kwargs still holds the default sgd's "
+     "momentum=0.9: set optim.kwargs to {} (--config.optim.kwargs='{}')"),
     ({"name": "adamw", "kwargs": {"weight_decay": 0.1}}, {},
      "adamw kwarg weight_decay is set elsewhere (optim.kwargs.weight_decay): 0.1; use optim.weight_decay"),
     ({"schedule": {"name": "cosin"}}, {}, "unknown learning-rate schedule (optim.schedule.name): 'cosin'"),

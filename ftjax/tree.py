@@ -167,5 +167,20 @@ def select(tree, regex: str) -> list[str]:
   return [p for p in flatten(tree) if rx.fullmatch(p)]
 
 
-def any_match(path: str, regexes: Iterable[str]) -> bool:
-  return any(re.fullmatch(r, path) for r in regexes)
+def any_match(path: str, regexes: Iterable[str], what: str = "regex") -> bool:
+  """Whether any of ``regexes`` fully matches ``path``; a malformed one is a ConfigError.
+
+  >>> any_match("head/kernel", ["body/.*", "head/.*"])
+  True
+  >>> any_match("head/kernel", ["head/("], what="model.dont_load")
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: invalid regex (model.dont_load): 'head/('; missing ), unterminated subpattern at position 5
+  """
+  for r in regexes:
+    try:
+      if re.fullmatch(r, path):
+        return True
+    except re.error as e:
+      raise ConfigError("invalid regex", where=what, value=repr(r), hint=str(e)) from None
+  return False

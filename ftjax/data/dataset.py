@@ -189,7 +189,9 @@ def take_per_class(ds: Dataset, n: int, *, seed: int) -> Dataset:
     if len(members) < n:
       raise DataError("too few examples for per_class", where=f"{ds.name} class {ds.class_names[c]!r}",
                       value=f"{len(members)} < {n}", hint="lower config.data.per_class")
-    # One stream per class, so adding a class does not change another class's pick.
+    # One stream per class index: a class's pick depends on the seed, its index and its own
+    # examples, not on other classes' sizes (a class added before it in sorted order does
+    # shift its index, and so its pick).
     keep.append(np.random.default_rng([seed, c]).choice(members, n, replace=False))
   return ds.subset(np.sort(np.concatenate(keep)), name=f"{ds.name}[{n}/class]")
 

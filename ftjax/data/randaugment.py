@@ -1,8 +1,14 @@
 """RandAugment (Cubuk et al. 2019): ``num_ops`` operations drawn uniformly, one magnitude.
 
-Magnitude is on the paper's 0..10 scale; each geometric or colour operation picks
-a random sign, as timm and big_vision do. All operations are Pillow calls on the
-(already cropped) output image, so the cost is a few small-image passes.
+Magnitude is on the paper's 0..10 scale. Geometric operations (rotate up to 30
+degrees, shear 0.3, translate 0.45 of the side) pick a random sign, as timm and
+big_vision do; colour enhancements are ``1 +- 0.9 * level``, also with a random
+sign, as in timm's increasing variant (``rand-m9-n2-inc1``; timm's default and
+big_vision use ``0.1 + 1.8 * level``, no sign, which at magnitude 5 does nothing).
+Every drawn operation is applied (timm applies each with probability 0.5) and
+``identity`` is one of them; timm's Invert and SolarizeAdd are not. All operations
+are Pillow calls on the (already cropped) output image, so the cost is a few
+small-image passes.
 
 >>> import numpy as np
 >>> from PIL import Image

@@ -258,6 +258,29 @@ def test_bad_augment_ratio_fails_the_check_before_the_workdir_is_written(tmp_pat
   fd.build(_config(source="digits", augment__ratio=(1.0, 1.0)), split="train")  # square crops: fine
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("mixup_alpha", -1.0, "mixup_alpha must be a number >= 0 (config.data.mixup_alpha): -1.0; 0 turns it off"),
+    ("cutmix_alpha", -0.5, "cutmix_alpha must be a number >= 0 (config.data.cutmix_alpha): -0.5; 0 turns it off"),
+    ("mix_switch_prob", 2.0, "mix_switch_prob must be in [0, 1] (config.data.mix_switch_prob): 2.0"),
+    ("split_seed", -1, "split_seed must be >= 0 (config.data.split_seed): -1"),
+])
+def test_bad_mixing_values_and_seeds_fail_the_check(tmp_path, key, value, message):
+  # A negative alpha silently meant "off", a switch probability of 2 "always cutmix", and a
+  # negative split_seed died in numpy with a traceback once per_class drew with it.
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  from conftest import tiny_config
+
+  from ftjax import train
+  with pytest.raises(ConfigError) as e:
+    fd.build(_config(source="digits", per_class=2, **{key: value}), split="train")
+  assert str(e.value) == f"ftjax: error: {message}"
+  with pytest.raises(ConfigError):
+    train.prepare(tiny_config(str(tmp_path / "unused.npz"), **{f"data.{key}": value}),
+                  str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
 @pytest.mark.parametrize("num_ops", [-1, True])
 def test_randaugment_num_ops_must_be_a_non_negative_integer(num_ops):
   # -1 used to pass the check and crash in the loader: not counted as random (no generator

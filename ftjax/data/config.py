@@ -121,6 +121,17 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.per_class is not None and config.per_class < 1:
     raise ConfigError("per_class must be at least 1", where="config.data.per_class",
                       value=config.per_class)
+  for key in ("mixup_alpha", "cutmix_alpha"):
+    # Beta(alpha, alpha) needs alpha > 0; mix.py reads "<= 0" as off, so a sign slip would be silent.
+    if not 0.0 <= config[key] < math.inf:
+      raise ConfigError(f"{key} must be a number >= 0", where=f"config.data.{key}",
+                        value=config[key], hint="0 turns it off")
+  if not 0.0 <= config.mix_switch_prob <= 1.0:
+    raise ConfigError("mix_switch_prob must be in [0, 1]", where="config.data.mix_switch_prob",
+                      value=config.mix_switch_prob)
+  if config.split_seed < 0:
+    raise ConfigError("split_seed must be >= 0", where="config.data.split_seed",
+                      value=config.split_seed)
   if config.num_workers < 0 or config.prefetch < 0:
     raise ConfigError("num_workers and prefetch must be >= 0", where="config.data",
                       value=f"num_workers={config.num_workers}, prefetch={config.prefetch}")

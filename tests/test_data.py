@@ -234,6 +234,12 @@ def test_config_errors_come_before_reading(tmp_path):
     fd.build(_config(), split="validation")
   with pytest.raises(ConfigError, match=r"unknown data on_corrupt .*choose one of skip, error"):
     fd.build(_config(on_corrupt="ignore"), split="train")
+  # root is split by val_fraction: a val_root beside it used to be ignored without a word
+  with pytest.raises(ConfigError) as e:
+    fd.build(_config(source="folder", root="/data/train", val_root="/data/val"), split="val")
+  assert str(e.value) == ("ftjax: error: val_root goes with train_root, not root (config.data.val_root): "
+                          "'/data/val'; set train_root='/data/train' for two folders, or drop val_root "
+                          "to split root by val_fraction")
 
 
 @pytest.mark.parametrize("ratio", [(0.0, 1.0), (-1.0, 2.0), (2.0, 0.5), (1.0, float("inf"))])

@@ -109,6 +109,12 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.source == "folder" and config.root and config.train_root:
     raise ConfigError("set either root or train_root, not both", where="config.data.root",
                       value=f"{config.root!r} and {config.train_root!r}")
+  if config.source == "folder" and config.root and config.val_root:
+    # The val split of a single root is carved out of it: val_root would be ignored.
+    raise ConfigError("val_root goes with train_root, not root", where="config.data.val_root",
+                      value=repr(config.val_root),
+                      hint=f"set train_root={config.root!r} for two folders, or drop val_root to "
+                           "split root by val_fraction")
   if config.source == "arrays" and not config.path:
     raise ConfigError("an arrays source needs an .npz path", where="config.data.path", value=None,
                       hint="or call ftjax.data.from_arrays(images, labels) in code")

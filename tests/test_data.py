@@ -234,6 +234,13 @@ def test_config_errors_come_before_reading(tmp_path):
     fd.build(_config(), split="validation")
   with pytest.raises(ConfigError, match=r"unknown data on_corrupt .*choose one of skip, error"):
     fd.build(_config(on_corrupt="ignore"), split="train")
+  # set without source=folder, a root was ignored and the default mnist5k trained instead
+  with pytest.raises(ConfigError) as e:
+    fd.build(_config(root="/data/pets"), split="train")
+  assert str(e.value) == ("ftjax: error: root is read by the folder source only (config.data.root): "
+                          "'/data/pets'; the source is 'mnist5k': set --config.data.source=folder")
+  with pytest.raises(ConfigError, match=r"path is read by the arrays source only"):
+    fd.build(_config(source="digits", path="/data/x.npz"), split="train")
   # root is split by val_fraction: a val_root beside it used to be ignored without a word
   with pytest.raises(ConfigError) as e:
     fd.build(_config(source="folder", root="/data/train", val_root="/data/val"), split="val")

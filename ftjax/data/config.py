@@ -100,6 +100,14 @@ def check(config: ml_collections.ConfigDict) -> None:
   _choice(config.source, SOURCES, "source")
   _choice(config.on_corrupt, ON_CORRUPT, "on_corrupt")
   _choice(config.resize, RESIZE, "resize")
+  # Keys only one source reads (None by default): set for another source, they would be
+  # ignored and the run would train on that source's data instead.
+  for key, owner in (("root", "folder"), ("train_root", "folder"), ("val_root", "folder"),
+                     ("path", "arrays")):
+    if config[key] and config.source != owner:
+      raise ConfigError(f"{key} is read by the {owner} source only", where=f"config.data.{key}",
+                        value=repr(config[key]),
+                        hint=f"the source is {config.source!r}: set --config.data.source={owner}")
   if config.source == "tfds" and not config.name:
     raise ConfigError("a tfds source needs a dataset name", where="config.data.name", value="''",
                       hint="for example --config.data.name=cifar10")

@@ -230,6 +230,11 @@ def test_config_errors_come_before_reading(tmp_path):
     fd.build(_config(source="imagenet"), split="train")
   with pytest.raises(ConfigError, match="a folder source needs a root"):
     fd.build(_config(source="folder"), split="train")
+  with pytest.raises(ConfigError) as e:  # the default eval_splits=["test"] with a folder
+    fd.build(_config(source="folder", root="/data/pets"), split="test")
+  assert str(e.value) == ("ftjax: error: unknown split for a folder source (split): 'test'; folder "
+                          "splits are train, val: set config.data.train_split and "
+                          "config.data.eval_splits (--config.data.eval_splits='[\"val\"]')")
   with pytest.raises(ConfigError, match="unknown split for mnist5k"):
     fd.build(_config(), split="validation")
   with pytest.raises(ConfigError, match=r"unknown data on_corrupt .*choose one of skip, error"):

@@ -203,7 +203,8 @@ def load(config, split: str) -> Dataset:
   """The ``split`` ("train" or "val") of the folder source described by the data config."""
   if split not in SPLITS:
     raise ConfigError("unknown split for a folder source", where="split", value=repr(split),
-                      hint=f"folder splits are {', '.join(SPLITS)}")
+                      hint=f"folder splits are {', '.join(SPLITS)}: set config.data.train_split "
+                           "and config.data.eval_splits (--config.data.eval_splits='[\"val\"]')")
   if config.train_root:
     classes, files = scan(config.train_root)
     root = config.train_root

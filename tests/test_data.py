@@ -77,14 +77,21 @@ def test_tfds_not_prepared_names_the_command(tmp_path):
   assert "\n" not in str(e.value)
 
 
+def _png(value: int) -> bytes:
+  import io
+  out = io.BytesIO()
+  Image.fromarray(np.full((6, 8, 3), value, np.uint8)).save(out, format="PNG")
+  return out.getvalue()
+
+
 class TinyArrayRecord(tfds.core.GeneratorBasedBuilder):
-  """Seven 6x8 images, written as real array_record files (Tensor features: no TensorFlow)."""
+  """Seven 6x8 PNGs, written as real array_record files (encoded bytes given: no TensorFlow)."""
   VERSION = tfds.core.Version("1.0.0")
   code_path = None  # tfds looks for checksums beside the defining module, which a test lacks
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Tensor(shape=(6, 8, 3), dtype=np.uint8),
+        "image": tfds.features.Image(shape=(6, 8, 3), encoding_format="png"),
         "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
 
   def _split_generators(self, dl_manager):
@@ -92,7 +99,7 @@ class TinyArrayRecord(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, n):
     for i in range(n):
-      yield i, {"image": np.full((6, 8, 3), 10 * i, np.uint8), "label": i % 3}
+      yield i, {"image": _png(10 * i), "label": i % 3}
 
 
 def test_tfds_array_record_files_read_through_grain(tmp_path):
@@ -100,9 +107,23 @@ def test_tfds_array_record_files_read_through_grain(tmp_path):
   c = _plain(source="tfds", name="tiny_array_record", data_dir=str(tmp_path))
   train = fd.build(c, split="train")
   assert (train.num_examples, train.class_names) == (7, ("a", "b", "c"))
+  # The label column comes from records whose image stays encoded: no image is decoded
+  # to learn the labels (on ImageNet, 1.28M JPEG decodes before the first step).
+  decoding = train.source.source
+
+  class NoDecoding:
+    def __len__(self):
+      return len(decoding)
+
+    def __getitem__(self, j):
+      raise AssertionError(f"record {j} decoded to read its label")
+
+  train.source.source = NoDecoding()
+  labels = train.labels.tolist()
+  train.source.source = decoding
   # every record decodes to its own pixels and label (tfds shuffles the records on disk)
   values = [int(train.image(i)[0, 0, 0]) // 10 for i in range(7)]
-  assert sorted(values) == list(range(7)) and train.labels.tolist() == [v % 3 for v in values]
+  assert sorted(values) == list(range(7)) and labels == [v % 3 for v in values]
   test = fd.build(c, split="test")
   batches = _batches(fd.eval_iterator(test, c, global_batch=2, image_size=8, mean=(0, 0, 0),
                                       std=(1, 1, 1)), 3)

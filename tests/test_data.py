@@ -92,6 +92,8 @@ class TinyArrayRecord(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(6, 8, 3), encoding_format="png"),
+        "image16": tfds.features.Tensor(shape=(6, 8), dtype=np.uint16),
+        "depth": tfds.features.Tensor(shape=(6, 8), dtype=np.float32),
         "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
 
   def _split_generators(self, dl_manager):
@@ -99,7 +101,8 @@ class TinyArrayRecord(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, n):
     for i in range(n):
-      yield i, {"image": _png(10 * i), "label": i % 3}
+      yield i, {"image": _png(10 * i), "image16": np.full((6, 8), 2560 * i + 255, np.uint16),
+                "depth": np.full((6, 8), 0.1 * i, np.float32), "label": i % 3}
 
 
 def test_tfds_array_record_files_read_through_grain(tmp_path):
@@ -133,6 +136,15 @@ def test_tfds_array_record_files_read_through_grain(tmp_path):
       int(p) // 10 % 3 for p in pixels]
   c.per_class = 2
   assert np.bincount(fd.build(c, split="train").labels).tolist() == [2, 2, 2]
+  # a 16-bit image keeps its top 8 bits (not the low ones: 255), as a 16-bit PNG in a folder;
+  # a float one used to be cast to uint8 (0.1 * i -> 0), now it is an error naming it
+  c.per_class, c.image_key = None, "image16"
+  wide = fd.build(c, split="train")
+  assert [int(wide.image(i)[0, 0, 0]) // 10 for i in range(7)] == values
+  c.image_key = "depth"
+  with pytest.raises(DataError, match=r"tfds image is neither 8- nor 16-bit \(tiny_array_record/"
+                                      r"train record 0\): depth: float32 \(6, 8\)"):
+    fd.build(c, split="train").image(0)
 
 
 # ---------------------------------------------------------------- folders

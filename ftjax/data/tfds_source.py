@@ -53,7 +53,14 @@ class TfdsSource:
                       value=f"{type(e).__name__}: {e}") from None
 
   def read(self, j: int) -> Image.Image:
-    return Image.fromarray(to_rgb(np.asarray(self.example(j)[self.image_key], np.uint8)))
+    image = np.asarray(self.example(j)[self.image_key])
+    if image.dtype == np.uint16:  # 16-bit: the top 8 bits, as image folders read them
+      image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:  # a cast would wrap (int) or truncate (float 0..1) silently
+      raise DataError("tfds image is neither 8- nor 16-bit", where=self.describe(j),
+                      value=f"{self.image_key}: {image.dtype} {image.shape}",
+                      hint="set config.data.image_key to an 8-bit image feature")
+    return Image.fromarray(to_rgb(image))
 
   def label(self, j: int) -> int:
     return int(self.example(j)[self.label_key])

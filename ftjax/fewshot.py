@@ -232,12 +232,19 @@ def run_data_config(workdir: str | Path):
 
 def evaluate_run(workdir: str | Path, *, shots: Sequence[int] = SHOTS, l2_reg: float = L2_REG,
                  seed: int = 0, split: str | None = None, batch_size: int = 64) -> dict[str, float]:
-  """Few-shot accuracies of a training run's newest checkpoint on its own data."""
+  """Few-shot accuracies of a training run's newest checkpoint on its own data.
+
+  The shots are drawn from the whole train split: a run's ``data.per_class`` is its
+  fine-tuning label budget, not a limit on the probe (the default run's 10 per class
+  would rule out 25 shots).
+  """
   from ftjax.predict import load_model
   model, variables, meta = load_model(workdir)
   config = run_data_config(workdir)
   test_split = split or config.eval_splits[0]
-  evaluator = FewshotEvaluator(data_lib.build(config, split=config.train_split),
+  pool = config.copy_and_resolve_references()
+  pool.per_class = None
+  evaluator = FewshotEvaluator(data_lib.build(pool, split=config.train_split),
                                data_lib.build(config, split=test_split), config, shots=shots,
                                l2_reg=l2_reg, seed=seed, batch_size=batch_size)
   return evaluator(model, variables, image_size=int(meta["image_size"][0]), mean=meta["mean"],

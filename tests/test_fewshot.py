@@ -163,15 +163,17 @@ def test_cli_on_a_trained_run(tiny_vit_npz, tmp_path, capsys):
 
   from ftjax import train
   wd = tmp_path / "run"
-  train.train_and_evaluate(tiny_config(tiny_vit_npz, **{"train.total_steps": 2, "train.eval_every": 0}),
-                           str(wd))
+  # fine-tuned on 2 digits per class: the probe still draws its 5 shots from the whole train split
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **{"train.total_steps": 2, "train.eval_every": 0,
+                                                        "data.per_class": 2}), str(wd))
   capsys.readouterr()  # the trainer's own output
   assert fewshot.main([f"--workdir={wd}", "--shots=1,5", "--l2_reg=1.0"]) == 0
   got = json.loads(capsys.readouterr().out)
   # the same evaluation by hand: the trained weights, the run's data config, digits train/test
   model, variables, report = models.from_pretrained(str(wd))
   cfg = fewshot.run_data_config(wd)
-  assert cfg.source == "digits" and cfg.image_size == 32
+  assert cfg.source == "digits" and cfg.image_size == 32 and cfg.per_class == 2
+  cfg.per_class = None
   ev = fewshot.FewshotEvaluator(data_lib.build(cfg, split="train"), data_lib.build(cfg, split="test"),
                                 cfg, shots=(1, 5), l2_reg=1.0)
   assert got == ev(model, variables, image_size=32, mean=report.mean, std=report.std)

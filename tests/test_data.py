@@ -589,6 +589,23 @@ def test_unverified_corrupt_file_is_replaced_at_read_time(image_root):
     _batches(fd.eval_iterator(ds, c, global_batch=25, image_size=8, mean=MEAN, std=STD), 1)
 
 
+def test_data_gone_mid_run_is_one_error_not_a_search_of_every_file(image_root, monkeypatch):
+  # An unmounted disk used to make each example try (and warn about) every file of the set.
+  from ftjax.data import loader
+  c = _plain(source="folder", root=str(image_root), val_fraction=0.0)
+  with pytest.warns(UserWarning, match="broken.jpg"):
+    ds = fd.build(c, split="train")
+  for path in ds.source.paths:
+    os.remove(path)
+  monkeypatch.setattr(loader, "_MAX_UNREADABLE", 5)
+  with warnings.catch_warnings(record=True) as seen, pytest.raises(DataError) as e:
+    warnings.simplefilter("always")
+    _batches(fd.eval_iterator(ds, c, global_batch=4, image_size=8, mean=MEAN, std=STD), 1)
+  assert len(seen) == 5 and str(e.value) == (
+      f"ftjax: error: no example reads ({image_root}[train]): 5 in a row from {ds.describe(0)}; "
+      "is the data still where it was at the start?")
+
+
 def test_eval_decodes_large_jpegs_at_reduced_scale(tmp_path):
   from ftjax.data import folder
   from sklearn.datasets import load_sample_images

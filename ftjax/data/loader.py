@@ -41,6 +41,9 @@ from ftjax.errors import ConfigError, DataError
 _HORIZON = 1 << 40
 # In-memory sets whose transformed copy is at most this many bytes are transformed once.
 _CACHE_BYTES = 512 << 20
+# Unreadable examples in a row after which the data is taken to be gone (an unmounted disk),
+# rather than trying (and warning about) every file of the dataset for each example.
+_MAX_UNREADABLE = 100
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -99,7 +102,8 @@ class _Reader:
     build, or changed since) is replaced by the next one that reads, so batches keep their
     size and stay deterministic; the caller takes the label of the example actually read."""
     n = self.ds.num_examples
-    for k in range(n):
+    tries = min(n, _MAX_UNREADABLE)
+    for k in range(tries):
       j = (i + k) % n
       try:
         rng = None if seed is None else np.random.default_rng(seed)
@@ -109,7 +113,9 @@ class _Reader:
           raise
         warnings.warn(f"ftjax: skipping unreadable image {self.ds.describe(j)}: {e.value}",
                       stacklevel=2)
-    raise DataError("no example reads", where=self.ds.name, value=n)
+    raise DataError("no example reads", where=self.ds.name,
+                    value=f"{tries} in a row from {self.ds.describe(i % n)}",
+                    hint="is the data still where it was at the start?")
 
   def transformed_all(self) -> np.ndarray | None:
     """Every example through a deterministic transform, once, for small in-memory sets."""

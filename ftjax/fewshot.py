@@ -8,9 +8,9 @@ feature is first standardised with the mean and standard deviation (plus 1e-5)
 of the shot set, train and test alike: ``l2_reg`` then means the same whatever a
 feature's units, and big_vision's default 2**10 gives big_vision's numbers.
 Features and targets are centred on the training means, so the bias is the
-target mean and is not regularised; the weights solve ``(X^T X + l2 I) W = X^T Y`` (or its dual form
-``W = X^T (X X^T + l2 I)^-1 Y`` when there are fewer examples than features;
-the two are the same matrix).  Solved in float64 on the host: at most 25 shots
+target mean and is not regularised; the weights solve ``(X^T X + l2 I) W = X^T Y``
+(or its dual form ``W = X^T (X X^T + l2 I)^-1 Y`` when there are fewer examples
+than features; the two are the same matrix).  Solved in float64 on the host: at most 25 shots
 times the class count rows.
 
 Features are the model's input to its ``head`` layer (the pre-logits

@@ -184,6 +184,18 @@ def test_folder_labels_and_one_skipped_file(image_root):
   assert batch["label"].tolist() == ds.labels.tolist()
 
 
+def test_images_a_folder_source_does_not_read_are_named_in_one_warning(tmp_path):
+  # A class's TIFFs, or images one folder down, used to be left out without a word.
+  for name in ("a.png", "b.tif", "sub/c.png", "notes.txt", ".hidden.gif"):
+    (tmp_path / "p" / "x" / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "p" / "x" / name, format="PNG")
+  with pytest.warns(UserWarning) as seen:
+    ds = fd.build(_plain(source="folder", root=str(tmp_path / "p"), val_fraction=0.0), split="train")
+  assert ds.num_examples == 1 and [str(w.message) for w in seen] == [
+      f"ftjax: {tmp_path}/p: not read: 2 sub-folders or images in other formats inside class "
+      "folders (e.g. x/b.tif); only <class>/*{.jpg,.jpeg,.png,.webp,.bmp} are read"]
+
+
 def test_16_bit_pngs_read_as_their_8_bit_copies(tmp_path):
   # Pillow's convert("RGB") casts 16-bit samples without scaling: everything above 255 was white.
   from ftjax.data import folder

@@ -26,6 +26,9 @@ from ftjax.data.dataset import Dataset
 from ftjax.errors import ConfigError, DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Image formats a class folder may hold that are not read: scan() warns about them.
+OTHER_IMAGES = (".tif", ".tiff", ".gif", ".jfif", ".jpe", ".ppm", ".pgm", ".pbm", ".pnm", ".heic",
+                ".avif", ".jp2")
 SPLITS = ("train", "val")
 # What Pillow raises on a damaged file: truncated data, bad headers, absurd sizes.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -48,14 +51,21 @@ def scan(root: str) -> tuple[list[str], list[list[str]]]:
   classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
   if not classes:
     raise DataError("no class folders", where=root, value=0, hint="expected root/<class>/<images>")
-  files = []
+  files, left_out = [], []
   for c in classes:
     folder = os.path.join(root, c)
-    names = sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
+    entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+    names = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
+    left_out += sorted(os.path.join(c, e.name) + ("/" if e.is_dir() else "") for e in entries
+                       if e.is_dir() or e.name.lower().endswith(OTHER_IMAGES))
     if not names:
       raise DataError("empty class folder", where=folder, value="0 images",
                       hint=f"add images ({', '.join(EXTENSIONS)}) or remove the folder")
     files.append([os.path.join(folder, n) for n in names])
+  if left_out:  # images a user may think are in the set, and are not
+    warnings.warn(f"ftjax: {root}: not read: {len(left_out)} sub-folders or images in other "
+                  f"formats inside class folders (e.g. {left_out[0]}); only "
+                  f"<class>/*{{{','.join(EXTENSIONS)}}} are read", stacklevel=2)
   return classes, files
 
 

@@ -7,8 +7,11 @@ Command (needs the prepared tfds cifar10 and BiT-M-R50x1.npz, or network)::
 Expected (published, google-research/big_transfer README): 97.3% top-1 on CIFAR-10
 (86.4% on CIFAR-100 with :dataset=cifar100). HyperRule for a mid-size dataset:
 SGD momentum 0.9, lr 0.003, batch 512, 10k steps, warm-up 500, lr x0.1 at 30%,
-60% and 90% of training, mixup alpha 0.1, resolution 128 px for images under
-96x96 px (CIFAR), random crop and flip, no weight decay, zero head.
+60% and 90% of training, mixup alpha 0.1, no weight decay, zero head; images under
+96x96 px (CIFAR): training resizes to 160 px, takes a random 128 px crop and flips,
+evaluation resizes the whole image to 128 px. Here the random crop is a random square of
+0.8 of each side of the source image, resized to 128 px: the same region as BiT's crop,
+its position on the source's pixel grid rather than the 160 px one.
 """
 
 from ftjax.config import default_config, parse_arg
@@ -25,6 +28,13 @@ def get_config(arg: str = ""):
   c.data.source = "tfds"
   c.data.name = args["dataset"]
   c.data.image_size = 128
+  # BiT's resize to 160 then random 128 crop: a square of (128/160)^2 of the area.
+  c.data.augment.random_resized_crop = True
+  c.data.augment.scale = (0.64, 0.64)
+  c.data.augment.ratio = (1.0, 1.0)
+  c.data.augment.flip = True
+  c.data.resize = "squash"  # eval: the whole image resized to 128 px
+  c.data.crop_fraction = 1.0
   c.data.mixup_alpha = 0.1
   c.train.total_steps = steps
   c.train.batch_size = 512

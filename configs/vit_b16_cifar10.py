@@ -11,7 +11,9 @@ CIFAR-10 after 10k steps (98.59% after 500), 92.06% on CIFAR-100 (89.17% after 5
 Recipe (vision_transformer configs common.py / vit.py): 384 px, batch 512, SGD
 momentum 0.9, lr 0.01 (CIFAR-100: 0.03), cosine decay, 500 warm-up steps (50 for
 the 500-step run), gradient clipping at global norm 1.0, no weight decay,
-dropout 0, zero-initialised head. Not yet run end to end by ftjax (it needs the
+dropout 0, zero-initialised head; input_pipeline.py: training takes a random crop of
+5-100% of the area (aspect 3/4-4/3) resized to 384 px and a flip, evaluation resizes
+the whole image to 384 px (no centre crop). Not yet run end to end by ftjax (it needs the
 dataset and a GPU); if batch 512 at 384 px does not fit, optim.accum_steps splits it
 into microbatches inside one compiled step.
 """
@@ -35,7 +37,10 @@ def get_config(arg: str = ""):
   c.data.eval_splits = ["test"]
   c.data.image_size = 384
   c.data.augment.random_resized_crop = True
+  c.data.augment.scale = (0.05, 1.0)  # vit_jax's area_range
   c.data.augment.flip = True
+  c.data.resize = "squash"  # eval: the whole image resized to 384 px
+  c.data.crop_fraction = 1.0
   c.train.total_steps = args["steps"]
   c.train.batch_size = 512
   c.train.eval_batch_size = 512

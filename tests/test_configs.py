@@ -15,6 +15,7 @@ import pytest
 from ftjax import config as config_lib
 from ftjax import train
 from ftjax.checkpoint import Checkpointer
+from ftjax.data import transforms
 from ftjax.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,6 +52,9 @@ def test_vit_b16_cifar10_is_the_vit_jax_recipe():
   assert c.optim.schedule.warmup_steps == 500 and c.optim.grad_clip_norm == 1.0
   assert c.optim.weight_decay == 0.0 and c.model.dropout_rate == 0.0
   assert list(c.optim.param_groups) == [(".*", {})]  # everything trains; the new head starts at zero
+  # input_pipeline.py: area_range (0.05, 1) crop and flip; eval resizes the whole image.
+  assert c.data.augment.random_resized_crop and tuple(c.data.augment.scale) == (0.05, 1.0)
+  assert c.data.resize == "squash" and c.data.crop_fraction == 1.0
   short = get_config("vit_b16_cifar10", "steps=500")
   assert short.train.total_steps == 500 and short.optim.schedule.warmup_steps == 50
   c100 = get_config("vit_b16_cifar10", "dataset=cifar100")
@@ -73,6 +77,11 @@ def test_bit_config_is_the_hyperrule():
   c = get_config("bit_r50x1_cifar10")
   assert c.optim.name == "sgd" and c.optim.lr == 0.003 and c.train.batch_size == 512
   assert c.data.mixup_alpha == 0.1 and list(c.optim.schedule.boundaries) == [3000, 6000, 9000]
+  # CIFAR: resize to 160 px, random 128 px crop, flip; eval resizes the whole image to 128 px.
+  train = transforms.Preprocess.from_config(c.data, c.data.image_size, train=True)
+  box = transforms.inception_box(np.random.default_rng(0), 32, 32, train.scale, train.ratio)
+  assert box[2] - box[0] == box[3] - box[1] == round(32 * 128 / 160)
+  assert train.flip and c.data.resize == "squash" and c.data.crop_fraction == 1.0
 
 
 # (dotted key, a changed value, the resume key that names it)

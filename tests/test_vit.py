@@ -141,11 +141,18 @@ def test_timm_avg_pool_with_fc_norm_parity(tmp_path):
   source = f"timm:{TIMM_TINY}@{path}"
   with pytest.raises(CheckpointError, match="missing.*encoder_norm"):  # the name says token pooling
     from_pretrained(source, image_size=64)
-  model, variables, _ = from_pretrained(source, image_size=64, pooling="gap", fc_norm=True,
-                                        class_token=True)
+  model, variables, report = from_pretrained(source, pooling="gap", fc_norm=True, class_token=True)
   x = _images(2, 64, 64)
   _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
   assert "encoder_norm" not in variables["params"]["Transformer"]
+  # Built with img_size=64 under its 224 px name: the grid is the position embedding's (4x4),
+  # and another size resamples that grid, as timm's own loader does.
+  assert report.image_size == (64, 64) and not report.resized
+  _, variables, report = from_pretrained(source, image_size=96, pooling="gap", fc_norm=True,
+                                         class_token=True)
+  assert report.resized == [(vit.POSEMB_PATH, (1, 17, 192), (1, 37, 192))]
+  ref_96 = resample_abs_pos_embed(ref.pos_embed.detach(), new_size=[6, 6], num_prefix_tokens=1)
+  np.testing.assert_allclose(flatten(variables)[vit.POSEMB_PATH], ref_96.numpy(), rtol=0, atol=1e-5)
 
 
 def test_google_npz_parity_with_timm_reader(tmp_path):

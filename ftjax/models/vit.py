@@ -1027,6 +1027,9 @@ def timm_preprocessing(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]
 def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   """A timm ``vit_*`` state dict -> ftjax layout; the architecture comes from ``name``.
 
+  The image size is that of the position embedding's square grid (a model created with
+  ``img_size=...`` keeps the name of its 224 px variant), else the name's.
+
   A model trained with a non-default ``global_pool='avg'`` holds ``fc_norm``,
   which the name does not announce: load it with the overrides
   ``pooling="gap", fc_norm=True, class_token=True`` (its class token is still
@@ -1063,6 +1066,14 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
       (r"head\.(weight|bias)", _linear("head")),
   ]
   mapped = _map_keys(tensors, rules, source)
+  # A model built with timm's img_size=... keeps its name: the grid it was trained on is that
+  # of its position embedding (square, as timm assumes when it resamples one).
+  pos = mapped.variables.get(POSEMB_PATH)
+  if pos is not None and pos.ndim == 3:
+    n = pos.shape[1] - int(full["class_token"])
+    side = math.isqrt(max(n, 0))
+    if n > 0 and side * side == n:
+      image_size = (side * full["patch_size"],) * 2
   mean, std = timm_preprocessing(name)
   return Converted(family="vit", arch=arch, num_classes=_num_classes(mapped.variables),
                    image_size=image_size, variables=mapped.variables, mean=mean, std=std,

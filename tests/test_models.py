@@ -59,6 +59,17 @@ def _case(name, tmp_path, npz, resnet_pth):
     p = tmp_path / "evil.pth"
     torch.save({"conv1.weight": torch.zeros(1), "evil": Payload()}, p)
     return f"torchvision:resnet18@{p}", {}, "refused PyTorch file"
+  if name == "hf config.json not an object":
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("[]")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    return f"hf:{tmp_path / 'hf'}", {}, "config.json is not a JSON object"
+  if name == "empty torch file":
+    (tmp_path / "empty.pth").write_bytes(b"")
+    return f"torchvision:resnet18@{tmp_path / 'empty.pth'}", {}, "empty weight file"
+  if name == "web page saved as .pth":
+    (tmp_path / "page.pth").write_bytes(b"<!DOCTYPE html><html><body>Sign in</body></html>")
+    return f"torchvision:resnet18@{tmp_path / 'page.pth'}", {}, "not a PyTorch file"
   if name == "hub id offline":
     return "hf:google/vit-base-patch16-224", {}, "cannot fetch from the Hugging Face hub"
   if name == "num_classes <= 0":
@@ -73,7 +84,8 @@ def _case(name, tmp_path, npz, resnet_pth):
 
 
 CASES = ["missing file", "truncated safetensors", "another architecture", "unknown variant",
-         "unexplained shape mismatch", "corrupted npz", "torch payload", "hub id offline",
+         "unexplained shape mismatch", "corrupted npz", "torch payload", "hf config.json not an object",
+         "empty torch file", "web page saved as .pth", "hub id offline",
          "num_classes <= 0", "image size not divisible by patch", "unknown source form",
          "bare file without form"]
 

@@ -147,7 +147,7 @@ def test_missing_and_wrong_kind_of_file(tmp_path):
     weights.read_tensors(tmp_path)
   junk = tmp_path / "junk.pth"
   junk.write_bytes(b"\x00\x01garbage")
-  with pytest.raises(CheckpointError, match="unreadable PyTorch file|refused"):
+  with pytest.raises(CheckpointError, match="not a PyTorch file"):  # not "holds objects": it holds none
     weights.read_torch(junk)
 
 

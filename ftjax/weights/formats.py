@@ -145,6 +145,11 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   for k, v in out.items():
     if not isinstance(v, np.ndarray):  # numpy hands back raw bytes for a member that is not .npy
       raise CheckpointError("corrupted .npz file: member is not an array", where=f"{p}:{k}")
+    if v.dtype == np.dtype("V2"):  # numpy saves ml_dtypes' bfloat16 (jax's bf16 params) as raw voids
+      out[k] = v.view(ml_dtypes.bfloat16)
+    elif v.dtype.kind not in "fiub":
+      raise CheckpointError("unsupported array dtype", where=f"{p}:{k}", value=v.dtype.str,
+                            hint="weights must be float, int or bool arrays (bfloat16 is read)")
   return out
 
 

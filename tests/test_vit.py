@@ -176,6 +176,33 @@ def test_google_npz_parity_with_timm_reader(tmp_path):
   assert report.image_size == (32, 32) and len(report.matched) == len(arrays)
 
 
+def test_big_vision_gap_npz_parity_with_timm_reader(tmp_path):
+  """big_vision's default ViT (pool_type 'gap', no class token), its unscanned .npz names."""
+  arch = {"variant": "test", "pooling": "gap"}
+  _, shapes = create("vit", arch, num_classes=5, image_size=32)
+  rng = np.random.default_rng(1)
+  arrays = {}
+  for path, s in shapes.items():
+    name = path.removeprefix("params/")
+    for rx, repl in (("Transformer/posembed_input/pos_embedding", "pos_embedding"),
+                     ("LayerNorm_2", "LayerNorm_1"), ("MlpBlock_3", "MlpBlock_0"),
+                     ("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0")):
+      name = name.replace(rx, repl)
+    arrays[f"params/{name}"] = (rng.standard_normal(s.shape) * 0.2 + path.endswith("/scale")).astype(np.float32)
+  file = tmp_path / "bv_gap.npz"
+  np.savez(file, **arrays)
+  ref = TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                num_classes=5, class_token=False, global_pool="avg", fc_norm=False).eval()
+  _load_weights(ref, str(file))
+  model, variables, report = from_pretrained(f"npz:test@{file}")
+  x = _images(2, 32, 32)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch == arch and report.image_size == (32, 32) and len(report.matched) == len(arrays)
+  map_head = {**arrays, "params/MAPHead_0/probe": np.zeros((1, 1, 32), np.float32)}
+  with pytest.raises(CheckpointError, match="attention-pooled"):
+    vit.convert_npz("test", map_head)
+
+
 def test_google_npz_pre_logits_and_big_vision_names():
   _, shapes = create("vit", {"variant": "test", "representation_size": 32}, num_classes=4, image_size=32)
   arrays = {p.removeprefix("params/"): np.zeros(s.shape, np.float32) for p, s in shapes.items()}

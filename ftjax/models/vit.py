@@ -1094,8 +1094,10 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
   """A Google ViT ``.npz`` (``B/16``, ``ViT-B_16``, ...) -> ftjax layout.
 
   The keys already are ftjax's (vit_jax naming).  A ``pre_logits`` layer in the
-  file (ImageNet-21k checkpoints) makes the model have one; the image size is
-  the square grid of the position embedding times the patch size.
+  file (ImageNet-21k checkpoints) makes the model have one; a file without a
+  class token is big_vision's ``pool_type="gap"`` (the mean of all tokens after
+  the final norm); the image size is the square grid of the position embedding
+  times the patch size.
   """
   arch = {"variant": canonical_variant(variant)}
   source = f"npz:{variant}"
@@ -1114,17 +1116,25 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
       for rx, repl in _BIG_VISION_RENAMES:
         path = re.sub(f"^{rx}$", repl, path)
     variables[f"params/{path}"] = arr
-  if "params/cls" not in variables:
-    raise CheckpointError("npz has no class token 'cls'", where=source,
-                          hint="global-average-pooled ViTs: pass pooling='gap' with a timm or hf source")
+  if any(k.startswith("params/MAPHead") for k in variables):
+    raise CheckpointError("attention-pooled ViTs are not supported", where=source, value="MAPHead_0",
+                          hint="big_vision pool_type 'map'; 'tok' and 'gap' load")
+  pos = variables.get(POSEMB_PATH)
+  if "params/cls" not in variables:  # big_vision's default pool_type 'gap': mean of all tokens
+    n = 0 if pos is None else pos.shape[1]
+    if math.isqrt(n) ** 2 != n and math.isqrt(n - 1) ** 2 == n - 1:
+      raise CheckpointError("npz has no class token 'cls'", where=source,
+                            hint="its position embedding has a class token's row: a damaged file?")
+    arch["pooling"] = "gap"
   if "params/pre_logits/kernel" in variables:
     arch["representation_size"] = resolve_arch(arch)["hidden_size"]
   full = resolve_arch(arch)
-  pos = variables.get(POSEMB_PATH)
   if pos is None:
     raise CheckpointError("npz has no position embedding", where=source,
-                          value="Transformer/posembed_input/pos_embedding")
-  image_size = _grid_size(pos.shape[1], 1, full["patch_size"], source)
+                          value="Transformer/posembed_input/pos_embedding",
+                          hint="fixed sincos2d position embeddings (big_vision posemb='sincos2d') "
+                               "are not supported")
+  image_size = _grid_size(pos.shape[1], int(full["class_token"]), full["patch_size"], source)
   return Converted(family="vit", arch=arch, num_classes=_num_classes(variables), image_size=image_size,
                    variables=variables, mean=INCEPTION_MEAN, std=INCEPTION_STD)
 

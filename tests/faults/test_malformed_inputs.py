@@ -214,8 +214,8 @@ IN_PROCESS = [
     ("empty checkpoint", S(lambda tmp, npz: "npz:test@" + _bytes(tmp, "empty.npz", b"")),
      'ftjax: error: empty weight file ({tmp}/empty.npz); the download or copy did not finish', 3),
     ("missing key", S(lambda tmp, npz: "npz:test@" + _npz(tmp, npz, "missing.npz", _del("cls"))),
-     "ftjax: error: npz has no class token 'cls' (npz:test); global-average-pooled ViTs: pass "
-     "pooling='gap' with a timm or hf source", 3),
+     "ftjax: error: npz has no class token 'cls' (npz:test); its position embedding has a class "
+     "token's row: a damaged file?", 3),
     ("extra key", S(lambda tmp, npz: "npz:test@" + _npz(
         tmp, npz, "extra.npz", _set("Transformer/extra/kernel", np.ones((2, 2), np.float32)))),
      'ftjax: error: checkpoint key the model does not have (npz:test@{tmp}/extra.npz): '

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -440,16 +441,23 @@ def _save(tensors: Mapping[str, np.ndarray], path: Path) -> None:
   from safetensors.numpy import save_file
   # transformers refuses safetensors files without a "format" entry.
   # (np.asarray, not ascontiguousarray: that makes a 0-d counter 1-d.)
-  save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+  tmp = path.with_name(path.name + ".tmp")
+  save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+  os.replace(tmp, path)  # never a half-written file under the final name
 
 
 def _write_json(path: Path, obj) -> None:
-  path.write_text(json.dumps(obj, indent=2) + "\n")
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2) + "\n")
+  os.replace(tmp, path)
 
 
 def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str = "hf", *,
            resize: str = "shorter_side", crop_fraction: float = 0.875) -> Path:
   """Writes ``variables`` as a PyTorch model directory; returns the directory.
+
+  Everything is converted before anything is written; each file is written under a
+  temporary name and renamed into place.
 
   Args:
     variables: ``{"params": ..., "batch_stats": ...}`` (nested or flat), LoRA
@@ -467,15 +475,15 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
   image_size = tuple(int(s) for s in meta["image_size"])
   labels = _labels(meta)
   out = Path(directory)
-  out.mkdir(parents=True, exist_ok=True)
+  configs = {}
   if fmt == "hf":
     tensors = to_hf(family, arch, variables)
     config = _vit_hf_config(arch, image_size) if family == "vit" else _resnet_hf_config(arch)
     config["id2label"] = {str(i): n for i, n in enumerate(labels)}
     config["label2id"] = {n: i for i, n in enumerate(labels)}
-    _write_json(out / "config.json", config)
-    _write_json(out / "preprocessor_config.json", hf_preprocessor_config(
-        image_size, meta["mean"], meta["std"], resize=resize, crop_fraction=crop_fraction))
+    configs["config.json"] = config
+    configs["preprocessor_config.json"] = hf_preprocessor_config(
+        image_size, meta["mean"], meta["std"], resize=resize, crop_fraction=crop_fraction)
   else:
     tensors = to_timm(family, arch, variables)
     if family == "vit":
@@ -490,8 +498,15 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
     config.update(num_classes=int(meta["num_classes"]), label_names=labels,
                   pretrained_cfg={"input_size": [3, *image_size], "mean": list(meta["mean"]),
                                   "std": list(meta["std"]), "num_classes": int(meta["num_classes"])})
-    _write_json(out / "config.json", config)
-  _save(tensors, out / "model.safetensors")
+    configs["config.json"] = config
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    _save(tensors, out / "model.safetensors")
+    for name, obj in configs.items():
+      _write_json(out / name, obj)
+  except OSError as e:
+    raise ConfigError("cannot write the export", where=str(out), value=e.strerror or str(e),
+                      hint="pass a writable --out directory") from None
   return out
 
 

@@ -231,6 +231,10 @@ def test_unsupported_exports_are_config_errors(tmp_path):
     export.export(variables, gap, tmp_path, "hf")
   with pytest.raises(ConfigError, match="unknown export format"):
     export.export(variables, _meta("vit", VIT_ARCH, 32), tmp_path, "onnx")
+  (tmp_path / "a_file").write_text("")
+  for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):  # one line, exit 2, no traceback
+    with pytest.raises(ConfigError, match=r"cannot write the export \(.*a_file.*\): (File exists|Not a dir)"):
+      export.export(variables, _meta("vit", VIT_ARCH, 32), out, "timm")
 
 
 def test_lora_run_is_merged_on_read_and_exports_the_adapted_function(tmp_path):

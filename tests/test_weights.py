@@ -20,7 +20,8 @@ def _tensors():
   rng = np.random.default_rng(0)
   return {"a.weight": rng.standard_normal((3, 4)).astype(np.float32),
           "b.bias": rng.standard_normal(5).astype(np.float16),
-          "c.idx": np.arange(6, dtype=np.int64).reshape(2, 3)}
+          "c.idx": np.arange(6, dtype=np.int64).reshape(2, 3),
+          "d.u16": np.arange(3, dtype=np.uint16)}
 
 
 def test_safetensors_roundtrip_equals_reference(tmp_path):
@@ -41,6 +42,11 @@ def test_safetensors_bf16_from_torch(tmp_path):
   save_file({"w": t}, str(path))
   got = weights.read_safetensors(path)["w"]
   np.testing.assert_array_equal(got.astype(np.float32), t.float().numpy())
+  f8 = torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn)
+  save_file({"w": f8}, str(path))
+  got = weights.read_safetensors(path)["w"]
+  assert got.dtype == ml_dtypes.float8_e4m3fn
+  np.testing.assert_array_equal(got.astype(np.float32), f8.float().numpy())
 
 
 def _write_raw_safetensors(path, header: dict, data: bytes):
@@ -49,7 +55,7 @@ def _write_raw_safetensors(path, header: dict, data: bytes):
 
 
 @pytest.mark.parametrize("case", ["truncated", "huge_header", "absurd_shape", "offset_out_of_range",
-                                  "bad_json", "empty"])
+                                  "bad_json", "empty", "unknown_dtype"])
 def test_safetensors_hostile_or_damaged_refused(tmp_path, case):
   path = tmp_path / "bad.safetensors"
   if case == "truncated":
@@ -67,10 +73,17 @@ def test_safetensors_hostile_or_damaged_refused(tmp_path, case):
     path.write_bytes(struct.pack("<Q", 5) + b"{nope")
   elif case == "empty":
     path.write_bytes(b"")
+  elif case == "unknown_dtype":
+    _write_raw_safetensors(path, {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8)
   with pytest.raises(CheckpointError) as e:
     weights.read_safetensors(path)
   assert str(e.value).startswith("ftjax: error: ") and "\n" not in str(e.value)
   assert str(path) in str(e.value)
+  if case == "unknown_dtype":
+    assert "unsupported safetensors dtype" in str(e.value) and ": C64;" in str(e.value)
+  if case in ("huge_header", "bad_json", "empty"):  # the metadata reader validates the same header
+    with pytest.raises(CheckpointError, match=str(path)):
+      weights.read_safetensors_metadata(path)
 
 
 def test_npz_roundtrip_and_object_payload_refused(tmp_path):

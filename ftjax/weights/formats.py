@@ -28,8 +28,10 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ST_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 
 # torch.load(weights_only=True) had known bypasses before 2.10 (pickle payloads
@@ -46,14 +48,8 @@ def _check_file(path: str | os.PathLike) -> Path:
   return p
 
 
-def parse_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
-  """Reads and validates a safetensors header; returns (entries, data offset).
-
-  Every entry's dtype, shape and byte range is checked against the file size,
-  so a hostile header can neither make us allocate its claimed sizes nor read
-  out of bounds.
-  """
-  p = _check_file(path)
+def _read_header(p: Path) -> tuple[dict, int, int]:
+  """(the header's JSON object, its length, the file size), validated before it is read."""
   size = p.stat().st_size
   with open(p, "rb") as f:
     head = f.read(8)
@@ -72,11 +68,26 @@ def parse_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     raise CheckpointError("invalid safetensors header", where=str(p), value=str(e)) from None
   if not isinstance(header, dict):
     raise CheckpointError("invalid safetensors header", where=str(p), value="not a JSON object")
+  return header, n, size
+
+
+def parse_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+  """Reads and validates a safetensors header; returns (entries, data offset).
+
+  Every entry's dtype, shape and byte range is checked against the file size,
+  so a hostile header can neither make us allocate its claimed sizes nor read
+  out of bounds.
+  """
+  p = _check_file(path)
+  header, n, size = _read_header(p)
   data_len = size - 8 - n
   entries = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
+    if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in _ST_DTYPES:
+      raise CheckpointError("unsupported safetensors dtype", where=f"{p}:{name}", value=info["dtype"],
+                            hint=f"one of {', '.join(_ST_DTYPES)}")
     try:
       dtype = _ST_DTYPES[info["dtype"]]
       shape = tuple(int(d) for d in info["shape"])
@@ -114,12 +125,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict:
+  """The header's ``__metadata__`` (string to string), ``{}`` when it has none."""
   p = _check_file(path)
-  with open(p, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > _MAX_HEADER_BYTES:
-      return {}
-    return json.loads(f.read(n)).get("__metadata__", {}) or {}
+  meta = _read_header(p)[0].get("__metadata__") or {}
+  if not isinstance(meta, dict):
+    raise CheckpointError("invalid safetensors metadata", where=str(p), value=type(meta).__name__)
+  return meta
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -211,3 +211,17 @@ def test_ftjax_workdir_is_a_source(tiny_vit_npz, tmp_path):
   assert report.class_names == [str(i) for i in range(10)] or report.class_names == extra["model"]["class_names"]
   x = np.zeros((2, 32, 32, 3), np.float32)
   assert model.apply(variables, x, train=False).shape == (2, 10)
+
+
+def test_integer_tensors_are_not_cast_into_float_parameters():
+  """A quantized (uint8) weight cast to float32 would load silently wrong."""
+  import jax
+  from ftjax.models.common import LoadReport, merge
+  target = {"params/w": jax.ShapeDtypeStruct((2,), np.float32)}
+  report = LoadReport("x", "f", {}, 3, (1, 1), (0,) * 3, (1,) * 3)
+  with pytest.raises(CheckpointError, match=r"non-float tensor .*\(params/w\): checkpoint uint8 vs model float32"):
+    merge(target, {"params/w": np.ones(2, np.uint8)}, report, replace_head=False)
+  import ml_dtypes
+  for half in (np.float16, ml_dtypes.bfloat16):  # 16-bit checkpoints are widened, not refused
+    out = merge(target, {"params/w": np.ones(2, half)}, report, replace_head=False)
+    assert out["params/w"].dtype == np.float32 and out["params/w"].tolist() == [1.0, 1.0]

@@ -163,6 +163,11 @@ def merge(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], report: L
                             value=f"{path} {shape}",
                             hint="pass dont_load=[regex] to initialise it instead")
     arr = loaded[path]
+    # (kinds, not np.floating: ml_dtypes' bfloat16 and float8 are not numpy floating types)
+    if np.issubdtype(dtype, np.floating) and np.asarray(arr).dtype.kind in "iub":
+      raise CheckpointError("non-float tensor for a float parameter", where=path,
+                            value=f"checkpoint {np.asarray(arr).dtype} vs model {dtype}",
+                            hint="a quantized checkpoint? only float weights are loaded")
     if tuple(arr.shape) != shape:
       fn = next((f for rx, f in resize_items if any_match(path, [rx])), None)
       if fn is None:

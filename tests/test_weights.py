@@ -126,16 +126,18 @@ def test_corrupted_npz_refused(tmp_path):
 
 
 def test_torch_state_dict_roundtrip_and_unwrap(tmp_path):
-  sd = {"w": torch.randn(3, 2), "b": torch.randn(2).to(torch.bfloat16), "n": torch.tensor(3)}
+  sd = {"w": torch.randn(3, 2), "b": torch.randn(2).to(torch.bfloat16), "n": torch.tensor(3),
+        "f8": torch.tensor([0.5, -3.0]).to(torch.float8_e5m2)}
   path = tmp_path / "m.pth"
   torch.save({"state_dict": sd, "epoch": 3}, path)
   got = weights.read_torch(path)
   np.testing.assert_array_equal(got["w"], sd["w"].numpy())
   np.testing.assert_array_equal(got["b"], sd["b"].float().numpy())
+  assert got["f8"].dtype == np.float32 and got["f8"].tolist() == [0.5, -3.0]
   assert got["n"] == 3
   # Saved from a DistributedDataParallel (or compiled) model: every key carries the wrapper's prefix.
   torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in sd.items()}}, path)
-  assert sorted(weights.read_torch(path)) == ["b", "n", "w"]
+  assert sorted(weights.read_torch(path)) == ["b", "f8", "n", "w"]
   torch.save({"module.w": sd["w"], "head.w": sd["w"]}, path)  # a prefix not on every key is a name
   assert sorted(weights.read_torch(path)) == ["head.w", "module.w"]
 

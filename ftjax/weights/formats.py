@@ -182,8 +182,8 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   A checkpoint that wraps the state dict (``{"state_dict": ...}``, ``{"model": ...}``)
   is unwrapped, and the ``module.`` prefix that ``DistributedDataParallel`` (and
-  ``torch.compile``'s ``_orig_mod.``) put on every key is dropped.  bf16 tensors
-  come back as float32.
+  ``torch.compile``'s ``_orig_mod.``) put on every key is dropped.  bf16 and float8
+  tensors come back as float32.
   """
   p = _check_file(path)
   try:
@@ -220,9 +220,10 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
   out = {}
   for k, v in obj.items():
     if isinstance(v, torch.Tensor):
-      if v.dtype == torch.bfloat16:
-        v = v.float()
-      out[k] = v.detach().cpu().numpy()
+      v = v.detach().cpu()
+      if v.dtype == torch.bfloat16 or v.dtype.is_floating_point and v.dtype.itemsize == 1:
+        v = v.float()  # numpy has no bfloat16 or float8: exact in float32
+      out[k] = v.numpy()
   for prefix in ("module.", "_orig_mod."):  # only when every key has it: a wrapper's, not a name
     if out and all(k.startswith(prefix) for k in out):
       out = {k[len(prefix):]: v for k, v in out.items()}

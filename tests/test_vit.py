@@ -92,6 +92,15 @@ def test_hf_vit_for_image_classification_parity(tmp_path):
   assert report.class_names == names
   assert (report.mean, report.std) == ((0.5,) * 3, (0.5,) * 3)
   assert len(report.matched) == len(flatten(variables)) == 2 * 16 + 8
+  # save_pretrained(max_shard_size=...): shards listed by model.safetensors.index.json
+  ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+  assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+  _, sharded, _ = from_pretrained(f"hf:{tmp_path / 'sharded'}")
+  for k, v in flatten(variables).items():
+    np.testing.assert_array_equal(flatten(sharded)[k], v, err_msg=k)
+  next((tmp_path / "sharded").glob("model-*.safetensors")).unlink()
+  with pytest.raises(CheckpointError, match="weight file not found"):
+    from_pretrained(f"hf:{tmp_path / 'sharded'}")
 
 
 def test_hf_vit_model_pooler_is_dropped_and_recorded(tmp_path):

@@ -111,20 +111,50 @@ def _split_at(rest: str, source: str, need_file: bool) -> tuple[str, str | None]
   return name, (file or None)
 
 
+# One file, or shards listed by an index (save_pretrained(max_shard_size=...)).
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json")
+
+
+def _hf_tensors(wfile, fetch=None) -> dict[str, np.ndarray]:
+  """The tensors of ``wfile``; for an index, of every shard it lists (``fetch(name)`` gives
+  a shard's path, by default the file beside the index)."""
+  wfile = Path(wfile)
+  if not wfile.name.endswith(".index.json"):
+    return weights.read_tensors(wfile)
+  try:
+    weight_map = json.loads(wfile.read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+  except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError("unreadable shard index", where=str(wfile), value=str(e)[:160]) from None
+  tensors = {}
+  for shard in shards:
+    if Path(shard).name != shard:
+      raise CheckpointError("shard index names a file outside its directory", where=str(wfile), value=shard)
+    tensors.update(weights.read_tensors(fetch(shard) if fetch else wfile.parent / shard))
+  missing = sorted(set(weight_map) - set(tensors))
+  if missing:
+    raise CheckpointError("tensor listed in the shard index missing from its shard", where=str(wfile),
+                          value=f"{missing[0]} ({weight_map[missing[0]]})")
+  return tensors
+
+
 def _read_hf(rest: str, source: str) -> Converted:
+  fetch = None
   if os.path.isdir(rest):
     d = Path(rest)
     cfg_path = d / "config.json"
     if not cfg_path.exists():
       raise CheckpointError("no config.json in Hugging Face model directory", where=str(d))
-    wfile = next((d / n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).exists()), None)
+    wfile = next((d / n for n in _HF_WEIGHTS if (d / n).exists()), None)
     if wfile is None:
-      raise CheckpointError("no model.safetensors or pytorch_model.bin", where=str(d))
+      raise CheckpointError("no model.safetensors or pytorch_model.bin (or their shard index)", where=str(d))
   elif os.path.exists(rest) or rest.startswith((".", "/")):
     raise CheckpointError("Hugging Face source must be a directory or repo id", where=source)
   else:
     cfg_path, _ = weights.hf_file(rest, ("config.json",), source=source)
-    wfile, _ = weights.hf_file(rest, ("model.safetensors", "pytorch_model.bin"), source=source)
+    wfile, _ = weights.hf_file(rest, _HF_WEIGHTS, source=source)
+    fetch = lambda shard: weights.hf_file(rest, (shard,), source=source)[0]
     try:  # the normalisation the repo's image processor uses; it lands beside the weights
       weights.hf_file(rest, ("preprocessor_config.json",), source=source)
     except CheckpointError:
@@ -150,7 +180,7 @@ def _read_hf(rest: str, source: str) -> Converted:
   if convert is None:
     raise CheckpointError("unsupported Hugging Face model_type", where=str(cfg_path),
                           value=repr(config.get("model_type")), hint=f"one of {sorted(_HF_MODEL_TYPES)}")
-  return convert(config, weights.read_tensors(wfile), preprocessor=preprocessor)
+  return convert(config, _hf_tensors(wfile, fetch), preprocessor=preprocessor)
 
 
 def _read_timm(rest: str, source: str) -> Converted:

@@ -130,9 +130,13 @@ def target_shapes(params, spec: LoraSpec) -> dict[str, tuple[int, int]]:
     if not hit:
       continue
     shape = tuple(np.shape(leaves[path]))
-    if not path.endswith("/kernel") or len(shape) < 2:
+    # Dense kernels are 2-D and ftjax's DenseGeneral ones 3-D; a 4-D kernel is a convolution's
+    # (HWIO), which the adapters' matmul cannot stand for. Refused here, before a run writes
+    # its workdir, not at the first apply.
+    if not path.endswith("/kernel") or not 2 <= len(shape) <= 3:
       raise ConfigError("LoRA target is not a dense kernel", where=path, value=shape,
-                        hint="targets must match '.../kernel' leaves of Dense / DenseGeneral layers")
+                        hint="targets must match '.../kernel' leaves of Dense / DenseGeneral layers"
+                             + (" (a 4-D kernel is a convolution's)" if len(shape) == 4 else ""))
     n = in_axes[path]
     out[path] = (math.prod(shape[:n]), math.prod(shape[n:]))
   return out

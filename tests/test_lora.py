@@ -69,6 +69,9 @@ def test_targets_regex_selects_and_bad_targets_fail(base):
     lora.target_shapes(params, lora.LoraSpec(rank=2, targets=("nothing/kernel",)))
   with pytest.raises(ConfigError, match="not a dense kernel"):
     lora.target_shapes(params, lora.LoraSpec(rank=2, targets=(r".*/query/bias",)))
+  # the patch embedding is a Conv: refused when the adapters are made, not at the first apply
+  with pytest.raises(ConfigError, match=r"not a dense kernel \(embedding/kernel\).*convolution"):
+    lora.add_lora(params, lora.LoraSpec(rank=2, targets=(r"embedding/kernel",)), jax.random.key(0))
   with pytest.raises(ConfigError, match="rank must be a positive integer"):
     lora.LoraSpec(rank=0)
 

@@ -266,8 +266,10 @@ def test_lora_run_is_merged_on_read_and_exports_the_adapted_function(tmp_path):
   assert np.abs(_torch_logits(timm_model, x) - adapted).max() < 1e-4
   # ... and loading the run as a pretrained source gives the adapted function too
   from ftjax.models import from_pretrained
-  loaded, loaded_vars, _ = from_pretrained(str(tmp_path / "run"))
+  loaded, loaded_vars, report = from_pretrained(str(tmp_path / "run"))
   np.testing.assert_allclose(np.asarray(loaded.apply(loaded_vars, jnp.asarray(x))), adapted, atol=1e-5)
+  assert report.dropped == [("params/lora/*", "LoRA adapters (rank 2, alpha 4.0) merged into the kernels "
+                                               "they adapt")]
   with checkpoint.Checkpointer(tmp_path / "bad" / "checkpoints", async_save=False) as c:
     c.save(1, {"params": params}, extra={"model": _meta("vit", VIT_ARCH, 32)})
   with pytest.raises(CheckpointError, match="LoRA adapters but no LoRA settings"):

@@ -220,9 +220,12 @@ def _read_ftjax(path: str, source: str) -> Converted:
   from ftjax.export import read_run
   variables, meta = read_run(path)
   flat = {k: np.asarray(v) for k, v in flatten(variables).items()}
+  spec = meta.get("lora")
+  dropped = [("params/lora/*", f"LoRA adapters (rank {spec['rank']}, alpha {spec.get('alpha')}) "
+                               "merged into the kernels they adapt")] if spec else []
   return Converted(family=meta["family"], arch=dict(meta["arch"]), num_classes=int(meta["num_classes"]),
                    image_size=tuple(meta["image_size"]), variables=flat, mean=tuple(meta["mean"]),
-                   std=tuple(meta["std"]), class_names=meta.get("class_names"))
+                   std=tuple(meta["std"]), class_names=meta.get("class_names"), dropped=dropped)
 
 
 _READERS = {"hf": _read_hf, "timm": _read_timm, "npz": _read_npz,

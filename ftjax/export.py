@@ -467,7 +467,8 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
     directory: created if missing; existing files of the same names are replaced.
     fmt: ``"hf"`` or ``"timm"``.
     resize, crop_fraction: the run's eval transform (``data.resize``,
-      ``data.crop_fraction``), which the hf ``preprocessor_config.json`` repeats.
+      ``data.crop_fraction``), which the hf ``preprocessor_config.json`` and the timm
+      ``pretrained_cfg`` repeat.
   """
   if fmt not in FORMATS:
     raise ConfigError("unknown export format", where="--format", value=repr(fmt), hint=f"one of {FORMATS}")
@@ -495,9 +496,13 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
                 "model_args": {"num_classes": int(meta["num_classes"])}}
     else:
       config = _resnetv2_timm_config(arch, meta["num_classes"])
+    # timm's eval transform from these (timm.data.resolve_data_config): ftjax's resize mode,
+    # crop and bilinear filter, not timm's defaults (bicubic, 0.875, centre).
     config.update(num_classes=int(meta["num_classes"]), label_names=labels,
                   pretrained_cfg={"input_size": [3, *image_size], "mean": list(meta["mean"]),
-                                  "std": list(meta["std"]), "num_classes": int(meta["num_classes"])})
+                                  "std": list(meta["std"]), "num_classes": int(meta["num_classes"]),
+                                  "interpolation": "bilinear", "crop_pct": float(crop_fraction),
+                                  "crop_mode": "squash" if resize == "squash" else "center"})
     configs["config.json"] = config
   try:
     out.mkdir(parents=True, exist_ok=True)

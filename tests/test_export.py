@@ -164,6 +164,13 @@ def test_export_command_repeats_the_runs_resize_and_crop(tmp_path):
                   _eval_transform(image, 32, resize="squash", crop_fraction=0.9)) * 127.5
   # Measured: mean 1.4, max 6 levels: 32 / 36 = 0.889 of each side instead of 0.9, 1.2% more
   assert levels.mean() < 2
+  # timm reads the same transform from its config.json (not its bicubic, 0.875 defaults)
+  import timm
+  from timm.data import resolve_data_config
+  assert export.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'timm'}", "--format=timm"]) == 0
+  data_config = resolve_data_config({}, model=timm.create_model(f"local-dir:{tmp_path / 'timm'}"))
+  assert {k: data_config[k] for k in ("interpolation", "crop_pct", "crop_mode")} == {
+      "interpolation": "bilinear", "crop_pct": 0.9, "crop_mode": "squash"}
 
 
 def test_hf_export_reads_back_into_ftjax_bit_identical(tmp_path):

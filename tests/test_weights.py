@@ -205,3 +205,23 @@ def test_zip_named_npz_with_pickle_member_is_refused(tmp_path):
   with pytest.raises(CheckpointError):
     weights.read_npz(path)
   assert not marker.exists()
+
+
+def test_an_interrupted_download_leaves_nothing_in_the_cache(monkeypatch, tmp_path):
+  """A connection that ends early must not leave a partial file to be taken for the whole one."""
+  import io
+  import urllib.request
+
+  from ftjax.weights import hub
+
+  class Response(io.BytesIO):
+    headers = {"Content-Length": "1000"}  # the server promised 1000 bytes, sends 10
+
+  monkeypatch.setattr(hub, "CACHE_DIR", tmp_path / "cache")
+  monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(b"0123456789"))
+  with pytest.raises(CheckpointError, match=r"cannot download .*IncompleteRead"):
+    weights.url_file("https://example.com/w.npz", source="npz:B/16@https://example.com/w.npz")
+  assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+  Response.headers = {"Content-Length": "10"}
+  path = weights.url_file("https://example.com/w.npz", source="x")
+  assert open(path, "rb").read() == b"0123456789"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -45,16 +46,24 @@ def url_file(url: str, *, source: str) -> str:
   dest = CACHE_DIR / digest / url.rsplit("/", 1)[-1]
   if dest.exists():
     return str(dest)
-  dest.parent.mkdir(parents=True, exist_ok=True)
+  tmp = None
   try:
+    dest.parent.mkdir(parents=True, exist_ok=True)
     # Download to a temporary name first: an interrupted download never
-    # leaves a half-written file under the final name.
+    # leaves a half-written file under the final name (where it would be taken
+    # for the whole file by every later run).
     with urllib.request.urlopen(url, timeout=30) as r, tempfile.NamedTemporaryFile(
-        dir=dest.parent, delete=False) as tmp:
-      shutil.copyfileobj(r, tmp)
-    os.replace(tmp.name, dest)
-  except OSError as e:
-    raise CheckpointError("cannot download", where=source, value=f"{url}: {e}",
+        dir=dest.parent, delete=False) as f:
+      tmp = f.name
+      shutil.copyfileobj(r, f)
+      expected, got = r.headers.get("Content-Length"), f.tell()
+    if expected is not None and expected.isdigit() and int(expected) != got:
+      raise http.client.IncompleteRead(b"", int(expected) - got)
+    os.replace(tmp, dest)
+  except (OSError, http.client.HTTPException) as e:
+    if tmp is not None and os.path.exists(tmp):
+      os.unlink(tmp)
+    raise CheckpointError("cannot download", where=source, value=f"{url}: {type(e).__name__}: {e}",
                           hint="offline? download the file elsewhere and pass its local path") from None
   return str(dest)
 

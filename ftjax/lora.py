@@ -175,9 +175,14 @@ def split_lora(params) -> tuple[dict, dict]:
 
 
 def _adapters(lora) -> dict[str, tuple[Any, Any]]:
-  """``{kernel path: (a, b)}`` from a ``lora`` subtree."""
+  """``{kernel path: (a, b)}`` from a ``lora`` subtree; anything else in it is an error."""
   flat = flatten(lora)
-  return {p[:-2]: (flat[p], flat[p[:-2] + "/b"]) for p in flat if p.endswith("/a")}
+  kernels = sorted({p.rpartition("/")[0] for p in flat})
+  for path in kernels:
+    if {f"{path}/a", f"{path}/b"} != {p for p in flat if p.rpartition("/")[0] == path}:
+      raise ConfigError("LoRA adapter is not exactly a pair a, b", where=f"{LORA}/{path}",
+                        value=sorted(p.rpartition("/")[2] for p in flat if p.rpartition("/")[0] == path))
+  return {path: (flat[f"{path}/a"], flat[f"{path}/b"]) for path in kernels}
 
 
 def merge(params, spec: LoraSpec) -> dict:
@@ -189,7 +194,12 @@ def merge(params, spec: LoraSpec) -> dict:
   base, lora = split_lora(params)
   flat = flatten(base)
   for path, (a, b) in _adapters(lora).items():
-    w = flat[path]
+    w = flat.get(path)
+    if w is None:
+      raise ConfigError("LoRA adapter for a kernel the model does not have", where=path)
+    if np.shape(a)[1:] != np.shape(b)[:1] or np.shape(a)[0] * np.shape(b)[1] != np.size(w):
+      raise ConfigError("LoRA adapter does not fit its kernel", where=path,
+                        value=f"a {np.shape(a)} b {np.shape(b)} for kernel {np.shape(w)}")
     # Full float32 precision: an export must not carry TF32 rounding of the update.
     delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
                        precision=jax.lax.Precision.HIGHEST) * spec.scale

@@ -74,6 +74,15 @@ def test_targets_regex_selects_and_bad_targets_fail(base):
     lora.add_lora(params, lora.LoraSpec(rank=2, targets=(r"embedding/kernel",)), jax.random.key(0))
   with pytest.raises(ConfigError, match="rank must be a positive integer"):
     lora.LoraSpec(rank=0)
+  # a damaged lora subtree (a run's checkpoint, read for export) is a one-line error, not a KeyError
+  adapters = flatten(lora.add_lora(params, only_q, jax.random.key(0))["lora"])
+  q0 = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
+  for damage, match in [({"elsewhere/kernel/a": np.zeros((2, 2)), "elsewhere/kernel/b": np.zeros((2, 2))},
+                         "kernel the model does not have"),
+                        ({f"{q0}/a": np.zeros((5, 2))}, "does not fit its kernel"),
+                        ({f"{q0}/c": np.zeros((2, 2))}, "not exactly a pair")]:
+    with pytest.raises(ConfigError, match=match):
+      lora.merge({**params, "lora": unflatten({**adapters, **damage})}, only_q)
 
 
 def test_starts_equal_to_the_base_model(base):

@@ -140,6 +140,9 @@ def test_torch_state_dict_roundtrip_and_unwrap(tmp_path):
   assert sorted(weights.read_torch(path)) == ["b", "f8", "n", "w"]
   torch.save({"module.w": sd["w"], "head.w": sd["w"]}, path)  # a prefix not on every key is a name
   assert sorted(weights.read_torch(path)) == ["head.w", "module.w"]
+  from safetensors.torch import save_file  # the same state dict written as safetensors
+  save_file({f"_orig_mod.{k}": v for k, v in sd.items()}, str(tmp_path / "m.safetensors"))
+  assert sorted(weights.read_tensors(tmp_path / "m.safetensors")) == ["b", "f8", "n", "w"]
 
 
 def test_torch_pickle_payload_never_runs(tmp_path):

@@ -224,17 +224,26 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
       if v.dtype == torch.bfloat16 or v.dtype.is_floating_point and v.dtype.itemsize == 1:
         v = v.float()  # numpy has no bfloat16 or float8: exact in float32
       out[k] = v.numpy()
-  for prefix in ("module.", "_orig_mod."):  # only when every key has it: a wrapper's, not a name
-    if out and all(k.startswith(prefix) for k in out):
-      out = {k[len(prefix):]: v for k, v in out.items()}
-  return out
+  return _unwrapped(out)
+
+
+def _unwrapped(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Without the ``module.`` / ``_orig_mod.`` prefix a DistributedDataParallel or compiled
+  model puts on every key of its state dict (only when every key has it: a wrapper's, not a name)."""
+  for prefix in ("module.", "_orig_mod."):
+    if tensors and all(k.startswith(prefix) for k in tensors):
+      tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+  return tensors
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Dispatches on the file's extension: .safetensors, .npz, else a torch pickle."""
+  """Dispatches on the file's extension: .safetensors, .npz, else a torch pickle.
+
+  PyTorch state dicts (safetensors or pickle) lose a DDP / ``torch.compile`` wrapper's key prefix.
+  """
   name = str(path)
   if name.endswith(".safetensors"):
-    return read_safetensors(path)
+    return _unwrapped(read_safetensors(path))
   if name.endswith(".npz"):
     return read_npz(path)
   return read_torch(path)

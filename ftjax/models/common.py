@@ -161,7 +161,8 @@ def merge(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], report: L
       report.missing.append(path)
       raise CheckpointError("model key missing from the checkpoint", where=report.source,
                             value=f"{path} {shape}",
-                            hint="pass dont_load=[regex] to initialise it instead")
+                            hint="a checkpoint for another architecture or variant? (dont_load=[regex] "
+                                 "initialises a key on purpose)")
     arr = loaded[path]
     # (kinds, not np.floating: ml_dtypes' bfloat16 and float8 are not numpy floating types)
     if np.issubdtype(dtype, np.floating) and np.asarray(arr).dtype.kind in "iub":

@@ -300,6 +300,11 @@ def test_checkpoint_of_another_variant_fails_naming_the_key():
     E.convert_pth("lite1", state)
   with pytest.raises(CheckpointError, match=r"does not have.*_blocks\.99\._bn0\.weight"):
     E.convert_pth("lite0", {**state, "_blocks.99._bn0.weight": np.zeros(3, np.float32)})
+  # a headless file (a feature extractor, timm's num_classes=0) loads: a new head, not "lacks a tensor"
+  headless = E.convert_pth("lite0", {k: v for k, v in state.items() if not k.startswith("_fc.")})
+  assert headless.num_classes == 0 and not any(k.startswith("params/head/") for k in headless.variables)
+  with pytest.raises(CheckpointError, match=r"lacks a tensor.*_fc\.bias"):  # half a head is damage
+    E.convert_pth("lite0", {k: v for k, v in state.items() if k != "_fc.bias"})
 
 
 def test_bad_options_and_sources_are_one_line_errors(monkeypatch):

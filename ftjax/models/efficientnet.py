@@ -482,6 +482,8 @@ def _convert_tensors(tensors: Mapping[str, np.ndarray], names, source: str, othe
   """Flat ftjax variables from ``names``; ``other`` names the other layout in error hints."""
   out, used = {}, set()
   for src, dst, kind in names:
+    if kind == "linear" and not any(k.startswith(f"{src}.") for k in tensors):
+      continue  # a headless checkpoint (timm num_classes=0): from_pretrained asks for num_classes
     for suffix, collection, leaf, fn in _LAYOUTS[kind]:
       key = f"{src}.{suffix}"
       if key not in tensors:
@@ -503,6 +505,11 @@ def _convert_tensors(tensors: Mapping[str, np.ndarray], names, source: str, othe
   return out, dropped
 
 
+def _num_classes(variables: Mapping[str, np.ndarray]) -> int:
+  bias = variables.get("params/head/bias")
+  return 0 if bias is None else int(bias.shape[0])
+
+
 def convert_pth(variant: str, state_dict: Mapping[str, np.ndarray]) -> Converted:
   """The bundled Lite weights (lukemelas/EfficientNet-PyTorch key names, TF numerics).
 
@@ -515,7 +522,7 @@ def convert_pth(variant: str, state_dict: Mapping[str, np.ndarray]) -> Converted
                                         other=f"a timm file (timm:efficientnet_{name}@FILE)")
   return Converted(family="efficientnet",
                    arch={"variant": name, "padding": "same", "bn_eps": 1e-3, "bn_momentum": 0.99},
-                   num_classes=int(variables["params/head/bias"].shape[0]),
+                   num_classes=_num_classes(variables),
                    image_size=(VARIANTS[name].image_size,) * 2, variables=variables,
                    mean=TF_LITE_MEAN, std=TF_LITE_STD, dropped=dropped)
 
@@ -537,8 +544,7 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   else:
     arch = {"variant": short, "padding": "symmetric", "bn_eps": 1e-5, "bn_momentum": 0.9}
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-  return Converted(family="efficientnet", arch=arch,
-                   num_classes=int(variables["params/head/bias"].shape[0]),
+  return Converted(family="efficientnet", arch=arch, num_classes=_num_classes(variables),
                    image_size=(VARIANTS[short].image_size,) * 2, variables=variables,
                    mean=mean, std=std, dropped=dropped)
 

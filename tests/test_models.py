@@ -1,5 +1,6 @@
 """from_pretrained's common contract: bad inputs fail with one clear line; dont_load and the report."""
 
+import sys
 
 import numpy as np
 import pytest
@@ -182,6 +183,25 @@ def test_offline_hub_stops_at_the_first_file(monkeypatch):
   with pytest.raises(CheckpointError, match="cannot fetch from the Hugging Face hub"):
     weights.hf_file("timm/x", ("model.safetensors", "pytorch_model.bin"), source="timm:x")
   assert calls == ["model.safetensors"]
+
+
+def test_a_timm_name_is_fetched_from_its_tagged_hub_repo(monkeypatch):
+  # The hub holds timm/<arch>.<tag> only; an untagged name takes timm's default tag.
+  repos = []
+
+  def download(repo_id, filename):
+    repos.append(repo_id)
+    raise OSError("offline")
+
+  import huggingface_hub
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+  for name in ("resnet18", "resnet18.tv_in1k"):
+    with pytest.raises(CheckpointError):
+      models.from_pretrained(f"timm:{name}")
+  assert repos[0] == "timm/resnet18.a1_in1k" and repos[-1] == "timm/resnet18.tv_in1k"
+  monkeypatch.setitem(sys.modules, "timm.models", None)  # timm not installed
+  with pytest.raises(ConfigError, match=r"needs its pretrained tag.*timm:resnet18\.<tag>"):
+    models.from_pretrained("timm:resnet18")
 
 
 def test_head_replacement_is_reported_and_zero(tiny_vit_npz):

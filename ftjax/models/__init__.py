@@ -190,8 +190,30 @@ def _read_timm(rest: str, source: str) -> Converted:
     raise ConfigError("unsupported timm model", where=source, value=repr(name),
                       hint="vit_*, resnet*, resnetv2_* and efficientnet_lite* are supported")
   if file is None:
-    file, _ = weights.hf_file(f"timm/{name}", ("model.safetensors", "pytorch_model.bin"), source=source)
+    file, _ = weights.hf_file(_timm_hub_id(name, source), ("model.safetensors", "pytorch_model.bin"),
+                              source=source)
   return convert(name, weights.read_tensors(_local_or_url(file, source)))
+
+
+def _timm_hub_id(name: str, source: str) -> str:
+  """The hub repository of a timm name: ``timm/<arch>.<tag>``; the hub has no untagged ones.
+
+  A name without its tag takes timm's default tag for the architecture (timm's own
+  ``pretrained=True`` choice), which needs timm installed to know it.
+  """
+  if "." in name:
+    return f"timm/{name}"
+  try:
+    from timm.models import get_pretrained_cfg
+  except ImportError:
+    raise ConfigError("a timm name fetched from the hub needs its pretrained tag", where=source,
+                      value=repr(name), hint=f"for example timm:{name}.<tag> (hub repos are "
+                      "timm/<name>.<tag>), or pip install timm to take timm's default tag") from None
+  cfg = get_pretrained_cfg(name)
+  if cfg is None or not cfg.hf_hub_id:
+    raise ConfigError("timm knows no hub weights for this name", where=source, value=repr(name),
+                      hint="give the tag (timm:<name>.<tag>) or a file (timm:<name>@<file>)")
+  return cfg.hf_hub_id
 
 
 def _read_npz(rest: str, source: str) -> Converted:

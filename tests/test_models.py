@@ -123,6 +123,8 @@ def test_dont_load_rule_matching_nothing_is_an_error(tiny_vit_npz):
   with pytest.raises(ConfigError, match=r"dont_load rule matches no parameter \(model.dont_load #0\): "
                                         r"'head/\.\*'; full match on paths such as 'params/"):
     models.from_pretrained(f"npz:test@{tiny_vit_npz}", dont_load=["head/.*"])
+  with pytest.raises(ConfigError, match=r"invalid regex \(model.dont_load\): 'params/head/\('"):
+    models.from_pretrained(f"npz:test@{tiny_vit_npz}", dont_load=["params/head/("])
 
 
 def test_a_position_embedding_of_another_grid_is_refused_with_both_shapes(tmp_path):

@@ -148,7 +148,7 @@ def merge(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], report: L
   for path in sorted(target):
     spec = target[path]
     shape, dtype = tuple(spec.shape), np.dtype(spec.dtype)
-    if dont_load and any_match(path, dont_load):
+    if dont_load and any_match(path, dont_load, what="model.dont_load"):
       out[path] = initial_value(path).astype(dtype)
       report.reinitialized.append((path, "dont_load"))
       continue
@@ -183,14 +183,14 @@ def merge(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], report: L
     out[path] = arr if arr.dtype == dtype else arr.astype(dtype)
 
   for path in sorted(set(loaded) - set(target)):
-    if dont_load and any_match(path, dont_load):
+    if dont_load and any_match(path, dont_load, what="model.dont_load"):
       report.dropped.append((path, "dont_load"))
       continue
     raise CheckpointError("checkpoint key the model does not have", where=report.source,
                           value=f"{path} {tuple(loaded[path].shape)}",
                           hint="a checkpoint for another architecture or variant?")
   for i, rx in enumerate(dont_load or ()):  # a typo would keep the weights it meant to drop
-    if not any(any_match(path, [rx]) for path in set(target) | set(loaded)):
+    if not any(any_match(path, [rx], what="model.dont_load") for path in set(target) | set(loaded)):
       raise ConfigError("dont_load rule matches no parameter", where=f"model.dont_load #{i}",
                         value=repr(rx), hint=f"full match on paths such as {min(target)!r}")
   return out

@@ -3,6 +3,9 @@
 Rates are measured between log steps only.  The caller turns the loss into a
 python float on those steps (the one device sync a log step needs); on other
 steps :meth:`Progress.update` only counts, so it never stalls the device queue.
+Time spent in :meth:`Progress.paused` (evaluation, checkpoint writes, compiling
+the next unfreezing phase) is left out of images/s and MFU, which measure
+training steps, and kept in the ETA, which is wall-clock time.
 
 >>> import io
 >>> clock = iter([0.0, 5.0, 15.0]).__next__  # seconds at construction, step 1, step 50
@@ -15,10 +18,11 @@ steps :meth:`Progress.update` only counts, so it never stalls the device queue.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO
 
 import jax
@@ -80,6 +84,8 @@ class Progress:
                        dynamic_ncols=True)
     self._step = start_step
     self._mark = (start_step, clock())  # (step, time) the next rates are measured from
+    self._origin = self._mark  # (step, time) the ETA's wall-clock rate is measured from
+    self._paused = 0.0  # seconds paused since the mark
     self._first = True
 
   def _is_log_step(self, step: int) -> bool:
@@ -102,29 +108,61 @@ class Progress:
     if not self._is_log_step(step):
       if first:
         # Called every step, the first call closes the step that compiled: rates start here.
-        self._mark = (step, now)
+        self._mark = self._origin = (step, now)
+        self._paused = 0.0
       return None
     if step <= self._mark[0]:
       return None  # the same step again: no time to measure
     rates = self._rates(step, now)
     self._mark = (step, now)
-    self._report(step, loss, rates, extra)
+    self._paused = 0.0
+    self._report(step, loss, rates, extra, self._eta(step, now))
     return rates
+
+  @contextlib.contextmanager
+  def paused(self, wait_for=None) -> Iterator[None]:
+    """Leaves the time inside out of images/s and MFU (not out of the ETA).
+
+    ``wait_for`` (the train state) is waited for first: the steps still queued on
+    the device are training time, not the pause's.
+
+    >>> import io
+    >>> clock = iter([0.0, 10.0, 40.0, 50.0]).__next__  # start; pause from 10 s to 40 s; step 20
+    >>> p = Progress(40, batch_size=1, log_every=20, stream=io.StringIO(), clock=clock)
+    >>> with p.paused():  # an evaluation
+    ...   pass
+    >>> p.update(20)  # 20 steps in 20 s of training, 50 s of wall-clock time
+    {'img_per_sec': 1.0, 'steps_per_sec': 1.0}
+    >>> p.stream.getvalue()
+    'step 20/40 img/s 1.0 eta 0:00:50\\n'
+    """
+    if wait_for is not None:
+      jax.block_until_ready(wait_for)
+    start = self._clock()
+    try:
+      yield
+    finally:
+      self._paused += self._clock() - start
 
   def _rates(self, step: int, now: float) -> dict:
     mark_step, mark_time = self._mark
-    steps_per_sec = (step - mark_step) / max(now - mark_time, 1e-9)
+    steps_per_sec = (step - mark_step) / max(now - mark_time - self._paused, 1e-9)
     rates = {"img_per_sec": steps_per_sec * self.batch_size, "steps_per_sec": steps_per_sec}
     util = mfu(self.flops_per_step, steps_per_sec, self.num_devices, self.peak_flops)
     if util is not None:
       rates["mfu"] = util
     return rates
 
-  def _report(self, step: int, loss: float | None, rates: dict, extra: dict) -> None:
+  def _eta(self, step: int, now: float) -> float:
+    """Seconds left at the wall-clock rate of the whole run so far (evaluations and saves included)."""
+    origin_step, origin_time = self._origin
+    return (self.total_steps - step) * max(now - origin_time, 0.0) / max(step - origin_step, 1)
+
+  def _report(self, step: int, loss: float | None, rates: dict, extra: dict, eta: float) -> None:
     parts = [] if loss is None else [f"loss {loss:.4f}"]
     parts.append(f"img/s {rates['img_per_sec']:.1f}")
     if self._bar is None:  # a bar shows its own ETA
-      parts.append(f"eta {format_eta((self.total_steps - step) / rates['steps_per_sec'])}")
+      parts.append(f"eta {format_eta(eta)}")
     if "mfu" in rates:
       parts.append(f"mfu {100 * rates['mfu']:.1f}%")
     parts += [f"{k} {v:.4g}" for k, v in extra.items()]

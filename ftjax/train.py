@@ -1182,15 +1182,17 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
       first_batch = None
       new_phase = optim.phase_at(step, cfg.optim)
       if new_phase != phase:
-        new_tx = make_tx(new_phase)
-        view = runner.view(state)
-        view = view.replace(opt_state=optim.transition_opt_state(view.opt_state, new_tx, view.params))
-        state = runner.put_state(view)
-        phase, tx = new_phase, new_tx
-        del frozen  # before the next phase's copies exist
-        step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths)
-        print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
-        compiled, progress.flops_per_step = _compile_step(step_fn, state, batch, frozen, runner, phase)
+        with progress.paused(wait_for=state):  # compiling is not training: out of img/s and MFU
+          new_tx = make_tx(new_phase)
+          view = runner.view(state)
+          view = view.replace(opt_state=optim.transition_opt_state(view.opt_state, new_tx, view.params))
+          state = runner.put_state(view)
+          phase, tx = new_phase, new_tx
+          del frozen  # before the next phase's copies exist
+          step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths)
+          print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
+          compiled, progress.flops_per_step = _compile_step(step_fn, state, batch, frozen, runner, phase)
+          jax.block_until_ready((state, frozen))  # the new optimizer state and frozen copies, made now
       state, m = compiled(state, batch, frozen)
       hit("step", step + 1)  # the update is in flight
       step += 1
@@ -1204,7 +1206,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
         progress.update(step, loss=float(m["loss"]))
       evaluated = False
       if (t.eval_every and step % t.eval_every == 0) or step == total:
-        summaries = _evaluate(run, runner.view(state), eval_fn, eval_put, hit, step)
+        with progress.paused(wait_for=state):  # images/s and MFU measure training steps only
+          summaries = _evaluate(run, runner.view(state), eval_fn, eval_put, hit, step)
         evaluated = True
         for split, s in summaries.items():
           writer.write(step, "eval", {f"{split}/{k}": v for k, v in s.items() if k != "confusion"})
@@ -1213,7 +1216,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
       # An evaluated step is saved too when the best are kept: its metric ranks it.
       if ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == total or stopped_early
           or (evaluated and t.keep_best)):
-        save(step, summaries if evaluated else None)
+        with progress.paused(wait_for=state):
+          save(step, summaries if evaluated else None)
         last_saved = step
       if stopped_early:
         print(f"early stopping at step {step}: best {t.best_metric} {early.best:.4f} "

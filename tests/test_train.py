@@ -1,5 +1,7 @@
 """The trainer end to end on a tiny ViT and real digits: outputs, resume, parallelism, errors."""
 
+import functools
+import io
 import json
 import os
 import re
@@ -188,7 +190,7 @@ def test_early_stopping_stops_where_the_history_says(tiny_vit_npz, tmp_path):
   assert [r["step"] for r in _rows(tmp_path / "wd") if r["kind"] == "train"] == [1, 2, 3]
 
 
-def test_keep_best_keeps_the_best_evaluated_step(tiny_vit_npz, tmp_path, capsys):
+def test_keep_best_keeps_the_best_evaluated_step(tiny_vit_npz, tmp_path, capsys, monkeypatch):
   # Evaluations every 2 steps, checkpoints only at the end: each evaluated step is saved
   # as well, so the best of them survives retention beside the latest (before, only the
   # end was ever saved and ranked).  A loss ranked with best_mode "max" is a plan warning.
@@ -196,7 +198,27 @@ def test_keep_best_keeps_the_best_evaluated_step(tiny_vit_npz, tmp_path, capsys)
                                      "train.checkpoint_every": 0, "train.keep_latest": 1,
                                      "train.keep_best": 1, "train.best_metric": "test/loss",
                                      "train.best_mode": "min", "optim.lr": 0.05})
+  # The same run's progress lines, on a clock where each evaluation takes 1,000 s and
+  # anything else 1 ms a reading: images/s counts training steps only (an evaluation
+  # used to count as training time, here 0.0 img/s), the ETA the evaluations too.
+  now = [0.0]
+
+  def clock():
+    now[0] += 0.001
+    return now[0]
+
+  def slow_evaluate(*args, **kwargs):
+    now[0] += 1000.0
+    return evaluate(*args, **kwargs)
+
+  evaluate, log = train._evaluate, io.StringIO()
+  monkeypatch.setattr(train, "_evaluate", slow_evaluate)
+  monkeypatch.setattr(train, "Progress", functools.partial(train.Progress, stream=log, clock=clock))
   train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  lines = re.findall(r"step (\d)/6 loss \S+ img/s ([\d.]+) eta (\S+)", log.getvalue())
+  assert [int(s) for s, _, _ in lines] == [1, 2, 3, 4, 5, 6]
+  assert min(float(rate) for _, rate, _ in lines) > 1000, lines  # 16 images in a few ms
+  assert dict((s, eta) for s, _, eta in lines)["3"] == "0:16:40"  # 3 steps left at (1,000 s + ms) / 3 steps
   losses = {r["step"]: r["test/loss"] for r in _rows(tmp_path / "wd") if r["kind"] == "eval"}
   assert sorted(losses) == [2, 4, 6]
   best = min(losses, key=losses.get)

@@ -1073,7 +1073,7 @@ def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> di
                                 steps_per_epoch=run.steps_per_epoch, phase=phase)
 
   print(run.report, flush=True)
-  print(run.plan, flush=True)
+  print(dataclasses.replace(run.plan, warnings=()), flush=True)  # its warnings once, below, with the run's
   for w in list(run.plan.warnings) + run.warnings:
     print(f"WARNING: {w}", flush=True)
 

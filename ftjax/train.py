@@ -41,9 +41,9 @@ from ftjax import distributed
 from ftjax import data as data_lib
 from ftjax import metrics as metrics_lib
 from ftjax import models, optim
-from ftjax.checkpoint import Checkpointer, first_non_finite
-from ftjax.errors import (CheckpointError, ConfigError, DataError, Interrupted, NumericsError,
-                          Preempted)
+from ftjax.checkpoint import Checkpointer, committed_steps, first_non_finite
+from ftjax.errors import (CheckpointError, ConfigError, DataError, FtjaxError, Interrupted,
+                          NumericsError, Preempted)
 from ftjax.progress import Progress
 from ftjax.tree import flatten, path_str, rule_tree, unflatten
 
@@ -439,9 +439,14 @@ def _read_stored_config(path: Path) -> dict:
 
 
 def _check_resume_config(wd: Path, config_dict: dict) -> None:
-  """Refuses a workdir whose stored config differs in a key that makes it another experiment."""
+  """Refuses a workdir whose stored config differs in a key that makes it another experiment.
+
+  Only a workdir holding checkpoints: a run that failed before its first save (a crash
+  while compiling, say) has nothing to continue, and its config.json must not lock the
+  corrected command out of the workdir.
+  """
   stored_path = wd / CONFIG_FILE
-  if stored_path.exists():
+  if stored_path.exists() and committed_steps(wd / "checkpoints"):
     stored = _read_stored_config(stored_path)
     diff = config_lib.resume_mismatches(stored, config_dict)
     if diff:
@@ -796,8 +801,9 @@ def _plan(run: _Run, params) -> None:
   run.phases = optim.unfreeze_phases(cfg.optim, total)
   run.masks = [optim.trainable_mask(params, cfg.optim, phase=i) for i in range(len(run.phases))]
   for phase in range(len(run.phases)):
-    optim.make_optimizer(params, cfg.optim, family=run.family, total_steps=total,
-                         steps_per_epoch=run.steps_per_epoch, phase=phase)
+    tx = optim.make_optimizer(params, cfg.optim, family=run.family, total_steps=total,
+                              steps_per_epoch=run.steps_per_epoch, phase=phase)
+  _check_update(tx, params)
   t = cfg.train
   if t.keep_latest < 1 or t.keep_best < 0:
     raise ConfigError("keep at least the latest checkpoint", where="train.keep_latest / keep_best",
@@ -827,6 +833,24 @@ def _plan(run: _Run, params) -> None:
   run.plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
                                     num_train_examples=run.train_ds.num_examples,
                                     steps_per_epoch=run.steps_per_epoch)
+
+
+def _check_update(tx: optax.GradientTransformation, params) -> None:
+  """Traces one update of the last phase's optimizer (every group trains by then), allocating nothing.
+
+  optax checks most option values only when an update runs: ``optim.kwargs.b1='0.9x'``
+  would otherwise fail with a traceback inside the first step's compilation, after the
+  workdir was written.
+  """
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+  try:
+    jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), spec)
+  except FtjaxError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise ConfigError("the optimizer fails on an update", where="optim",
+                      value=f"{type(e).__name__}: {' '.join(str(e).split())}"[:200],
+                      hint="check optim.kwargs and the param groups' kwargs") from None
 
 
 def _update_batch_stats(config, variables, masks) -> bool:

@@ -138,7 +138,7 @@ def test_a_stored_config_that_predates_a_key_holds_its_default():
 def test_a_workdir_trained_on_one_split_refuses_another(tmp_path):
   npz = str(tmp_path / "never_read.npz")  # refused before any weight or data is read
   wd = tmp_path / "wd"
-  wd.mkdir()
+  (wd / "checkpoints" / "1").mkdir(parents=True)  # a run with a checkpoint (never read either)
   (wd / "config.json").write_text(json.dumps(config_lib.to_dict(tiny_config(npz))))
   with pytest.raises(ConfigError) as err:
     train.train_and_evaluate(tiny_config(npz, **{"data.train_split": "test"}), str(wd))

@@ -305,6 +305,22 @@ def test_resuming_into_a_workdir_with_another_config_is_refused(tiny_vit_npz, tm
   train.train_and_evaluate(tiny_config(tiny_vit_npz, **{"train.total_steps": 1}), str(wd))
   with pytest.raises(ConfigError, match="another config"):
     train.train_and_evaluate(tiny_config(tiny_vit_npz, **{"train.total_steps": 1, "optim.lr": 0.5}), str(wd))
+  # A run that failed before its first checkpoint left only its config.json: nothing to
+  # continue, so the corrected command is taken (it used to be refused for good).
+  empty = tmp_path / "failed_at_start"
+  empty.mkdir()
+  (empty / "config.json").write_text((wd / "config.json").read_text())
+  train.prepare(tiny_config(tiny_vit_npz, **{"train.total_steps": 1, "optim.lr": 0.5}), str(empty))
+
+
+def test_an_optimizer_option_optax_refuses_fails_before_the_workdir_is_written(tiny_vit_npz, tmp_path):
+  # optax reads b1 only inside an update: this used to be a traceback from the first
+  # step's compilation, with config.json already written (and then refusing the fix).
+  cfg = tiny_config(tiny_vit_npz, **{"optim.kwargs": {"b1": "0.9x"}})
+  with pytest.raises(ConfigError, match=r"^ftjax: error: the optimizer fails on an update \(optim\): "
+                                        r"TypeError: .*; check optim.kwargs"):
+    train.prepare(cfg, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
 
 
 PARALLEL_SCRIPT = textwrap.dedent('''

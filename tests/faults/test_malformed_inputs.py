@@ -57,8 +57,9 @@ def _folder(tmp: Path, corrupt: bool) -> str:
 
 
 def _stored_run(tmp: Path, stored: str) -> str:
+  """A workdir holding a run: its config.json and a step (refused before the step is read)."""
   wd = tmp / "wd"
-  wd.mkdir()
+  (wd / "checkpoints" / "1").mkdir(parents=True)
   (wd / "config.json").write_text(stored)
   return str(wd)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ import numpy as np
 from ftjax.data.folder import ImageFile, is_image_file
 from ftjax.data.transforms import Preprocess, normalize
 from ftjax.errors import ConfigError, DataError, FtjaxError, report
+from ftjax.metrics import write_atomically
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
@@ -113,6 +115,9 @@ def predict(workdir: str | os.PathLike, images: str | os.PathLike, *, top: int =
   if batch_size < 1:
     raise ConfigError("batch size must be positive", where="--batch_size", value=batch_size)
   paths = list_images(images)
+  target = Path(out) if out is not None else Path(workdir) / "predictions.csv"
+  if Path(workdir).is_dir():  # else load_model names the missing workdir
+    _check_writable(target)  # before the work, not after it
   model, variables, meta = load_model(workdir, ema=ema)
   pre, mean, std = run_preprocessing(workdir, meta)
   num_classes = int(meta["num_classes"])
@@ -142,19 +147,41 @@ def predict(workdir: str | os.PathLike, images: str | os.PathLike, *, top: int =
     for path, ii, pp in zip(chunk, idx, p):
       rows[path] = [x for i, q in zip(ii, pp) for x in (names[i], f"{q:.6f}")]
 
-  target = Path(out) if out is not None else Path(workdir) / "predictions.csv"
-  target.parent.mkdir(parents=True, exist_ok=True)
   header = ["path"] + [f"top{j}_{c}" for j in range(1, k + 1) for c in ("class", "prob")] + ["error"]
-  with open(target, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(header)
-    for path in paths:
-      rel = os.path.relpath(path, images)
-      if path in errors:
-        w.writerow([rel] + [""] * (2 * k) + [errors[path]])
-      else:
-        w.writerow([rel] + rows[path] + [""])
+  text = io.StringIO(newline="")
+  w = csv.writer(text)
+  w.writerow(header)
+  for path in paths:
+    rel = os.path.relpath(path, images)
+    if path in errors:
+      w.writerow([rel] + [""] * (2 * k) + [errors[path]])
+    else:
+      w.writerow([rel] + rows[path] + [""])
+  try:
+    write_atomically(target, text.getvalue())  # a full disk leaves no half-written CSV
+  except OSError as e:
+    raise ConfigError("cannot write the predictions", where=str(target), value=e.strerror,
+                      hint="pass another --out") from None
   return target
+
+
+def _check_writable(target: Path) -> None:
+  """Fails with one line now if the CSV could not be written at the end."""
+  if target.is_dir():
+    raise ConfigError("cannot write the predictions", where=str(target), value="a directory is in the way",
+                      hint="pass --out FILE.csv")
+  existing = next(p for p in target.absolute().parents if p.exists())
+  if not existing.is_dir():
+    raise ConfigError("cannot write the predictions", where=str(target), value=f"{existing} is not a directory",
+                      hint="pass another --out")
+  probe = target.with_name(f"{target.name}.tmp")
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    probe.open("w").close()
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError("cannot write the predictions", where=str(target), value=e.strerror,
+                      hint="pass another --out") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

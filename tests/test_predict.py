@@ -110,7 +110,12 @@ def test_cli_top_k_and_one_line_errors(run, images, tmp_path, capsys):
   cases = [([f"--workdir={tmp_path / 'nope'}", f"--images={images}"], 2, "workdir not found"),
            ([f"--workdir={run}", f"--images={empty}"], 3, "no images in folder"),
            ([f"--workdir={empty}", f"--images={images}"], 3, "checkpoint"),
-           ([f"--workdir={run}", f"--images={images}", "--top_k=0"], 2, "top_k must be")]
+           ([f"--workdir={run}", f"--images={images}", "--top_k=0"], 2, "top_k must be"),
+           # before the model runs, not a traceback after it (a directory, a file in the path)
+           ([f"--workdir={run}", f"--images={images}", f"--out={empty}"], 2,
+            f"cannot write the predictions ({empty}): a directory is in the way"),
+           ([f"--workdir={run}", f"--images={images}", f"--out={out}/p.csv"], 2,
+            f"cannot write the predictions ({out}/p.csv): {out} is not a directory")]
   for argv, code, what in cases:
     assert predict.main(argv) == code
     err = capsys.readouterr().err.strip()

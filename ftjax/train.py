@@ -1289,5 +1289,9 @@ def _finish(run: _Run, summaries: dict) -> None:
   for split, s in summaries.items():
     print(f"final {split}: top1 {100 * s['top1']:.2f}%  top5 {100 * s['top5']:.2f}%  "
           f"loss {s['loss']:.4f}  ({s['n']} examples)", flush=True)
-  print(f"workdir {wd}: checkpoints/ metrics.jsonl config.json TensorBoard events, "
-        f"learning_curves.png confusion_*.png", flush=True)
+  t = run.config.train
+  written = ["checkpoints/", "metrics.jsonl", "config.json"] + (["TensorBoard events"] if t.tensorboard else [])
+  if t.plots:
+    written += ["learning_curves.png"] + [f"confusion_{split}.png" for split, s in summaries.items()
+                                          if "confusion" in s]
+  print(f"workdir {wd}: {' '.join(written)}", flush=True)

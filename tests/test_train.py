@@ -33,11 +33,14 @@ def _rows(workdir):
   return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_step_run_leaves_checkpoint_metrics_and_config(tiny_vit_npz, tmp_path):
+def test_two_step_run_leaves_checkpoint_metrics_and_config(tiny_vit_npz, tmp_path, capsys):
   wd = tmp_path / "wd"
   cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 2, "train.eval_every": 0,
                                      "train.plots": True, "train.tensorboard": True})
   summaries = train.train_and_evaluate(cfg, str(wd))
+  assert capsys.readouterr().out.splitlines()[-1] == (
+      f"workdir {wd}: checkpoints/ metrics.jsonl config.json TensorBoard events learning_curves.png "
+      "confusion_test.png")
   assert (wd / "checkpoints" / "2").is_dir()
   stored = json.loads((wd / "config.json").read_text())
   assert stored["model"]["source"] == cfg.model.source and stored["train"]["total_steps"] == 2
@@ -461,6 +464,8 @@ def test_nothing_trainable_runs_with_the_warning_and_changes_nothing(tiny_vit_np
       np.testing.assert_array_equal(flat[f"params/{k}"], init[k], err_msg=k)
   rows = [r for r in _rows(wd) if r["kind"] == "train"]
   assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows)
+  # Without plots and TensorBoard, the last line names only what is there (it listed both).
+  assert out.splitlines()[-1] == f"workdir {wd}: checkpoints/ metrics.jsonl config.json"
 
 
 def test_a_class_left_without_training_examples_is_a_plan_warning(tiny_vit_npz, tmp_path):

@@ -830,9 +830,24 @@ def _plan(run: _Run, params) -> None:
   if (t.keep_best or t.early_stopping_patience) and lower_is_better == (t.best_mode == "max"):
     run.warnings.append(f"train.best_metric {t.best_metric} with best_mode {t.best_mode!r}: the "
                         f"{'highest' if t.best_mode == 'max' else 'lowest'} {key} counts as best")
+  _check_head(params, run.masks)
   run.plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
                                     num_train_examples=run.train_ds.num_examples,
                                     steps_per_epoch=run.steps_per_epoch)
+
+
+def _check_head(params, masks) -> None:
+  """Refuses a head of zeros (a new one: another class count) frozen for the whole run.
+
+  Its logits are 0 for every image and no gradient reaches anything below it: whatever
+  else trains, nothing moves and every prediction is class 0.
+  """
+  head = flatten(params.get("head") or {})
+  trains = any(m for mask in masks for p, m in flatten(mask).items() if p.split("/")[0] == "head")
+  if head and not trains and not any(np.any(np.asarray(v)) for v in head.values()):
+    raise ConfigError("the head is all zeros and frozen for the whole run", where="optim.param_groups",
+                      value="every logit 0, no gradient below it: nothing would learn",
+                      hint='train the head: put ("head/.*", {}) first in optim.param_groups')
 
 
 def _check_update(tx: optax.GradientTransformation, params) -> None:

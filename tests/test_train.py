@@ -468,6 +468,19 @@ def test_nothing_trainable_runs_with_the_warning_and_changes_nothing(tiny_vit_np
   assert out.splitlines()[-1] == f"workdir {wd}: checkpoints/ metrics.jsonl config.json"
 
 
+def test_a_head_of_zeros_frozen_for_the_whole_run_is_refused(tiny_vit_npz, tmp_path):
+  # A new head (another class count: zeros) left out of the param groups: every logit 0 and
+  # no gradient below it, so the block that "trains" never moves.  It used to run with a
+  # warning that such a head "would keep its initialisation".
+  cfg = tiny_config(tiny_vit_npz, **{"model.dont_load": ("params/head/.*",),
+                                     "optim.param_groups": [("Transformer/encoderblock_1/.*", {}),
+                                                            (".*", None)]})
+  with pytest.raises(ConfigError, match=r"^ftjax: error: the head is all zeros and frozen for the whole "
+                                        r"run \(optim.param_groups\): every logit 0"):
+    train.prepare(cfg, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
 def test_a_class_left_without_training_examples_is_a_plan_warning(tiny_vit_npz, tmp_path):
   # A seeded val_fraction split sends the only image of "rare" to val: the class count still
   # agrees (3 folders, 3 outputs), but training would never see that class.

@@ -33,13 +33,18 @@ from ftjax.errors import ConfigError
 # only change speed or failure handling (num_workers, prefetch, on_corrupt)
 # are not, nor eval_splits (which splits are reported, each under its own
 # name) or data.seed (the trainer seeds the data with the top-level seed).
+# The loss and the regularisers (label smoothing, dropout, stochastic depth,
+# BatchNorm statistics, EMA, the LoRA scale) are the experiment as much as
+# mixup is.
 RESUME_KEYS = ("seed", "model.source", "model.num_classes", "data.image_size", "model.scratch",
                "model.dont_load", "model.lora_rank", "data.source", "data.name", "data.root", "data.train_root",
                "data.per_class", "train.batch_size", "optim",
                "data.data_dir", "data.path", "data.image_key", "data.label_key", "data.train_split",
                "data.val_root", "data.val_fraction", "data.split_seed", "data.verify_images",
                "data.resize", "data.crop_fraction", "data.augment", "data.mixup_alpha",
-               "data.cutmix_alpha", "data.mix_switch_prob")
+               "data.cutmix_alpha", "data.mix_switch_prob",
+               "train.label_smoothing", "train.ema_decay", "train.freeze_bn", "model.dropout_rate",
+               "model.droppath_rate", "model.bn_momentum", "model.lora_alpha", "model.lora_targets")
 
 
 def model_config() -> mc.ConfigDict:

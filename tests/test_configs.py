@@ -103,6 +103,15 @@ DATA_CHANGES = [
     ("data.mixup_alpha", 0.2),
     ("data.cutmix_alpha", 1.0),
     ("data.mix_switch_prob", 0.25),
+    # the loss and the regularisers, as much the experiment as mixup (they were not checked)
+    ("train.label_smoothing", 0.1),
+    ("train.ema_decay", 0.999),
+    ("train.freeze_bn", "no"),
+    ("model.dropout_rate", 0.1),
+    ("model.droppath_rate", 0.1),
+    ("model.bn_momentum", 0.9),
+    ("model.lora_alpha", 16.0),
+    ("model.lora_targets", (".*/kernel",)),
 ]
 
 

@@ -6,6 +6,8 @@ of that name in the current directory) into ``runs/default``.
 fails at once.  List-valued keys take a Python literal
 (``--config.optim.param_groups='[("head/.*", {}), (".*", None)]'``), and keys of a
 free-form section (``optim.kwargs``) may be added (``--config.optim.kwargs.nesterov=True``).
+An optional key (one whose default is None) is reset with ``None``
+(``--config.optim.layer_decay=None``).
 Errors print one line and exit with the codes in the README
 (2 usage/config, 3 data/checkpoint, 4 numerics, 75 preempted, 130 Ctrl-C: rerun to resume).
 Set ``FTJAX_TRACEBACK=1`` for a traceback.
@@ -63,6 +65,7 @@ def _parse(argv):
     argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
   config_flags.register_flag_parser_for_type(list, cli.ListParser())  # config_flags' hook for a type
   argv, _ = cli.split_free_form(argv)  # main applies them to the loaded config
+  argv, _ = cli.split_none(argv)  # and these
   try:
     with _argv_seen_by_config_flags(argv):
       return flags.FLAGS(argv)
@@ -116,7 +119,9 @@ def main(argv):
       config = _load_config()
       # A hand-built config file may lack whole sections: name the key before reading one.
       config_lib.check_schema(config)
-      cli.apply_free_form(config, cli.split_free_form(sys.argv)[1])
+      argv, free_form = cli.split_free_form(sys.argv)
+      cli.apply_none(config, cli.split_none(argv)[1], config_lib.default_config())
+      cli.apply_free_form(config, free_form)
     if config.train.deterministic:
       # XLA reads XLA_FLAGS once, when the backend starts: set it before anything runs.
       os.environ["XLA_FLAGS"] = train.with_deterministic_flag(os.environ.get("XLA_FLAGS"))

@@ -9,6 +9,7 @@ absl's or ml_collections' failures turned into ftjax's one line
 from __future__ import annotations
 
 import ast
+import difflib
 import re
 
 from absl import flags
@@ -110,6 +111,44 @@ def apply_free_form(config, overrides) -> None:
                         hint=f"expected {type(node[name]).__name__}") from None
 
 
+def split_none(argv) -> tuple[list[str], list[str]]:
+  """Takes ``--config.KEY=None`` out of argv: absl would parse the text "None" as the key's type.
+
+  ``None`` is how a config says "the default" for its optional keys (``model.num_classes``:
+  from the data; ``optim.layer_decay``: none); :func:`apply_none` sets them once the
+  config is loaded.
+
+  >>> split_none(["launch.py", "--config.optim.layer_decay=None", "--config.optim.lr=1"])
+  (['launch.py', '--config.optim.lr=1'], ['optim.layer_decay'])
+  """
+  keep, taken = [], []
+  for a in argv:
+    m = re.fullmatch(r"--config\.([\w.]+)=None", a)
+    if m and m.group(1).rpartition(".")[0] not in FREE_FORM:  # there None is a value like any other
+      taken.append(m.group(1))
+    else:
+      keep.append(a)
+  return keep, taken
+
+
+def apply_none(config, keys, schema) -> None:
+  """Sets each dotted key to None; only keys whose ``schema`` default is None (optional ones) take it."""
+  for key in keys:
+    *parents, name = key.split(".")
+    node, section = config, schema
+    for i, part in enumerate(key.split(".")):
+      if not hasattr(section, "keys") or part not in section:
+        near = difflib.get_close_matches(part, list(section.keys()) if hasattr(section, "keys") else [], n=1)
+        raise ConfigError("unknown config key", where=f"--config.{key}", value=repr(part),
+                          hint=f"did you mean {near[0]}?" if near else None)
+      if i < len(parents):
+        node, section = node[part], section[part]
+    if section[name] is not None:
+      raise ConfigError("config key cannot be None", where=f"--config.{key}", value="None",
+                        hint=f"give it a value, e.g. {section[name]!r}")
+    node[name] = None
+
+
 def config_arg(argv, default: str) -> str:
   """The config file ``--config`` names (its ``:arg`` cut off), else ``default``."""
   for i, a in enumerate(argv):
@@ -148,5 +187,7 @@ def explain(e: BaseException, argv, default_config: str) -> str:
     given = " ".join((flag_value(argv, flag.group(1)[2:]) or "").split())
     prefix = f"flag {flag.group(1)}={given}: "
     why = msg.split(prefix, 1)[1] if prefix in msg else msg.split(": ", 1)[-1]
+    # absl's boolean parser raises ValueError(text, argument), which prints as a tuple.
+    why = re.sub(r"^\('(.*)', '(.*)'\)$", r"\1: '\2'; expected true or false", why)
     return f"ftjax: error: bad value ({flag.group(1)}): {why[:200]}"
   return f"ftjax: error: bad command line: {msg[:300]}"

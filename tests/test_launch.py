@@ -147,3 +147,30 @@ def test_overrides_on_a_run_resumed_by_its_workdir_need_config(run, tmp_path):
   config, code, err = run(f"--workdir={wd}")  # without overrides: the stored config
   assert (code, err) == (0, [])
   assert config.train.total_steps == 6 and config.model.source == f"npz:test@{NPZ}"
+
+
+def test_an_optional_key_is_reset_with_none(run, tmp_path):
+  # ml_collections parsed "None" as the key's type ("could not convert string to float"):
+  # a layer decay or a class count set by a config file could not be taken back.
+  cfg = write_config(tmp_path, NPZ, **{"optim.layer_decay": 0.75, "model.num_classes": 10})
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
+                          "--config.optim.layer_decay=None", "--config.model.num_classes=None",
+                          "--config.optim.lr=0.5")
+  assert (code, err) == (0, [])
+  assert (config.optim.layer_decay, config.model.num_classes, config.optim.lr) == (None, None, 0.5)
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}", "--config.train.total_steps=None")
+  assert (config, code) == (None, 2)
+  assert err == ["ftjax: error: config key cannot be None (--config.train.total_steps): None; "
+                 "give it a value, e.g. 1000"]
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}", "--config.optim.layer_decayy=None")
+  assert (config, code) == (None, 2)
+  assert err == ["ftjax: error: unknown config key (--config.optim.layer_decayy): 'layer_decayy'; "
+                 "did you mean layer_decay?"]
+
+
+def test_a_boolean_key_given_another_word_is_one_plain_line(run, tmp_path):
+  config, code, err = run(f"--config={write_config(tmp_path, NPZ)}", f"--workdir={tmp_path / 'wd'}",
+                          "--config.train.plots=maybe")
+  assert (config, code) == (None, 2)
+  assert err == ["ftjax: error: bad value (--config.train.plots): Non-boolean argument to boolean flag: "
+                 "'maybe'; expected true or false"]  # it printed the exception's argument tuple

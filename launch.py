@@ -106,6 +106,7 @@ def main(argv):
     pylogging.getLogger("absl").setLevel(pylogging.CRITICAL)
   if len(argv) > 1:
     _fail(f"ftjax: error: unexpected arguments: {' '.join(argv[1:])}; use --flag=value", 2)
+  cli.plain_warnings()
   from ftjax import config as config_lib
   from ftjax import train  # imports jax; the backend starts later, after XLA_FLAGS is final
   from ftjax.errors import FtjaxError

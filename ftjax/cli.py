@@ -10,12 +10,55 @@ from __future__ import annotations
 
 import ast
 import difflib
+import logging
 import re
+import sys
+import warnings
 
 from absl import flags
 
 from ftjax.config import FREE_FORM
 from ftjax.errors import ConfigError
+
+
+def warning_line(text: str) -> str:
+  """An ftjax warning as the one line the command line prints.
+
+  >>> warning_line("ftjax: skipping corrupt image a.png: truncated")
+  'ftjax: warning: skipping corrupt image a.png: truncated'
+  >>> warning_line("ftjax: warning: damaged checkpoint skipped (ckpt/6): sha256 mismatch")
+  'ftjax: warning: damaged checkpoint skipped (ckpt/6): sha256 mismatch'
+  """
+  return "ftjax: warning: " + text.removeprefix("ftjax: ").removeprefix("warning: ")
+
+
+class _PlainFormatter(logging.Formatter):
+
+  def format(self, record):
+    return warning_line(record.getMessage())
+
+
+def plain_warnings() -> None:
+  """ftjax's warnings on stderr as one line each: not behind absl's ``W1127 18:03:23.25 ... file.py:504]``
+  prefix (its handler on the root logger), nor followed by Python's source line (``warnings.warn``)."""
+  log = logging.getLogger("ftjax")
+  if not any(isinstance(h.formatter, _PlainFormatter) for h in log.handlers):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PlainFormatter())
+    log.addHandler(handler)
+  log.propagate = False
+  show = warnings.showwarning
+  if getattr(show, "ftjax_plain", False):
+    return
+
+  def showwarning(message, category, filename, lineno, file=None, line=None):
+    if str(message).startswith("ftjax: "):
+      print(warning_line(str(message)), file=sys.stderr if file is None else file, flush=True)
+    else:
+      show(message, category, filename, lineno, file, line)
+
+  showwarning.ftjax_plain = True
+  warnings.showwarning = showwarning
 
 
 def flag_value(argv, name: str) -> str | None:

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging as pylogging
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,8 @@ NPZ = "/nonexistent/vit_test.npz"  # never read: the trainer is replaced
 def run(monkeypatch, capsys):
   """``run(*args)`` -> (config handed to the trainer or None, exit code, stderr lines)."""
   absl_level, verbosity = pylogging.getLogger("absl").level, absl_logging.get_verbosity()
+  ftjax_log, show = pylogging.getLogger("ftjax"), warnings.showwarning
+  ftjax_handlers, ftjax_propagate = list(ftjax_log.handlers), ftjax_log.propagate
 
   def run_(*args):
     got = {}
@@ -60,6 +63,7 @@ def run(monkeypatch, capsys):
   # main quietens absl's logger; the overrides' flags stay defined in absl's global FlagValues.
   pylogging.getLogger("absl").setLevel(absl_level)
   absl_logging.set_verbosity(verbosity)
+  ftjax_log.handlers[:], ftjax_log.propagate, warnings.showwarning = ftjax_handlers, ftjax_propagate, show
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
@@ -174,3 +178,16 @@ def test_a_boolean_key_given_another_word_is_one_plain_line(run, tmp_path):
   assert (config, code) == (None, 2)
   assert err == ["ftjax: error: bad value (--config.train.plots): Non-boolean argument to boolean flag: "
                  "'maybe'; expected true or false"]  # it printed the exception's argument tuple
+
+
+def test_warnings_print_as_one_plain_line(run, tmp_path, capsys):
+  # absl's handler put "W1127 18:03:23.258123 1400... checkpoint.py:504] " before a logged
+  # warning, and Python printed "folder.py:231: UserWarning: ..." and the source line.
+  import logging
+  _, code, _ = run(f"--config={write_config(tmp_path, NPZ)}", f"--workdir={tmp_path / 'wd'}")
+  assert code == 0
+  logging.getLogger("ftjax.checkpoint").warning("ftjax: warning: damaged checkpoint skipped (%s): %s", "c/6", "bad")
+  warnings.warn("ftjax: skipping corrupt image a.png: truncated", stacklevel=1)
+  assert capsys.readouterr().err.splitlines() == [
+      "ftjax: warning: damaged checkpoint skipped (c/6): bad",
+      "ftjax: warning: skipping corrupt image a.png: truncated"]

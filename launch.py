@@ -79,7 +79,9 @@ def _parse(argv):
     if own and "Traceback" not in own[-1]:
       _fail(own[-1].strip(), EXIT_USAGE)
     if isinstance(e, SyntaxError):
-      _fail(f"ftjax: error: syntax error in config file ({e.filename}:{e.lineno}): {e.msg}", EXIT_USAGE)
+      # A file that is no Python source at all (null bytes: a binary) has no file name or line.
+      where = f"{e.filename}:{e.lineno}" if e.filename else cli.config_arg(argv, DEFAULT_CONFIG)
+      _fail(f"ftjax: error: syntax error in config file ({where}): {e.msg}", EXIT_USAGE)
     if not isinstance(e, (flags.Error, AttributeError, KeyError, TypeError, ValueError)):
       detail = " ".join(str(e).split())[:200]
       _fail(f"ftjax: error: config file failed ({cli.config_arg(argv, DEFAULT_CONFIG)}): {type(e).__name__}: {detail}",

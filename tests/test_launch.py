@@ -191,3 +191,13 @@ def test_warnings_print_as_one_plain_line(run, tmp_path, capsys):
   assert capsys.readouterr().err.splitlines() == [
       "ftjax: warning: damaged checkpoint skipped (c/6): bad",
       "ftjax: warning: skipping corrupt image a.png: truncated"]
+
+
+def test_a_binary_given_as_config_file_is_named(run, tmp_path):
+  binary = tmp_path / "weights.npz"
+  binary.write_bytes(b"PK\x03\x04\x00\x00binary")
+  config, code, err = run(f"--config={binary}", f"--workdir={tmp_path / 'wd'}")
+  assert (config, code) == (None, 2)
+  # It said "(None:None)": a source with null bytes has no file name or line.
+  assert err == [f"ftjax: error: syntax error in config file ({binary}): source code string cannot contain "
+                 "null bytes"]

@@ -49,7 +49,8 @@ def list_images(folder: str | os.PathLike) -> list[str]:
   """
   root = Path(folder)
   if not root.is_dir():
-    raise DataError("image folder not found", where=str(root), hint="pass --images FOLDER")
+    raise DataError("image folder not found" if not root.exists() else "--images is not a folder",
+                    where=str(root), hint="pass --images FOLDER (of images, searched recursively)")
   found = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -89,7 +90,8 @@ def load_model(workdir: str | os.PathLike, *, ema: bool = False):
   """(flax module, variables, model metadata) of a run's newest checkpoint, LoRA merged."""
   from ftjax import export, models
   if not Path(workdir).is_dir():
-    raise ConfigError("workdir not found", where=str(workdir), hint="pass the --workdir of a training run")
+    raise ConfigError("workdir not found" if not Path(workdir).exists() else "workdir is not a directory",
+                      where=str(workdir), hint="pass the --workdir of a training run")
   variables, meta = export.read_run(workdir, ema=ema)
   model, _ = models.create(meta["family"], meta["arch"], num_classes=int(meta["num_classes"]),
                            image_size=tuple(meta["image_size"]))

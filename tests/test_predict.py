@@ -111,6 +111,9 @@ def test_cli_top_k_and_one_line_errors(run, images, tmp_path, capsys):
            ([f"--workdir={run}", f"--images={empty}"], 3, "no images in folder"),
            ([f"--workdir={empty}", f"--images={images}"], 3, "checkpoint"),
            ([f"--workdir={run}", f"--images={images}", "--top_k=0"], 2, "top_k must be"),
+           # a file where a folder belongs is named as such (both said "not found")
+           ([f"--workdir={run}", f"--images={out}"], 3, f"--images is not a folder ({out})"),
+           ([f"--workdir={out}", f"--images={images}"], 2, f"workdir is not a directory ({out})"),
            # before the model runs, not a traceback after it (a directory, a file in the path)
            ([f"--workdir={run}", f"--images={images}", f"--out={empty}"], 2,
             f"cannot write the predictions ({empty}): a directory is in the way"),

@@ -903,7 +903,8 @@ class Checkpointer:
         _warn_skipped(self.directory, s, reason)
       raise CheckpointError("no checkpoint verifies", where=str(self.directory),
                             value=_summary(skipped),
-                            hint="restore a good copy, or start afresh with a new workdir")
+                            hint="restore a good copy, or start afresh: --allow_fresh_start "
+                                 "(moves them to rejected/) or a new workdir")
     if found is not None:
       self._check_fingerprint(body, found)
     for s, reason in skipped:

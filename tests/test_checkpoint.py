@@ -422,6 +422,8 @@ def test_no_verified_step_is_an_error_unless_fresh_start_is_allowed(three_steps,
     c.restore_latest(small_state(0))
   assert str(err.value).startswith(f"ftjax: error: no checkpoint verifies ({three_steps}): "
                                    "step 3: file missing: state/_METADATA; step 2: ")
+  assert str(err.value).endswith("; restore a good copy, or start afresh: --allow_fresh_start (moves them "
+                                 "to rejected/) or a new workdir")
   assert err.value.exit_code == 3
   assert c.all_steps() == [1, 2, 3]  # nothing moved without permission
   assert warnings_of(caplog) == [f"ftjax: warning: damaged checkpoint skipped ({three_steps}/{s}): "

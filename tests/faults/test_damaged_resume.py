@@ -57,7 +57,9 @@ def test_damaged_steps_are_skipped_with_a_warning_and_none_verifying_is_refused(
   assert r.returncode == 3, r.stderr[-3000:]
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith(f"ftjax: error: no checkpoint verifies ({ckpts}): step 6: ")
-  assert last.endswith("; restore a good copy, or start afresh with a new workdir")
+  # the command line's way out is named (it said only "a new workdir")
+  assert last.endswith("; restore a good copy, or start afresh: --allow_fresh_start (moves them to "
+                       "rejected/) or a new workdir")
   assert checkpoint.committed_steps(ckpts) == [4, 6]  # untouched
   assert [(row["step"], row["kind"]) for row in rows(wd)] == [(s, "train") for s in range(1, 7)] + [(6, "eval")]
 

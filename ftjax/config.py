@@ -115,6 +115,12 @@ def parse_arg(arg: str, **defaults) -> dict:
 
   >>> parse_arg("steps=500", steps=10_000, dataset="cifar10")
   {'steps': 500, 'dataset': 'cifar10'}
+  >>> parse_arg("eval=True", eval=False)
+  {'eval': True}
+  >>> parse_arg("eval=ture", eval=False)
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: bad config argument value (:eval=ture): 'ture'; expected bool (true or false)
   >>> parse_arg("stepz=500", steps=10_000)
   Traceback (most recent call last):
   ...
@@ -129,10 +135,13 @@ def parse_arg(arg: str, **defaults) -> dict:
                         hint=f"known: {', '.join(defaults)}")
     kind = type(defaults[key])
     try:
-      out[key] = kind(value) if kind is not bool else value.lower() in ("1", "true", "yes")
-    except ValueError:
+      if kind is bool:  # a typo ("ture") must not read as False
+        out[key] = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[value.lower()]
+      else:
+        out[key] = kind(value)
+    except (KeyError, ValueError):
       raise ConfigError("bad config argument value", where=f":{item}", value=repr(value),
-                        hint=f"expected {kind.__name__}") from None
+                        hint=f"expected {kind.__name__}" + (" (true or false)" if kind is bool else "")) from None
   return out
 
 

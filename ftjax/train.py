@@ -823,6 +823,12 @@ def _plan(run: _Run, params) -> None:
   if t.early_stopping_patience:  # its own checks, before anything is written
     metrics_lib.EarlyStopping(t.best_metric, t.best_mode, t.early_stopping_patience,
                               t.early_stopping_min_delta)
+    # Evaluations of the run (the last step's always); the first sets the best, so stopping
+    # before the end takes patience more after it, and one more to come.
+    evals = total // t.eval_every + bool(total % t.eval_every) if t.eval_every else 1
+    if evals < t.early_stopping_patience + 2:
+      run.warnings.append(f"early stopping cannot end this run early: {evals} evaluation(s) in {total} "
+                          f"steps (train.eval_every {t.eval_every}) for patience {t.early_stopping_patience}")
   if key not in _SCALAR_METRICS:
     raise ConfigError("unknown evaluation metric", where="train.best_metric", value=repr(t.best_metric),
                       hint=f"<split>/<metric>, metric one of {', '.join(_SCALAR_METRICS)}")

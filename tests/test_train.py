@@ -227,8 +227,13 @@ def test_keep_best_keeps_the_best_evaluated_step(tiny_vit_npz, tmp_path, capsys,
   best = min(losses, key=losses.get)
   assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints") == sorted({best, 6})
   assert "best_mode 'max': the highest loss counts as best" not in capsys.readouterr().out
-  run, _ = train.prepare(tiny_config(tiny_vit_npz, **{"train.best_metric": "test/loss"}), str(tmp_path / "w2"))
-  assert "train.best_metric test/loss with best_mode 'max': the highest loss counts as best" in run.warnings
+  run, _ = train.prepare(tiny_config(tiny_vit_npz, **{"train.best_metric": "test/loss", "train.eval_every": 2,
+                                                     "train.early_stopping_patience": 2}), str(tmp_path / "w2"))
+  assert run.warnings == [
+      # evaluations at steps 2, 4, 6: the first sets the best, the third could only stop at the end
+      "early stopping cannot end this run early: 3 evaluation(s) in 6 steps (train.eval_every 2) for "
+      "patience 2",
+      "train.best_metric test/loss with best_mode 'max': the highest loss counts as best"]
 
 
 def test_a_refused_resume_leaves_the_workdir_as_it_was(tiny_vit_npz, tmp_path):

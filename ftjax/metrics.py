@@ -195,26 +195,36 @@ class MetricsWriter:
     """Appends ``{"step": step, "kind": kind, **values}``; numeric scalars also go to TensorBoard."""
     row = _row(step, kind, values)
     # One write and a flush per row: a kill loses no finished row and tears at most the last.
-    self._file.write(_json_line(row))
-    self._file.flush()
+    try:
+      self._file.write(_json_line(row))
+      self._file.flush()
+    except OSError as e:  # a full disk: one line, and the run stops as it does for a checkpoint
+      try:
+        self._file.close()  # drops the unwritten rest; a torn last line is repaired on resume
+      except OSError:
+        pass
+      raise DataError("cannot write the metrics file", where=self.path, value=e.strerror or str(e),
+                      hint="free disk space and rerun the same command: it resumes from the last "
+                           "checkpoint") from None
     if self._tb is not None:
       for key, value in row.items():
         if key not in ("step", "kind") and _is_number(value):
           self._tb.add_scalar(f"{kind}/{key}", value, global_step=row["step"])
 
   def flush(self) -> None:
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    if not self._file.closed:  # closed: a write failed, and said so
+      self._file.flush()
+      os.fsync(self._file.fileno())
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
-    if self._file.closed:
-      return
-    self.flush()
-    self._file.close()
+    if not self._file.closed:
+      self.flush()
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
   def __enter__(self) -> MetricsWriter:
     return self

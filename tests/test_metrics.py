@@ -131,6 +131,22 @@ def test_damaged_line_inside_the_file_is_an_error(tmp_path):
     metrics.read_metrics(path)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_is_one_line_and_leaves_the_writer_closable(tmp_path):
+  # It was an OSError traceback out of the training loop, whose cleanup then raised again
+  # flushing the same buffer (before the checkpointer was closed).
+  w = metrics.MetricsWriter(tmp_path, tensorboard=False)
+  w.write(1, "train", {"loss": 0.5})
+  w._file.close()
+  w._file = open("/dev/full", "w", encoding="utf-8")  # every write: ENOSPC
+  with pytest.raises(DataError, match=r"^ftjax: error: cannot write the metrics file \(.*metrics.jsonl\): "
+                                      r"No space left on device; free disk space and rerun"):
+    w.write(2, "train", {"loss": 0.25})
+  w.flush()
+  w.close()
+  assert metrics.read_metrics(tmp_path) == [{"step": 1, "kind": "train", "loss": 0.5}]
+
+
 def test_killed_process_leaves_only_complete_rows(tmp_path):
   # A real SIGKILL: every row written before it is on disk and parses.
   code = ("import os, sys; from ftjax.metrics import MetricsWriter\n"

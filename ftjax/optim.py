@@ -1033,23 +1033,30 @@ def _plan_warnings(opts, table, rows, trainable0, total_params, num_train_exampl
     out.append("the head is frozen for the whole run: a new head would keep its initialisation")
   groups = _groups(opts)
   last = max(leaf.phase for leaf in table.values())
-  full = all(leaf.label(last) != FROZEN for leaf in table.values())
-  if full and num_train_examples is not None and num_train_examples < 10_000:
+  trained = {p: leaf for p, leaf in table.items() if leaf.label(last) != FROZEN}
+  full = len(trained) == len(table)
+  if num_train_examples is not None and num_train_examples < 10_000:
     # The backbone's learning rates, each under its own group's optimizer: the head may
-    # take a high one (a new head often does), the pretrained features may not.
-    worst = None
-    for path, leaf in table.items():
+    # take a high one (a new head often does), the pretrained features may not.  Warned
+    # when the backbone leaves above the limit hold most of the network (a fine-tune
+    # that freezes only the patch embedding is as exposed as a full one).
+    worst, exposed = None, 0
+    for path, leaf in trained.items():
       if path.split("/")[0] == "head":
         continue
       name = groups[leaf.group].name
       limit = 1e-3 if name in _ADAPTIVE else 0.1
       lr = float(opts["lr"]) * leaf.lr_mult
-      if lr > limit and (worst is None or lr / limit > worst[0] / worst[2]):
-        worst = (lr, name, limit, path)
-    if worst:
+      if lr > limit:
+        exposed += leaf.size
+        if worst is None or lr / limit > worst[0] / worst[2]:
+          worst = (lr, name, limit, path)
+    if worst and (full or exposed >= total_params / 2):
       lr, name, limit, path = worst
       start = unfreeze_phases(opts, total_steps)[last]
-      out.append(f"full fine-tune of all {total_params:,} parameters"
+      out.append((f"full fine-tune of all {total_params:,} parameters" if full else
+                  f"fine-tune of {sum(leaf.size for leaf in trained.values()):,} of "
+                  f"{total_params:,} parameters")
                  + (f" from step {start}" if start else "")
                  + f" with {name} lr {lr:g} (> {limit:g}, {path}) on {num_train_examples:,} examples:"
                  " likely to wreck the pretrained features; lower lr, freeze the backbone"

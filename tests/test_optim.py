@@ -692,6 +692,11 @@ def test_plan_warnings():
   assert "full fine-tune of all 55 parameters with adamw lr 0.01" in warnings(full, 5_000)[0]
   assert warnings(full, 50_000) == () and warnings(dict(full, lr=1e-4), 5_000) == ()
   assert warnings({"name": "sgd", "lr": 0.5}, 5_000)[0].startswith("full fine-tune")
+  # Not quite full: most of the network still trains at the high rate (warned); when the
+  # high-rate backbone leaves hold under half of it, no warning.
+  assert "fine-tune of 51 of 55 parameters with adamw lr 0.01 (> 0.001, " in warnings(
+      dict(full, param_groups=[("body/bias", None), (".*", {})]), 5_000)[0]
+  assert warnings(dict(full, param_groups=[("body/.*", None), (".*", {})]), 5_000) == ()
   # Each leaf under its own group's optimizer and learning rate: adamw named by the group,
   # a high rate on the head alone (no warning), a run that ends as a full fine-tune.
   assert "with adamw lr 0.05 (> 0.001, body/" in warnings(

@@ -75,7 +75,7 @@ def train_config() -> mc.ConfigDict:
   c.checkpoint_every = 200  # steps; 0: only at the end (and on SIGTERM)
   c.keep_latest = 2
   c.keep_best = 1
-  c.best_metric = "test/top1"  # "<split>/<metric>" from the evaluation
+  c.best_metric = "top1"  # "<split>/<metric>" from the evaluation; a bare metric: the first eval split's
   c.best_mode = "max"
   c.early_stopping_patience = 0  # evaluations without improvement; 0: off
   c.early_stopping_min_delta = 0.0

@@ -810,7 +810,10 @@ def _plan(run: _Run, params) -> None:
                       value=f"{t.keep_latest} / {t.keep_best}", hint="keep_latest >= 1, keep_best >= 0")
   if t.shard_params:
     rule_tree(params, [(r, True) for r in t.shard_params], what="train.shard_params rule", default=False)
-  split, _, key = t.best_metric.partition("/")
+  if "/" not in t.best_metric and cfg.data.eval_splits:
+    # A bare metric ranks by the first evaluated split: "val" for a folder, "test" for the rest.
+    t.best_metric = f"{cfg.data.eval_splits[0]}/{t.best_metric}"
+  split, _, key = t.best_metric.rpartition("/")
   if split.removeprefix("ema_") not in cfg.data.eval_splits:
     # Early stopping needs the metric; keeping the best checkpoints would silently keep
     # none by it (a run that evaluates nothing keeps the latest only, as it should).

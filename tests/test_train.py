@@ -234,6 +234,10 @@ def test_keep_best_keeps_the_best_evaluated_step(tiny_vit_npz, tmp_path, capsys,
       "early stopping cannot end this run early: 3 evaluation(s) in 6 steps (train.eval_every 2) for "
       "patience 2",
       "train.best_metric test/loss with best_mode 'max': the highest loss counts as best"]
+  with pytest.raises(ConfigError, match=r"early stopping watches a split that is not evaluated "
+                                        r"\(train.best_metric\): 'top1'"):
+    train.prepare(tiny_config(tiny_vit_npz, **{"data.eval_splits": [],
+                                               "train.early_stopping_patience": 2}), str(tmp_path / "w3"))
 
 
 def test_a_refused_resume_leaves_the_workdir_as_it_was(tiny_vit_npz, tmp_path):
@@ -497,9 +501,9 @@ def test_a_class_left_without_training_examples_is_a_plan_warning(tiny_vit_npz, 
 
   def warnings_at(val_fraction):
     cfg = tiny_config(tiny_vit_npz, **{"data.source": "folder", "data.root": str(tmp_path / "img"),
-                                       "data.val_fraction": val_fraction, "data.eval_splits": ["val"],
-                                       "train.best_metric": "val/top1"})
+                                       "data.val_fraction": val_fraction, "data.eval_splits": ["val"]})
     run, _ = train.prepare(cfg, str(tmp_path / f"wd{val_fraction}"))
+    assert cfg.train.best_metric == "val/top1"  # the default "top1" of the first evaluated split
     assert np.bincount(run.train_ds.labels, minlength=3).tolist() == (
         [2, 2, 0] if val_fraction == 0.6 else [3, 3, 1])
     return list(run.plan.warnings) + run.warnings

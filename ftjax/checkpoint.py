@@ -602,6 +602,44 @@ def read_checkpoint(directory: str | os.PathLike, step: int | None = None) -> tu
   return unflatten(flat), body["extra"]
 
 
+def recorded_metric(directory: str | os.PathLike, step: int, metric: str) -> float | None:
+  """The ``metric`` a committed step's manifest records (saved with ``metrics=``), or None."""
+  try:
+    reader = _orbax_checkpointer()
+    try:
+      manifest = reader.restore(Path(directory).absolute() / str(step), args=ocp.args.Composite(
+          manifest=ocp.args.JsonRestore()))["manifest"]
+    finally:
+      reader.close()
+    return manifest_body(manifest, step)["metrics"].get(metric)
+  except Exception:  # an unreadable manifest: the step cannot be "best"
+    return None
+
+
+def best_step(directory: str | os.PathLike, metric: str, mode: str = "max") -> int:
+  """The committed step whose manifest records the best ``metric`` (newest on ties).
+
+  Steps saved without the metric (no evaluation at that step) never count.
+  Nothing is written.
+
+  >>> import tempfile
+  >>> d = tempfile.mkdtemp()
+  >>> with Checkpointer(d, keep_latest=3, async_save=False) as c:
+  ...   for step, acc in [(1, 0.5), (2, 0.9), (3, 0.7)]:
+  ...     c.save(step, {"w": np.zeros(1)}, metrics={"test/top1": acc})
+  >>> best_step(d, "test/top1"), best_step(d, "test/top1", "min")
+  (2, 1)
+  """
+  d = checkpoint_dir(directory)
+  steps = committed_steps(d)
+  best = steps_to_keep({s: recorded_metric(d, s, metric) for s in steps}, keep_latest=0,
+                       keep_best=1, best_mode=mode)
+  if not best:
+    raise CheckpointError("no checkpoint records the metric", where=str(d), value=repr(metric),
+                          hint=f"steps present: {steps or 'none'}; keep_best keeps evaluated steps")
+  return best.pop()
+
+
 def _summary(skipped: list[tuple[int, str]], limit: int = 3) -> str:
   text = "; ".join(f"step {s}: {r}" for s, r in skipped[:limit])
   return text + (f"; ... ({len(skipped)} steps)" if len(skipped) > limit else "")
@@ -814,19 +852,8 @@ class Checkpointer:
 
   def _metric(self, step: int) -> float | None:
     if step not in self._metrics:
-      value = None
-      if self.best_metric:
-        try:
-          reader = _orbax_checkpointer()
-          try:
-            manifest = reader.restore(self.directory / str(step), args=ocp.args.Composite(
-                manifest=ocp.args.JsonRestore()))["manifest"]
-          finally:
-            reader.close()
-          value = manifest_body(manifest, step)["metrics"].get(self.best_metric)
-        except Exception:  # an unreadable manifest: the step cannot be "best"
-          value = None
-      self._metrics[step] = value
+      self._metrics[step] = recorded_metric(self.directory, step, self.best_metric) \
+          if self.best_metric else None
     return self._metrics[step]
 
   def _retain(self) -> None:

@@ -515,16 +515,42 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
   return out
 
 
-def read_run(workdir: str | Path, *, ema: bool = False) -> tuple[dict, dict]:
-  """A training run's newest checkpoint as ``(variables, model meta)``, LoRA adapters merged.
+def run_step(workdir: str | Path, step: int | str | None) -> int | None:
+  """The checkpoint step ``step`` names in a run: None or "latest" (the newest: None),
+  "best" (by the run's ``train.best_metric`` and ``best_mode``, from its ``config.json``)
+  or a step number (an int or its digits)."""
+  from ftjax import checkpoint
+  if step is None or step == "latest":
+    return None
+  if isinstance(step, int) or (isinstance(step, str) and step.isdigit()):
+    return int(step)
+  if step != "best":
+    raise ConfigError("unknown checkpoint step", where="--step", value=repr(step),
+                      hint="latest, best or a step number")
+  stored = Path(workdir) / "config.json"
+  if not stored.is_file():
+    raise CheckpointError("the best step needs the run's config.json", where=str(stored),
+                          hint="pass the run's workdir, or a step number")
+  cfg = json.loads(stored.read_text())
+  train, splits = cfg.get("train", {}), cfg.get("data", {}).get("eval_splits") or ["test"]
+  metric = train.get("best_metric", "top1")
+  if "/" not in metric:  # a bare metric is the first evaluated split's (ftjax.train)
+    metric = f"{splits[0]}/{metric}"
+  return checkpoint.best_step(workdir, metric, train.get("best_mode", "max"))
 
+
+def read_run(workdir: str | Path, *, ema: bool = False,
+             step: int | str | None = None) -> tuple[dict, dict]:
+  """A training run's checkpoint as ``(variables, model meta)``, LoRA adapters merged.
+
+  ``step``: the newest by default, else "best" or a step number (:func:`run_step`).
   ``variables`` holds numpy ``params`` (the EMA params with ``ema=True``) and,
   for BatchNorm models, ``batch_stats``; ``meta`` is the trainer's
   ``extra["model"]``, whose ``lora`` entry (a :class:`ftjax.lora.LoraSpec` as a
   dict) says how to merge adapters.
   """
   from ftjax import checkpoint, lora
-  tree, extra = checkpoint.read_checkpoint(workdir)
+  tree, extra = checkpoint.read_checkpoint(workdir, run_step(workdir, step))
   meta = extra.get("model")
   if not meta:
     raise CheckpointError("checkpoint has no model metadata", where=str(workdir),
@@ -551,10 +577,11 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="directory to write")
   parser.add_argument("--format", default="hf", choices=FORMATS)
   parser.add_argument("--ema", action="store_true", help="export the EMA parameters")
+  parser.add_argument("--step", default="latest", help="latest (default), best or a step number")
   args = parser.parse_args(argv)
   from ftjax.predict import run_eval_resize
   try:
-    variables, meta = read_run(args.workdir, ema=args.ema)
+    variables, meta = read_run(args.workdir, ema=args.ema, step=args.step)
     resize, crop_fraction = run_eval_resize(args.workdir)
     out = export(variables, meta, args.out, args.format, resize=resize, crop_fraction=crop_fraction)
   except FtjaxError as e:
@@ -567,4 +594,4 @@ if __name__ == "__main__":
   sys.exit(main())
 
 
-__all__ = ["FORMATS", "export", "hf_preprocessor_config", "main", "read_run", "to_hf", "to_timm"]
+__all__ = ["FORMATS", "export", "hf_preprocessor_config", "main", "read_run", "run_step", "to_hf", "to_timm"]

@@ -231,15 +231,17 @@ def run_data_config(workdir: str | Path):
 
 
 def evaluate_run(workdir: str | Path, *, shots: Sequence[int] = SHOTS, l2_reg: float = L2_REG,
-                 seed: int = 0, split: str | None = None, batch_size: int = 64) -> dict[str, float]:
-  """Few-shot accuracies of a training run's newest checkpoint on its own data.
+                 seed: int = 0, split: str | None = None, batch_size: int = 64,
+                 step: int | str | None = None) -> dict[str, float]:
+  """Few-shot accuracies of a training run's newest checkpoint (or ``step``: "best" or a
+  step number) on its own data.
 
   The shots are drawn from the whole train split: a run's ``data.per_class`` is its
   fine-tuning label budget, not a limit on the probe (the default run's 10 per class
   would rule out 25 shots).
   """
   from ftjax.predict import load_model
-  model, variables, meta = load_model(workdir)
+  model, variables, meta = load_model(workdir, step=step)
   config = run_data_config(workdir)
   test_split = split or config.eval_splits[0]
   pool = config.copy_and_resolve_references()
@@ -258,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--l2_reg", type=float, default=L2_REG)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--split", default=None, help="test split; default the run's first eval split")
+  parser.add_argument("--step", default="latest", help="latest (default), best or a step number")
   args = parser.parse_args(argv)
   try:
     try:
@@ -267,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         value=repr(args.shots)) from None
     shots = check_shots(shots, where="--shots")  # before the run is read: fails at once
     result = evaluate_run(args.workdir, shots=shots, l2_reg=args.l2_reg, seed=args.seed,
-                          split=args.split)
+                          split=args.split, step=args.step)
   except FtjaxError as e:
     return report(e)
   print(json.dumps(result))

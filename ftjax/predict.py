@@ -86,13 +86,14 @@ def run_preprocessing(workdir: str | os.PathLike, meta: dict) -> tuple[Preproces
           tuple(meta["std"]))
 
 
-def load_model(workdir: str | os.PathLike, *, ema: bool = False):
-  """(flax module, variables, model metadata) of a run's newest checkpoint, LoRA merged."""
+def load_model(workdir: str | os.PathLike, *, ema: bool = False, step: int | str | None = None):
+  """(flax module, variables, model metadata) of a run's checkpoint, LoRA merged: the newest,
+  or ``step`` ("best" or a step number, :func:`ftjax.export.run_step`)."""
   from ftjax import export, models
   if not Path(workdir).is_dir():
     raise ConfigError("workdir not found" if not Path(workdir).exists() else "workdir is not a directory",
                       where=str(workdir), hint="pass the --workdir of a training run")
-  variables, meta = export.read_run(workdir, ema=ema)
+  variables, meta = export.read_run(workdir, ema=ema, step=step)
   model, _ = models.create(meta["family"], meta["arch"], num_classes=int(meta["num_classes"]),
                            image_size=tuple(meta["image_size"]))
   return model, variables, meta
@@ -110,7 +111,8 @@ def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict(workdir: str | os.PathLike, images: str | os.PathLike, *, top: int = 5,
-            out: str | os.PathLike | None = None, batch_size: int = 32, ema: bool = False) -> Path:
+            out: str | os.PathLike | None = None, batch_size: int = 32, ema: bool = False,
+            step: int | str | None = None) -> Path:
   """Writes the prediction CSV (default ``<workdir>/predictions.csv``); returns its path."""
   if isinstance(top, bool) or not isinstance(top, int) or top < 1:
     raise ConfigError("top_k must be a positive integer", where="--top_k", value=top)
@@ -120,7 +122,7 @@ def predict(workdir: str | os.PathLike, images: str | os.PathLike, *, top: int =
   target = Path(out) if out is not None else Path(workdir) / "predictions.csv"
   if Path(workdir).is_dir():  # else load_model names the missing workdir
     _check_writable(target)  # before the work, not after it
-  model, variables, meta = load_model(workdir, ema=ema)
+  model, variables, meta = load_model(workdir, ema=ema, step=step)
   pre, mean, std = run_preprocessing(workdir, meta)
   num_classes = int(meta["num_classes"])
   names = list(meta.get("class_names") or [str(i) for i in range(num_classes)])
@@ -194,10 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", default=None, help="CSV path; default WORKDIR/predictions.csv")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--ema", action="store_true", help="use the EMA parameters")
+  parser.add_argument("--step", default="latest", help="latest (default), best or a step number")
   args = parser.parse_args(argv)
   try:
     out = predict(args.workdir, args.images, top=args.top_k, out=args.out, batch_size=args.batch_size,
-                  ema=args.ema)
+                  ema=args.ema, step=args.step)
   except FtjaxError as e:
     return report(e)
   print(f"wrote {out}")

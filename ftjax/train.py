@@ -1269,7 +1269,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
         last_saved = step
       if stopped_early:
         print(f"early stopping at step {step}: best {t.best_metric} {early.best:.4f} "
-              f"at step {early.best_step}", flush=True)
+              f"at step {early.best_step}" + ("; predict, export and fewshot take the best kept step with --step best"
+                                              if t.keep_best else ""), flush=True)
         break
       hit("after", step)
       if sigterm.agreed(sync=step % t.log_every == 0):

@@ -237,6 +237,27 @@ def test_nan_metric_ranks_worst_in_both_modes(tmp_path):
     # A new Checkpointer reads the metrics back from the manifests.
     with Checkpointer(d, keep_latest=1, keep_best=1, best_metric="m", best_mode=mode) as c:
       assert c.best_step() == best
+    assert ck.best_step(d, "m", mode) == best  # read-only, for predict/export --step best
+
+
+def test_the_best_step_of_a_run_follows_its_config(tmp_path):
+  from ftjax import export
+  wd = tmp_path / "run"
+  with Checkpointer(wd / "checkpoints", keep_latest=3, async_save=False) as c:
+    for s, loss in [(2, 0.5), (4, 0.2), (6, 0.3)]:
+      c.save(s, {"w": np.zeros(1, np.float32)}, metrics={"val/loss": loss, "val/top1": 1 - s / 10})
+  (wd / "config.json").write_text(json.dumps(
+      {"train": {"best_metric": "loss", "best_mode": "min"}, "data": {"eval_splits": ["val"]}}))
+  assert [export.run_step(wd, s) for s in ("best", "latest", None, "2", 4)] == [4, None, None, 2, 4]
+  (wd / "config.json").write_text(json.dumps({"train": {"best_metric": "test/top1"}}))
+  with pytest.raises(CheckpointError, match=r"no checkpoint records the metric .*'test/top1'; steps "
+                                            r"present: \[2, 4, 6\]"):
+    export.run_step(wd, "best")
+  with pytest.raises(ConfigError, match=r"unknown checkpoint step \(--step\): 'newest'"):
+    export.run_step(wd, "newest")
+  (wd / "config.json").unlink()
+  with pytest.raises(CheckpointError, match="the best step needs the run's config.json"):
+    export.run_step(wd, "best")
 
 
 # ---------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def test_cli_on_a_trained_run(tiny_vit_npz, tmp_path, capsys):
   train.train_and_evaluate(tiny_config(tiny_vit_npz, **{"train.total_steps": 2, "train.eval_every": 0,
                                                         "data.per_class": 2}), str(wd))
   capsys.readouterr()  # the trainer's own output
-  assert fewshot.main([f"--workdir={wd}", "--shots=1,5", "--l2_reg=1.0"]) == 0
+  assert fewshot.main([f"--workdir={wd}", "--shots=1,5", "--l2_reg=1.0", "--step=2"]) == 0
   got = json.loads(capsys.readouterr().out)
   # the same evaluation by hand: the trained weights, the run's data config, digits train/test
   model, variables, report = models.from_pretrained(str(wd))

@@ -111,6 +111,9 @@ def test_cli_top_k_and_one_line_errors(run, images, tmp_path, capsys):
            ([f"--workdir={run}", f"--images={empty}"], 3, "no images in folder"),
            ([f"--workdir={empty}", f"--images={images}"], 3, "checkpoint"),
            ([f"--workdir={run}", f"--images={images}", "--top_k=0"], 2, "top_k must be"),
+           ([f"--workdir={run}", f"--images={images}", "--step=newest"], 2,
+            "unknown checkpoint step (--step): 'newest'; latest, best or a step number"),
+           ([f"--workdir={run}", f"--images={images}", "--step=7"], 3, "checkpoint step not found"),
            # a file where a folder belongs is named as such (both said "not found")
            ([f"--workdir={run}", f"--images={out}"], 3, f"--images is not a folder ({out})"),
            ([f"--workdir={out}", f"--images={images}"], 2, f"workdir is not a directory ({out})"),

@@ -177,7 +177,7 @@ def test_ctrl_c_saves_exits_130_and_a_second_one_quits(tiny_vit_npz, tmp_path, m
   assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints") == [2]  # the step it was in
 
 
-def test_early_stopping_stops_where_the_history_says(tiny_vit_npz, tmp_path):
+def test_early_stopping_stops_where_the_history_says(tiny_vit_npz, tmp_path, capsys):
   # lr ~ 0: the metric never improves after the first evaluation, so with patience 2
   # and evaluation every step, training stops at step 3.
   cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 20, "train.eval_every": 1,
@@ -186,6 +186,10 @@ def test_early_stopping_stops_where_the_history_says(tiny_vit_npz, tmp_path):
   train.train_and_evaluate(cfg, str(tmp_path / "wd"))
   rows = _rows(tmp_path / "wd")
   assert [r["step"] for r in rows if r["kind"] == "eval"] == [1, 2, 3]
+  assert re.search(r"early stopping at step 3: best test/top1 \S+ at step 1; predict, export and "
+                   r"fewshot take the best kept step with --step best\n", capsys.readouterr().out)
+  from ftjax import export
+  assert export.run_step(tmp_path / "wd", "best") == 3  # all three tie; ties go to the newer step
   assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints")[-1] == 3
   # The same command again: the run is over, nothing trains (it used to go on a step a rerun).
   train.train_and_evaluate(cfg, str(tmp_path / "wd"))
@@ -226,6 +230,13 @@ def test_keep_best_keeps_the_best_evaluated_step(tiny_vit_npz, tmp_path, capsys,
   assert sorted(losses) == [2, 4, 6]
   best = min(losses, key=losses.get)
   assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints") == sorted({best, 6})
+  # predict / export / fewshot --step best: the step the run's own metric ranks best.
+  from ftjax import export
+  assert export.run_step(tmp_path / "wd", "best") == best and export.run_step(tmp_path / "wd", "6") == 6
+  tree, _ = checkpoint.read_checkpoint(tmp_path / "wd", best)
+  got, _ = export.read_run(tmp_path / "wd", step="best")
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got["params"]),
+                                                  jax.tree.leaves(tree["params"])))
   assert "best_mode 'max': the highest loss counts as best" not in capsys.readouterr().out
   run, _ = train.prepare(tiny_config(tiny_vit_npz, **{"train.best_metric": "test/loss", "train.eval_every": 2,
                                                      "train.early_stopping_patience": 2}), str(tmp_path / "w2"))

@@ -81,7 +81,9 @@ def train_config() -> mc.ConfigDict:
   c.early_stopping_min_delta = 0.0
   c.label_smoothing = 0.0
   c.ema_decay = 0.0  # 0: no EMA
-  c.freeze_bn = "auto"  # auto: keep running statistics when no backbone parameter ever trains
+  # BatchNorm running statistics in training. auto: a layer's move only while its scale and bias
+  # train (phase by phase: a head-only phase moves none); yes: never; no: always (timm's train mode).
+  c.freeze_bn = "auto"
   c.on_nan = "stop"  # stop | skip
   c.max_consecutive_skips = 10
   c.parallel = "jit"  # jit (sharded over a mesh) | pmap

@@ -877,19 +877,38 @@ def _check_update(tx: optax.GradientTransformation, params) -> None:
                       hint="check optim.kwargs and the param groups' kwargs") from None
 
 
-def _update_batch_stats(config, variables, masks) -> bool:
-  if "batch_stats" not in variables:
-    return False
-  if config.train.freeze_bn == "yes":
-    return False
-  if config.train.freeze_bn == "no":
-    return True
-  # auto: statistics move only if some backbone (non-head) parameter ever trains.
-  for mask in masks:
-    for path, m in flatten(mask).items():
-      if m and not path.startswith("head/"):
-        return True
-  return False
+def frozen_batch_norm(freeze_bn: str, batch_stats, mask) -> bool | tuple[str, ...]:
+  """The model's ``frozen_bn`` for a phase whose trainable parameters are ``mask``.
+
+  True: every BatchNorm layer normalises with, and keeps, its running statistics in
+  training; False: none does; else the '/'-paths of the layers that do.
+  ``train.freeze_bn`` "yes" is True, "no" False; "auto" freezes a layer's statistics
+  while its own scale and bias are frozen, as timm's ``freeze`` turns frozen modules'
+  BatchNorm into ``FrozenBatchNorm2d``: a head-only phase moves no statistics, a phase
+  that trains the last stage moves that stage's.
+
+  >>> stats = {"stem": {"bn": {"mean": 0, "var": 0}}, "stage1": {"bn": {"mean": 0, "var": 0}}}
+  >>> mask = {"stem": {"bn": {"scale": False, "bias": False}},
+  ...         "stage1": {"bn": {"scale": True, "bias": True}}, "head": {"kernel": True}}
+  >>> frozen_batch_norm("auto", stats, mask), frozen_batch_norm("no", stats, mask)
+  (('stem/bn',), False)
+  """
+  if freeze_bn in ("yes", "no") or not batch_stats:
+    return freeze_bn == "yes" or not batch_stats
+  layers = sorted({p.rsplit("/", 1)[0] for p in flatten(batch_stats)})
+  trains = flatten(mask)
+  frozen = tuple(layer for layer in layers
+                 if not (trains.get(f"{layer}/scale") or trains.get(f"{layer}/bias")))
+  return True if len(frozen) == len(layers) else (frozen or False)
+
+
+def _phase_model(model, frozen_bn):
+  """``model`` with its BatchNorm layers frozen as :func:`frozen_batch_norm` says."""
+  from ftjax import lora
+
+  if isinstance(model, lora.LoraModel):
+    return lora.LoraModel(_phase_model(model.model, frozen_bn), model.spec)
+  return model.clone(frozen_bn=frozen_bn) if hasattr(model, "frozen_bn") else model
 
 
 class _SigtermFlag:
@@ -937,10 +956,19 @@ class _SigtermFlag:
       signal.signal(sig, old)
 
 
-def _compile_phase(run: _Run, runner, tx, mask, opts: StepOptions, state, cast_paths: Mapping[str, Any]):
+def _phase_step(run: _Run, mask, opts: StepOptions, batch_stats) -> tuple[Any, StepOptions]:
+  """The model and step options of a phase: its BatchNorm layers frozen or not."""
+  frozen = frozen_batch_norm(run.config.train.freeze_bn, batch_stats, mask)
+  return (_phase_model(run.model, frozen),
+          dataclasses.replace(opts, update_batch_stats=bool(batch_stats) and frozen is not True))
+
+
+def _compile_phase(run: _Run, runner, tx, mask, opts: StepOptions, state, cast_paths: Mapping[str, Any],
+                   batch_stats):
   """A phase's step, its trainable paths and its frozen leaves cast once (``frozen_cast``)."""
   trainable = trainable_paths(mask)
-  fn = functools.partial(train_step, model=run.model, tx=tx, trainable=trainable)
+  model, opts = _phase_step(run, mask, opts, batch_stats)
+  fn = functools.partial(train_step, model=model, tx=tx, trainable=trainable)
   trains = set(trainable)
   casts = {p: d for p, d in cast_paths.items() if p not in trains}
   return runner.compile(fn, opts), trainable, runner.cast_frozen(state, casts)
@@ -1100,21 +1128,10 @@ def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> di
                    os.environ.get(TEST_FAIL_ENV), os.environ.get(TEST_TERM_ENV))
   params = variables["params"]
   total = t.total_steps
-  masks = run.masks
   opts = StepOptions(num_classes=run.num_classes, label_smoothing=t.label_smoothing,
                      mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
                      mix_switch_prob=cfg.data.mix_switch_prob, accum_steps=cfg.optim.accum_steps,
-                     update_batch_stats=_update_batch_stats(cfg, variables, masks),
                      ema_decay=t.ema_decay)
-
-  if "batch_stats" in variables and not opts.update_batch_stats:
-    # Frozen backbone: BatchNorm normalises with its running statistics in training too.
-    run.model, _ = models.create(run.family, {**run.report.arch, **run.overrides, "frozen_bn": True},
-                                 num_classes=run.num_classes, image_size=run.report.image_size,
-                                 dtype=DTYPES[cfg.model.dtype])
-    if run.lora is not None:
-      from ftjax import lora
-      run.model = lora.LoraModel(run.model, run.lora)
 
   def make_tx(phase):
     return optim.make_optimizer(params, cfg.optim, family=run.family, total_steps=total,
@@ -1213,9 +1230,13 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     it = _train_iterator(run, step)
     first_batch = runner.put_batch(next(it)) if training else None
     view = runner.view(state)
-    cast_paths = (frozen_cast_paths(run.model, view.params, view.batch_stats,
-                                    first_batch["image"].shape[-3:], opts) if training else {})
-    step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths)
+    cast_paths = {}
+    if training:
+      model, model_opts = _phase_step(run, masks[phase], opts, batch_stats)
+      cast_paths = frozen_cast_paths(model, view.params, view.batch_stats,
+                                     first_batch["image"].shape[-3:], model_opts)
+    step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths,
+                                                  batch_stats)
     compiled, flops = (_compile_step(step_fn, state, first_batch, frozen, runner, phase) if training
                        else (None, None))
     peak = metrics_lib.device_peak_flops()
@@ -1237,7 +1258,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
           state = runner.put_state(view)
           phase, tx = new_phase, new_tx
           del frozen  # before the next phase's copies exist
-          step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths)
+          step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths,
+                                                  batch_stats)
           print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
           compiled, progress.flops_per_step = _compile_step(step_fn, state, batch, frozen, runner, phase)
           jax.block_until_ready((state, frozen))  # the new optimizer state and frozen copies, made now

@@ -525,6 +525,47 @@ def test_a_class_left_without_training_examples_is_a_plan_warning(tiny_vit_npz, 
   assert not [w for w in warnings_at(0.4) if "no training example" in w]
 
 
+# ------------------------------------------------------------------- BatchNorm in a phase
+
+
+@pytest.mark.parametrize("freeze_bn,groups,moved", [
+    ("auto", [("head/.*", {}), (".*", None)], []),  # head only: no statistics move
+    ("auto", [("head/.*|stage2/.*", {}), (".*", None)], ["stage2"]),  # the last stage's only
+    ("yes", [("head/.*|stage2/.*", {}), (".*", None)], []),
+    ("no", [("head/.*", {}), (".*", None)], ["stem", "stage1", "stage2"]),
+])
+def test_a_phase_moves_the_statistics_of_the_batchnorm_layers_it_trains(freeze_bn, groups, moved):
+  # timm freezes a frozen module's BatchNorm (FrozenBatchNorm2d); "auto" does so layer by
+  # layer and phase by phase, where it used to move every layer's statistics from step 0
+  # once any phase trained any of the backbone.
+  import types
+  from jax.sharding import Mesh
+  from ftjax import models, optim
+  from ftjax.models.resnet import ResNet
+  model = ResNet(num_classes=3, block="basic", depths=(1, 1), widths=(8, 16), stem_width=8)
+  variables = models.init_variables(model, 16)
+  params, stats = variables["params"], variables["batch_stats"]
+  cfg = optim.default_config()
+  cfg.param_groups = groups
+  mask = optim.trainable_mask(params, cfg)
+  run = types.SimpleNamespace(model=model, config=types.SimpleNamespace(
+      train=types.SimpleNamespace(freeze_bn=freeze_bn)))
+  phase_model, opts = train._phase_step(run, mask, train.StepOptions(num_classes=3), stats)
+  tx = optim.make_optimizer(params, cfg, total_steps=10)
+  runner = train.JitRunner(Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+  step = runner.compile(functools.partial(train.train_step, model=phase_model, tx=tx,
+                                          trainable=train.trainable_paths(mask)), opts)
+  before = {p: np.array(v) for p, v in flatten(stats).items()}  # the step donates its input
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
+           "label": np.arange(4, dtype=np.int32) % 3}
+  state, _ = step(runner.put_state(train.initial_state(params, stats, tx, 0, ema=False)),
+                  runner.put_batch(batch))
+  after = flatten(runner.view(state).batch_stats)
+  changed = sorted({p.split("/")[0] for p, v in before.items() if not np.array_equal(v, after[p])})
+  assert changed == sorted(moved) and opts.update_batch_stats == bool(moved)
+
+
 # ------------------------------------------------------------------- frozen weights cast once
 
 

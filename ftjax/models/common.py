@@ -29,6 +29,24 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
+FrozenBN = bool | tuple[str, ...]
+
+
+def frozen_here(path: Sequence[str], frozen_bn: FrozenBN) -> bool:
+  """Whether the BatchNorm layer at module ``path`` uses and keeps its running statistics
+  in training: ``frozen_bn`` is True or False for every layer, or the '/'-paths of the
+  frozen ones (the trainer freezes a layer's statistics while its scale and bias are frozen).
+
+  >>> frozen_here(("stage1", "block0", "bn1"), ("stage1/block0/bn1",)), frozen_here(("stem", "bn"), True)
+  (True, True)
+  >>> frozen_here(("stage4", "block0", "bn1"), ("stage1/block0/bn1",))
+  False
+  """
+  if isinstance(frozen_bn, bool):
+    return frozen_bn
+  return "/".join(path) in frozen_bn
+
+
 @dataclasses.dataclass
 class Converted:
   """A checkpoint in ftjax's layout, before it is fitted to a model."""

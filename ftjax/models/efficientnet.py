@@ -50,7 +50,7 @@ import numpy as np
 
 from ftjax.errors import CheckpointError, ConfigError
 from ftjax.models.common import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD
-from ftjax.models.common import Converted, Family
+from ftjax.models.common import Converted, Family, FrozenBN, frozen_here
 
 STEM_CHANNELS = 32  # fixed in every Lite variant (not scaled by width)
 HEAD_CHANNELS = 1280  # fixed in every Lite variant
@@ -230,7 +230,7 @@ class ConvBN(nn.Module):
   depthwise_impl: str = "auto"
   bn_eps: float = 1e-3
   bn_momentum: float = 0.99
-  frozen_bn: bool = False
+  frozen_bn: FrozenBN = False
   dtype: Any = None
 
   @nn.compact
@@ -245,7 +245,8 @@ class ConvBN(nn.Module):
       x = nn.Conv(self.features, (k, k), strides=(self.stride, self.stride), padding=pad,
                   use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                   kernel_init=_conv_init(k, self.features), name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train or self.frozen_bn, momentum=self.bn_momentum,
+    frozen = frozen_here((*self.path, "bn"), self.frozen_bn)
+    x = nn.BatchNorm(use_running_average=not train or frozen, momentum=self.bn_momentum,
                      epsilon=self.bn_eps, dtype=self.dtype, param_dtype=jnp.float32, name="bn")(x)
     return jnp.clip(x, 0, 6) if self.act else x  # ReLU6
 
@@ -322,7 +323,8 @@ class EfficientNetLite(nn.Module):
     droppath_rate: stochastic depth of the last block; block ``i`` of ``n``
       drops with ``rate * i / n`` (as TF and timm).
     frozen_bn: BatchNorm uses and keeps its running statistics even when
-      ``train=True`` (for a frozen or nearly frozen backbone).
+      ``train=True``: True for every layer, or a tuple of the '/'-paths of the
+      frozen ones (``"stage1/block0/expand/bn"``, :func:`common.frozen_here`).
     depthwise_impl: ``"auto"`` (unrolled on CPU, XLA's grouped conv elsewhere),
       ``"conv"`` or ``"unrolled"``; same parameters, same results.
     dtype: compute dtype; parameters stay float32.
@@ -335,7 +337,7 @@ class EfficientNetLite(nn.Module):
   bn_momentum: float = 0.99
   dropout_rate: float | None = None
   droppath_rate: float = 0.0
-  frozen_bn: bool = False
+  frozen_bn: FrozenBN = False
   depthwise_impl: str = "auto"
   dtype: Any = None
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from ftjax.errors import CheckpointError, ConfigError
 from ftjax.models.common import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,
-                                 Converted, Family)
+                                 Converted, Family, FrozenBN, frozen_here)
 
 # ---------------------------------------------------------------------------------------------
 # Variant tables
@@ -203,9 +203,12 @@ class BatchNorm(nn.Module):
   ``E[d^2] - E[d]^2`` does not cancel when activations sit far from zero.
 
   Parameters ``scale``/``bias``; statistics ``batch_stats/{mean,var}``.
+  ``use_running_average``: True or False, or the '/'-paths of the layers that use
+  (and keep) their running statistics, the others normalising with the batch's
+  (:func:`ftjax.models.common.frozen_here`).
   """
 
-  use_running_average: bool
+  use_running_average: FrozenBN
   momentum: float = BN_MOMENTUM
   epsilon: float = BN_EPS
   scale_init: Callable = nn.initializers.ones
@@ -219,7 +222,7 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     xf = x.astype(jnp.float32)
-    if self.use_running_average:
+    if frozen_here(self.path, self.use_running_average):
       mean, var = ra_mean.value, ra_var.value
     else:
       axes = tuple(range(x.ndim - 1))
@@ -358,7 +361,7 @@ class Downsample(nn.Module):
   features: int
   stride: int
   v2: bool = False
-  use_running_average: bool = True
+  use_running_average: FrozenBN = True
   dtype: Any = None
 
   @nn.compact
@@ -375,7 +378,7 @@ class BasicBlock(nn.Module):
   width: int
   stride: int = 1
   project: bool = False
-  use_running_average: bool = True
+  use_running_average: FrozenBN = True
   zero_init_residual: bool = False
   dtype: Any = None
 
@@ -398,7 +401,7 @@ class Bottleneck(nn.Module):
   stride: int = 1
   project: bool = False
   stride_in_1x1: bool = False
-  use_running_average: bool = True
+  use_running_average: FrozenBN = True
   zero_init_residual: bool = False
   dtype: Any = None
 
@@ -421,7 +424,7 @@ class StemV1(nn.Module):
   """7x7/2 conv, BatchNorm, ReLU, 3x3/2 max-pool (padding 1, -inf like torch)."""
 
   width: int
-  use_running_average: bool = True
+  use_running_average: FrozenBN = True
   dtype: Any = None
   max_pool_impl: str = "ftjax"
 
@@ -451,7 +454,7 @@ class StageV1(nn.Module):
   in_channels: int
   block: str = "bottleneck"
   stride_in_1x1: bool = False
-  use_running_average: bool = True
+  use_running_average: FrozenBN = True
   zero_init_residual: bool = False
   dtype: Any = None
 
@@ -491,14 +494,14 @@ class ResNet(nn.Module):
   stem_width: int = 64
   stride_in_1x1: bool = False
   first_stage_stride: int = 1
-  frozen_bn: bool = False
+  frozen_bn: FrozenBN = False  # True, or the '/'-paths of the frozen BatchNorm layers
   zero_init_residual: bool = False
   max_pool_impl: str = "ftjax"
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    use_ra = self.frozen_bn or not train
+    use_ra = self.frozen_bn if train else True
     x = StemV1(self.stem_width, use_ra, self.dtype, self.max_pool_impl, name="stem")(x)
     channels = self.stem_width
     for s, (depth, width) in enumerate(zip(self.depths, self.widths)):

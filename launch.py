@@ -40,6 +40,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and 
                                "(default: runs/<config name>)")
 _ALLOW_FRESH = flags.DEFINE_bool("allow_fresh_start", False, "when the workdir holds checkpoints but "
                                  "none verifies, move them aside and start from step 0 (default: refuse)")
+_PLAN = flags.DEFINE_bool("plan", False, "print the load report, the fine-tuning plan and its warnings, "
+                          "then exit without compiling or writing anything")
 
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
@@ -131,7 +133,10 @@ def main(argv):
     if workdir is None:
       name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
       workdir = os.path.join("runs", name)
-    train.train_and_evaluate(config, workdir, allow_fresh=_ALLOW_FRESH.value)
+    if _PLAN.value:
+      train.print_plan(config, workdir)
+    else:
+      train.train_and_evaluate(config, workdir, allow_fresh=_ALLOW_FRESH.value)
   except FtjaxError as e:
     if os.environ.get("FTJAX_TRACEBACK"):
       raise

@@ -1027,12 +1027,13 @@ def _train_iterator(run: _Run, start_step: int):
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def prepare(config, workdir: str) -> tuple[_Run, dict]:
+def prepare(config, workdir: str, *, make_workdir: bool = True) -> tuple[_Run, dict]:
   """Every check that needs no compilation, then the workdir: ``(run, variables)``.
 
   Config, devices, workdir, stored config, data, weights and the optimizer
   plan are checked before anything is written, so bad input fails here with
-  one line and leaves no trace.  Only then is the workdir created (empty); its
+  one line and leaves no trace.  Only then is the workdir created (empty,
+  unless ``make_workdir`` is False); its
   ``config.json`` is written by :func:`record_config` once the checkpoint, if
   any, has been restored: a config the checkpoint refuses is never recorded.
   """
@@ -1064,9 +1065,23 @@ def prepare(config, workdir: str) -> tuple[_Run, dict]:
   run, variables = _build(config, wd)
   _plan(run, variables["params"])
   run.config_dict = config_dict
-  if writes_workdir():
+  if make_workdir and writes_workdir():
     _make_workdir(wd)
   return run, variables
+
+
+def print_plan(config, workdir: str) -> _Run:
+  """Prints what a run would load and train (load report, plan, warnings); writes nothing."""
+  run, _ = prepare(config, workdir, make_workdir=False)
+  _print_plan(run)
+  return run
+
+
+def _print_plan(run: _Run) -> None:
+  print(run.report, flush=True)
+  print(dataclasses.replace(run.plan, warnings=()), flush=True)  # its warnings once, below, with the run's
+  for w in list(run.plan.warnings) + run.warnings:
+    print(f"WARNING: {w}", flush=True)
 
 
 def record_config(run: _Run) -> None:
@@ -1137,10 +1152,7 @@ def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> di
     return optim.make_optimizer(params, cfg.optim, family=run.family, total_steps=total,
                                 steps_per_epoch=run.steps_per_epoch, phase=phase)
 
-  print(run.report, flush=True)
-  print(dataclasses.replace(run.plan, warnings=()), flush=True)  # its warnings once, below, with the run's
-  for w in list(run.plan.warnings) + run.warnings:
-    print(f"WARNING: {w}", flush=True)
+  _print_plan(run)
 
   # SIGTERM from here on saves (once there is something new to save) and exits with the
   # preempted code; the handler only sets a flag that the loop reads between steps.

@@ -201,3 +201,19 @@ def test_a_binary_given_as_config_file_is_named(run, tmp_path):
   # It said "(None:None)": a source with null bytes has no file name or line.
   assert err == [f"ftjax: error: syntax error in config file ({binary}): source code string cannot contain "
                  "null bytes"]
+
+
+def test_plan_prints_the_plan_and_writes_nothing(run, tmp_path, monkeypatch, tiny_vit_npz, capsys):
+  planned = []
+  monkeypatch.setattr(train, "print_plan", lambda config, workdir: planned.append((config, workdir)))
+  cfg = write_config(tmp_path, NPZ)
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}", "--plan",
+                          "--config.optim.lr=0.5")
+  assert (config, code, err) == (None, 0, [])  # the trainer never ran
+  assert planned[0][0].optim.lr == 0.5 and planned[0][1] == str(tmp_path / "wd")
+  monkeypatch.undo()
+  train.print_plan(tiny_config(tiny_vit_npz, **{"optim.param_groups": [("head/.*", {}), (".*", None)]}),
+                   str(tmp_path / "wd"))
+  out = capsys.readouterr().out
+  assert "fine-tuning plan: 6 steps" in out and "trainable at step 0: " in out
+  assert not (tmp_path / "wd").exists()

@@ -286,6 +286,17 @@ def schema_problems(config, schema=None, prefix: str = "") -> list[tuple[str, st
   return out
 
 
+def best_metric_key(best_metric: str, eval_splits) -> str:
+  """``train.best_metric`` as ``<split>/<metric>``: a bare metric is the first eval split's.
+
+  >>> best_metric_key("top1", ["val"]), best_metric_key("test/loss", ["val"]), best_metric_key("top1", [])
+  ('val/top1', 'test/loss', 'top1')
+  """
+  if "/" in best_metric or not eval_splits:
+    return best_metric
+  return f"{eval_splits[0]}/{best_metric}"
+
+
 def check_schema(config) -> None:
   """Raises a ConfigError naming the first of :func:`schema_problems` (and how many more)."""
   problems = schema_problems(config)

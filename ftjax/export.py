@@ -527,16 +527,14 @@ def run_step(workdir: str | Path, step: int | str | None) -> int | None:
   if step != "best":
     raise ConfigError("unknown checkpoint step", where="--step", value=repr(step),
                       hint="latest, best or a step number")
-  stored = Path(workdir) / "config.json"
-  if not stored.is_file():
-    raise CheckpointError("the best step needs the run's config.json", where=str(stored),
+  from ftjax.config import best_metric_key
+  from ftjax.train import stored_config
+  cfg = stored_config(workdir)
+  if cfg is None:
+    raise CheckpointError("the best step needs the run's config.json", where=str(Path(workdir) / "config.json"),
                           hint="pass the run's workdir, or a step number")
-  cfg = json.loads(stored.read_text())
-  train, splits = cfg.get("train", {}), cfg.get("data", {}).get("eval_splits") or ["test"]
-  metric = train.get("best_metric", "top1")
-  if "/" not in metric:  # a bare metric is the first evaluated split's (ftjax.train)
-    metric = f"{splits[0]}/{metric}"
-  return checkpoint.best_step(workdir, metric, train.get("best_mode", "max"))
+  return checkpoint.best_step(workdir, best_metric_key(cfg.train.best_metric, cfg.data.eval_splits),
+                              cfg.train.best_mode)
 
 
 def read_run(workdir: str | Path, *, ema: bool = False,

@@ -810,9 +810,8 @@ def _plan(run: _Run, params) -> None:
                       value=f"{t.keep_latest} / {t.keep_best}", hint="keep_latest >= 1, keep_best >= 0")
   if t.shard_params:
     rule_tree(params, [(r, True) for r in t.shard_params], what="train.shard_params rule", default=False)
-  if "/" not in t.best_metric and cfg.data.eval_splits:
-    # A bare metric ranks by the first evaluated split: "val" for a folder, "test" for the rest.
-    t.best_metric = f"{cfg.data.eval_splits[0]}/{t.best_metric}"
+  # A bare metric ranks by the first evaluated split: "val" for a folder, "test" for the rest.
+  t.best_metric = config_lib.best_metric_key(t.best_metric, cfg.data.eval_splits)
   split, _, key = t.best_metric.rpartition("/")
   if split.removeprefix("ema_") not in cfg.data.eval_splits:
     # Early stopping needs the metric; keeping the best checkpoints would silently keep

@@ -246,10 +246,17 @@ def test_the_best_step_of_a_run_follows_its_config(tmp_path):
   with Checkpointer(wd / "checkpoints", keep_latest=3, async_save=False) as c:
     for s, loss in [(2, 0.5), (4, 0.2), (6, 0.3)]:
       c.save(s, {"w": np.zeros(1, np.float32)}, metrics={"val/loss": loss, "val/top1": 1 - s / 10})
-  (wd / "config.json").write_text(json.dumps(
-      {"train": {"best_metric": "loss", "best_mode": "min"}, "data": {"eval_splits": ["val"]}}))
+  from ftjax import config as config_lib
+
+  def store(best_metric, best_mode="max", eval_splits=("test",)):
+    cfg = config_lib.to_dict(config_lib.default_config())
+    cfg["train"].update(best_metric=best_metric, best_mode=best_mode)
+    cfg["data"]["eval_splits"] = list(eval_splits)
+    (wd / "config.json").write_text(json.dumps(cfg))
+
+  store("loss", "min", ["val"])
   assert [export.run_step(wd, s) for s in ("best", "latest", None, "2", 4)] == [4, None, None, 2, 4]
-  (wd / "config.json").write_text(json.dumps({"train": {"best_metric": "test/top1"}}))
+  store("test/top1")
   with pytest.raises(CheckpointError, match=r"no checkpoint records the metric .*'test/top1'; steps "
                                             r"present: \[2, 4, 6\]"):
     export.run_step(wd, "best")

@@ -1023,8 +1023,8 @@ def _state_bytes(tree) -> int:
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _plan_warnings(opts, table, rows, trainable0, total_params, num_train_examples, total_steps,
-                   steps_per_epoch) -> list[str]:
+def _plan_warnings(opts, table, rows, trainable0, final_params, total_params, num_train_examples,
+                   total_steps, steps_per_epoch) -> list[str]:
   out = []
   head = [p for p in table if p.split("/")[0] == "head"]
   if trainable0 == 0:
@@ -1055,8 +1055,7 @@ def _plan_warnings(opts, table, rows, trainable0, total_params, num_train_exampl
       lr, name, limit, path = worst
       start = unfreeze_phases(opts, total_steps)[last]
       out.append((f"full fine-tune of all {total_params:,} parameters" if full else
-                  f"fine-tune of {sum(leaf.size for leaf in trained.values()):,} of "
-                  f"{total_params:,} parameters")
+                  f"fine-tune of {final_params:,} of {total_params:,} parameters")
                  + (f" from step {start}" if start else "")
                  + f" with {name} lr {lr:g} (> {limit:g}, {path}) on {num_train_examples:,} examples:"
                  " likely to wreck the pretrained features; lower lr, freeze the backbone"
@@ -1132,8 +1131,8 @@ def fine_tuning_plan(params, config, *, family: str | None = None, total_steps: 
   total_params = sum(leaf.size for leaf in table.values())
   trainable0 = sum(leaf.size for leaf in table.values() if leaf.label(0) != FROZEN)
   final = sum(leaf.size for leaf in table.values() if leaf.label(last) != FROZEN)
-  warnings = _plan_warnings(opts, table, rows, trainable0, total_params, num_train_examples, total,
-                            steps_per_epoch)
+  warnings = _plan_warnings(opts, table, rows, trainable0, final, total_params, num_train_examples,
+                            total, steps_per_epoch)
   return Plan(rows=tuple(rows), trainable_params=trainable0, frozen_params=total_params - trainable0,
               final_trainable_params=final, state_bytes=_state_bytes(jax.eval_shape(tx.init, params)),
               total_steps=total, phases=tuple(starts), family=family,

@@ -193,11 +193,18 @@ def _without_remat(model):
   the same forward, with the same casts, so the leaves the forward only casts are
   those of the model without it.
   """
+  return _with_base(model, remat=False)
+
+
+def _with_base(model, **changes):
+  """``model`` with ``changes`` made to its flax module's attributes (under LoRA's wrapper,
+  the base module's); an attribute the module does not have is left alone."""
   from ftjax import lora
 
   if isinstance(model, lora.LoraModel):
-    return lora.LoraModel(_without_remat(model.model), model.spec)
-  return model.clone(remat=False) if getattr(model, "remat", False) else model
+    return lora.LoraModel(_with_base(model.model, **changes), model.spec)
+  changes = {k: v for k, v in changes.items() if hasattr(model, k) and getattr(model, k) != v}
+  return model.clone(**changes) if changes else model
 
 
 def frozen_cast_paths(model, params, batch_stats, image_shape: tuple[int, ...],
@@ -901,15 +908,6 @@ def frozen_batch_norm(freeze_bn: str, batch_stats, mask) -> bool | tuple[str, ..
   return True if len(frozen) == len(layers) else (frozen or False)
 
 
-def _phase_model(model, frozen_bn):
-  """``model`` with its BatchNorm layers frozen as :func:`frozen_batch_norm` says."""
-  from ftjax import lora
-
-  if isinstance(model, lora.LoraModel):
-    return lora.LoraModel(_phase_model(model.model, frozen_bn), model.spec)
-  return model.clone(frozen_bn=frozen_bn) if hasattr(model, "frozen_bn") else model
-
-
 class _SigtermFlag:
   """SIGTERM, or a first Ctrl-C, sets a flag; the loop saves at the step where :meth:`agreed`
   says so and exits with the preempted (interrupted) code.  A second Ctrl-C quits at once."""
@@ -958,7 +956,7 @@ class _SigtermFlag:
 def _phase_step(run: _Run, mask, opts: StepOptions, batch_stats) -> tuple[Any, StepOptions]:
   """The model and step options of a phase: its BatchNorm layers frozen or not."""
   frozen = frozen_batch_norm(run.config.train.freeze_bn, batch_stats, mask)
-  return (_phase_model(run.model, frozen),
+  return (_with_base(run.model, frozen_bn=frozen),
           dataclasses.replace(opts, update_batch_stats=bool(batch_stats) and frozen is not True))
 
 

@@ -67,7 +67,7 @@ SCHEDULES = ("warmup_cosine", "cosine", "linear", "constant", "rsqrt", "step")
 # regex, ``{i}`` stands for a block or stage index and the depth is ``base + i``;
 # "top" is one more than the deepest other level, and its multiplier is 1.
 #   vit:          embeddings (patch, cls, pos) 0, encoderblock_i -> i + 1,
-#                 encoder_norm (or fc_norm with GAP), pre_logits, head -> L + 1.
+#                 encoder_norm (or fc_norm with GAP), MAPHead_0, pre_logits, head -> L + 1.
 #   resnet(v2):   per stage: stem 0, stage s (1..4) -> s, final norm + head -> 5;
 #                 ResNet-50 with decay d: head 1, stage4 d, stage3 d^2, stage2 d^3,
 #                 stage1 d^4, stem d^5.
@@ -77,7 +77,7 @@ _RESNET_DEPTHS = ((r"stem/.*", 0), (r"stage{i}/.*", 0), (r"norm/.*|head/.*", _TO
 LAYER_DEPTHS: dict[str, tuple[tuple[str, int | str], ...]] = {
     "vit": ((r"embedding/.*|cls|Transformer/posembed_input/.*", 0),
             (r"Transformer/encoderblock_{i}/.*", 1),
-            (r"Transformer/encoder_norm/.*|fc_norm/.*|pre_logits/.*|head/.*", _TOP)),
+            (r"Transformer/encoder_norm/.*|fc_norm/.*|MAPHead_0/.*|pre_logits/.*|head/.*", _TOP)),
     "resnet": _RESNET_DEPTHS,
     "resnetv2": _RESNET_DEPTHS,
     "efficientnet": ((r"stem/.*", 0), (r"stage{i}/.*", 1), (r"conv_head/.*|head/.*", _TOP)),

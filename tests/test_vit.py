@@ -207,9 +207,119 @@ def test_big_vision_gap_npz_parity_with_timm_reader(tmp_path):
   x = _images(2, 32, 32)
   _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
   assert report.arch == arch and report.image_size == (32, 32) and len(report.matched) == len(arrays)
-  map_head = {**arrays, "params/MAPHead_0/probe": np.zeros((1, 1, 32), np.float32)}
-  with pytest.raises(CheckpointError, match="attention-pooled"):
-    vit.convert_npz("test", map_head)
+
+
+_BIG_VISION_NAMES = (("Transformer/posembed_input/pos_embedding", "pos_embedding"),
+                     ("LayerNorm_2", "LayerNorm_1"), ("MlpBlock_3", "MlpBlock_0"),
+                     ("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0"))
+
+
+def _big_vision_arrays(arch, seed, *, scanned=False, prefix="params/"):
+  """Random parameters of ``arch`` (test variant, 32 px) under big_vision's names, optionally
+  scanned (one ``Transformer/encoderblock/...`` leaf per name, layers stacked first)."""
+  _, shapes = create("vit", arch, num_classes=5, image_size=32)
+  rng = np.random.default_rng(seed)
+  arrays, blocks = {}, {}
+  for path, s in shapes.items():
+    name = path.removeprefix("params/")
+    if name.startswith("Transformer/encoderblock_"):
+      for rx, repl in _BIG_VISION_NAMES:
+        name = name.replace(rx, repl)
+    elif name.startswith("Transformer/posembed_input"):
+      name = "pos_embedding"
+    value = (rng.standard_normal(s.shape) * 0.2 + path.endswith("/scale")).astype(np.float32)
+    m = re.fullmatch(r"Transformer/encoderblock_(\d+)/(.*)", name)
+    if scanned and m:
+      blocks.setdefault(m.group(2), {})[int(m.group(1))] = value
+    else:
+      arrays[prefix + name] = value
+  for rest, layers in blocks.items():
+    arrays[f"{prefix}Transformer/encoderblock/{rest}"] = np.stack([layers[i] for i in sorted(layers)])
+  return arrays
+
+
+def _timm_test_vit(**kwargs) -> TimmViT:
+  return TimmViT(**{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                    "mlp_ratio": 2.0, "num_classes": 5, **kwargs}).eval()
+
+
+def test_big_vision_map_head_scanned_two_tower_npz_parity_with_timm_reader(tmp_path):
+  """A SigLIP-style image tower: big_vision's MAPHead, scanned blocks, under ``params/img/``
+  beside a text tower; timm's ``_load_weights`` reads the same file (global_pool 'map')."""
+  arrays = _big_vision_arrays({"variant": "test", "pooling": "map"}, seed=2, scanned=True,
+                              prefix="params/img/")
+  assert arrays["params/img/Transformer/encoderblock/LayerNorm_0/scale"].shape == (2, 32)
+  assert "params/img/MAPHead_0/MultiHeadDotProductAttention_0/key/kernel" in arrays
+  text = {"params/txt/Encoder_0/encoder_norm/scale": np.ones(32, np.float32),
+          "params/t": np.ones(1, np.float32), "params/b": np.zeros(1, np.float32)}
+  file = tmp_path / "siglip_like.npz"
+  np.savez(file, **arrays, **text)
+  ref = _timm_test_vit(class_token=False, global_pool="map")
+  _load_weights(ref, str(file))
+  model, variables, report = from_pretrained(f"npz:test@{file}")
+  x = _images(2, 32, 32)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch == {"variant": "test", "pooling": "map"} and report.image_size == (32, 32)
+  assert sorted(k for k, _ in report.dropped) == sorted(text)
+  assert "MAPHead_0" in variables["params"] and "cls" not in variables["params"]
+
+
+def test_big_vision_token_pooled_npz_has_no_class_token_row_in_its_position_embedding(tmp_path):
+  """big_vision adds the position embedding before it prepends the class token (timm's
+  no_embed_class): the table has h*w rows, and resampling it keeps no class row apart."""
+  arch = {"variant": "test", "posemb_class_token": False}
+  arrays = _big_vision_arrays(arch, seed=3)
+  assert arrays["params/pos_embedding"].shape == (1, 16, 32) and "params/cls" in arrays
+  file = tmp_path / "bv_tok.npz"
+  np.savez(file, **arrays)
+  ref = _timm_test_vit(no_embed_class=True)
+  _load_weights(ref, str(file))
+  model, variables, report = from_pretrained(f"npz:test@{file}")
+  x = _images(2, 32, 32)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch == arch and report.image_size == (32, 32)
+  model, variables, report = from_pretrained(f"npz:test@{file}", image_size=48)
+  assert report.resized == [(vit.POSEMB_PATH, (1, 16, 32), (1, 36, 32))]
+  # All 16 rows resampled as a grid, as timm's resample_abs_pos_embed does with no prefix
+  # tokens (its .npz reader resamples bilinearly instead; its safetensors path, bicubic).
+  table = resample_abs_pos_embed(torch.from_numpy(arrays["params/pos_embedding"]), new_size=[6, 6],
+                                 num_prefix_tokens=0)
+  np.testing.assert_allclose(flatten(variables)[vit.POSEMB_PATH], table.numpy(), rtol=0, atol=1e-5)
+  ref_48 = _timm_test_vit(no_embed_class=True, img_size=48)
+  _load_weights(ref_48, str(file))
+  with torch.no_grad():
+    ref_48.pos_embed.copy_(table)
+  x = _images(2, 48, 48)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref_48, x))
+
+
+def _big_vision_sincos(h: int, w: int, width: int) -> torch.Tensor:
+  """big_vision's ``posemb_sincos_2d``, transcribed in torch (float32, as big_vision computes it)."""
+  y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                        indexing="ij")
+  omega = 1.0 / 10_000.0 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4 - 1))
+  y, x = y.flatten()[:, None] * omega[None], x.flatten()[:, None] * omega[None]
+  return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)[None]
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_big_vision_sincos2d_npz_parity_at_any_image_size(tmp_path, size):
+  """big_vision's "plain ViT" (posemb 'sincos2d', pool_type 'gap'): no position embedding in
+  the file.  timm, which has no fixed table, gets the transcribed one as its pos_embed."""
+  arrays = _big_vision_arrays({"variant": "test", "pooling": "gap"}, seed=4)
+  del arrays["params/pos_embedding"]
+  file = tmp_path / "bv_plain.npz"
+  np.savez(file, **arrays)
+  ref = _timm_test_vit(class_token=False, global_pool="avg", fc_norm=False, img_size=size)
+  table = _big_vision_sincos(size // 8, size // 8, 32)
+  np.savez(tmp_path / "with_table.npz", **arrays, **{"params/pos_embedding": table.numpy()})
+  _load_weights(ref, str(tmp_path / "with_table.npz"))
+  model, variables, report = from_pretrained(f"npz:test@{file}", image_size=size)
+  x = _images(2, size, size)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch == {"variant": "test", "pooling": "gap", "posemb": "sincos2d"}
+  assert "posembed_input" not in variables["params"]["Transformer"] and not report.resized
+  np.testing.assert_allclose(vit.posemb_sincos_2d(size // 8, size // 8, 32), table.numpy(), rtol=0, atol=2e-6)
 
 
 def test_google_npz_pre_logits_and_big_vision_names():
@@ -323,11 +433,16 @@ def test_timm_names_give_timm_architectures():
     arch, size = vit.timm_arch(name)
     a = vit.resolve_arch(arch)
     got = (a["hidden_size"], a["num_layers"], a["num_heads"], a["mlp_dim"], a["patch_size"], size,
-           a["class_token"], a["pooling"], a["fc_norm"])
+           a["class_token"], a["pooling"], a["fc_norm"], a["gelu_approximate"])
+    act = ref.blocks[0].mlp.act
     want = (ref.embed_dim, len(ref.blocks), ref.blocks[0].attn.num_heads, ref.blocks[0].mlp.fc1.out_features,
             ref.patch_embed.patch_size[0], tuple(ref.patch_embed.img_size), ref.cls_token is not None,
-            {"token": "token", "avg": "gap"}[ref.global_pool], not isinstance(ref.fc_norm, torch.nn.Identity))
+            {"token": "token", "avg": "gap", "map": "map"}[ref.global_pool],
+            not isinstance(ref.fc_norm, torch.nn.Identity),
+            type(act).__name__ == "GELUTanh" or getattr(act, "approximate", "none") == "tanh")
     assert got == want, name
+    assert (ref.attn_pool is not None) == (a["pooling"] == "map"), name
+  assert any("_siglip_" in n for n in names) and any("so400m" in n for n in names)
 
 
 def test_timm_tags_give_timm_preprocessing():

@@ -64,8 +64,19 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 OPTIONS: dict[str, Any] = {
-    "pooling": "token",  # "token": the class token's output; "gap": mean of the patch tokens
+    # "token": the class token's output; "gap": mean of the patch tokens; "map": big_vision's
+    # multihead attention pooling (MAPHead_0: a learned probe attends over every token), as in
+    # SigLIP and timm's global_pool="map".
+    "pooling": "token",
     "class_token": None,  # None: a class token exactly when pooling == "token"
+    # "learn": a learned table (pos_embedding); "sincos2d": big_vision's fixed 2-D sin-cos
+    # table (no parameter; its "Better plain ViT baselines" models), any image size.
+    "posemb": "learn",
+    # Whether the position embedding has a row for the class token: vit_jax, timm and
+    # transformers add it after the class token is prepended (True); big_vision adds it to
+    # the patches before (False: timm's no_embed_class).  None: True for "learn", False for
+    # "sincos2d".
+    "posemb_class_token": None,
     # False: the final norm on all tokens, then pool (vit_jax); True: pool, then norm (timm avg).
     "fc_norm": False,
     "representation_size": None,  # width of the tanh pre-logits layer, None for none
@@ -107,6 +118,8 @@ OPTIONS: dict[str, Any] = {
     "layer_norm_impl": "ftjax",
 }
 
+POOLINGS = ("token", "gap", "map")
+POSEMBS = ("learn", "sincos2d")
 ATTENTION = ("xla", "cudnn", "auto")
 LAYER_NORM_IMPLS = ("ftjax", "flax")
 TOKEN_PADDING = ("encoder", "attention")
@@ -165,13 +178,26 @@ def resolve_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
   if out["hidden_size"] % out["num_heads"]:
     raise ConfigError("hidden_size must be divisible by num_heads", where="arch",
                       value=f"{out['hidden_size']} / {out['num_heads']}")
-  if out["pooling"] not in ("token", "gap"):
+  if out["pooling"] not in POOLINGS:
     raise ConfigError("unknown ViT pooling", where="arch.pooling", value=repr(out["pooling"]),
-                      hint="'token' or 'gap'")
+                      hint=f"one of {list(POOLINGS)}")
   if out["class_token"] is None:
     out["class_token"] = out["pooling"] == "token"
   if out["pooling"] == "token" and not out["class_token"]:
     raise ConfigError("token pooling needs a class token", where="arch.class_token", value=False)
+  if out["posemb"] not in POSEMBS:
+    raise ConfigError("unknown ViT position embedding", where="arch.posemb", value=repr(out["posemb"]),
+                      hint=f"one of {list(POSEMBS)}")
+  if out["posemb_class_token"] is None:
+    out["posemb_class_token"] = out["posemb"] == "learn"
+  if out["posemb"] == "sincos2d":
+    if out["posemb_class_token"]:
+      raise ConfigError("a sincos2d table has no class-token row", where="arch.posemb_class_token",
+                        value=True, hint="leave it None (False) with posemb 'sincos2d'")
+    if out["hidden_size"] % 4 or out["hidden_size"] < 8:
+      raise ConfigError("sincos2d position embedding needs hidden_size a multiple of 4, at least 8",
+                        where="arch.hidden_size", value=out["hidden_size"])
+  out["posemb_class_token"] = bool(out["posemb_class_token"]) and bool(out["class_token"])
   for k in ("dropout_rate", "attention_dropout_rate", "droppath_rate"):
     if not 0.0 <= float(out[k]) < 1.0:
       raise ConfigError("rate must be in [0, 1)", where=f"arch.{k}", value=out[k])
@@ -541,14 +567,97 @@ def _remat_block(block: Encoder1DBlock, x, deterministic: bool):
   return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(block, x)
 
 
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """big_vision's fixed 2-D position embedding, (1, h * w, width) float32.
+
+  Rows are the patches in row-major order; columns are ``[sin(x w), cos(x w), sin(y w),
+  cos(y w)]`` with frequencies ``w_j = temperature ** -(j / (width / 4 - 1))``, computed
+  in float64 (big_vision computes them in float32: within a few float32 ulps).
+
+  >>> pe = posemb_sincos_2d(2, 3, 8)
+  >>> pe.shape, pe[0, 0].tolist()  # position (0, 0): sin 0 = 0, cos 0 = 1
+  ((1, 6, 8), [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+  >>> round(float(pe[0, 1, 0]), 6) == round(float(np.sin(1.0)), 6)  # x = 1 at the top frequency
+  True
+  """
+  y, x = np.mgrid[:h, :w]
+  quarter = width // 4
+  omega = 1.0 / temperature ** (np.arange(quarter) / (quarter - 1))
+  y = np.einsum("m,d->md", y.reshape(-1).astype(np.float64), omega)
+  x = np.einsum("m,d->md", x.reshape(-1).astype(np.float64), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return pe[None].astype(np.float32)
+
+
 class AddPositionEmbs(nn.Module):
-  """Adds a learned position embedding ``pos_embedding`` of shape (1, tokens, width)."""
+  """Adds a position embedding to the tokens after the first ``skip``.
+
+  ``kind`` "learn": the parameter ``pos_embedding`` (1, tokens - skip, width);
+  "sincos2d": :func:`posemb_sincos_2d` over the patch ``grid``.  ``skip`` is the
+  number of class tokens the embedding has no row for (big_vision's layout).
+  """
+
+  kind: str = "learn"
+  skip: int = 0
+  grid: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x):
-    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]),
-                     jnp.float32)
-    return x + pos.astype(x.dtype)
+    shape = (1, x.shape[1] - self.skip, x.shape[2])
+    if self.kind == "sincos2d":
+      pos = jnp.asarray(posemb_sincos_2d(*self.grid, x.shape[2]))
+      if pos.shape != shape:
+        raise ValueError(f"sincos2d grid {self.grid} does not fit {shape[1]} tokens")
+    else:
+      pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), shape, jnp.float32)
+    pos = pos.astype(x.dtype)
+    if self.skip:  # zero rows for the class token(s): one add, as without them
+      pos = jnp.pad(pos, ((0, 0), (self.skip, 0), (0, 0)))
+    return x + pos
+
+
+class MAPHead(nn.Module):
+  """big_vision's ``MAPHead``: a learned ``probe`` attends over the tokens, then ``x + MLP(LN(x))``.
+
+  The same parameters and names as big_vision (``probe``,
+  ``MultiHeadDotProductAttention_0/{query,key,value,out}``, ``LayerNorm_0``,
+  ``MlpBlock_0``) and timm's ``AttentionPoolLatent``; returns (batch, width).
+  """
+
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  dtype: Any = None
+  gelu_approximate: bool = False
+  layer_norm_impl: str = "ftjax"
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    n, _, width = x.shape
+    probe = self.param("probe", _xavier, (1, 1, width), jnp.float32)
+    y = _ProbeAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(
+        jnp.broadcast_to(probe.astype(x.dtype), (n, 1, width)), x)
+    z = _layer_norm(self.layer_norm_eps, self.dtype, "LayerNorm_0", self.layer_norm_impl)(y)
+    y = y + MlpBlock(self.mlp_dim, 0.0, self.dtype, self.gelu_approximate, name="MlpBlock_0")(
+        z, deterministic=deterministic)
+    return y[:, 0]
+
+
+class _ProbeAttention(nn.Module):
+  """Attention of queries ``q_in`` over ``kv_in``, in flax's projection layout (one query: XLA)."""
+
+  num_heads: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, q_in, kv_in):
+    width = kv_in.shape[-1]
+    proj = functools.partial(Projection, features=(self.num_heads, width // self.num_heads), axis=-1,
+                             dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_xavier)
+    q, k, v = proj(name="query")(q_in), proj(name="key")(kv_in), proj(name="value")(kv_in)
+    y = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    return Projection(width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+                      kernel_init=_xavier, name="out")(y)
 
 
 class Encoder(nn.Module):
@@ -570,10 +679,13 @@ class Encoder(nn.Module):
   token_padding: str = "encoder"
   fold_attention_bias: bool = True
   layer_norm_impl: str = "ftjax"
+  posemb: str = "learn"
+  posemb_skip: int = 0  # leading (class) tokens the position embedding has no row for
+  grid: tuple[int, int] | None = None  # the patch grid (h, w), for posemb "sincos2d"
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
-    x = AddPositionEmbs(name="posembed_input")(x)
+    x = AddPositionEmbs(self.posemb, self.posemb_skip, self.grid, name="posembed_input")(x)
     x = nn.Dropout(self.dropout_rate, name="dropout")(x, deterministic=deterministic)
     tokens = x.shape[1]
     impl = attention_implementation(self.attention, self.dtype,
@@ -615,6 +727,8 @@ class VisionTransformer(nn.Module):
   patch_size: int
   pooling: str = "token"
   class_token: bool = True
+  posemb: str = "learn"
+  posemb_class_token: bool = True
   fc_norm: bool = False
   representation_size: int | None = None
   layer_norm_eps: float = 1e-6
@@ -647,9 +761,15 @@ class VisionTransformer(nn.Module):
                 attention_pad_multiple=self.attention_pad_multiple,
                 gelu_approximate=self.gelu_approximate, token_padding=self.token_padding,
                 fold_attention_bias=self.fold_attention_bias, layer_norm_impl=self.layer_norm_impl,
+                posemb=self.posemb,
+                posemb_skip=int(self.class_token and not self.posemb_class_token), grid=(h, w),
                 name="Transformer")(x, deterministic=deterministic)
     if self.pooling == "token":
       x = x[:, 0]
+    elif self.pooling == "map":  # over every token, the class token too (as timm's)
+      x = MAPHead(self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dtype,
+                  self.gelu_approximate, self.layer_norm_impl, name="MAPHead_0")(
+          x, deterministic=deterministic)
     else:  # the mean leaves the class token out, as timm's avg pooling does
       x = jnp.mean(x[:, int(self.class_token):], axis=1)
     if self.fc_norm:
@@ -768,8 +888,10 @@ def resizers(arch: Mapping[str, Any], image_size: tuple[int, int],
              old_image_size: tuple[int, int] | None = None) -> dict[str, Callable]:
   """``{regex: fn(array, target_shape)}``: the position embedding follows the image size."""
   a = resolve_arch(arch)
+  if a["posemb"] != "learn":
+    return {}  # a fixed table is computed for any grid
   p = a["patch_size"]
-  prefix = int(a["class_token"])
+  prefix = int(a["posemb_class_token"])  # class-token rows of the table, kept as they are
   old_hw = None if old_image_size is None else (old_image_size[0] // p, old_image_size[1] // p)
 
   def resize(arr, target_shape):
@@ -836,6 +958,7 @@ def _block(i) -> str:
 
 
 _ATTN = "MultiHeadDotProductAttention_1"
+_MAP, _ATTN_MAP = "MAPHead_0", "MultiHeadDotProductAttention_0"
 
 
 def _linear(path: str, heads: int | None = None, split: str = "") -> Callable:
@@ -910,6 +1033,10 @@ _HF_ATTN = {"query": "query", "key": "key", "value": "value",  # saved layout
             "q_proj": "query", "k_proj": "key", "v_proj": "value"}  # transformers >= 5 in-memory names
 
 
+# transformers' hidden_act names: is it the tanh form?
+_HF_GELUS = {"gelu": False, "gelu_pytorch_tanh": True, "gelu_new": True}
+
+
 def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
                preprocessor: Mapping[str, Any] | None = None) -> Converted:
   """A transformers ``ViTForImageClassification`` (or ``ViTModel``) checkpoint -> ftjax layout.
@@ -920,9 +1047,10 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
   classifier reads the class token) and recorded.
   """
   where = "config.json"
-  if config.get("hidden_act", "gelu") != "gelu":
-    raise CheckpointError("unsupported ViT activation", where=where, value=config.get("hidden_act"),
-                          hint="only the exact (erf) GELU is implemented")
+  act = config.get("hidden_act", "gelu")
+  if act not in _HF_GELUS:
+    raise CheckpointError("unsupported ViT activation", where=where, value=repr(act),
+                          hint=f"one of {list(_HF_GELUS)} (the erf GELU or its tanh form)")
   if not config.get("qkv_bias", True) or config.get("num_channels", 3) != 3:
     raise CheckpointError("unsupported ViT config", where=where,
                           value=f"qkv_bias={config.get('qkv_bias')} "
@@ -968,7 +1096,8 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
   mean = tuple(float(v) for v in prep.get("image_mean", INCEPTION_MEAN))
   std = tuple(float(v) for v in prep.get("image_std", INCEPTION_STD))
   return Converted(family="vit",
-                   arch=_arch(dims, layer_norm_eps=float(config.get("layer_norm_eps", 1e-12))),
+                   arch=_arch(dims, layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                              gelu_approximate=_HF_GELUS[act]),
                    num_classes=num_classes, image_size=image_size, variables=mapped.variables,
                    mean=mean, std=std, class_names=names, dropped=mapped.dropped)
 
@@ -978,11 +1107,18 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
 _TIMM_SIZES = {  # hidden_size, num_layers, num_heads, mlp_dim (timm's model functions)
     "tiny": (192, 12, 3, 768), "small": (384, 12, 6, 1536), "base": (768, 12, 12, 3072),
     "large": (1024, 24, 16, 4096), "huge": (1280, 32, 16, 5120), "giant": (1408, 40, 16, 6144),
+    # SigLIP image towers only (int(1152 * 3.7362) = 4304, timm's rounding).
+    "so400m": (1152, 27, 16, 4304), "giantopt": (1536, 40, 16, 6144),
 }
+_TIMM_SIGLIP_ONLY = ("so400m", "giantopt")
 # timm's *_gap_* models: no class token, final norm then mean (fc_norm=False),
 # and their own head counts.
 _TIMM_GAP_HEADS = {"base": 16, "huge": 16, "giant": 16}
-_TIMM_NAME = re.compile(r"vit_(tiny|small|base|large|huge|giant)_patch(\d+)(_gap)?_(\d+)")
+# timm's SigLIP towers with the tanh GELU, (size, patch, resolution or None for any): its
+# SigLIP 2 ports.  The others have timm's default erf GELU.
+_TIMM_SIGLIP_TANH = {("base", 32, 256), ("large", 16, 512), ("so400m", 16, None), ("giantopt", 16, None)}
+_TIMM_NAME = re.compile(r"vit_(tiny|small|base|large|huge|giant|so400m|giantopt)_patch(\d+)"
+                        r"(_siglip)?(_gap)?_(\d+)")
 # Pretrained tags whose preprocessing is not the Google 0.5/0.5 of timm's ViT default.
 _TIMM_TAG_STATS = {
     "dino": (IMAGENET_MEAN, IMAGENET_STD), "mae": (IMAGENET_MEAN, IMAGENET_STD),
@@ -998,18 +1134,27 @@ def timm_arch(name: str) -> tuple[dict[str, Any], tuple[int, int]]:
   ({'variant': 'B/16'}, (224, 224))
   >>> timm_arch("vit_base_patch16_gap_224")[0]["pooling"]
   'gap'
+  >>> timm_arch("vit_base_patch16_siglip_256.webli")
+  ({'variant': 'B/16', 'pooling': 'map'}, (256, 256))
   """
   base = name.split(".", 1)[0]
   m = _TIMM_NAME.fullmatch(base)
-  if not m or (m.group(3) and m.group(1) not in _TIMM_GAP_HEADS):
+  size, patch, siglip, gap, res = m.groups() if m else (None,) * 5
+  if (not m or (gap and not siglip and size not in _TIMM_GAP_HEADS)
+      or (size in _TIMM_SIGLIP_ONLY and not siglip)):
     raise ConfigError("unsupported timm ViT", where="timm:" + name, value=repr(base),
-                      hint="names like vit_base_patch16_224, vit_tiny_patch16_384, vit_base_patch16_gap_224")
-  size, patch, gap, res = m.groups()
+                      hint="names like vit_base_patch16_224, vit_tiny_patch16_384, vit_base_patch16_gap_224, "
+                           "vit_so400m_patch14_siglip_224")
   dims = dict(zip(_DIMS, (*_TIMM_SIZES[size], int(patch))))
+  image_size = (int(res), int(res))
+  if siglip:  # no class token; attention pooling (MAPHead) or, _gap, the mean after the final norm
+    tanh = bool({(size, int(patch), int(res)), (size, int(patch), None)} & _TIMM_SIGLIP_TANH)
+    return _arch(dims, pooling="gap" if gap else "map", class_token=False,
+                 gelu_approximate=tanh), image_size
   if gap:
     dims["num_heads"] = _TIMM_GAP_HEADS[size]
-    return _arch(dims, pooling="gap", class_token=False), (int(res), int(res))
-  return _arch(dims), (int(res), int(res))
+    return _arch(dims, pooling="gap", class_token=False), image_size
+  return _arch(dims), image_size
 
 
 def timm_preprocessing(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -1050,6 +1195,11 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
           parts[j] if leaf == "bias" else parts[j].transpose(2, 0, 1))  # -> (in, heads, head_dim)
     return out
 
+  def kv(m, arr):  # attn_pool.kv: rows [k; v]
+    width = arr.shape[-1] if arr.ndim == 2 else arr.shape[0] // 2
+    return {**_linear(f"{_MAP}/{_ATTN_MAP}/key", heads, "out")(m, arr[:width]),
+            **_linear(f"{_MAP}/{_ATTN_MAP}/value", heads, "out")(m, arr[width:])}
+
   blk = r"blocks\.(\d+)\."
   rules = [
       (r"cls_token", _to("cls")),
@@ -1064,13 +1214,22 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
       (r"norm\.(weight|bias)", _norm("Transformer/encoder_norm")),
       (r"fc_norm\.(weight|bias)", _norm("fc_norm")),
       (r"head\.(weight|bias)", _linear("head")),
+      (r"attn_pool\.latent", _to(f"{_MAP}/probe")),
+      (r"attn_pool\.q\.(weight|bias)", _linear(f"{_MAP}/{_ATTN_MAP}/query", heads, "out")),
+      (r"attn_pool\.kv\.(weight|bias)", kv),
+      (r"attn_pool\.proj\.(weight|bias)", _linear(f"{_MAP}/{_ATTN_MAP}/out", heads, "in")),
+      (r"attn_pool\.norm\.(weight|bias)", _norm(f"{_MAP}/LayerNorm_0")),
+      (r"attn_pool\.mlp\.fc([12])\.(weight|bias)",
+       lambda m, a: _linear(f"{_MAP}/MlpBlock_0/Dense_{int(m.group(1)) - 1}")(m, a)),
   ]
   mapped = _map_keys(tensors, rules, source)
   # A model built with timm's img_size=... keeps its name: the grid it was trained on is that
   # of its position embedding (square, as timm assumes when it resamples one).
   pos = mapped.variables.get(POSEMB_PATH)
   if pos is not None and pos.ndim == 3:
-    n = pos.shape[1] - int(full["class_token"])
+    if full["class_token"] and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+      arch["posemb_class_token"] = False  # timm's no_embed_class: no row for the class token
+    n = pos.shape[1] - int(full["class_token"] and arch.get("posemb_class_token", True))
     side = math.isqrt(max(n, 0))
     if n > 0 and side * side == n:
       image_size = (side * full["patch_size"],) * 2
@@ -1090,39 +1249,72 @@ _BIG_VISION_RENAMES = (  # big_vision's auto-names -> vit_jax's
 )
 
 
+_NPZ_PREFIXES = ("", "params/", "opt/target/", "params/img/")  # params/img/: a two-tower image tower
+# big_vision's default image size, for a file whose fixed position embedding does not say.
+SINCOS_IMAGE_SIZE = (224, 224)
+
+
+def _unscan(path: str, arr: np.ndarray) -> dict[str, np.ndarray]:
+  """A scanned block's ``Transformer/encoderblock/...`` leaf (layers stacked first) -> one per layer."""
+  rest = path[len("Transformer/encoderblock/"):]
+  return {f"Transformer/encoderblock_{i}/{rest}": arr[i] for i in range(arr.shape[0])}
+
+
 def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
   """A Google ViT ``.npz`` (``B/16``, ``ViT-B_16``, ...) -> ftjax layout.
 
-  The keys already are ftjax's (vit_jax naming).  A ``pre_logits`` layer in the
-  file (ImageNet-21k checkpoints) makes the model have one; a file without a
-  class token is big_vision's ``pool_type="gap"`` (the mean of all tokens after
-  the final norm); the image size is the square grid of the position embedding
-  times the patch size.
+  vit_jax files have ftjax's key names already; big_vision's (``params/``
+  prefix, or a top-level ``pos_embedding``) are renamed, their scanned blocks
+  (``Transformer/encoderblock/...``, layers stacked) split, and the image tower
+  of a two-tower file (SigLIP: ``params/img/``) read, its other keys dropped.
+  What the file holds sets the architecture:
+
+  * ``pre_logits`` (ImageNet-21k checkpoints): a tanh pre-logits layer;
+  * no class token: big_vision's ``pool_type="gap"``; a ``MAPHead_0``:
+    ``pooling="map"``;
+  * a position embedding without a class-token row (big_vision adds it before
+    the class token): ``posemb_class_token=False``; none at all: big_vision's
+    fixed ``posemb="sincos2d"``.
+
+  The image size is the square grid of the position embedding times the patch
+  size (224 for a sincos2d file, which any size fits).
   """
-  arch = {"variant": canonical_variant(variant)}
+  arch: dict[str, Any] = {"variant": canonical_variant(variant)}
   source = f"npz:{variant}"
-  prefix = next((p for p in ("", "params/", "opt/target/") if f"{p}embedding/kernel" in arrays), None)
+  prefix = next((p for p in _NPZ_PREFIXES if f"{p}embedding/kernel" in arrays), None)
   if prefix is None:
     raise CheckpointError("not a Google ViT .npz: no embedding/kernel", where=source,
                           value=", ".join(list(arrays)[:4]), hint="a BiT or other checkpoint?")
-  big_vision = prefix == "params/" or "pos_embedding" in arrays
-  if f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in arrays:
-    raise CheckpointError("scanned big_vision checkpoints are not supported", where=source,
-                          hint="save it unscanned (one encoderblock_i per layer)")
-  variables = {}
+  big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in arrays or any(
+      k.startswith(f"{prefix}Transformer/encoderblock/") for k in arrays)
+  variables, dropped = {}, []
   for key, arr in arrays.items():
-    path = key[len(prefix):] if key.startswith(prefix) else key
-    if big_vision:
-      for rx, repl in _BIG_VISION_RENAMES:
-        path = re.sub(f"^{rx}$", repl, path)
-    variables[f"params/{path}"] = arr
-  if any(k.startswith("params/MAPHead") for k in variables):
-    raise CheckpointError("attention-pooled ViTs are not supported", where=source, value="MAPHead_0",
-                          hint="big_vision pool_type 'map'; 'tok' and 'gap' load")
+    if not key.startswith(prefix):
+      dropped.append((key, "not the image tower (params/img/) of a two-tower checkpoint"
+                      if prefix == "params/img/" else f"outside {prefix}, the model's parameters"))
+      continue
+    path = key[len(prefix):]
+    unscanned = _unscan(path, np.asarray(arr)) if path.startswith("Transformer/encoderblock/") else {path: arr}
+    for path, arr in unscanned.items():
+      if big_vision:
+        for rx, repl in _BIG_VISION_RENAMES:
+          path = re.sub(f"^{rx}$", repl, path)
+      variables[f"params/{path}"] = arr
+  has_cls = "params/cls" in variables
   pos = variables.get(POSEMB_PATH)
-  if "params/cls" not in variables:  # big_vision's default pool_type 'gap': mean of all tokens
+  if pos is None:
+    arch["posemb"] = "sincos2d"
+  elif has_cls:  # vit_jax's table has a row for the class token; big_vision's none
+    rows = pos.shape[1]
+    if math.isqrt(rows) ** 2 == rows:
+      arch["posemb_class_token"] = False
+  if any(k.startswith("params/MAPHead_0/") for k in variables):
+    arch["pooling"] = "map"
+    if has_cls:
+      arch["class_token"] = True
+  elif not has_cls:  # big_vision's default pool_type 'gap': mean of all tokens
     n = 0 if pos is None else pos.shape[1]
-    if math.isqrt(n) ** 2 != n and math.isqrt(n - 1) ** 2 == n - 1:
+    if pos is not None and math.isqrt(n) ** 2 != n and math.isqrt(n - 1) ** 2 == n - 1:
       raise CheckpointError("npz has no class token 'cls'", where=source,
                             hint="its position embedding has a class token's row: a damaged file?")
     arch["pooling"] = "gap"
@@ -1130,15 +1322,14 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
     arch["representation_size"] = resolve_arch(arch)["hidden_size"]
   full = resolve_arch(arch)
   if pos is None:
-    raise CheckpointError("npz has no position embedding", where=source,
-                          value="Transformer/posembed_input/pos_embedding",
-                          hint="fixed sincos2d position embeddings (big_vision posemb='sincos2d') "
-                               "are not supported")
-  image_size = _grid_size(pos.shape[1], int(full["class_token"]), full["patch_size"], source)
+    image_size = SINCOS_IMAGE_SIZE
+  else:
+    image_size = _grid_size(pos.shape[1], int(full["posemb_class_token"]), full["patch_size"], source)
   return Converted(family="vit", arch=arch, num_classes=_num_classes(variables), image_size=image_size,
-                   variables=variables, mean=INCEPTION_MEAN, std=INCEPTION_STD)
+                   variables=variables, mean=INCEPTION_MEAN, std=INCEPTION_STD, dropped=dropped)
 
 
-__all__ = ["FAMILY", "OPTIONS", "VARIANTS", "VisionTransformer", "bicubic_aa_matrix", "canonical_variant",
-           "check_image_size", "convert_hf", "convert_npz", "convert_timm", "create_model",
-           "resample_grid", "resample_posemb", "resizers", "resolve_arch", "timm_arch", "timm_preprocessing"]
+__all__ = ["FAMILY", "MAPHead", "OPTIONS", "POOLINGS", "POSEMBS", "VARIANTS", "VisionTransformer",
+           "bicubic_aa_matrix", "canonical_variant", "check_image_size", "convert_hf", "convert_npz",
+           "convert_timm", "create_model", "posemb_sincos_2d", "resample_grid", "resample_posemb",
+           "resizers", "resolve_arch", "timm_arch", "timm_preprocessing"]

@@ -266,6 +266,19 @@ def test_symlink_cycle_in_a_class_folder_is_one_error(tmp_path):
                           "that points back to a folder containing it")
 
 
+def test_a_root_one_level_too_high_is_one_error(tmp_path):
+  # Its class folders are splits: read at any depth, it would train on 'train' against 'val'.
+  _image_tree(tmp_path / "p", ["train/cat/a.png", "train/dog/b.png", "val/cat/c.png"])
+  with pytest.raises(DataError) as e:
+    fd.build(_plain(source="folder", root=str(tmp_path / "p"), val_fraction=0.0), split="train")
+  assert str(e.value) == (f"ftjax: error: class folders are split names ({tmp_path}/p): train, val; "
+                          "point root at the split's folder (root/train), or set train_root and "
+                          "val_root")
+  ds = fd.build(_plain(source="folder", root=str(tmp_path / "p" / "train"), val_fraction=0.0),
+                split="train")
+  assert ds.class_names == ("cat", "dog")
+
+
 def test_unreadable_sub_folder_is_one_error(tmp_path, monkeypatch):
   # os.walk (and so torchvision) skips a folder it cannot list without a word.
   from ftjax.data import folder

@@ -33,6 +33,8 @@ OTHER_IMAGES = (".tif", ".tiff", ".gif", ".jfif", ".jpe", ".ppm", ".pgm", ".pbm"
                 ".avif", ".jp2")
 SPLITS = ("train", "val")
 LAYOUT_HINT = "expected root/<class>/<images>, images at any depth under <class>"
+# Folder names that are splits, not classes: a root holding only these is one level too high.
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
 # What Pillow raises on a damaged file: truncated data, bad headers, absurd sizes.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -100,6 +102,11 @@ def scan(root: str) -> tuple[list[str], list[list[str]]]:
   classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
   if not classes:
     raise DataError("no class folders", where=root, value=0, hint=LAYOUT_HINT)
+  if all(c.lower() in SPLIT_NAMES for c in classes):
+    # Images in sub-folders are read, so root/train/<class>/... would train on 'train' vs 'val'.
+    raise DataError("class folders are split names", where=root, value=", ".join(classes),
+                    hint="point root at the split's folder (root/train), or set train_root "
+                         "and val_root")
   files, left_out = [], []
   for c in classes:
     folder = os.path.join(root, c)

@@ -184,16 +184,118 @@ def test_folder_labels_and_one_skipped_file(image_root):
   assert batch["label"].tolist() == ds.labels.tolist()
 
 
-def test_images_a_folder_source_does_not_read_are_named_in_one_warning(tmp_path):
-  # A class's TIFFs, or images one folder down, used to be left out without a word.
-  for name in ("a.png", "b.tif", "sub/c.png", "notes.txt", ".hidden.gif"):
+def test_images_in_other_formats_are_named_in_one_warning(tmp_path):
+  # A class's TIFFs used to be left out without a word. Images one folder down were too,
+  # then named in this warning; now they are read (sub/c.png) and only other formats remain.
+  for name in ("a.png", "b.tif", "sub/c.png", "sub/deep/d.gif", "notes.txt", ".hidden.gif"):
     (tmp_path / "p" / "x" / name).parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (4, 4)).save(tmp_path / "p" / "x" / name, format="PNG")
   with pytest.warns(UserWarning) as seen:
     ds = fd.build(_plain(source="folder", root=str(tmp_path / "p"), val_fraction=0.0), split="train")
-  assert ds.num_examples == 1 and [str(w.message) for w in seen] == [
-      f"ftjax: {tmp_path}/p: not read: 2 sub-folders or images in other formats inside class "
-      "folders (e.g. x/b.tif); only <class>/*{.jpg,.jpeg,.png,.webp,.bmp} are read"]
+  assert ds.num_examples == 2 and [str(w.message) for w in seen] == [
+      f"ftjax: {tmp_path}/p: not read: 2 images in other formats inside class folders "
+      "(e.g. x/b.tif); only {.jpg,.jpeg,.png,.webp,.bmp} files are read"]
+
+
+def _image_tree(root, names):
+  for k, name in enumerate(names):
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((6, 5, 3), k, np.uint8)).save(root / name)
+
+
+def test_folder_reads_nested_images_in_torchvision_order(tmp_path):
+  root, elsewhere = tmp_path / "pets", tmp_path / "elsewhere"
+  _image_tree(root, ["cat/z.png", "cat/a/c.png", "cat/a-b/d.png", "cat/a/x/e.jpg", "cat/b.JPEG",
+                     "cat/.ipynb_checkpoints/h.png", "cat/a/.hidden/i.png", "cat/.j.png",
+                     ".cache/k.png", "dog/only/deeper/y.png", "dog/only/n.webp"])
+  _image_tree(elsewhere, ["m.png", "sub/o.bmp"])
+  (root / "dog" / "linked").symlink_to(elsewhere, target_is_directory=True)  # followed
+  (root / "dog" / "cats").symlink_to(root / "cat", target_is_directory=True)  # not a cycle
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # sub-folders are read: nothing to warn about
+    ds = fd.build(_plain(source="folder", root=str(root), val_fraction=0.0), split="train")
+  # Folders by path, each one's files by name; hidden files and folders skipped. dog has
+  # images only in sub-folders, and is not empty.
+  assert ds.class_names == ("cat", "dog")
+  assert [os.path.relpath(p, root) for p in ds.source.paths] == [
+      "cat/b.JPEG", "cat/z.png", "cat/a/c.png", "cat/a-b/d.png", "cat/a/x/e.jpg",
+      "dog/cats/b.JPEG", "dog/cats/z.png", "dog/cats/a/c.png", "dog/cats/a-b/d.png",
+      "dog/cats/a/x/e.jpg", "dog/linked/m.png", "dog/linked/sub/o.bmp", "dog/only/n.webp",
+      "dog/only/deeper/y.png"]
+  assert ds.labels.tolist() == [0] * 5 + [1] * 9
+  assert int(ds.image(3)[0, 0, 0]) == 2  # cat/a-b/d.png, the third image written
+
+  # torchvision reads the same paths with the same labels, once told to skip what is hidden
+  # (it reads hidden files and folders, and makes a class of .cache).
+  from torchvision.datasets import ImageFolder
+
+  class Visible(ImageFolder):
+    def find_classes(self, directory):
+      classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name[0] != ".")
+      return classes, {c: i for i, c in enumerate(classes)}
+
+  def visible_image(path):
+    parts = os.path.relpath(path, root).split(os.sep)
+    return not any(part.startswith(".") for part in parts) and path.lower().endswith(
+        (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
+
+  reference = Visible(str(root), is_valid_file=visible_image)
+  assert reference.classes == list(ds.class_names)
+  assert reference.samples == list(zip(ds.source.paths, ds.labels.tolist()))
+  # unfiltered: 7 hidden images more (cat's 3 twice, through dog/cats, and .cache's)
+  assert len(ImageFolder(str(root)).samples) == 14 + 7
+
+
+def test_flat_class_folders_read_as_before(image_root):
+  # A flat folder gives the list the flat scan gave (each class's names sorted): the same
+  # examples, splits and num_examples, so a run resumed on an unchanged folder goes on.
+  from ftjax.data import folder
+  classes, files = folder.scan(str(image_root))
+  assert files == [[str(image_root / c / n) for n in sorted(os.listdir(image_root / c))
+                    if folder.is_image_file(n)] for c in classes]
+
+
+def test_symlink_cycle_in_a_class_folder_is_one_error(tmp_path):
+  _image_tree(tmp_path / "p", ["x/a.png", "x/sub/b.png", "y/c.png"])
+  (tmp_path / "p" / "x" / "sub" / "loop").symlink_to("..", target_is_directory=True)
+  real = os.path.realpath(tmp_path / "p" / "x")
+  with pytest.raises(DataError) as e:
+    fd.build(_plain(source="folder", root=str(tmp_path / "p"), val_fraction=0.0), split="train")
+  assert str(e.value) == (f"ftjax: error: symbolic-link cycle in an image folder "
+                          f"({tmp_path}/p/x/sub/loop): the same folder as {real}; remove the link "
+                          "that points back to a folder containing it")
+
+
+def test_a_root_one_level_too_high_is_one_error(tmp_path):
+  # Its class folders are splits: read at any depth, it would train on 'train' against 'val'.
+  _image_tree(tmp_path / "p", ["train/cat/a.png", "train/dog/b.png", "val/cat/c.png"])
+  with pytest.raises(DataError) as e:
+    fd.build(_plain(source="folder", root=str(tmp_path / "p"), val_fraction=0.0), split="train")
+  assert str(e.value) == (f"ftjax: error: class folders are split names ({tmp_path}/p): train, val; "
+                          "point root at the split's folder (root/train), or set train_root and "
+                          "val_root")
+  ds = fd.build(_plain(source="folder", root=str(tmp_path / "p" / "train"), val_fraction=0.0),
+                split="train")
+  assert ds.class_names == ("cat", "dog")
+
+
+def test_unreadable_sub_folder_is_one_error(tmp_path, monkeypatch):
+  # os.walk (and so torchvision) skips a folder it cannot list without a word.
+  from ftjax.data import folder
+  _image_tree(tmp_path / "p", ["x/a.png", "x/locked/b.png"])
+  scandir = os.scandir
+
+  def refuse_locked(path):
+    if os.path.basename(path) == "locked":
+      raise PermissionError(13, "Permission denied", path)
+    return scandir(path)
+
+  monkeypatch.setattr(folder.os, "scandir", refuse_locked)
+  with pytest.raises(DataError) as e:
+    folder.scan(str(tmp_path / "p"))
+  assert str(e.value) == (f"ftjax: error: image folder does not read ({tmp_path}/p/x/locked): "
+                          f"PermissionError: [Errno 13] Permission denied: '{tmp_path}/p/x/locked'; "
+                          "check its permissions")
 
 
 def test_16_bit_pngs_read_as_their_8_bit_copies(tmp_path):

@@ -41,8 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.path = placeholder(str)
   c.train_split = "train"
   c.eval_splits = ["test"]
-  # folder: root/<class>/*.{jpg,jpeg,png,webp,bmp}; either root + val_fraction (a seeded,
-  # per-class split into "train" and "val") or train_root + val_root.
+  # folder: root/<class>/**/*.{jpg,jpeg,png,webp,bmp} (images at any depth under a class
+  # folder, see ftjax.data.folder); either root + val_fraction (a seeded, per-class split
+  # into "train" and "val") or train_root + val_root.
   c.root = placeholder(str)
   c.train_root = placeholder(str)
   c.val_root = placeholder(str)

@@ -1,8 +1,10 @@
-"""Image folders: ``root/<class>/*.{jpg,jpeg,png,webp,bmp}``.
+"""Image folders: ``root/<class>/**/*.{jpg,jpeg,png,webp,bmp}``.
 
 Class names are the sub-folder names in sorted order (so label numbers are stable
-across machines); files in a class folder are taken in sorted order; files with
-other extensions and hidden files are ignored. Splits are ``train`` and ``val``:
+across machines); a class's images are every image file anywhere under its folder,
+in torchvision ``ImageFolder``'s order (see :func:`image_paths`), symbolic links
+followed; hidden files and folders (``.ipynb_checkpoints``) are skipped at every
+level, and files with other extensions are ignored. Splits are ``train`` and ``val``:
 either two roots, or one root split per class by a seeded fraction.
 
 A file that does not decode is skipped with a warning naming it and counted in
@@ -17,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -30,6 +32,9 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 OTHER_IMAGES = (".tif", ".tiff", ".gif", ".jfif", ".jpe", ".ppm", ".pgm", ".pbm", ".pnm", ".heic",
                 ".avif", ".jp2")
 SPLITS = ("train", "val")
+LAYOUT_HINT = "expected root/<class>/<images>, images at any depth under <class>"
+# Folder names that are splits, not classes: a root holding only these is one level too high.
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
 # What Pillow raises on a damaged file: truncated data, bad headers, absurd sizes.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -43,29 +48,78 @@ def is_image_file(name: str) -> bool:
   return not name.startswith(".") and name.lower().endswith(EXTENSIONS)
 
 
+def _folders(folder: str, ancestors: tuple[str, ...] = ()) -> Iterator[tuple[str, list]]:
+  """(path, non-hidden ``os.DirEntry`` list) of ``folder`` and of every non-hidden folder
+  under it, symbolic links followed; a link back to a folder it is inside is an error."""
+  real = os.path.realpath(folder)
+  if real in ancestors:
+    # os.walk(followlinks=True), and so torchvision, would go round until the path is
+    # too long for the OS (40 links deep on Linux): each image read 41 times or more.
+    raise DataError("symbolic-link cycle in an image folder", where=folder,
+                    value=f"the same folder as {real}",
+                    hint="remove the link that points back to a folder containing it")
+  try:
+    entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+  except OSError as e:
+    raise DataError("image folder does not read", where=folder, value=f"{type(e).__name__}: {e}",
+                    hint="check its permissions") from None
+  yield folder, entries
+  for e in entries:
+    if e.is_dir():
+      yield from _folders(e.path, ancestors + (real,))
+
+
+def image_paths(folder: str) -> tuple[list[str], list[str]]:
+  """(image paths at any depth under ``folder``, paths of images in other formats there).
+
+  The order is torchvision ``ImageFolder``'s (``sorted(os.walk(folder, followlinks=True))``,
+  then each folder's files sorted): folders by their path, then files by name. So a
+  folder's own files come before those of its sub-folders, and ``a-b/`` before ``a/x/``
+  ('-' sorts before '/'); sorting whole paths would put ``z.png`` last instead.
+  Unlike torchvision, hidden files and folders are skipped, and a symbolic-link cycle
+  is a :class:`DataError` rather than the same images read 41 times over.
+
+  >>> import tempfile
+  >>> d = tempfile.mkdtemp()
+  >>> for name in ("z.png", "a/c.png", "a-b/d.png", "a/x/e.png", "a/f.tif", ".ckpt/g.png"):
+  ...   os.makedirs(os.path.dirname(os.path.join(d, name)), exist_ok=True)
+  ...   open(os.path.join(d, name), "wb").close()
+  >>> [[os.path.relpath(p, d) for p in group] for group in image_paths(d)]
+  [['z.png', 'a/c.png', 'a-b/d.png', 'a/x/e.png'], ['a/f.tif']]
+  """
+  images, others = [], []
+  for path, entries in sorted(_folders(folder), key=lambda f: f[0]):
+    names = sorted(e.name for e in entries if e.is_file())
+    images += [os.path.join(path, n) for n in names if is_image_file(n)]
+    others += [os.path.join(path, n) for n in names if n.lower().endswith(OTHER_IMAGES)]
+  return images, others
+
+
 def scan(root: str) -> tuple[list[str], list[list[str]]]:
-  """Class names (sorted sub-folders) and each class's image paths (sorted)."""
+  """Class names (sorted sub-folders) and each class's image paths (:func:`image_paths`)."""
   if not os.path.isdir(root):
-    raise DataError("image folder not found", where=root, value=None,
-                    hint="expected root/<class>/<images>")
+    raise DataError("image folder not found", where=root, value=None, hint=LAYOUT_HINT)
   classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
   if not classes:
-    raise DataError("no class folders", where=root, value=0, hint="expected root/<class>/<images>")
+    raise DataError("no class folders", where=root, value=0, hint=LAYOUT_HINT)
+  if all(c.lower() in SPLIT_NAMES for c in classes):
+    # Images in sub-folders are read, so root/train/<class>/... would train on 'train' vs 'val'.
+    raise DataError("class folders are split names", where=root, value=", ".join(classes),
+                    hint="point root at the split's folder (root/train), or set train_root "
+                         "and val_root")
   files, left_out = [], []
   for c in classes:
     folder = os.path.join(root, c)
-    entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
-    names = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
-    left_out += sorted(os.path.join(c, e.name) + ("/" if e.is_dir() else "") for e in entries
-                       if e.is_dir() or e.name.lower().endswith(OTHER_IMAGES))
-    if not names:
+    images, others = image_paths(folder)
+    left_out += [os.path.relpath(p, root) for p in others]
+    if not images:
       raise DataError("empty class folder", where=folder, value="0 images",
                       hint=f"add images ({', '.join(EXTENSIONS)}) or remove the folder")
-    files.append([os.path.join(folder, n) for n in names])
+    files.append(images)
   if left_out:  # images a user may think are in the set, and are not
-    warnings.warn(f"ftjax: {root}: not read: {len(left_out)} sub-folders or images in other "
-                  f"formats inside class folders (e.g. {left_out[0]}); only "
-                  f"<class>/*{{{','.join(EXTENSIONS)}}} are read", stacklevel=2)
+    warnings.warn(f"ftjax: {root}: not read: {len(left_out)} images in other formats inside "
+                  f"class folders (e.g. {left_out[0]}); only {{{','.join(EXTENSIONS)}}} files "
+                  "are read", stacklevel=2)
   return classes, files
 
 

@@ -233,9 +233,11 @@ IN_PROCESS = [
      "digits, folder, tfds, arrays", 2),
     ("folder not found", D(**{"data.source": lambda tmp: "folder",
                               "data.root": lambda tmp: f"{tmp}/no_such_folder"}),
-     'ftjax: error: image folder not found ({tmp}/no_such_folder); expected root/<class>/<images>', 3),
+     "ftjax: error: image folder not found ({tmp}/no_such_folder); expected root/<class>/<images>, "
+     "images at any depth under <class>", 3),
     ("empty folder", D(**{"data.source": lambda tmp: "folder", "data.root": lambda tmp: _folder(tmp, False)}),
-     "ftjax: error: no class folders ({tmp}/empty_folder): 0; expected root/<class>/<images>", 3),
+     "ftjax: error: no class folders ({tmp}/empty_folder): 0; expected root/<class>/<images>, "
+     "images at any depth under <class>", 3),
     ("corrupt images", D(**{"data.source": lambda tmp: "folder", "data.on_corrupt": lambda tmp: "error",
                             "data.root": lambda tmp: _folder(tmp, True)}),
      "ftjax: error: corrupt image ({tmp}/corrupt_images/b/3.png): UnidentifiedImageError: cannot "

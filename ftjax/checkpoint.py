@@ -71,7 +71,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ftjax import distributed
-from ftjax.config import differing_keys
+from ftjax.config import differing_keys, with_defaults
 from ftjax.errors import CheckpointError, ConfigError, NumericsError
 from ftjax.tree import flatten, map_with_path, unflatten
 
@@ -966,8 +966,10 @@ class Checkpointer:
       return
     # Compare through JSON so that tuples and lists, ints and floats agree as stored.  Only
     # keys both sides record: a checkpoint written before a key joined the fingerprint
-    # (config.RESUME_KEYS) says nothing about it.
+    # (config.RESUME_KEYS) says nothing about it; one written before a key joined a section
+    # of it (optim) ran with that key's default.
     mine = json.loads(_canonical(self.fingerprint))
+    stored = {k: with_defaults(v, k) for k, v in stored.items()}
     differ = [path for k in sorted(stored.keys() & mine.keys())
               for path in differing_keys(stored[k], mine[k], k)]
     if differ:

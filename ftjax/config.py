@@ -27,7 +27,8 @@ from ftjax.errors import ConfigError
 # Keys whose change makes a stored run a different experiment: resuming a
 # workdir whose config.json differs in one of these is refused, and every
 # checkpoint records them (its fingerprint, compared on the keys both sides
-# record, so a key added here does not lock older checkpoints out).  The data
+# record, so a key added here does not lock older checkpoints out; a key added
+# inside a section, such as optim, holds its default there: with_defaults).  The data
 # keys are those that decide which examples are trained on, which labels they
 # carry, how they are transformed, and what the "val" split holds; keys that
 # only change speed or failure handling (num_workers, prefetch, on_corrupt)
@@ -180,9 +181,31 @@ def resume_mismatches(stored: Mapping, current: Mapping) -> list[str]:
 
   def value(d: Mapping, key: str):
     v = _get(d, key, missing)
-    return _get(defaults, key) if v is missing else v
+    return _get(defaults, key) if v is missing else with_defaults(v, key, defaults)
 
   return [path for k in RESUME_KEYS for path in differing_keys(value(stored, k), value(current, k), k)]
+
+
+def with_defaults(value, key: str = "", defaults: Mapping | None = None):
+  """``value``, the config dict or its section at dotted ``key``, with the keys it lacks at their defaults.
+
+  A config (or checkpoint fingerprint) written before a key existed, at any
+  depth, describes a run that behaved as the default does.  Free-form sections
+  (:data:`FREE_FORM`) hold values, not keys, and stay as they are.
+
+  >>> with_defaults({"lr": 0.5}, "optim")["unfreeze_warmup_steps"]
+  0
+  >>> with_defaults({"kwargs": {}}, "optim")["kwargs"]
+  {}
+  """
+  defaults = to_dict(default_config()) if defaults is None else defaults
+  default = _get(defaults, key) if key else defaults
+  if not (isinstance(value, Mapping) and isinstance(default, Mapping)) or key in FREE_FORM:
+    return value
+  out = dict(value)
+  for k, d in default.items():
+    out[k] = with_defaults(value[k], f"{key}.{k}" if key else k, defaults) if k in value else d
+  return out
 
 
 def differing_keys(a, b, prefix: str) -> list[str]:

@@ -8,7 +8,8 @@ rules over '/'-joined parameter paths (full match, first match wins, see
 * ``layer_decay``: a per-depth learning-rate multiplier ``decay ** (top - depth)``
   whose depths each model family defines in :data:`LAYER_DEPTHS`;
 * ``unfreeze``: ``[(step, regex), ...]``: matching leaves stay frozen until
-  ``step``, then train with their group's spec;
+  ``step``, then train with their group's spec (on the global schedule, ramped
+  up from 0 over ``unfreeze_warmup_steps`` steps when that is set);
 * decoupled weight decay on kernels and LoRA adapters only (``wd_rules`` override the mask).
 
 Every leaf gets a *label*: ``frozen``, or ``g<group>[.d<depth>][.p<phase>]``.  A
@@ -140,6 +141,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.param_groups = [(".*", {})]  # [(regex, None | {lr_mult, wd_mult, schedule, name, kwargs})]
   c.layer_decay = config_dict.placeholder(float)  # needs the model family
   c.unfreeze = []  # [(step, regex)]: leaves frozen until step
+  c.unfreeze_warmup_steps = 0  # a group unfrozen at step s > 0 gets lr * min(1, (step - s) / this)
   c.accum_steps = 1  # microbatches per step (the trainer accumulates)
   return c
 
@@ -198,6 +200,10 @@ def _options(config) -> dict:
   if not (isinstance(accum, (int, np.integer)) and not isinstance(accum, bool) and accum >= 1):
     raise ConfigError("accum_steps must be a positive integer", where="optim.accum_steps",
                       value=repr(accum))
+  warmup = opts["unfreeze_warmup_steps"]
+  if not (isinstance(warmup, (int, np.integer)) and not isinstance(warmup, bool) and warmup >= 0):
+    raise ConfigError("unfreeze_warmup_steps must be a non-negative integer",
+                      where="optim.unfreeze_warmup_steps", value=repr(warmup))
   _nonnegative(opts["lr"], "optim.lr")
   _nonnegative(opts["weight_decay"], "optim.weight_decay")
   if opts["grad_clip_norm"] is not None:
@@ -417,6 +423,10 @@ def unfreeze_phases(config, total_steps: int | None = None) -> list[int]:
 
   >>> unfreeze_phases({"unfreeze": [(300, "a/.*"), (100, "b/.*"), (300, "c")]}, 1000)
   [0, 100, 300]
+  >>> unfreeze_phases({"unfreeze_warmup_steps": 50}, 1000)
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: unfreeze_warmup_steps without unfreeze rules (optim.unfreeze_warmup_steps): 50; set optim.unfreeze (steps > 0), or leave it 0
   >>> unfreeze_phases({"unfreeze": [(1000, "a/.*")]}, 1000)
   Traceback (most recent call last):
   ...
@@ -430,7 +440,13 @@ def unfreeze_phases(config, total_steps: int | None = None) -> list[int]:
       if not 0 <= step < total:
         raise ConfigError("unfreeze step beyond the run", where=f"optim.unfreeze #{i}", value=step,
                           hint=f"the run has steps 0..{total - 1}")
-  return [0] + sorted({s for s, _ in rules if s > 0})
+  starts = [0] + sorted({s for s, _ in rules if s > 0})
+  if opts["unfreeze_warmup_steps"] and len(starts) == 1:
+    # It would do nothing: only groups unfrozen after step 0 warm up.
+    raise ConfigError("unfreeze_warmup_steps without unfreeze rules",
+                      where="optim.unfreeze_warmup_steps", value=opts["unfreeze_warmup_steps"],
+                      hint="set optim.unfreeze (steps > 0), or leave it 0")
+  return starts
 
 
 def phase_at(step: int, config) -> int:
@@ -791,14 +807,32 @@ def _label_plans(table: dict[str, _Leaf], opts: dict, phase: int, starts: list[i
   return by_label, plans
 
 
+def _unfrozen_schedule(base: Callable[[Any], jax.Array], start: int,
+                       warmup: int) -> Callable[[Any], jax.Array]:
+  """The schedule of a label unfrozen at global step ``start``, by the label's own step count.
+
+  Its count starts at 0 with its fresh moments; shifting keeps its learning rate
+  on the global schedule ``base``.  With ``warmup`` > 0 that rate is scaled by
+  ``min(1, count / warmup)``: 0 on its first step, as the schedule's own warm-up
+  starts, so fresh Adam moments do not take a full step (ULMFiT, fastai).
+
+  >>> s = _unfrozen_schedule(lambda step: jnp.float32(0.5), start=100, warmup=4)
+  >>> [float(s(k)) for k in (0, 1, 2, 4, 10)]
+  [0.0, 0.125, 0.25, 0.5, 0.5]
+  """
+  if not warmup:
+    return lambda count: base(count + start)
+  return lambda count: base(count + start) * jnp.minimum(1.0, jnp.asarray(count, jnp.float32) / warmup)
+
+
 def _label_transform(plan: _LabelPlan, opts: dict, total_steps: int, steps_per_epoch):
   where = f"optim.param_groups #{plan.label[1:].split('.')[0]}"
   base = _schedule(plan.group.schedule, peak=float(opts["lr"]) * plan.lr_mult,
                    total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                    where=f"{where}.schedule" if plan.group.own_schedule else "optim.schedule")
-  # A label unfrozen at step s counts its own steps from 0; shifting keeps its
-  # learning rate on the global schedule while its moments start fresh.
-  schedule = base if not plan.start_step else (lambda count: base(count + plan.start_step))
+  schedule = base
+  if plan.start_step:
+    schedule = _unfrozen_schedule(base, plan.start_step, int(opts["unfreeze_warmup_steps"]))
   opt = named_optimizer(plan.group.name, plan.group.kwargs, schedule,
                         where="optim" if plan.group.name == opts["name"] else where)
   if plan.rates:
@@ -1070,6 +1104,10 @@ def _plan_warnings(opts, table, rows, trainable0, final_params, total_params, nu
              for g in groups if g is not None]
   if warmups and max(warmups) > total_steps // 2:
     out.append(f"warm-up of {max(warmups)} steps is over half of the {total_steps}-step run")
+  last_start = unfreeze_phases(opts, total_steps)[-1]
+  if last_start and last_start + opts["unfreeze_warmup_steps"] >= total_steps:
+    out.append(f"unfreeze_warmup_steps {opts['unfreeze_warmup_steps']} outlasts the run: what is "
+               f"unfrozen at step {last_start} never reaches its full lr")
   if float(opts["weight_decay"]) > 0 and not any(r.decayed_params for r in rows):
     out.append("weight_decay is set but no trainable parameter decays (check wd_rules)")
   return out
@@ -1107,6 +1145,7 @@ def fine_tuning_plan(params, config, *, family: str | None = None, total_steps: 
   tx = make_optimizer(params, opts, family=family, total_steps=total,
                       steps_per_epoch=steps_per_epoch, phase=last)
   state = _partition_state(jax.eval_shape(tx.init, params))
+  warmup = opts["unfreeze_warmup_steps"]
   rows = []
   for label, plan in plans.items():
     g = plan.group
@@ -1117,7 +1156,9 @@ def fine_tuning_plan(params, config, *, family: str | None = None, total_steps: 
         params=sum(table[p].size for p in plan.paths), frozen=False, start_step=plan.start_step,
         lr_mult=plan.lr_mult, peak_lr=float(opts["lr"]) * plan.lr_mult, wd_mult=g.wd_mult,
         decayed_params=sum(table[p].size for p in plan.rates),
-        optimizer=f"{g.name}({kwargs})", schedule=_describe_schedule(g.schedule, steps_per_epoch),
+        optimizer=f"{g.name}({kwargs})",
+        schedule=_describe_schedule(g.schedule, steps_per_epoch)
+        + (f" + {warmup}-step warm-up" if plan.start_step and warmup else ""),
         state_bytes=_state_bytes(state.inner_states[label])))
   # Leaves that wait for a later phase train then; only the never-trained stay here.
   rows.sort(key=lambda r: (r.start_step, -(r.depth or 0), r.label))

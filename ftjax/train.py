@@ -473,7 +473,8 @@ def stored_config(workdir: str | os.PathLike):
   if not path.is_file():
     return None
   stored = _read_stored_config(path)
-  config = ml_collections.ConfigDict(stored)
+  # Keys added to ftjax since the run was recorded take their defaults, as the run did.
+  config = ml_collections.ConfigDict(config_lib.with_defaults(stored))
   config_lib.check_schema(config)
   merged = config_lib.default_config()
 

@@ -142,6 +142,24 @@ def test_a_stored_config_that_predates_a_key_holds_its_default():
   assert config_lib.resume_mismatches(old, now) == []
   assert config_lib.resume_mismatches(old, _with(now, "data.split_seed", 1)) == ["data.split_seed"]
   assert config_lib.resume_mismatches(old, _with(now, "data.augment.flip", False)) == ["data.augment.flip"]
+  # A key added inside a section (optim) holds its default too; a change of it is refused.
+  del old["optim"]["unfreeze_warmup_steps"]
+  assert config_lib.resume_mismatches(old, now) == []
+  assert config_lib.resume_mismatches(old, _with(now, "optim.unfreeze_warmup_steps", 50)) == [
+      "optim.unfreeze_warmup_steps"]
+  assert config_lib.resume_mismatches(now, _with(now, "optim.unfreeze_warmup_steps", 50)) == [
+      "optim.unfreeze_warmup_steps"]
+  # ... while a free-form section's entries are values: dropping one is a change.
+  assert config_lib.resume_mismatches(now, _with(now, "optim.kwargs", {})) == ["optim.kwargs.momentum"]
+
+
+def test_a_workdir_recorded_before_a_key_existed_loads_with_its_default(tmp_path):
+  old = config_lib.to_dict(config_lib.default_config())
+  old["optim"]["lr"] = 0.5
+  del old["optim"]["unfreeze_warmup_steps"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  config = train.stored_config(tmp_path)
+  assert config.optim.lr == 0.5 and config.optim.unfreeze_warmup_steps == 0
 
 
 def test_a_workdir_trained_on_one_split_refuses_another(tmp_path):
@@ -171,6 +189,18 @@ def test_checkpoints_fingerprinted_before_the_data_keys_still_resume(tmp_path):
     c.save(3, state)
   now = Checkpointer(tmp_path / "old", fingerprint=fingerprint(config_lib.RESUME_KEYS, stored))
   assert now.restore_latest(state)[0] == 3
+  # One written before optim.unfreeze_warmup_steps existed ran with its default, 0.
+  older = copy.deepcopy(stored)
+  del older["optim"]["unfreeze_warmup_steps"]
+  with Checkpointer(tmp_path / "older", async_save=False,
+                    fingerprint=fingerprint(config_lib.RESUME_KEYS, older)) as c:
+    c.save(3, state)
+  assert Checkpointer(tmp_path / "older", fingerprint=fingerprint(config_lib.RESUME_KEYS, stored)
+                      ).restore_latest(state)[0] == 3
+  warm = fingerprint(config_lib.RESUME_KEYS, _with(stored, "optim.unfreeze_warmup_steps", 50))
+  with pytest.raises(ConfigError, match=r"config differs from the checkpointed run "
+                                        r"\(optim.unfreeze_warmup_steps\): 0 in step 3, now 50"):
+    Checkpointer(tmp_path / "older", fingerprint=warm).restore_latest(state)
   # A checkpoint that records the data keys refuses a change of them.
   with Checkpointer(tmp_path / "new", async_save=False,
                     fingerprint=fingerprint(config_lib.RESUME_KEYS, stored)) as c:

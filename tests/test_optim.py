@@ -551,6 +551,85 @@ def test_resume_mid_phase_from_a_saved_state_matches_the_uninterrupted_run(tmp_p
   assert _leaves_equal(resumed_s, full_s)
 
 
+def _phased_updates(config, params, grads_at, steps):
+  """Each step's updates, with one optimizer per phase and the trainer's transitions."""
+  txs = [optim.make_optimizer(params, config, phase=i)
+         for i in range(len(optim.unfreeze_phases(config)))]
+  phase, state, out = 0, txs[0].init(params), []
+  for s in steps:
+    if optim.phase_at(s, config) != phase:
+      phase = optim.phase_at(s, config)
+      state = optim.transition_opt_state(state, txs[phase], params)
+    updates, state = txs[phase].update(grads_at(s), state, params)
+    params = optax.apply_updates(params, updates)
+    out.append(tree_lib.flatten(updates))
+  return out
+
+
+def test_unfreeze_warmup_0_is_the_schedule_without_it():
+  config = {"name": "adamw", "kwargs": {}, "lr": 0.05, "weight_decay": 0.1,
+            "schedule": {"name": "warmup_cosine", "warmup_steps": 3},
+            "unfreeze": [(4, "mid/.*"), (8, "body/.*")], "total_steps": 20}
+  params = small_tree()
+  grads_at = lambda s: jax.tree.map(lambda x: jnp.sin(x + s), params)
+  without = _phased_updates(config, params, grads_at, range(20))
+  zero = _phased_updates(dict(config, unfreeze_warmup_steps=0), params, grads_at, range(20))
+  assert all(_leaves_equal(a, b) for a, b in zip(without, zero))
+
+
+def test_unfreeze_warmup_ramps_the_unfrozen_group_and_its_weight_decay():
+  # SGD at a constant lr 0.5, W = 4, body unfrozen at step 3: body's update at 3 + k is
+  # -0.5 * min(1, k/4) * (grad + 0.5 * param) on its kernel (weight decay 0.5), without the
+  # decay term on its bias; the head trains at the full lr throughout.  Dyadic values: exact.
+  config = {"name": "sgd", "kwargs": {}, "lr": 0.5, "schedule": {"name": "constant"},
+            "weight_decay": 0.5, "unfreeze": [(3, "body/.*")], "unfreeze_warmup_steps": 4,
+            "total_steps": 20}
+  params = {"body": {"kernel": jnp.array([1.0, -2.0, 4.0], F32), "bias": jnp.array([1.0, 2.0], F32)},
+            "head": {"kernel": jnp.array([0.5, -1.0], F32)}}
+  grads = {"body": {"kernel": jnp.array([2.0, 1.0, -0.5], F32), "bias": jnp.array([4.0, -8.0], F32)},
+           "head": {"kernel": jnp.array([1.0, 0.25], F32)}}
+  updates = _phased_updates(config, params, lambda s: grads, range(20))
+  p = tree_lib.flatten(params)
+  g = tree_lib.flatten(grads)
+  for s, u in enumerate(updates):
+    np.testing.assert_array_equal(u["head/kernel"], -0.5 * (g["head/kernel"] + 0.5 * p["head/kernel"]))
+    f = np.float32(min(1.0, (s - 3) / 4) if s >= 3 else 0.0)  # 0 while frozen
+    np.testing.assert_array_equal(u["body/bias"], -0.5 * f * g["body/bias"])
+    np.testing.assert_array_equal(u["body/kernel"], -0.5 * f * (g["body/kernel"] + 0.5 * p["body/kernel"]))
+    p = {k: p[k] + u[k] for k in p}
+  ramp = [float(updates[3 + k]["body/bias"][0] / (-0.5 * g["body/bias"][0])) for k in (0, 1, 2, 4, 10)]
+  assert ramp == [0.0, 0.25, 0.5, 1.0, 1.0]
+
+
+def test_unfreeze_warmup_scales_the_global_cosine_schedule():
+  # With SGD and unit gradients an update is minus the lr of its label and step.
+  config = {"name": "sgd", "kwargs": {}, "lr": 0.1, "total_steps": 40,
+            "schedule": {"name": "warmup_cosine", "warmup_steps": 2},
+            "unfreeze": [(5, "body/.*"), (20, "mid/.*")], "unfreeze_warmup_steps": 8}
+  params = small_tree()
+  updates = _phased_updates(config, params, lambda s: jax.tree.map(jnp.ones_like, params), range(40))
+  schedule = optim.make_schedule(config)
+  for s, u in enumerate(updates):
+    lr = schedule(s)
+    assert float(-u["head/kernel"][0, 0]) == float(lr), s
+    for path, start in (("body/kernel", 5), ("mid/kernel", 20)):
+      expected = 0.0 if s < start else float(lr * jnp.minimum(1.0, F32(s - start) / 8))
+      assert float(-u[path][0, 0]) == expected, (path, s)
+  assert float(-updates[9]["body/kernel"][0, 0]) == float(schedule(9)) / 2  # halfway up
+  assert float(-updates[13]["body/kernel"][0, 0]) == float(schedule(13))
+
+
+def test_unfreeze_warmup_in_the_plan():
+  config = {"unfreeze": [(60, "body/.*")], "unfreeze_warmup_steps": 20}
+  plan = optim.fine_tuning_plan(small_tree(), config, total_steps=100)
+  assert plan.row("g0").schedule == "warmup_cosine(end=0)"
+  assert plan.row("g0.p1").schedule == "warmup_cosine(end=0) + 20-step warm-up"
+  assert "g0.p1  60" in str(plan) and plan.warnings == ()
+  late = optim.fine_tuning_plan(small_tree(), dict(config, unfreeze_warmup_steps=40), total_steps=100)
+  assert late.warnings == ("unfreeze_warmup_steps 40 outlasts the run: what is unfrozen at step 60 "
+                           "never reaches its full lr",)
+
+
 def test_gradual_unfreezing_of_a_vit_by_two_blocks():
   params = vit_shapes(layers=4, hidden=24, mlp=8, tokens=5, patch=2, classes=3)
   rules = optim.gradual_unfreezing("vit", depth=4, every=10, k=2)
@@ -645,6 +724,18 @@ def test_schedules(schedule, expected):
      "unfreeze rule matches a parameter its param group freezes for good"),
     ({"lrr": 0.1}, {}, "unknown optimizer key (optim.lrr): 0.1; did you mean lr?"),
     ({"accum_steps": 0}, {}, "accum_steps must be a positive integer"),
+    ({"unfreeze_warmup_steps": -1}, {},
+     "unfreeze_warmup_steps must be a non-negative integer (optim.unfreeze_warmup_steps): -1"),
+    ({"unfreeze_warmup_steps": True}, {}, "(optim.unfreeze_warmup_steps): True"),
+    ({"unfreeze_warmup_steps": 2.5}, {}, "(optim.unfreeze_warmup_steps): 2.5"),
+    ({"unfreeze_warmup_steps": "10"}, {}, "(optim.unfreeze_warmup_steps): '10'"),
+    ({"unfreeze_warmup_steps": 10}, {},
+     "unfreeze_warmup_steps without unfreeze rules (optim.unfreeze_warmup_steps): 10; set "
+     "optim.unfreeze (steps > 0), or leave it 0"),
+    ({"unfreeze_warmup_steps": 10, "unfreeze": [(0, "body/.*")]}, {},
+     "unfreeze_warmup_steps without unfreeze rules"),
+    ({"unfreeze_warmup_step": 10}, {},
+     "unknown optimizer key (optim.unfreeze_warmup_step): 10; did you mean unfreeze_warmup_steps?"),
     ({}, {"phase": 1}, "no such training phase (phase): 1"),
 ])
 def test_config_errors_are_one_line_config_errors(config, kwargs, fragment):

@@ -262,6 +262,10 @@ def test_a_refused_resume_leaves_the_workdir_as_it_was(tiny_vit_npz, tmp_path):
   with pytest.raises(ConfigError, match=r"another config .*: train.ema_decay 0.0 -> 0.9"):
     train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides, **{"train.ema_decay": 0.9}), str(wd))
   assert (wd / "config.json").read_text() == stored
+  with pytest.raises(ConfigError, match=r"another config .*: optim.unfreeze_warmup_steps 0 -> 2"):
+    train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides, **{"optim.unfreeze_warmup_steps": 2}),
+                             str(wd))
+  assert (wd / "config.json").read_text() == stored
   with pytest.raises(ConfigError, match=r"the checkpoint is past the run's end \(.*\): step 4 > "
                                         r"train.total_steps 2; raise total_steps"):
     train.train_and_evaluate(tiny_config(tiny_vit_npz, **{**overrides, "train.total_steps": 2}), str(wd))

@@ -62,9 +62,9 @@ def _linear_weight(kernel: np.ndarray, n_in: int = 1) -> np.ndarray:
   return np.ascontiguousarray(k.reshape(int(np.prod(k.shape[:n_in])), -1).T)
 
 
-def _unsupported(fmt: str, family: str, what: str) -> ConfigError:
-  return ConfigError(f"cannot export to {fmt}", where=f"{family} arch", value=what,
-                     hint="export to the other format, or keep the ftjax checkpoint")
+def _unsupported(fmt: str, family: str, what: str,
+                 hint: str = "export to the other format, or keep the ftjax checkpoint") -> ConfigError:
+  return ConfigError(f"cannot export to {fmt}", where=f"{family} arch", value=what, hint=hint)
 
 
 # ------------------------------------------------------------------------------------------ ViT
@@ -81,6 +81,12 @@ def _vit_blocks(a: dict) -> range:
 
 def _vit_hf(arch, flat: Flat) -> dict[str, np.ndarray]:
   a = _vit_arch(arch)
+  if a["posemb"] != "learn" or (a["class_token"] and not a["posemb_class_token"]):
+    raise _unsupported("hf", "vit", "transformers' ViT learns a position embedding with a class-token "
+                       f"row: posemb={a['posemb']} posemb_class_token={a['posemb_class_token']}",
+                       hint="export to timm (a learned table without that row), or keep the ftjax "
+                            "checkpoint" if a["posemb"] == "learn" else
+                            "neither format has a fixed table: keep the ftjax checkpoint")
   if a["pooling"] != "token" or a["fc_norm"] or a["representation_size"]:
     raise _unsupported("hf", "vit", "transformers' ViT reads the class token after the final norm: "
                        f"pooling={a['pooling']} fc_norm={a['fc_norm']} "
@@ -119,7 +125,8 @@ def _vit_hf_config(arch, image_size) -> dict:
           "hidden_size": a["hidden_size"], "num_hidden_layers": a["num_layers"],
           "num_attention_heads": a["num_heads"], "intermediate_size": a["mlp_dim"],
           "patch_size": a["patch_size"], "image_size": h if h == w else [h, w],
-          "num_channels": 3, "qkv_bias": True, "hidden_act": "gelu",
+          "num_channels": 3, "qkv_bias": True,
+          "hidden_act": "gelu_pytorch_tanh" if a["gelu_approximate"] else "gelu",
           "layer_norm_eps": float(a["layer_norm_eps"]), "hidden_dropout_prob": 0.0,
           "attention_probs_dropout_prob": 0.0}
 
@@ -128,6 +135,9 @@ def _vit_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
   a = _vit_arch(arch)
   if a["representation_size"]:
     raise _unsupported("timm", "vit", "timm's ViT has no pre_logits layer")
+  if a["posemb"] != "learn":
+    raise _unsupported("timm", "vit", f"timm's ViT learns its position embedding: posemb={a['posemb']}",
+                       hint="neither format has a fixed table: keep the ftjax checkpoint")
   p = lambda k: np.asarray(flat[f"params/{k}"])
   out = {"pos_embed": p("Transformer/posembed_input/pos_embedding"),
          "patch_embed.proj.weight": _oihw(p("embedding/kernel")),
@@ -153,6 +163,21 @@ def _vit_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
   norm = "fc_norm" if a["fc_norm"] else "Transformer/encoder_norm"
   out[f"{'fc_norm' if a['fc_norm'] else 'norm'}.weight"] = p(f"{norm}/scale")
   out[f"{'fc_norm' if a['fc_norm'] else 'norm'}.bias"] = p(f"{norm}/bias")
+  if a["pooling"] == "map":  # timm's AttentionPoolLatent; its kv rows are [k; v]
+    src = "MAPHead_0/MultiHeadDotProductAttention_0"
+    out["attn_pool.latent"] = p("MAPHead_0/probe")
+    out["attn_pool.q.weight"] = _linear_weight(p(f"{src}/query/kernel"))
+    out["attn_pool.q.bias"] = p(f"{src}/query/bias").reshape(-1)
+    out["attn_pool.kv.weight"] = np.concatenate(
+        [_linear_weight(p(f"{src}/{n}/kernel")) for n in ("key", "value")])
+    out["attn_pool.kv.bias"] = np.concatenate([p(f"{src}/{n}/bias").reshape(-1) for n in ("key", "value")])
+    out["attn_pool.proj.weight"] = _linear_weight(p(f"{src}/out/kernel"), 2)
+    out["attn_pool.proj.bias"] = p(f"{src}/out/bias")
+    out["attn_pool.norm.weight"] = p("MAPHead_0/LayerNorm_0/scale")
+    out["attn_pool.norm.bias"] = p("MAPHead_0/LayerNorm_0/bias")
+    for dense, name in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+      out[f"attn_pool.mlp.{name}.weight"] = _linear_weight(p(f"MAPHead_0/MlpBlock_0/{dense}/kernel"))
+      out[f"attn_pool.mlp.{name}.bias"] = p(f"MAPHead_0/MlpBlock_0/{dense}/bias")
   out["head.weight"] = _linear_weight(p("head/kernel"))
   out["head.bias"] = p("head/bias")
   return out
@@ -179,8 +204,11 @@ def _vit_timm_config(arch, image_size, num_classes: int) -> dict:
   model_args = {"img_size": h if h == w else [h, w], "patch_size": a["patch_size"],
                 "embed_dim": a["hidden_size"], "depth": a["num_layers"], "num_heads": a["num_heads"],
                 "mlp_ratio": a["mlp_dim"] / a["hidden_size"], "num_classes": int(num_classes),
-                "global_pool": "token" if a["pooling"] == "token" else "avg",
-                "class_token": bool(a["class_token"]), "fc_norm": bool(a["fc_norm"])}
+                "global_pool": {"token": "token", "gap": "avg", "map": "map"}[a["pooling"]],
+                "class_token": bool(a["class_token"]), "fc_norm": bool(a["fc_norm"]),
+                "no_embed_class": not a["posemb_class_token"]}
+  if a["gelu_approximate"]:
+    model_args["act_layer"] = "gelu_tanh"
   # timm's ViT LayerNorm epsilon is fixed at 1e-6 (models from transformers use 1e-12:
   # a relative difference of ~1e-6 in the output).
   return {"architecture": name, "model_args": model_args}

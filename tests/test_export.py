@@ -71,9 +71,13 @@ def _check_hf(directory, cls):
   return model
 
 
-@pytest.mark.parametrize("fmt,arch", [("hf", VIT_ARCH), ("timm", VIT_ARCH),
-                                      ("timm", {"variant": "test", "pooling": "gap", "fc_norm": True})],
-                         ids=["hf", "timm", "timm-gap-fc_norm"])
+@pytest.mark.parametrize("fmt,arch", [
+    ("hf", VIT_ARCH), ("timm", VIT_ARCH),
+    ("timm", {"variant": "test", "pooling": "gap", "fc_norm": True}),
+    ("hf", {"variant": "test", "gelu_approximate": True}),
+    ("timm", {"variant": "test", "pooling": "map", "gelu_approximate": True}),  # a SigLIP tower
+    ("timm", {"variant": "test", "pooling": "map", "class_token": True, "posemb_class_token": False})],
+    ids=["hf", "timm", "timm-gap-fc_norm", "hf-tanh", "timm-map-tanh", "timm-map-no_embed_class"])
 def test_vit_round_trip(tmp_path, fmt, arch):
   from transformers import ViTForImageClassification
   model, variables = _perturbed("vit", arch, 32, seed=1)
@@ -236,6 +240,12 @@ def test_unsupported_exports_are_config_errors(tmp_path):
   gap = _meta("vit", {"variant": "test", "pooling": "gap", "fc_norm": True}, 32)
   with pytest.raises(ConfigError, match="cannot export to hf"):
     export.export(variables, gap, tmp_path, "hf")
+  for arch, fmt in (({"variant": "test", "posemb_class_token": False}, "hf"),
+                    ({"variant": "test", "posemb": "sincos2d", "pooling": "gap"}, "timm")):
+    _, other = _perturbed("vit", arch, 32, seed=5)
+    with pytest.raises(ConfigError, match=f"cannot export to {fmt}.*posemb"):
+      export.export(other, _meta("vit", arch, 32), tmp_path / "out", fmt)
+  assert not (tmp_path / "out").exists()  # refused before anything is written
   with pytest.raises(ConfigError, match="unknown export format"):
     export.export(variables, _meta("vit", VIT_ARCH, 32), tmp_path, "onnx")
   (tmp_path / "a_file").write_text("")

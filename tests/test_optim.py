@@ -291,6 +291,7 @@ def test_layer_depths_cover_the_ftjax_model_families():
   images = jnp.ones((1, 32, 32, 3), F32)
   cases = [("vit", vit.create_model({"variant": "Ti/16"}, 10), 13),
            ("vit", vit.create_model({"variant": "Ti/16", "pooling": "gap", "fc_norm": True}, 10), 13),
+           ("vit", vit.create_model({"variant": "Ti/16", "pooling": "map", "posemb": "sincos2d"}, 10), 13),
            ("resnet", resnet.create_resnet({"variant": "resnet18"}, 10), 5),
            ("resnetv2", resnet.create_resnetv2({"variant": "R50x1"}, 10), 5),
            ("efficientnet", efficientnet.create_model({"variant": "lite0"}, 10), 8)]
@@ -299,6 +300,8 @@ def test_layer_depths_cover_the_ftjax_model_families():
     depths = tree_lib.flatten(optim.layer_depths(params, family))
     assert sorted(set(depths.values())) == list(range(top + 1)), family
     assert depths["head/kernel"] == top, family
+    # big_vision's attention pooling is part of the head, as in timm's layer decay
+    assert all(d == top for p, d in depths.items() if p.startswith("MAPHead_0/")), family
 
 
 def test_a_parameter_outside_the_depth_table_is_an_error():

@@ -103,6 +103,39 @@ def test_hf_vit_for_image_classification_parity(tmp_path):
     from_pretrained(f"hf:{tmp_path / 'sharded'}")
 
 
+def test_hf_vit_with_the_tanh_gelu_parity(tmp_path):
+  from transformers import ViTConfig, ViTForImageClassification
+  config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                     image_size=32, patch_size=8, num_labels=3, hidden_act="gelu_pytorch_tanh")
+  torch.manual_seed(0)
+  ref = _randomise(ViTForImageClassification(config), seed=6, scale=0.5)
+  ref.save_pretrained(tmp_path)
+  model, variables, report = from_pretrained(f"hf:{tmp_path}")
+  assert report.arch["gelu_approximate"] is True
+  x = _images(2, 32, 32)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  exact = vit.create_model({**report.arch, "gelu_approximate": False}, 3)
+  assert np.abs(_ftjax_logits(exact, variables, x) - _torch_logits(ref, x)).max() > 1e-4  # it matters
+  (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace(
+      "gelu_pytorch_tanh", "relu"))
+  with pytest.raises(CheckpointError, match="unsupported ViT activation.*'relu'"):
+    from_pretrained(f"hf:{tmp_path}")
+
+
+def test_position_embedding_and_pooling_options_are_checked():
+  a = vit.resolve_arch({"variant": "test", "pooling": "map"})
+  assert (a["class_token"], a["posemb"], a["posemb_class_token"]) == (False, "learn", False)
+  a = vit.resolve_arch({"variant": "test", "posemb": "sincos2d"})  # token pooling, big_vision layout
+  assert (a["class_token"], a["posemb_class_token"]) == (True, False)
+  assert vit.resolve_arch({"variant": "test"})["posemb_class_token"] is True
+  for arch, message in (({"posemb": "sincos"}, r"unknown ViT position embedding \(arch.posemb\): 'sincos'"),
+                        ({"pooling": "mean"}, r"unknown ViT pooling.*'mean'; one of \['token', 'gap', 'map'\]"),
+                        ({"posemb": "sincos2d", "posemb_class_token": True}, "has no class-token row"),
+                        ({"posemb": "sincos2d", "hidden_size": 30, "num_heads": 2}, "multiple of 4")):
+    with pytest.raises(ConfigError, match=message):
+      vit.resolve_arch({"variant": "test", **arch})
+
+
 def test_hf_vit_model_pooler_is_dropped_and_recorded(tmp_path):
   from transformers import ViTConfig, ViTModel
   config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -139,6 +172,24 @@ def test_timm_gap_parity(tmp_path):
   assert report.arch["pooling"] == "gap" and report.arch["class_token"] is False
   assert report.arch["num_heads"] == 16  # timm's gap B/16 has 16 heads, not 12
   assert "params/cls" not in flatten(variables)
+
+
+def test_timm_siglip_tower_parity(tmp_path):
+  """vit_base_patch32_siglip_256: attention pooling (attn_pool -> MAPHead_0), no class token,
+  the tanh GELU of timm's SigLIP 2 ports; built at 64 px, which its position embedding says."""
+  name = "vit_base_patch32_siglip_256"
+  torch.manual_seed(0)
+  ref = _randomise(timm.create_model(name, num_classes=6, img_size=64), seed=5, scale=0.05)
+  path = tmp_path / "model.safetensors"
+  safetensors.torch.save_file(ref.state_dict(), str(path))
+  model, variables, report = from_pretrained(f"timm:{name}@{path}")
+  x = _images(2, 64, 64)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch == {"variant": "B/32", "pooling": "map", "class_token": False, "gelu_approximate": True}
+  assert report.image_size == (64, 64) and len(report.matched) == len(flatten(variables))
+  assert not report.dropped and not report.reinitialized
+  probe = flatten(variables)["params/MAPHead_0/probe"]
+  np.testing.assert_array_equal(probe, ref.attn_pool.latent.detach().numpy())
 
 
 def test_timm_avg_pool_with_fc_norm_parity(tmp_path):

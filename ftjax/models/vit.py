@@ -766,10 +766,10 @@ class VisionTransformer(nn.Module):
                 name="Transformer")(x, deterministic=deterministic)
     if self.pooling == "token":
       x = x[:, 0]
-    elif self.pooling == "map":  # over every token, the class token too (as timm's)
+    elif self.pooling == "map":  # over the patch tokens: a class token is left out, as in timm
       x = MAPHead(self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dtype,
                   self.gelu_approximate, self.layer_norm_impl, name="MAPHead_0")(
-          x, deterministic=deterministic)
+          x[:, int(self.class_token):], deterministic=deterministic)
     else:  # the mean leaves the class token out, as timm's avg pooling does
       x = jnp.mean(x[:, int(self.class_token):], axis=1)
     if self.fc_norm:
@@ -1135,7 +1135,7 @@ def timm_arch(name: str) -> tuple[dict[str, Any], tuple[int, int]]:
   >>> timm_arch("vit_base_patch16_gap_224")[0]["pooling"]
   'gap'
   >>> timm_arch("vit_base_patch16_siglip_256.webli")
-  ({'variant': 'B/16', 'pooling': 'map'}, (256, 256))
+  ({'variant': 'B/16', 'pooling': 'map', 'class_token': False}, (256, 256))
   """
   base = name.split(".", 1)[0]
   m = _TIMM_NAME.fullmatch(base)

@@ -32,14 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.data.folder import ImageFile, is_image_file
+from ftjax.data.folder import ImageFile, image_paths
 from ftjax.data.transforms import Preprocess, normalize
 from ftjax.errors import ConfigError, DataError, FtjaxError, report
 from ftjax.metrics import write_atomically
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
-  """Image paths under ``folder`` (recursive, sorted, hidden files and folders skipped).
+  """Image paths under ``folder``, found and ordered as the folder source finds a class's
+  (:func:`ftjax.data.folder.image_paths`: recursive, symbolic links followed, hidden files
+  and folders skipped, torchvision ``ImageFolder``'s order).
 
   >>> import tempfile
   >>> d = Path(tempfile.mkdtemp()); (d / "b").mkdir(); (d / ".hidden").mkdir()
@@ -51,14 +53,11 @@ def list_images(folder: str | os.PathLike) -> list[str]:
   if not root.is_dir():
     raise DataError("image folder not found" if not root.exists() else "--images is not a folder",
                     where=str(root), hint="pass --images FOLDER (of images, searched recursively)")
-  found = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    found += [os.path.join(dirpath, f) for f in filenames if is_image_file(f)]
+  found, _ = image_paths(str(root))
   if not found:
     raise DataError("no images in folder", where=str(root), value=0,
                     hint="expected .jpg, .jpeg, .png, .webp or .bmp files")
-  return sorted(found)
+  return found
 
 
 def run_eval_resize(workdir: str | os.PathLike) -> tuple[str, float]:

@@ -122,6 +122,59 @@ def test_hf_vit_with_the_tanh_gelu_parity(tmp_path):
     from_pretrained(f"hf:{tmp_path}")
 
 
+_SIGLIP_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                      image_size=32, patch_size=8)
+
+
+def test_hf_siglip_for_image_classification_parity(tmp_path):
+  """SiglipForImageClassification: the mean of every token into its classifier (its
+  attention-pooling head unused, dropped and recorded); the tanh GELU, no class token."""
+  from transformers import SiglipConfig, SiglipForImageClassification
+  config = SiglipConfig(vision_config=_SIGLIP_VISION, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                                                       num_attention_heads=2, vocab_size=64),
+                        num_labels=4, id2label={i: n for i, n in enumerate(["a", "b", "c", "d"])})
+  torch.manual_seed(0)
+  ref = _randomise(SiglipForImageClassification(config), seed=7)
+  ref.save_pretrained(tmp_path)
+  model, variables, report = from_pretrained(f"hf:{tmp_path}")
+  x = _images(2, 32, 32)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch == {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 48, "patch_size": 8,
+                         "pooling": "gap", "class_token": False, "gelu_approximate": True}
+  assert report.class_names == ["a", "b", "c", "d"] and report.image_size == (32, 32)
+  assert report.dropped and all(k.startswith("vision_model.head.") for k, _ in report.dropped)
+
+
+def test_hf_siglip_model_image_tower_features_equal_its_pooler_output(tmp_path):
+  """SiglipModel (the hub's google/siglip-*): its image tower's MAP head output is the input of
+  ftjax's new head; the text tower and the logit scale and bias are dropped and recorded."""
+  from transformers import SiglipConfig, SiglipModel
+
+  from ftjax import fewshot
+  config = SiglipConfig(vision_config=_SIGLIP_VISION, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                                                       num_attention_heads=2, vocab_size=64))
+  torch.manual_seed(0)
+  ref = _randomise(SiglipModel(config), seed=8)
+  ref.save_pretrained(tmp_path)
+  with pytest.raises(ConfigError, match="no classifier head"):
+    from_pretrained(f"hf:{tmp_path}")
+  model, variables, report = from_pretrained(f"hf:{tmp_path}", num_classes=3)
+  assert report.arch["pooling"] == "map" and report.num_classes == 3
+  dropped = {k for k, _ in report.dropped}
+  assert {"logit_scale", "logit_bias"} <= dropped and all(
+      k.startswith("text_model.") for k in dropped - {"logit_scale", "logit_bias"})
+  x = _images(2, 32, 32)
+  with torch.no_grad():
+    want = ref.vision_model(torch.from_numpy(x)).pooler_output.numpy()
+  got = np.asarray(fewshot.features(model, variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
+  _assert_parity(got, want)
+  # The tower saved on its own: SiglipVisionModel, model_type siglip_vision_model.
+  ref.vision_model.save_pretrained(tmp_path / "vision")
+  model, variables, report = from_pretrained(f"hf:{tmp_path / 'vision'}", num_classes=3)
+  assert not report.dropped and report.arch["pooling"] == "map"
+  _assert_parity(np.asarray(fewshot.features(model, variables, jnp.asarray(x.transpose(0, 2, 3, 1)))), want)
+
+
 def test_position_embedding_and_pooling_options_are_checked():
   a = vit.resolve_arch({"variant": "test", "pooling": "map"})
   assert (a["class_token"], a["posemb"], a["posemb_class_token"]) == (False, "learn", False)

@@ -1083,23 +1083,120 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
       (r"classifier\.(weight|bias)", _linear("head")),
   ]
   mapped = _map_keys(tensors, rules, "Hugging Face ViT checkpoint")
-  size = config.get("image_size", 224)
-  image_size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
-  labels = config.get("id2label") or {}
-  names = [str(labels.get(str(i), labels.get(i, ""))) for i in range(len(labels))]
-  if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
-    names = None  # transformers' placeholders, not class names
   num_classes = _num_classes(mapped.variables)
-  if names is not None and len(names) != num_classes:
-    names = None
-  prep = preprocessor or {}
-  mean = tuple(float(v) for v in prep.get("image_mean", INCEPTION_MEAN))
-  std = tuple(float(v) for v in prep.get("image_std", INCEPTION_STD))
+  mean, std = _hf_stats(preprocessor)
   return Converted(family="vit",
                    arch=_arch(dims, layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                               gelu_approximate=_HF_GELUS[act]),
-                   num_classes=num_classes, image_size=image_size, variables=mapped.variables,
-                   mean=mean, std=std, class_names=names, dropped=mapped.dropped)
+                   num_classes=num_classes, image_size=_hf_image_size(config), variables=mapped.variables,
+                   mean=mean, std=std, class_names=_hf_class_names(config, num_classes),
+                   dropped=mapped.dropped)
+
+
+def _hf_image_size(config: Mapping[str, Any]) -> tuple[int, int]:
+  size = config.get("image_size", 224)
+  return (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+
+
+def _hf_class_names(config: Mapping[str, Any], num_classes: int) -> list[str] | None:
+  """config.json's id2label, unless it holds transformers' placeholders or another count."""
+  labels = config.get("id2label") or {}
+  names = [str(labels.get(str(i), labels.get(i, ""))) for i in range(len(labels))]
+  if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)) or len(names) != num_classes:
+    return None
+  return names
+
+
+def _hf_stats(preprocessor: Mapping[str, Any] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) of a preprocessor_config.json; the ViT and SigLIP processors' 0.5/0.5 without one."""
+  prep = preprocessor or {}
+  return (tuple(float(v) for v in prep.get("image_mean", INCEPTION_MEAN)),
+          tuple(float(v) for v in prep.get("image_std", INCEPTION_STD)))
+
+
+# transformers SiglipVisionModel (model_type siglip_vision_model), SiglipModel and
+# SiglipForImageClassification (siglip: the vision tower's config is its vision_config).
+
+_HF_SIGLIP_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                       "intermediate_size": 3072, "patch_size": 16, "image_size": 224, "num_channels": 3,
+                       "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+
+
+def convert_hf_siglip(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+                      preprocessor: Mapping[str, Any] | None = None) -> Converted:
+  """A transformers SigLIP checkpoint's image tower -> ftjax layout.
+
+  ``SiglipModel`` and ``SiglipVisionModel`` pool with their attention head
+  (``pooling="map"``, no classifier: pass ``num_classes``); the text tower and the
+  contrastive ``logit_scale``/``logit_bias`` are dropped and recorded.
+  ``SiglipForImageClassification`` averages every token (``pooling="gap"``) into its
+  ``classifier``; its unused attention head is dropped and recorded.  No class token;
+  the position embedding is a table over the patches only.
+  """
+  where = "config.json"
+  vision = config.get("vision_config") if config.get("model_type") == "siglip" else config
+  if not isinstance(vision, Mapping):
+    raise CheckpointError("SigLIP config.json has no vision_config", where=where,
+                          value=type(vision).__name__)
+  c = {**_HF_SIGLIP_DEFAULTS, **vision}  # transformers may leave defaults out of nested configs
+  act = c["hidden_act"]
+  if act not in _HF_GELUS or c["num_channels"] != 3:
+    raise CheckpointError("unsupported SigLIP vision config", where=f"{where}: vision_config",
+                          value=f"hidden_act={act!r} num_channels={c['num_channels']}",
+                          hint=f"hidden_act one of {list(_HF_GELUS)}, 3 channels")
+  dims = {"hidden_size": c["hidden_size"], "num_layers": c["num_hidden_layers"],
+          "num_heads": c["num_attention_heads"], "mlp_dim": c["intermediate_size"],
+          "patch_size": c["patch_size"]}
+  heads = int(dims["num_heads"])
+  classifier = "classifier.weight" in tensors
+  pre = r"(?:vision_model\.)?"
+  layer = pre + r"encoder\.layers\.(\d+)\."
+  head = pre + r"head\."
+
+  def in_proj(m, arr):  # torch MultiheadAttention: rows [q; k; v]
+    parts = np.split(np.asarray(arr), 3)
+    return {k: v for name, part in zip(("query", "key", "value"), parts)
+            for k, v in _linear(f"{_MAP}/{_ATTN_MAP}/{name}", heads, "out")(m, part).items()}
+
+  if classifier:
+    unused = "SiglipForImageClassification averages the tokens: its attention-pooling head is unused"
+    head_rules = [(head + r".*", lambda m, a: unused)]
+  else:
+    head_rules = [
+        (head + r"probe", _to(f"{_MAP}/probe")),
+        (head + r"attention\.in_proj_(weight|bias)", in_proj),
+        (head + r"attention\.out_proj\.(weight|bias)", _linear(f"{_MAP}/{_ATTN_MAP}/out", heads, "in")),
+        (head + r"layernorm\.(weight|bias)", _norm(f"{_MAP}/LayerNorm_0")),
+        (head + r"mlp\.fc([12])\.(weight|bias)",
+         lambda m, a: _linear(f"{_MAP}/MlpBlock_0/Dense_{int(m.group(1)) - 1}")(m, a)),
+    ]
+  rules = [
+      (pre + r"embeddings\.patch_embedding\.(weight|bias)", _conv_oihw("embedding")),
+      (pre + r"embeddings\.position_embedding\.weight",
+       lambda m, a: {POSEMB_PATH.removeprefix("params/"): np.asarray(a)[None]}),
+      (layer + r"self_attn\.([qkv])_proj\.(weight|bias)",
+       lambda m, a: _linear(f"{_block(m.group(1))}/{_ATTN}/{_HF_ATTN[m.group(2) + '_proj']}",
+                            heads, "out")(m, a)),
+      (layer + r"self_attn\.out_proj\.(weight|bias)", _linear(_block("{0}") + f"/{_ATTN}/out", heads, "in")),
+      (layer + r"layer_norm1\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_0")),
+      (layer + r"layer_norm2\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_2")),
+      (layer + r"mlp\.fc1\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_0")),
+      (layer + r"mlp\.fc2\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_1")),
+      (pre + r"post_layernorm\.(weight|bias)", _norm("Transformer/encoder_norm")),
+      *head_rules,
+      (r"classifier\.(weight|bias)", _linear("head")),
+      (r"text_model\..*|logit_scale|logit_bias",
+       lambda m, a: "SigLIP text tower and contrastive logit scale: not part of an image classifier"),
+  ]
+  mapped = _map_keys(tensors, rules, "Hugging Face SigLIP checkpoint")
+  has_head = any(k.startswith(f"params/{_MAP}/") for k in mapped.variables)
+  num_classes = _num_classes(mapped.variables)
+  mean, std = _hf_stats(preprocessor)
+  arch = _arch(dims, pooling="map" if has_head else "gap", class_token=False,
+               layer_norm_eps=float(c["layer_norm_eps"]), gelu_approximate=_HF_GELUS[act])
+  return Converted(family="vit", arch=arch, num_classes=num_classes, image_size=_hf_image_size(c),
+                   variables=mapped.variables, mean=mean, std=std,
+                   class_names=_hf_class_names(config, num_classes), dropped=mapped.dropped)
 
 
 # timm vit_{size}_patch{p}[_gap]_{resolution}[.tag]
@@ -1330,6 +1427,6 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
 
 
 __all__ = ["FAMILY", "MAPHead", "OPTIONS", "POOLINGS", "POSEMBS", "VARIANTS", "VisionTransformer",
-           "bicubic_aa_matrix", "canonical_variant", "check_image_size", "convert_hf", "convert_npz",
-           "convert_timm", "create_model", "posemb_sincos_2d", "resample_grid", "resample_posemb",
+           "bicubic_aa_matrix", "canonical_variant", "check_image_size", "convert_hf", "convert_hf_siglip",
+           "convert_npz", "convert_timm", "create_model", "posemb_sincos_2d", "resample_grid", "resample_posemb",
            "resizers", "resolve_arch", "timm_arch", "timm_preprocessing"]

@@ -87,6 +87,10 @@ def _vit_hf(arch, flat: Flat) -> dict[str, np.ndarray]:
                        hint="export to timm (a learned table without that row), or keep the ftjax "
                             "checkpoint" if a["posemb"] == "learn" else
                             "neither format has a fixed table: keep the ftjax checkpoint")
+  if a["reg_tokens"] or a["layer_scale"] is not None:
+    raise _unsupported("hf", "vit", "transformers' ViT has no register tokens or LayerScale: "
+                       f"reg_tokens={a['reg_tokens']} layer_scale={a['layer_scale']}",
+                       hint="export to timm, or keep the ftjax checkpoint")
   if a["pooling"] != "token" or a["fc_norm"] or a["representation_size"]:
     raise _unsupported("hf", "vit", "transformers' ViT reads the class token after the final norm: "
                        f"pooling={a['pooling']} fc_norm={a['fc_norm']} "
@@ -144,6 +148,8 @@ def _vit_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
          "patch_embed.proj.bias": p("embedding/bias")}
   if a["class_token"]:
     out["cls_token"] = p("cls")
+  if a["reg_tokens"]:
+    out["reg_token"] = p("reg")
   for i in _vit_blocks(a):
     src, dst = f"Transformer/encoderblock_{i}", f"blocks.{i}"
     att = f"{src}/MultiHeadDotProductAttention_1"
@@ -160,6 +166,9 @@ def _vit_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
     for dense, name in (("Dense_0", "mlp.fc1"), ("Dense_1", "mlp.fc2")):
       out[f"{dst}.{name}.weight"] = _linear_weight(p(f"{src}/MlpBlock_3/{dense}/kernel"))
       out[f"{dst}.{name}.bias"] = p(f"{src}/MlpBlock_3/{dense}/bias")
+    if a["layer_scale"] is not None:
+      out[f"{dst}.ls1.gamma"] = p(f"{src}/layer_scale_attention")
+      out[f"{dst}.ls2.gamma"] = p(f"{src}/layer_scale_mlp")
   norm = "fc_norm" if a["fc_norm"] else "Transformer/encoder_norm"
   out[f"{'fc_norm' if a['fc_norm'] else 'norm'}.weight"] = p(f"{norm}/scale")
   out[f"{'fc_norm' if a['fc_norm'] else 'norm'}.bias"] = p(f"{norm}/bias")
@@ -206,7 +215,8 @@ def _vit_timm_config(arch, image_size, num_classes: int) -> dict:
                 "mlp_ratio": a["mlp_dim"] / a["hidden_size"], "num_classes": int(num_classes),
                 "global_pool": {"token": "token", "gap": "avg", "map": "map"}[a["pooling"]],
                 "class_token": bool(a["class_token"]), "fc_norm": bool(a["fc_norm"]),
-                "no_embed_class": not a["posemb_class_token"]}
+                "no_embed_class": not a["posemb_class_token"], "reg_tokens": a["reg_tokens"],
+                "init_values": a["layer_scale"]}
   if a["gelu_approximate"]:
     model_args["act_layer"] = "gelu_tanh"
   # timm's ViT LayerNorm epsilon is fixed at 1e-6 (models from transformers use 1e-12:

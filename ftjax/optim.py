@@ -67,7 +67,7 @@ SCHEDULES = ("warmup_cosine", "cosine", "linear", "constant", "rsqrt", "step")
 # Per-family layer depths for ``layer_decay``: ``(path regex, base depth)``.  In a
 # regex, ``{i}`` stands for a block or stage index and the depth is ``base + i``;
 # "top" is one more than the deepest other level, and its multiplier is 1.
-#   vit:          embeddings (patch, cls, pos) 0, encoderblock_i -> i + 1,
+#   vit:          embeddings (patch, cls, registers, pos) 0, encoderblock_i -> i + 1,
 #                 encoder_norm (or fc_norm with GAP), MAPHead_0, pre_logits, head -> L + 1.
 #   resnet(v2):   per stage: stem 0, stage s (1..4) -> s, final norm + head -> 5;
 #                 ResNet-50 with decay d: head 1, stage4 d, stage3 d^2, stage2 d^3,
@@ -76,7 +76,7 @@ SCHEDULES = ("warmup_cosine", "cosine", "linear", "constant", "rsqrt", "step")
 _TOP = "top"
 _RESNET_DEPTHS = ((r"stem/.*", 0), (r"stage{i}/.*", 0), (r"norm/.*|head/.*", _TOP))
 LAYER_DEPTHS: dict[str, tuple[tuple[str, int | str], ...]] = {
-    "vit": ((r"embedding/.*|cls|Transformer/posembed_input/.*", 0),
+    "vit": ((r"embedding/.*|cls|reg|Transformer/posembed_input/.*", 0),
             (r"Transformer/encoderblock_{i}/.*", 1),
             (r"Transformer/encoder_norm/.*|fc_norm/.*|MAPHead_0/.*|pre_logits/.*|head/.*", _TOP)),
     "resnet": _RESNET_DEPTHS,
@@ -370,7 +370,7 @@ def gradual_unfreezing(family: str, *, depth: int | None = None, every: int,
   spec in ``param_groups``.
 
   >>> gradual_unfreezing("vit", depth=3, every=100, k=2)
-  [(100, 'Transformer/encoderblock_2/.*|Transformer/encoderblock_1/.*'), (200, 'Transformer/encoderblock_0/.*|embedding/.*|cls|Transformer/posembed_input/.*')]
+  [(100, 'Transformer/encoderblock_2/.*|Transformer/encoderblock_1/.*'), (200, 'Transformer/encoderblock_0/.*|embedding/.*|cls|reg|Transformer/posembed_input/.*')]
   >>> gradual_unfreezing("resnet", every=50)[0]
   (50, 'stage4/.*')
   """

@@ -76,8 +76,11 @@ def _check_hf(directory, cls):
     ("timm", {"variant": "test", "pooling": "gap", "fc_norm": True}),
     ("hf", {"variant": "test", "gelu_approximate": True}),
     ("timm", {"variant": "test", "pooling": "map", "gelu_approximate": True}),  # a SigLIP tower
-    ("timm", {"variant": "test", "pooling": "map", "class_token": True, "posemb_class_token": False})],
-    ids=["hf", "timm", "timm-gap-fc_norm", "hf-tanh", "timm-map-tanh", "timm-map-no_embed_class"])
+    ("timm", {"variant": "test", "pooling": "map", "class_token": True, "posemb_class_token": False}),
+    ("timm", {"variant": "test", "reg_tokens": 2, "posemb_class_token": False, "layer_scale": 0.1}),
+    ("timm", {"variant": "test", "reg_tokens": 2, "pooling": "gap", "fc_norm": True})],
+    ids=["hf", "timm", "timm-gap-fc_norm", "hf-tanh", "timm-map-tanh", "timm-map-no_embed_class",
+         "timm-dinov2-reg", "timm-reg-gap"])
 def test_vit_round_trip(tmp_path, fmt, arch):
   from transformers import ViTForImageClassification
   model, variables = _perturbed("vit", arch, 32, seed=1)
@@ -241,9 +244,10 @@ def test_unsupported_exports_are_config_errors(tmp_path):
   with pytest.raises(ConfigError, match="cannot export to hf"):
     export.export(variables, gap, tmp_path, "hf")
   for arch, fmt in (({"variant": "test", "posemb_class_token": False}, "hf"),
+                    ({"variant": "test", "layer_scale": 0.1}, "hf"),
                     ({"variant": "test", "posemb": "sincos2d", "pooling": "gap"}, "timm")):
     _, other = _perturbed("vit", arch, 32, seed=5)
-    with pytest.raises(ConfigError, match=f"cannot export to {fmt}.*posemb"):
+    with pytest.raises(ConfigError, match=f"cannot export to {fmt}.*(posemb|layer_scale)"):
       export.export(other, _meta("vit", arch, 32), tmp_path / "out", fmt)
   assert not (tmp_path / "out").exists()  # refused before anything is written
   with pytest.raises(ConfigError, match="unknown export format"):

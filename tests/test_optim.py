@@ -292,6 +292,7 @@ def test_layer_depths_cover_the_ftjax_model_families():
   cases = [("vit", vit.create_model({"variant": "Ti/16"}, 10), 13),
            ("vit", vit.create_model({"variant": "Ti/16", "pooling": "gap", "fc_norm": True}, 10), 13),
            ("vit", vit.create_model({"variant": "Ti/16", "pooling": "map", "posemb": "sincos2d"}, 10), 13),
+           ("vit", vit.create_model({"variant": "Ti/16", "reg_tokens": 4, "layer_scale": 1e-5}, 10), 13),
            ("resnet", resnet.create_resnet({"variant": "resnet18"}, 10), 5),
            ("resnetv2", resnet.create_resnetv2({"variant": "R50x1"}, 10), 5),
            ("efficientnet", efficientnet.create_model({"variant": "lite0"}, 10), 8)]

@@ -245,6 +245,32 @@ def test_timm_siglip_tower_parity(tmp_path):
   np.testing.assert_array_equal(probe, ref.attn_pool.latent.detach().numpy())
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2.lvd142m"])
+def test_timm_dinov2_parity(tmp_path, name):
+  """DINOv2: LayerScale (ls1/ls2.gamma), and with reg4 four registers that the position
+  embedding has no rows for (timm's no_embed_class); built at 56 px, which the table says."""
+  torch.manual_seed(0)
+  ref = _randomise(timm.create_model(name.split(".")[0], num_classes=5, img_size=56), seed=9, scale=0.05)
+  path = tmp_path / "model.safetensors"
+  safetensors.torch.save_file(ref.state_dict(), str(path))
+  model, variables, report = from_pretrained(f"timm:{name}@{path}")
+  x = _images(2, 56, 56)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  reg = "reg4" in name
+  assert report.arch == {"hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536,
+                         "patch_size": 14, "layer_scale": 1e-5,
+                         **({"reg_tokens": 4, "posemb_class_token": False} if reg else {})}
+  assert report.image_size == (56, 56) and (report.mean, report.std) == ((0.485, 0.456, 0.406),
+                                                                         (0.229, 0.224, 0.225))
+  assert len(report.matched) == len(flatten(variables)) and not report.reinitialized
+  gamma = flatten(variables)["params/Transformer/encoderblock_3/layer_scale_mlp"]
+  np.testing.assert_array_equal(gamma, ref.blocks[3].ls2.gamma.detach().numpy())
+  # Another size resamples the patch rows only (the class row, if any, kept apart).
+  _, variables, report = from_pretrained(f"timm:{name}@{path}", image_size=84)
+  rows = 36 if reg else 37
+  assert report.resized == [(vit.POSEMB_PATH, (1, rows - 20, 384), (1, rows, 384))]
+
+
 def test_timm_avg_pool_with_fc_norm_parity(tmp_path):
   """timm global_pool='avg' (mean of patch tokens, then fc_norm), loaded with explicit overrides."""
   torch.manual_seed(0)
@@ -529,7 +555,7 @@ def test_parameter_count_equals_timm(variant):
 
 
 def test_timm_names_give_timm_architectures():
-  names = [n for n in timm.list_models("vit_*") if vit._TIMM_NAME.fullmatch(n)]
+  names = [n for n in timm.list_models("vit_*") if vit._TIMM_NAME.fullmatch(n) or vit._TIMM_DINOV2.fullmatch(n)]
   assert len(names) >= 20
   for name in names:
     with torch.device("meta"):
@@ -546,7 +572,12 @@ def test_timm_names_give_timm_architectures():
             type(act).__name__ == "GELUTanh" or getattr(act, "approximate", "none") == "tanh")
     assert got == want, name
     assert (ref.attn_pool is not None) == (a["pooling"] == "map"), name
+    assert (a["reg_tokens"], a["posemb_class_token"]) == (ref.num_reg_tokens, not ref.no_embed_class
+                                                          and ref.num_prefix_tokens > 0), name
+    ls = ref.blocks[0].ls1
+    assert a["layer_scale"] == (None if isinstance(ls, torch.nn.Identity) else ls.init_values), name
   assert any("_siglip_" in n for n in names) and any("so400m" in n for n in names)
+  assert any("reg4_dinov2" in n for n in names)
 
 
 def test_timm_tags_give_timm_preprocessing():

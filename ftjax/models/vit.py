@@ -69,14 +69,18 @@ OPTIONS: dict[str, Any] = {
     # SigLIP and timm's global_pool="map".
     "pooling": "token",
     "class_token": None,  # None: a class token exactly when pooling == "token"
+    "reg_tokens": 0,  # register tokens after the class token (timm reg_tokens, DINOv2 "reg4")
     # "learn": a learned table (pos_embedding); "sincos2d": big_vision's fixed 2-D sin-cos
     # table (no parameter; its "Better plain ViT baselines" models), any image size.
     "posemb": "learn",
-    # Whether the position embedding has a row for the class token: vit_jax, timm and
-    # transformers add it after the class token is prepended (True); big_vision adds it to
+    # Whether the position embedding has rows for the class (and register) tokens: vit_jax,
+    # timm and transformers add it after they are prepended (True); big_vision adds it to
     # the patches before (False: timm's no_embed_class).  None: True for "learn", False for
     # "sincos2d".
     "posemb_class_token": None,
+    # LayerScale (CaiT, DeiT III, DINOv2): each block's attention and MLP outputs are scaled
+    # per channel by learned vectors started at this value; None: none.
+    "layer_scale": None,
     # False: the final norm on all tokens, then pool (vit_jax); True: pool, then norm (timm avg).
     "fc_norm": False,
     "representation_size": None,  # width of the tanh pre-logits layer, None for none
@@ -197,7 +201,16 @@ def resolve_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     if out["hidden_size"] % 4 or out["hidden_size"] < 8:
       raise ConfigError("sincos2d position embedding needs hidden_size a multiple of 4, at least 8",
                         where="arch.hidden_size", value=out["hidden_size"])
-  out["posemb_class_token"] = bool(out["posemb_class_token"]) and bool(out["class_token"])
+  reg = out["reg_tokens"]
+  if isinstance(reg, bool) or not isinstance(reg, (int, np.integer)) or reg < 0:
+    raise ConfigError("reg_tokens must be a non-negative integer", where="arch.reg_tokens", value=repr(reg))
+  out["reg_tokens"] = int(reg)
+  out["posemb_class_token"] = bool(out["posemb_class_token"]) and bool(out["class_token"] or reg)
+  scale = out["layer_scale"]
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating))
+                            or not scale > 0):
+    raise ConfigError("layer_scale must be a positive initial value or None", where="arch.layer_scale",
+                      value=repr(scale))
   for k in ("dropout_rate", "attention_dropout_rate", "droppath_rate"):
     if not 0.0 <= float(out[k]) < 1.0:
       raise ConfigError("rate must be in [0, 1)", where=f"arch.{k}", value=out[k])
@@ -508,6 +521,7 @@ class Encoder1DBlock(nn.Module):
   valid_tokens: int | None = None
   fold_attention_bias: bool = True
   layer_norm_impl: str = "ftjax"
+  layer_scale: float | None = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -522,12 +536,20 @@ class Encoder1DBlock(nn.Module):
                                      self.fold_attention_bias, name="MultiHeadDotProductAttention_1")(
         y, deterministic=deterministic)
     y = nn.Dropout(self.dropout_rate, name="dropout")(y, deterministic=deterministic)
-    x = x + droppath("droppath_attention")(y, deterministic=deterministic)
+    x = x + droppath("droppath_attention")(self._scaled(y, "layer_scale_attention"),
+                                            deterministic=deterministic)
     y = _layer_norm(self.layer_norm_eps, self.dtype, "LayerNorm_2", self.layer_norm_impl)(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu_approximate,
                  name="MlpBlock_3")(
         y, deterministic=deterministic)
-    return x + droppath("droppath_mlp")(y, deterministic=deterministic)
+    return x + droppath("droppath_mlp")(self._scaled(y, "layer_scale_mlp"), deterministic=deterministic)
+
+  def _scaled(self, y, name: str):
+    """``y`` times the per-channel LayerScale vector ``name`` (option layer_scale), else ``y``."""
+    if self.layer_scale is None:
+      return y
+    gamma = self.param(name, nn.initializers.constant(self.layer_scale), (y.shape[-1],), jnp.float32)
+    return y * gamma.astype(y.dtype)
 
 
 # The blocks of an encoder are identical modules: lifted through nn.jit, one
@@ -680,8 +702,9 @@ class Encoder(nn.Module):
   fold_attention_bias: bool = True
   layer_norm_impl: str = "ftjax"
   posemb: str = "learn"
-  posemb_skip: int = 0  # leading (class) tokens the position embedding has no row for
+  posemb_skip: int = 0  # leading (class, register) tokens the position embedding has no row for
   grid: tuple[int, int] | None = None  # the patch grid (h, w), for posemb "sincos2d"
+  layer_scale: float | None = None
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -700,7 +723,7 @@ class Encoder(nn.Module):
       args = (self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dropout_rate,
               self.attention_dropout_rate, rate, self.dtype, self.attention,
               self.attention_pad_multiple, self.gelu_approximate, valid, self.fold_attention_bias,
-              self.layer_norm_impl)
+              self.layer_norm_impl, self.layer_scale)
       if self.remat:
         x = _remat_block(Encoder1DBlock(*args, name=f"encoderblock_{i}"), x, deterministic)
       else:  # static by name (nn.jit's static_argnames)
@@ -727,8 +750,10 @@ class VisionTransformer(nn.Module):
   patch_size: int
   pooling: str = "token"
   class_token: bool = True
+  reg_tokens: int = 0
   posemb: str = "learn"
   posemb_class_token: bool = True
+  layer_scale: float | None = None
   fc_norm: bool = False
   representation_size: int | None = None
   layer_norm_eps: float = 1e-6
@@ -752,26 +777,30 @@ class VisionTransformer(nn.Module):
                 param_dtype=jnp.float32, name="embedding")(x)
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
+    if self.reg_tokens:  # [class, registers, patches], as timm orders them
+      reg = self.param("reg", nn.initializers.normal(1e-6), (1, self.reg_tokens, c), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(reg.astype(x.dtype), (n, self.reg_tokens, c)), x], axis=1)
     if self.class_token:
       cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
+    prefix = int(self.class_token) + self.reg_tokens
     x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dropout_rate,
                 self.attention_dropout_rate, self.droppath_rate, final_norm=not self.fc_norm,
                 remat=self.remat, dtype=self.dtype, attention=self.attention,
                 attention_pad_multiple=self.attention_pad_multiple,
                 gelu_approximate=self.gelu_approximate, token_padding=self.token_padding,
                 fold_attention_bias=self.fold_attention_bias, layer_norm_impl=self.layer_norm_impl,
-                posemb=self.posemb,
-                posemb_skip=int(self.class_token and not self.posemb_class_token), grid=(h, w),
+                posemb=self.posemb, posemb_skip=0 if self.posemb_class_token else prefix,
+                grid=(h, w), layer_scale=self.layer_scale,
                 name="Transformer")(x, deterministic=deterministic)
     if self.pooling == "token":
       x = x[:, 0]
-    elif self.pooling == "map":  # over the patch tokens: a class token is left out, as in timm
+    elif self.pooling == "map":  # over the patch tokens: class and registers left out, as in timm
       x = MAPHead(self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dtype,
                   self.gelu_approximate, self.layer_norm_impl, name="MAPHead_0")(
-          x[:, int(self.class_token):], deterministic=deterministic)
-    else:  # the mean leaves the class token out, as timm's avg pooling does
-      x = jnp.mean(x[:, int(self.class_token):], axis=1)
+          x[:, prefix:], deterministic=deterministic)
+    else:  # the mean leaves the class and register tokens out, as timm's avg pooling does
+      x = jnp.mean(x[:, prefix:], axis=1)
     if self.fc_norm:
       x = _layer_norm(self.layer_norm_eps, self.dtype, "fc_norm", self.layer_norm_impl)(x)
     if self.representation_size:
@@ -891,7 +920,8 @@ def resizers(arch: Mapping[str, Any], image_size: tuple[int, int],
   if a["posemb"] != "learn":
     return {}  # a fixed table is computed for any grid
   p = a["patch_size"]
-  prefix = int(a["posemb_class_token"])  # class-token rows of the table, kept as they are
+  # rows of the table for the class and register tokens, kept as they are
+  prefix = (int(a["class_token"]) + a["reg_tokens"]) if a["posemb_class_token"] else 0
   old_hw = None if old_image_size is None else (old_image_size[0] // p, old_image_size[1] // p)
 
   def resize(arr, target_shape):
@@ -1216,6 +1246,8 @@ _TIMM_GAP_HEADS = {"base": 16, "huge": 16, "giant": 16}
 _TIMM_SIGLIP_TANH = {("base", 32, 256), ("large", 16, 512), ("so400m", 16, None), ("giantopt", 16, None)}
 _TIMM_NAME = re.compile(r"vit_(tiny|small|base|large|huge|giant|so400m|giantopt)_patch(\d+)"
                         r"(_siglip)?(_gap)?_(\d+)")
+# DINOv2 (518 px, LayerScale 1e-5; reg4: four registers the position embedding has no rows for).
+_TIMM_DINOV2 = re.compile(r"vit_(small|base|large)_patch14_(reg4_)?dinov2")
 # Pretrained tags whose preprocessing is not the Google 0.5/0.5 of timm's ViT default.
 _TIMM_TAG_STATS = {
     "dino": (IMAGENET_MEAN, IMAGENET_STD), "mae": (IMAGENET_MEAN, IMAGENET_STD),
@@ -1235,13 +1267,18 @@ def timm_arch(name: str) -> tuple[dict[str, Any], tuple[int, int]]:
   ({'variant': 'B/16', 'pooling': 'map', 'class_token': False}, (256, 256))
   """
   base = name.split(".", 1)[0]
+  dino = _TIMM_DINOV2.fullmatch(base)
+  if dino:
+    dims = dict(zip(_DIMS, (*_TIMM_SIZES[dino.group(1)], 14)))
+    regs = {"reg_tokens": 4, "posemb_class_token": False} if dino.group(2) else {}
+    return _arch(dims, layer_scale=1e-5, **regs), (518, 518)
   m = _TIMM_NAME.fullmatch(base)
   size, patch, siglip, gap, res = m.groups() if m else (None,) * 5
   if (not m or (gap and not siglip and size not in _TIMM_GAP_HEADS)
       or (size in _TIMM_SIGLIP_ONLY and not siglip)):
     raise ConfigError("unsupported timm ViT", where="timm:" + name, value=repr(base),
                       hint="names like vit_base_patch16_224, vit_tiny_patch16_384, vit_base_patch16_gap_224, "
-                           "vit_so400m_patch14_siglip_224")
+                           "vit_so400m_patch14_siglip_224, vit_base_patch14_reg4_dinov2")
   dims = dict(zip(_DIMS, (*_TIMM_SIZES[size], int(patch))))
   image_size = (int(res), int(res))
   if siglip:  # no class token; attention pooling (MAPHead) or, _gap, the mean after the final norm
@@ -1262,7 +1299,9 @@ def timm_preprocessing(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]
   >>> timm_preprocessing("vit_base_patch16_224.mae")[0]
   (0.485, 0.456, 0.406)
   """
-  tag = name.split(".", 1)[1] if "." in name else ""
+  base, _, tag = name.partition(".")
+  if _TIMM_DINOV2.fullmatch(base):  # every DINOv2 tag (lvd142m) uses ImageNet's statistics
+    return IMAGENET_MEAN, IMAGENET_STD
   return _TIMM_TAG_STATS.get(tag, (INCEPTION_MEAN, INCEPTION_STD))
 
 
@@ -1300,6 +1339,9 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   blk = r"blocks\.(\d+)\."
   rules = [
       (r"cls_token", _to("cls")),
+      (r"reg_token", _to("reg")),
+      (blk + r"ls1\.gamma", _to(_block("{0}") + "/layer_scale_attention")),
+      (blk + r"ls2\.gamma", _to(_block("{0}") + "/layer_scale_mlp")),
       (r"pos_embed", _to("Transformer/posembed_input/pos_embedding")),
       (r"patch_embed\.proj\.(weight|bias)", _conv_oihw("embedding")),
       (blk + r"norm1\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_0")),
@@ -1324,9 +1366,10 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   # of its position embedding (square, as timm assumes when it resamples one).
   pos = mapped.variables.get(POSEMB_PATH)
   if pos is not None and pos.ndim == 3:
-    if full["class_token"] and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
-      arch["posemb_class_token"] = False  # timm's no_embed_class: no row for the class token
-    n = pos.shape[1] - int(full["class_token"] and arch.get("posemb_class_token", True))
+    prefix = int(full["class_token"]) + full["reg_tokens"]
+    if prefix and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+      arch["posemb_class_token"] = False  # timm's no_embed_class: no rows for the prefix tokens
+    n = pos.shape[1] - (prefix if arch.get("posemb_class_token", True) else 0)
     side = math.isqrt(max(n, 0))
     if n > 0 and side * side == n:
       image_size = (side * full["patch_size"],) * 2

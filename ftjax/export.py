@@ -201,15 +201,46 @@ _TIMM_VIT_NAMES = {("tiny", 16, 224), ("tiny", 16, 384), ("small", 16, 224), ("s
                    ("large", 16, 384), ("large", 32, 384), ("huge", 14, 224)}
 
 
+# timm's registered SigLIP image towers: vit_{size}_patch{p}_siglip[_gap]_{resolution}.
+_TIMM_SIGLIP_NAMES = frozenset(
+    f"vit_{size}_patch{p}_siglip{gap}_{r}"
+    for gap in ("", "_gap")
+    for size, p, resolutions in (("base", 16, (224, 256, 384, 512)), ("base", 32, (256,)),
+                                 ("large", 16, (256, 384, 512)), ("so400m", 16, (256, 384, 512)),
+                                 ("so400m", 14, (224, 378, 384) + ((448, 896) if gap else ())),
+                                 ("giantopt", 16, (256, 384)))
+    for r in resolutions)
+
+
+# What a timm name fixes (dropout, remat, attention implementation... are not architecture).
+_TIMM_ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size", "pooling", "class_token",
+                   "posemb", "posemb_class_token", "fc_norm", "representation_size", "gelu_approximate")
+
+
+def _timm_siglip_name(a: dict, h: int, w: int) -> str | None:
+  """timm's SigLIP tower name whose architecture (:func:`ftjax.models.vit.timm_arch`) is ``a``."""
+  from ftjax.models import vit
+  dims = (a["hidden_size"], a["num_layers"], a["num_heads"], a["mlp_dim"])
+  size = next((s for s, d in vit._TIMM_SIZES.items() if d == dims), None)
+  name = f"vit_{size}_patch{a['patch_size']}_siglip{'_gap' if a['pooling'] == 'gap' else ''}_{h}"
+  if h != w or name not in _TIMM_SIGLIP_NAMES:
+    return None
+  named = vit.resolve_arch(vit.timm_arch(name)[0])
+  return name if all(named[k] == a[k] for k in _TIMM_ARCH_KEYS) else None
+
+
 def _vit_timm_config(arch, image_size, num_classes: int) -> dict:
   a = _vit_arch(arch)
   h, w = image_size
   size = _TIMM_VIT_SIZES.get((a["hidden_size"], a["num_layers"], a["num_heads"], a["mlp_dim"]))
   key = (size, a["patch_size"], h)
-  # The model's own name where timm registers one; the model_args repeat every
-  # dimension, so any other shape builds from a registered base name.
+  # The model's own name where timm registers one (convert_timm, the inverse, reads the
+  # architecture from it); the model_args repeat every dimension, so any other shape builds
+  # from a registered base name.
   name = f"vit_{key[0]}_patch{key[1]}_{key[2]}" if key in _TIMM_VIT_NAMES and h == w else \
       "vit_base_patch16_224"
+  if not a["class_token"]:
+    name = _timm_siglip_name(a, h, w) or name
   model_args = {"img_size": h if h == w else [h, w], "patch_size": a["patch_size"],
                 "embed_dim": a["hidden_size"], "depth": a["num_layers"], "num_heads": a["num_heads"],
                 "mlp_ratio": a["mlp_dim"] / a["hidden_size"], "num_classes": int(num_classes),

@@ -194,6 +194,28 @@ def test_hf_export_reads_back_into_ftjax_bit_identical(tmp_path):
 def test_timm_named_variant_and_resnetv2_configs():
   assert export._vit_timm_config({"variant": "B/16"}, (224, 224), 10)["architecture"] == \
       "vit_base_patch16_224"
+  # A SigLIP image tower is named as timm registers it, so that convert_timm (the exporter's
+  # inverse) reads its architecture back from the name; "vit_base_patch16_224" would read as a
+  # class-token model without the attention pool.
+  import timm
+  from ftjax.models import vit
+  for arch, size, name in (
+      ({"variant": "B/16", "pooling": "map", "class_token": False}, 224, "vit_base_patch16_siglip_224"),
+      ({"variant": "B/32", "pooling": "map", "class_token": False, "gelu_approximate": True}, 256,
+       "vit_base_patch32_siglip_256"),
+      ({"hidden_size": 1152, "num_layers": 27, "num_heads": 16, "mlp_dim": 4304, "patch_size": 14,
+        "pooling": "gap", "class_token": False}, 378, "vit_so400m_patch14_siglip_gap_378"),
+      ({"variant": "B/32", "pooling": "map", "class_token": False}, 256, "vit_base_patch16_224"),  # erf GELU
+      ({"variant": "B/16", "pooling": "map", "class_token": False, "droppath_rate": 0.1}, 384,
+       "vit_base_patch16_siglip_384"),  # a training option is no architecture
+      ({"variant": "B/16", "pooling": "map", "class_token": False}, 288, "vit_base_patch16_224")):
+    cfg = export._vit_timm_config(arch, (size, size), 10)
+    assert cfg["architecture"] == name, arch
+    if "siglip" in name:
+      assert timm.is_model(name)
+      read, want = vit.resolve_arch(vit.timm_arch(name)[0]), vit.resolve_arch(arch)
+      assert {k: read[k] for k in export._TIMM_ARCH_KEYS} == {k: want[k] for k in export._TIMM_ARCH_KEYS}
+  assert all(timm.is_model(n) for n in export._TIMM_SIGLIP_NAMES)
   assert export._resnet_timm_config({"variant": "resnet50"}, 10) == \
       {"architecture": "resnet50", "model_args": {"num_classes": 10}}
   assert export._resnetv2_timm_config({"variant": "R101x3"}, 10) == {

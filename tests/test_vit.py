@@ -677,6 +677,25 @@ def test_checkpoint_errors_name_the_key(timm_tiny, tmp_path):
     from_pretrained(f"timm:{TIMM_TINY}@{other}")
 
 
+def test_malformed_checkpoints_are_one_line_errors_naming_the_key():
+  """A damaged file is a CheckpointError naming the key and its shape, not an IndexError or
+  TypeError from inside the converter."""
+  kernel = {"params/embedding/kernel": np.zeros((8, 8, 3, 32), np.float32)}
+  for arrays, message in (
+      ({**kernel, "params/Transformer/encoderblock/LayerNorm_0/scale": np.zeros((), np.float32)},
+       r"scanned block without a layer axis \(npz:test\): params/Transformer/encoderblock/LayerNorm_0/scale "
+       r"shape \(\)"),
+      ({**kernel, "params/cls": np.zeros((1, 1, 32), np.float32), "params/pos_embedding": np.zeros(32, np.float32)},
+       r"position embedding is not \(1, tokens, width\) \(npz:test\): params/pos_embedding shape \(32,\)"),
+      ({**kernel, "params/pos_embedding": np.zeros((16, 32), np.float32)},
+       r"position embedding is not .*params/pos_embedding shape \(16, 32\)")):
+    with pytest.raises(CheckpointError, match=message):
+      vit.convert_npz("test", arrays)
+  for act in (["gelu"], {"name": "gelu"}):
+    with pytest.raises(CheckpointError, match=r"unsupported ViT activation \(config.json\): "):
+      vit.convert_hf({"hidden_act": act}, {})
+
+
 def test_remat_blocks_give_the_same_logits_and_gradients():
   from ftjax import models
   plain, _ = models.create("vit", {"variant": "test"}, num_classes=3, image_size=32)

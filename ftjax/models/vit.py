@@ -1078,7 +1078,7 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
   """
   where = "config.json"
   act = config.get("hidden_act", "gelu")
-  if act not in _HF_GELUS:
+  if not isinstance(act, str) or act not in _HF_GELUS:  # (a list or dict is unhashable)
     raise CheckpointError("unsupported ViT activation", where=where, value=repr(act),
                           hint=f"one of {list(_HF_GELUS)} (the erf GELU or its tanh form)")
   if not config.get("qkv_bias", True) or config.get("num_channels", 3) != 3:
@@ -1394,8 +1394,11 @@ _NPZ_PREFIXES = ("", "params/", "opt/target/", "params/img/")  # params/img/: a 
 SINCOS_IMAGE_SIZE = (224, 224)
 
 
-def _unscan(path: str, arr: np.ndarray) -> dict[str, np.ndarray]:
+def _unscan(path: str, arr: np.ndarray, key: str, source: str) -> dict[str, np.ndarray]:
   """A scanned block's ``Transformer/encoderblock/...`` leaf (layers stacked first) -> one per layer."""
+  if arr.ndim == 0:
+    raise CheckpointError("scanned block without a layer axis", where=source,
+                          value=f"{key} shape {arr.shape}", hint="a damaged file?")
   rest = path[len("Transformer/encoderblock/"):]
   return {f"Transformer/encoderblock_{i}/{rest}": arr[i] for i in range(arr.shape[0])}
 
@@ -1434,12 +1437,16 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
                       if prefix == "params/img/" else f"outside {prefix}, the model's parameters"))
       continue
     path = key[len(prefix):]
-    unscanned = _unscan(path, np.asarray(arr)) if path.startswith("Transformer/encoderblock/") else {path: arr}
+    unscanned = (_unscan(path, np.asarray(arr), key, source) if path.startswith("Transformer/encoderblock/")
+                 else {path: arr})
     for path, arr in unscanned.items():
       if big_vision:
         for rx, repl in _BIG_VISION_RENAMES:
           path = re.sub(f"^{rx}$", repl, path)
       variables[f"params/{path}"] = arr
+      if path == "Transformer/posembed_input/pos_embedding" and np.ndim(arr) != 3:
+        raise CheckpointError("position embedding is not (1, tokens, width)", where=source,
+                              value=f"{key} shape {np.shape(arr)}", hint="a damaged file?")
   has_cls = "params/cls" in variables
   pos = variables.get(POSEMB_PATH)
   if pos is None:

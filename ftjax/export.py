@@ -214,19 +214,25 @@ _TIMM_SIGLIP_NAMES = frozenset(
 
 # What a timm name fixes (dropout, remat, attention implementation... are not architecture).
 _TIMM_ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size", "pooling", "class_token",
-                   "posemb", "posemb_class_token", "fc_norm", "representation_size", "gelu_approximate")
+                   "posemb", "posemb_class_token", "fc_norm", "representation_size", "gelu_approximate",
+                   "reg_tokens", "layer_scale")
 
 
-def _timm_siglip_name(a: dict, h: int, w: int) -> str | None:
-  """timm's SigLIP tower name whose architecture (:func:`ftjax.models.vit.timm_arch`) is ``a``."""
+def _timm_family_name(a: dict, h: int, w: int) -> str | None:
+  """timm's SigLIP tower or DINOv2 name whose architecture (:func:`ftjax.models.vit.timm_arch`) is ``a``."""
   from ftjax.models import vit
   dims = (a["hidden_size"], a["num_layers"], a["num_heads"], a["mlp_dim"])
   size = next((s for s, d in vit._TIMM_SIZES.items() if d == dims), None)
-  name = f"vit_{size}_patch{a['patch_size']}_siglip{'_gap' if a['pooling'] == 'gap' else ''}_{h}"
-  if h != w or name not in _TIMM_SIGLIP_NAMES:
-    return None
-  named = vit.resolve_arch(vit.timm_arch(name)[0])
-  return name if all(named[k] == a[k] for k in _TIMM_ARCH_KEYS) else None
+  siglip = f"vit_{size}_patch{a['patch_size']}_siglip{'_gap' if a['pooling'] == 'gap' else ''}_{h}"
+  # DINOv2 names carry no resolution: convert_timm reads it from the position embedding.
+  dinov2 = f"vit_{size}_patch{a['patch_size']}_{'reg4_' if a['reg_tokens'] else ''}dinov2"
+  candidates = [n for n in (siglip if h == w and siglip in _TIMM_SIGLIP_NAMES else None,
+                            dinov2 if vit._TIMM_DINOV2.fullmatch(dinov2) else None) if n]
+  for name in candidates:
+    named = vit.resolve_arch(vit.timm_arch(name)[0])
+    if all(named[k] == a[k] for k in _TIMM_ARCH_KEYS):
+      return name
+  return None
 
 
 def _vit_timm_config(arch, image_size, num_classes: int) -> dict:
@@ -239,8 +245,8 @@ def _vit_timm_config(arch, image_size, num_classes: int) -> dict:
   # from a registered base name.
   name = f"vit_{key[0]}_patch{key[1]}_{key[2]}" if key in _TIMM_VIT_NAMES and h == w else \
       "vit_base_patch16_224"
-  if not a["class_token"]:
-    name = _timm_siglip_name(a, h, w) or name
+  if not a["class_token"] or a["layer_scale"] is not None:
+    name = _timm_family_name(a, h, w) or name
   model_args = {"img_size": h if h == w else [h, w], "patch_size": a["patch_size"],
                 "embed_dim": a["hidden_size"], "depth": a["num_layers"], "num_heads": a["num_heads"],
                 "mlp_ratio": a["mlp_dim"] / a["hidden_size"], "num_classes": int(num_classes),

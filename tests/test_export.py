@@ -208,10 +208,17 @@ def test_timm_named_variant_and_resnetv2_configs():
       ({"variant": "B/32", "pooling": "map", "class_token": False}, 256, "vit_base_patch16_224"),  # erf GELU
       ({"variant": "B/16", "pooling": "map", "class_token": False, "droppath_rate": 0.1}, 384,
        "vit_base_patch16_siglip_384"),  # a training option is no architecture
-      ({"variant": "B/16", "pooling": "map", "class_token": False}, 288, "vit_base_patch16_224")):
+      ({"variant": "B/16", "pooling": "map", "class_token": False}, 288, "vit_base_patch16_224"),
+      # DINOv2 likewise (LayerScale and registers are in its name, not in vit_base_patch16_224's)
+      ({"hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072, "patch_size": 14,
+        "layer_scale": 1e-5, "reg_tokens": 4, "posemb_class_token": False}, 224, "vit_base_patch14_reg4_dinov2"),
+      ({"hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536, "patch_size": 14,
+        "layer_scale": 1e-5}, 518, "vit_small_patch14_dinov2"),
+      ({"hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536, "patch_size": 14,
+        "layer_scale": 0.1}, 518, "vit_base_patch16_224")):  # another LayerScale start: model_args only
     cfg = export._vit_timm_config(arch, (size, size), 10)
     assert cfg["architecture"] == name, arch
-    if "siglip" in name:
+    if "siglip" in name or "dinov2" in name:
       assert timm.is_model(name)
       read, want = vit.resolve_arch(vit.timm_arch(name)[0]), vit.resolve_arch(arch)
       assert {k: read[k] for k in export._TIMM_ARCH_KEYS} == {k: want[k] for k in export._TIMM_ARCH_KEYS}

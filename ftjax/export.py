@@ -139,6 +139,9 @@ def _vit_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
   a = _vit_arch(arch)
   if a["representation_size"]:
     raise _unsupported("timm", "vit", "timm's ViT has no pre_logits layer")
+  if a["pooling"] == "token_gap":
+    raise _unsupported("timm", "vit", "timm's ViT has no class-token-and-mean pooling: pooling=token_gap",
+                       hint="neither format has it: keep the ftjax checkpoint")
   if a["posemb"] != "learn":
     raise _unsupported("timm", "vit", f"timm's ViT learns its position embedding: posemb={a['posemb']}",
                        hint="neither format has a fixed table: keep the ftjax checkpoint")

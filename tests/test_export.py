@@ -274,9 +274,10 @@ def test_unsupported_exports_are_config_errors(tmp_path):
     export.export(variables, gap, tmp_path, "hf")
   for arch, fmt in (({"variant": "test", "posemb_class_token": False}, "hf"),
                     ({"variant": "test", "layer_scale": 0.1}, "hf"),
+                    ({"variant": "test", "pooling": "token_gap"}, "timm"),
                     ({"variant": "test", "posemb": "sincos2d", "pooling": "gap"}, "timm")):
     _, other = _perturbed("vit", arch, 32, seed=5)
-    with pytest.raises(ConfigError, match=f"cannot export to {fmt}.*(posemb|layer_scale)"):
+    with pytest.raises(ConfigError, match=f"cannot export to {fmt}.*(posemb|layer_scale|token_gap)"):
       export.export(other, _meta("vit", arch, 32), tmp_path / "out", fmt)
   assert not (tmp_path / "out").exists()  # refused before anything is written
   with pytest.raises(ConfigError, match="unknown export format"):

@@ -175,6 +175,54 @@ def test_hf_siglip_model_image_tower_features_equal_its_pooler_output(tmp_path):
   _assert_parity(np.asarray(fewshot.features(model, variables, jnp.asarray(x.transpose(0, 2, 3, 1)))), want)
 
 
+_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=28, patch_size=7,
+               layerscale_value=0.5)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hf_dinov2_for_image_classification_parity(tmp_path, registers):
+  """The class token and the patch mean side by side into the classifier (pooling "token_gap");
+  LayerScale; with registers, transformers' position row of the class token is folded into it."""
+  from transformers import (Dinov2Config, Dinov2ForImageClassification, Dinov2WithRegistersConfig,
+                            Dinov2WithRegistersForImageClassification)
+  torch.manual_seed(0)
+  if registers:
+    ref = Dinov2WithRegistersForImageClassification(
+        Dinov2WithRegistersConfig(**_DINOV2, num_register_tokens=registers, num_labels=3))
+  else:
+    ref = Dinov2ForImageClassification(Dinov2Config(**_DINOV2, num_labels=3))
+  ref = _randomise(ref, seed=10)
+  ref.save_pretrained(tmp_path)
+  model, variables, report = from_pretrained(f"hf:{tmp_path}")
+  x = _images(2, 28, 28)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  regs = {"reg_tokens": 4, "posemb_class_token": False} if registers else {}
+  assert report.arch == {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 7,
+                         "pooling": "token_gap", "layer_scale": 0.5, **regs}
+  assert [k for k, _ in report.dropped] == [f"{'dinov2_with_registers' if registers else 'dinov2'}"
+                                            ".embeddings.mask_token"]
+  assert report.image_size == (28, 28) and variables["params"]["head"]["kernel"].shape == (64, 3)
+
+
+def test_hf_dinov2_model_features_are_its_pooler_output(tmp_path):
+  from transformers import Dinov2Config, Dinov2Model
+
+  from ftjax import fewshot
+  torch.manual_seed(0)
+  ref = _randomise(Dinov2Model(Dinov2Config(**_DINOV2)), seed=11)
+  ref.save_pretrained(tmp_path)
+  model, variables, report = from_pretrained(f"hf:{tmp_path}", num_classes=5)
+  assert report.arch.get("pooling", "token") == "token"
+  x = _images(2, 28, 28)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x)).pooler_output.numpy()
+  _assert_parity(np.asarray(fewshot.features(model, variables, jnp.asarray(x.transpose(0, 2, 3, 1)))), want)
+  config = tmp_path / "config.json"
+  config.write_text(config.read_text().replace('"use_swiglu_ffn": false', '"use_swiglu_ffn": true'))
+  with pytest.raises(CheckpointError, match="unsupported DINOv2 config.*use_swiglu_ffn=True"):
+    from_pretrained(f"hf:{tmp_path}", num_classes=5)
+
+
 def test_position_embedding_and_pooling_options_are_checked():
   a = vit.resolve_arch({"variant": "test", "pooling": "map"})
   assert (a["class_token"], a["posemb"], a["posemb_class_token"]) == (False, "learn", False)
@@ -182,7 +230,9 @@ def test_position_embedding_and_pooling_options_are_checked():
   assert (a["class_token"], a["posemb_class_token"]) == (True, False)
   assert vit.resolve_arch({"variant": "test"})["posemb_class_token"] is True
   for arch, message in (({"posemb": "sincos"}, r"unknown ViT position embedding \(arch.posemb\): 'sincos'"),
-                        ({"pooling": "mean"}, r"unknown ViT pooling.*'mean'; one of \['token', 'gap', 'map'\]"),
+                        ({"pooling": "mean"},
+                         r"unknown ViT pooling.*'mean'; one of \['token', 'gap', 'map', 'token_gap'\]"),
+                        ({"pooling": "token_gap", "class_token": False}, "token_gap pooling needs a class token"),
                         ({"posemb": "sincos2d", "posemb_class_token": True}, "has no class-token row"),
                         ({"posemb": "sincos2d", "hidden_size": 30, "num_heads": 2}, "multiple of 4")):
     with pytest.raises(ConfigError, match=message):

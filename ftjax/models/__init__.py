@@ -50,7 +50,8 @@ _TIMM_PREFIXES = (("vit_", vit.convert_timm), ("resnetv2_", resnet.convert_timm)
                   ("resnet", resnet.convert_timm), ("efficientnet_lite", efficientnet.convert_timm),
                   ("tf_efficientnet_lite", efficientnet.convert_timm))
 _HF_MODEL_TYPES = {"vit": vit.convert_hf, "resnet": resnet.convert_hf, "siglip": vit.convert_hf_siglip,
-                   "siglip_vision_model": vit.convert_hf_siglip}
+                   "siglip_vision_model": vit.convert_hf_siglip, "dinov2": vit.convert_hf_dinov2,
+                   "dinov2_with_registers": vit.convert_hf_dinov2}
 _BIT_NAME = re.compile(r"(BiT-[SML]-)?R\d+x\d+(-[\w.-]+)?", re.IGNORECASE)  # BiT-M-R50x1-ILSVRC2012
 
 

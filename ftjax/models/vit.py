@@ -65,10 +65,12 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 OPTIONS: dict[str, Any] = {
     # "token": the class token's output; "gap": mean of the patch tokens; "map": big_vision's
-    # multihead attention pooling (MAPHead_0: a learned probe attends over every token), as in
-    # SigLIP and timm's global_pool="map".
+    # multihead attention pooling (MAPHead_0: a learned probe attends over the patch tokens),
+    # as in SigLIP and timm's global_pool="map"; "token_gap": the class token's output and the
+    # patch tokens' mean side by side (DINOv2's linear evaluation, transformers'
+    # Dinov2ForImageClassification): a head of twice the width.
     "pooling": "token",
-    "class_token": None,  # None: a class token exactly when pooling == "token"
+    "class_token": None,  # None: a class token exactly when pooling is "token" or "token_gap"
     "reg_tokens": 0,  # register tokens after the class token (timm reg_tokens, DINOv2 "reg4")
     # "learn": a learned table (pos_embedding); "sincos2d": big_vision's fixed 2-D sin-cos
     # table (no parameter; its "Better plain ViT baselines" models), any image size.
@@ -122,7 +124,7 @@ OPTIONS: dict[str, Any] = {
     "layer_norm_impl": "ftjax",
 }
 
-POOLINGS = ("token", "gap", "map")
+POOLINGS = ("token", "gap", "map", "token_gap")
 POSEMBS = ("learn", "sincos2d")
 ATTENTION = ("xla", "cudnn", "auto")
 LAYER_NORM_IMPLS = ("ftjax", "flax")
@@ -186,9 +188,9 @@ def resolve_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     raise ConfigError("unknown ViT pooling", where="arch.pooling", value=repr(out["pooling"]),
                       hint=f"one of {list(POOLINGS)}")
   if out["class_token"] is None:
-    out["class_token"] = out["pooling"] == "token"
-  if out["pooling"] == "token" and not out["class_token"]:
-    raise ConfigError("token pooling needs a class token", where="arch.class_token", value=False)
+    out["class_token"] = out["pooling"] in ("token", "token_gap")
+  if out["pooling"] in ("token", "token_gap") and not out["class_token"]:
+    raise ConfigError(f"{out['pooling']} pooling needs a class token", where="arch.class_token", value=False)
   if out["posemb"] not in POSEMBS:
     raise ConfigError("unknown ViT position embedding", where="arch.posemb", value=repr(out["posemb"]),
                       hint=f"one of {list(POSEMBS)}")
@@ -799,6 +801,8 @@ class VisionTransformer(nn.Module):
       x = MAPHead(self.num_heads, self.mlp_dim, self.layer_norm_eps, self.dtype,
                   self.gelu_approximate, self.layer_norm_impl, name="MAPHead_0")(
           x[:, prefix:], deterministic=deterministic)
+    elif self.pooling == "token_gap":
+      x = jnp.concatenate([x[:, 0], jnp.mean(x[:, prefix:], axis=1)], axis=-1)
     else:  # the mean leaves the class and register tokens out, as timm's avg pooling does
       x = jnp.mean(x[:, prefix:], axis=1)
     if self.fc_norm:
@@ -1144,6 +1148,83 @@ def _hf_stats(preprocessor: Mapping[str, Any] | None) -> tuple[tuple[float, ...]
           tuple(float(v) for v in prep.get("image_std", INCEPTION_STD)))
 
 
+# transformers Dinov2Model / Dinov2ForImageClassification (dinov2) and their
+# dinov2_with_registers forms.
+
+def convert_hf_dinov2(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+                      preprocessor: Mapping[str, Any] | None = None) -> Converted:
+  """A transformers DINOv2 checkpoint -> ftjax layout (LayerScale; registers for ``dinov2_with_registers``).
+
+  ``Dinov2ForImageClassification`` classifies the class token and the patch mean side by
+  side (``pooling="token_gap"``); ``Dinov2Model`` has no classifier (pass ``num_classes``;
+  its features are the class token's).  The pre-training ``mask_token`` is dropped and
+  recorded.  With registers, transformers adds the class token's position-embedding row
+  before it inserts the registers: that row is folded into the class token (the same
+  sum, as timm converts these models) and the table keeps the patch rows only.
+  A different image size resamples the table when it is loaded, as timm does
+  (transformers resamples it at every call, without antialiasing).
+  """
+  where = "config.json"
+  if config.get("use_swiglu_ffn") or config.get("hidden_act", "gelu") not in _HF_GELUS or not config.get(
+      "qkv_bias", True) or config.get("num_channels", 3) != 3:
+    raise CheckpointError("unsupported DINOv2 config", where=where,
+                          value=f"use_swiglu_ffn={config.get('use_swiglu_ffn')} hidden_act="
+                                f"{config.get('hidden_act')!r} qkv_bias={config.get('qkv_bias')}",
+                          hint="the MLP DINOv2s (small, base, large) with the GELU; not giant's SwiGLU")
+  try:
+    width = int(config["hidden_size"])
+    dims = {"hidden_size": width, "num_layers": config["num_hidden_layers"],
+            "num_heads": config["num_attention_heads"], "mlp_dim": int(width * config.get("mlp_ratio", 4)),
+            "patch_size": config.get("patch_size", 14)}
+  except KeyError as e:
+    raise CheckpointError("DINOv2 config.json lacks a field", where=where, value=str(e)) from None
+  heads = int(dims["num_heads"])
+  regs = int(config.get("num_register_tokens", 0)) if config.get("model_type") == "dinov2_with_registers" else 0
+  pre = r"(?:dinov2\.|dinov2_with_registers\.)?"
+  layer = pre + r"encoder\.layer\.(\d+)\."
+  rules = [
+      (pre + r"embeddings\.cls_token", _to("cls")),
+      (pre + r"embeddings\.register_tokens", _to("reg")),
+      (pre + r"embeddings\.mask_token", lambda m, a: "pre-training mask token: unused by a classifier"),
+      (pre + r"embeddings\.position_embeddings", _to("Transformer/posembed_input/pos_embedding")),
+      (pre + r"embeddings\.patch_embeddings\.projection\.(weight|bias)", _conv_oihw("embedding")),
+      (layer + r"attention\.(?:attention\.)?(query|key|value|[qkv]_proj)\.(weight|bias)",
+       lambda m, a: _linear(f"{_block(m.group(1))}/{_ATTN}/{_HF_ATTN[m.group(2)]}", heads, "out")(m, a)),
+      (layer + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)",
+       _linear(_block("{0}") + f"/{_ATTN}/out", heads, "in")),
+      (layer + r"norm1\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_0")),
+      (layer + r"norm2\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_2")),
+      (layer + r"layer_scale1\.lambda1", _to(_block("{0}") + "/layer_scale_attention")),
+      (layer + r"layer_scale2\.lambda1", _to(_block("{0}") + "/layer_scale_mlp")),
+      (layer + r"mlp\.fc1\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_0")),
+      (layer + r"mlp\.fc2\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_1")),
+      (pre + r"layernorm\.(weight|bias)", _norm("Transformer/encoder_norm")),
+      (r"classifier\.(weight|bias)", _linear("head")),
+  ]
+  mapped = _map_keys(tensors, rules, "Hugging Face DINOv2 checkpoint")
+  v = mapped.variables
+  pos = v.get(POSEMB_PATH)
+  if pos is None or np.ndim(pos) != 3 or "params/cls" not in v:
+    raise CheckpointError("DINOv2 checkpoint lacks its class token or position embedding", where=where,
+                          value=None if pos is None else f"position embedding {np.shape(pos)}")
+  options: dict[str, Any] = {"layer_scale": float(config.get("layerscale_value", 1.0)),
+                             "layer_norm_eps": float(config.get("layer_norm_eps", 1e-6)),
+                             "gelu_approximate": _HF_GELUS[config.get("hidden_act", "gelu")]}
+  if regs:
+    pos = np.asarray(pos)
+    v["params/cls"] = np.asarray(v["params/cls"]) + pos[:, :1]
+    v[POSEMB_PATH] = pos[:, 1:]
+    options.update(reg_tokens=regs, posemb_class_token=False)
+  if "params/head/kernel" in v:
+    options["pooling"] = "token_gap"
+  image_size = _grid_size(v[POSEMB_PATH].shape[1], 0 if regs else 1, int(dims["patch_size"]), where)
+  num_classes = _num_classes(v)
+  mean, std = _hf_stats(preprocessor) if preprocessor else (IMAGENET_MEAN, IMAGENET_STD)
+  return Converted(family="vit", arch=_arch(dims, **options), num_classes=num_classes, image_size=image_size,
+                   variables=v, mean=mean, std=std, class_names=_hf_class_names(config, num_classes),
+                   dropped=mapped.dropped)
+
+
 # transformers SiglipVisionModel (model_type siglip_vision_model), SiglipModel and
 # SiglipForImageClassification (siglip: the vision tower's config is its vision_config).
 
@@ -1477,6 +1558,7 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
 
 
 __all__ = ["FAMILY", "MAPHead", "OPTIONS", "POOLINGS", "POSEMBS", "VARIANTS", "VisionTransformer",
-           "bicubic_aa_matrix", "canonical_variant", "check_image_size", "convert_hf", "convert_hf_siglip",
-           "convert_npz", "convert_timm", "create_model", "posemb_sincos_2d", "resample_grid", "resample_posemb",
-           "resizers", "resolve_arch", "timm_arch", "timm_preprocessing"]
+           "bicubic_aa_matrix", "canonical_variant", "check_image_size", "convert_hf",
+           "convert_hf_dinov2", "convert_hf_siglip", "convert_npz", "convert_timm", "create_model",
+           "posemb_sincos_2d", "resample_grid", "resample_posemb", "resizers", "resolve_arch",
+           "timm_arch", "timm_preprocessing"]

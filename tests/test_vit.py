@@ -746,6 +746,31 @@ def test_malformed_checkpoints_are_one_line_errors_naming_the_key():
       vit.convert_hf({"hidden_act": act}, {})
 
 
+def test_malformed_siglip_and_dinov2_configs_are_one_line_errors_naming_the_field():
+  """A config.json field of the wrong type (a list for hidden_act, null or a string for a
+  number) is a CheckpointError naming the field, not a TypeError or ValueError from the converter."""
+  dinov2 = {"model_type": "dinov2_with_registers", "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_register_tokens": 4}
+  siglip = {"model_type": "siglip", "vision_config": {"hidden_size": 32, "num_hidden_layers": 2,
+                                                      "num_attention_heads": 2, "intermediate_size": 48}}
+  for convert, config, message in (
+      (vit.convert_hf_dinov2, {**dinov2, "hidden_act": ["gelu"]}, r"unsupported DINOv2 config.*\['gelu'\]"),
+      (vit.convert_hf_dinov2, {**dinov2, "hidden_size": None}, r"not an integer \(config.json\): hidden_size=None"),
+      (vit.convert_hf_dinov2, {**dinov2, "mlp_ratio": "4"}, r"not a number \(config.json\): mlp_ratio='4'"),
+      (vit.convert_hf_dinov2, {**dinov2, "layerscale_value": None}, r"not a number.*layerscale_value=None"),
+      (vit.convert_hf_dinov2, {**dinov2, "num_register_tokens": "x"}, r"not an integer.*num_register_tokens='x'"),
+      (vit.convert_hf_dinov2, {k: v for k, v in dinov2.items() if k != "num_hidden_layers"},
+       r"config.json lacks a field \(config.json\): 'num_hidden_layers'"),
+      (vit.convert_hf_siglip, {**siglip, "vision_config": {**siglip["vision_config"], "hidden_act": ["gelu"]}},
+       r"unsupported SigLIP vision config.*\['gelu'\]"),
+      (vit.convert_hf_siglip, {**siglip, "vision_config": {**siglip["vision_config"], "patch_size": 8.5}},
+       r"not an integer \(config.json: vision_config\): patch_size=8.5"),
+      (vit.convert_hf_siglip, {**siglip, "vision_config": {**siglip["vision_config"], "image_size": "32"}},
+       r"image_size is not .*\(config.json: vision_config\): image_size='32'")):
+    with pytest.raises(CheckpointError, match=message):
+      convert(config, {})
+
+
 def test_remat_blocks_give_the_same_logits_and_gradients():
   from ftjax import models
   plain, _ = models.create("vit", {"variant": "test"}, num_classes=3, image_size=32)

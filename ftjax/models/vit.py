@@ -1070,6 +1070,29 @@ _HF_ATTN = {"query": "query", "key": "key", "value": "value",  # saved layout
 # transformers' hidden_act names: is it the tanh form?
 _HF_GELUS = {"gelu": False, "gelu_pytorch_tanh": True, "gelu_new": True}
 
+_REQUIRED = object()
+
+
+def _config_number(config: Mapping[str, Any], key: str, kind: type, where: str, default: Any = _REQUIRED):
+  """``config[key]`` (``default`` where absent) as ``kind`` (int or float); a missing required
+  field, or a value of another type (null, a string, a list, 2.5 for an int), is a CheckpointError.
+
+  >>> _config_number({"mlp_ratio": 4}, "mlp_ratio", float, "config.json")
+  4.0
+  >>> _config_number({"hidden_size": None}, "hidden_size", int, "config.json")  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.CheckpointError: ftjax: error: config.json field is not an integer (config.json): hidden_size=None
+  """
+  value = config.get(key, default)
+  if value is _REQUIRED:
+    raise CheckpointError("config.json lacks a field", where=where, value=repr(key))
+  number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if not number or (kind is int and not float(value).is_integer()):
+    raise CheckpointError(f"config.json field is not {'an integer' if kind is int else 'a number'}",
+                          where=where, value=f"{key}={value!r}")
+  return kind(value)
+
 
 def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
                preprocessor: Mapping[str, Any] | None = None) -> Converted:
@@ -1127,9 +1150,15 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
                    dropped=mapped.dropped)
 
 
-def _hf_image_size(config: Mapping[str, Any]) -> tuple[int, int]:
+def _hf_image_size(config: Mapping[str, Any], where: str = "config.json") -> tuple[int, int]:
+  """config.json's ``image_size`` (an int or a pair; 224 when absent) as (height, width)."""
   size = config.get("image_size", 224)
-  return (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+  sides = list(size) if isinstance(size, (list, tuple)) else [size, size]
+  if len(sides) != 2 or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
+                                and float(s).is_integer() for s in sides):
+    raise CheckpointError("config.json image_size is not a positive integer or a pair of them", where=where,
+                          value=f"image_size={size!r}")
+  return (int(sides[0]), int(sides[1]))
 
 
 def _hf_class_names(config: Mapping[str, Any], num_classes: int) -> list[str] | None:
@@ -1165,21 +1194,26 @@ def convert_hf_dinov2(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
   (transformers resamples it at every call, without antialiasing).
   """
   where = "config.json"
-  if config.get("use_swiglu_ffn") or config.get("hidden_act", "gelu") not in _HF_GELUS or not config.get(
+  act = config.get("hidden_act", "gelu")
+  if config.get("use_swiglu_ffn") or not isinstance(act, str) or act not in _HF_GELUS or not config.get(
       "qkv_bias", True) or config.get("num_channels", 3) != 3:
     raise CheckpointError("unsupported DINOv2 config", where=where,
                           value=f"use_swiglu_ffn={config.get('use_swiglu_ffn')} hidden_act="
                                 f"{config.get('hidden_act')!r} qkv_bias={config.get('qkv_bias')}",
                           hint="the MLP DINOv2s (small, base, large) with the GELU; not giant's SwiGLU")
-  try:
-    width = int(config["hidden_size"])
-    dims = {"hidden_size": width, "num_layers": config["num_hidden_layers"],
-            "num_heads": config["num_attention_heads"], "mlp_dim": int(width * config.get("mlp_ratio", 4)),
-            "patch_size": config.get("patch_size", 14)}
-  except KeyError as e:
-    raise CheckpointError("DINOv2 config.json lacks a field", where=where, value=str(e)) from None
-  heads = int(dims["num_heads"])
-  regs = int(config.get("num_register_tokens", 0)) if config.get("model_type") == "dinov2_with_registers" else 0
+  number = functools.partial(_config_number, config, where=where)
+  width = number("hidden_size", int)
+  # transformers' Dinov2MLP: int(hidden_size * mlp_ratio), mlp_ratio possibly fractional
+  dims = {"hidden_size": width, "num_layers": number("num_hidden_layers", int),
+          "num_heads": number("num_attention_heads", int),
+          "mlp_dim": int(width * number("mlp_ratio", float, default=4)),
+          "patch_size": number("patch_size", int, default=14)}
+  heads = dims["num_heads"]
+  regs = (number("num_register_tokens", int, default=0)
+          if config.get("model_type") == "dinov2_with_registers" else 0)
+  options: dict[str, Any] = {"layer_scale": number("layerscale_value", float, default=1.0),
+                             "layer_norm_eps": number("layer_norm_eps", float, default=1e-6),
+                             "gelu_approximate": _HF_GELUS[act]}
   pre = r"(?:dinov2\.|dinov2_with_registers\.)?"
   layer = pre + r"encoder\.layer\.(\d+)\."
   rules = [
@@ -1207,9 +1241,6 @@ def convert_hf_dinov2(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
   if pos is None or np.ndim(pos) != 3 or "params/cls" not in v:
     raise CheckpointError("DINOv2 checkpoint lacks its class token or position embedding", where=where,
                           value=None if pos is None else f"position embedding {np.shape(pos)}")
-  options: dict[str, Any] = {"layer_scale": float(config.get("layerscale_value", 1.0)),
-                             "layer_norm_eps": float(config.get("layer_norm_eps", 1e-6)),
-                             "gelu_approximate": _HF_GELUS[config.get("hidden_act", "gelu")]}
   if regs:
     pos = np.asarray(pos)
     v["params/cls"] = np.asarray(v["params/cls"]) + pos[:, :1]
@@ -1251,14 +1282,15 @@ def convert_hf_siglip(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
                           value=type(vision).__name__)
   c = {**_HF_SIGLIP_DEFAULTS, **vision}  # transformers may leave defaults out of nested configs
   act = c["hidden_act"]
-  if act not in _HF_GELUS or c["num_channels"] != 3:
+  if not isinstance(act, str) or act not in _HF_GELUS or c["num_channels"] != 3:  # (a list is unhashable)
     raise CheckpointError("unsupported SigLIP vision config", where=f"{where}: vision_config",
                           value=f"hidden_act={act!r} num_channels={c['num_channels']}",
                           hint=f"hidden_act one of {list(_HF_GELUS)}, 3 channels")
-  dims = {"hidden_size": c["hidden_size"], "num_layers": c["num_hidden_layers"],
-          "num_heads": c["num_attention_heads"], "mlp_dim": c["intermediate_size"],
-          "patch_size": c["patch_size"]}
-  heads = int(dims["num_heads"])
+  number = functools.partial(_config_number, c, where=f"{where}: vision_config")
+  dims = {"hidden_size": number("hidden_size", int), "num_layers": number("num_hidden_layers", int),
+          "num_heads": number("num_attention_heads", int), "mlp_dim": number("intermediate_size", int),
+          "patch_size": number("patch_size", int)}
+  heads = dims["num_heads"]
   classifier = "classifier.weight" in tensors
   pre = r"(?:vision_model\.)?"
   layer = pre + r"encoder\.layers\.(\d+)\."
@@ -1304,8 +1336,8 @@ def convert_hf_siglip(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
   num_classes = _num_classes(mapped.variables)
   mean, std = _hf_stats(preprocessor)
   arch = _arch(dims, pooling="map" if has_head else "gap", class_token=False,
-               layer_norm_eps=float(c["layer_norm_eps"]), gelu_approximate=_HF_GELUS[act])
-  return Converted(family="vit", arch=arch, num_classes=num_classes, image_size=_hf_image_size(c),
+               layer_norm_eps=number("layer_norm_eps", float), gelu_approximate=_HF_GELUS[act])
+  return Converted(family="vit", arch=arch, num_classes=num_classes, image_size=_hf_image_size(c, f"{where}: vision_config"),
                    variables=mapped.variables, mean=mean, std=std,
                    class_names=_hf_class_names(config, num_classes), dropped=mapped.dropped)
 

@@ -321,6 +321,33 @@ def test_timm_dinov2_parity(tmp_path, name):
   assert report.resized == [(vit.POSEMB_PATH, (1, rows - 20, 384), (1, rows, 384))]
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_timm_dinov2_reads_facebooks_original_files_as_timm_does(tmp_path, name):
+  """facebookresearch/dinov2's .pth (mask_token; with registers, register_tokens and a class-token
+  row in pos_embed) loads under its timm name, as timm's checkpoint_filter_fn loads it."""
+  torch.manual_seed(0)
+  ref = _randomise(timm.create_model(name, num_classes=0, img_size=56), seed=12, scale=0.05)
+  original = {k: v.clone() for k, v in ref.state_dict().items()}
+  if "reg_token" in original:  # the inverse of timm's _convert_dinov2, with a non-zero class row
+    row = torch.randn(1, 1, 384, generator=torch.Generator().manual_seed(0)) * 0.1
+    original["register_tokens"] = original.pop("reg_token")
+    original["cls_token"] = original.pop("cls_token") - row
+    original["pos_embed"] = torch.cat([row, original.pop("pos_embed")], 1)
+  original["mask_token"] = torch.zeros(1, 384)
+  path = tmp_path / "dinov2_pretrain.pth"
+  torch.save(original, path)
+  check = timm.create_model(name, num_classes=0, img_size=56)
+  check.load_state_dict(checkpoint_filter_fn(torch.load(path), check))  # timm reads it so
+  model, variables, report = from_pretrained(f"timm:{name}@{path}", num_classes=3)
+  assert report.dropped == [("mask_token", "DINOv2 pre-training mask token: unused by a classifier")]
+  assert report.image_size == (56, 56)
+  assert [k for k, _ in report.reinitialized] == ["params/head/bias", "params/head/kernel"]  # the new head only
+  from ftjax import fewshot
+  x = _images(2, 56, 56)
+  got = np.asarray(fewshot.features(model, variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
+  _assert_parity(got, _torch_logits(ref, x))
+
+
 def test_timm_avg_pool_with_fc_norm_parity(tmp_path):
   """timm global_pool='avg' (mean of patch tokens, then fc_norm), loaded with explicit overrides."""
   torch.manual_seed(0)

@@ -1418,11 +1418,37 @@ def timm_preprocessing(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]
   return _TIMM_TAG_STATS.get(tag, (INCEPTION_MEAN, INCEPTION_STD))
 
 
+def _dinov2_original_to_timm(tensors: Mapping[str, np.ndarray], source: str
+                             ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+  """facebookresearch/dinov2's own state dict (``dinov2_vits14_reg4_pretrain.pth``) -> timm's keys.
+
+  What timm's ``checkpoint_filter_fn`` does for these files: the pre-training
+  ``mask_token`` is dropped (and recorded); ``register_tokens`` become ``reg_token``, and
+  since timm's DINOv2 with registers adds no position embedding to the class token and the
+  registers, the class token's row of ``pos_embed`` is folded into ``cls_token``.
+  """
+  out = dict(tensors)
+  dropped = [("mask_token", "DINOv2 pre-training mask token: unused by a classifier")]
+  del out["mask_token"]
+  if "register_tokens" in out:
+    pos, cls = out.get("pos_embed"), out.get("cls_token")
+    if pos is None or cls is None or np.ndim(pos) != 3 or np.ndim(cls) != 3 or np.shape(pos)[1] < 1:
+      raise CheckpointError("DINOv2 checkpoint with registers lacks its class token or position embedding",
+                            where=source, value=f"pos_embed {np.shape(pos)} cls_token {np.shape(cls)}")
+    pos = np.asarray(pos)
+    out["reg_token"] = out.pop("register_tokens")
+    out["cls_token"] = np.asarray(cls) + pos[:, :1]
+    out["pos_embed"] = pos[:, 1:]
+  return out, dropped
+
+
 def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   """A timm ``vit_*`` state dict -> ftjax layout; the architecture comes from ``name``.
 
   The image size is that of the position embedding's square grid (a model created with
-  ``img_size=...`` keeps the name of its 224 px variant), else the name's.
+  ``img_size=...`` keeps the name of its 224 px variant), else the name's.  DINOv2's
+  original files (facebookresearch/dinov2 ``.pth``: ``mask_token``, ``register_tokens``)
+  are read as timm reads them.
 
   A model trained with a non-default ``global_pool='avg'`` holds ``fc_norm``,
   which the name does not announce: load it with the overrides
@@ -1433,6 +1459,9 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   full = resolve_arch(arch)
   heads = full["num_heads"]
   source = f"timm:{name}"
+  dropped: list[tuple[str, str]] = []
+  if "mask_token" in tensors:  # facebookresearch/dinov2's layout, which timm's loader reads too
+    tensors, dropped = _dinov2_original_to_timm(tensors, source)
 
   def qkv(m, arr):
     i, leaf = m.groups()
@@ -1489,7 +1518,7 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   mean, std = timm_preprocessing(name)
   return Converted(family="vit", arch=arch, num_classes=_num_classes(mapped.variables),
                    image_size=image_size, variables=mapped.variables, mean=mean, std=std,
-                   dropped=mapped.dropped)
+                   dropped=dropped + mapped.dropped)
 
 
 # Google .npz (vit_jax, and big_vision's unscanned layout).

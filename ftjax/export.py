@@ -231,9 +231,12 @@ def _timm_family_name(a: dict, h: int, w: int) -> str | None:
   dinov2 = f"vit_{size}_patch{a['patch_size']}_{'reg4_' if a['reg_tokens'] else ''}dinov2"
   candidates = [n for n in (siglip if h == w and siglip in _TIMM_SIGLIP_NAMES else None,
                             dinov2 if vit._TIMM_DINOV2.fullmatch(dinov2) else None) if n]
+  # LayerScale's start value is no architecture once its vectors are loaded (model_args carry
+  # it as init_values): transformers' DINOv2 configs start it at 1.0, timm's names at 1e-5.
+  same = lambda k, x, y: (x is None) == (y is None) if k == "layer_scale" else x == y
   for name in candidates:
     named = vit.resolve_arch(vit.timm_arch(name)[0])
-    if all(named[k] == a[k] for k in _TIMM_ARCH_KEYS):
+    if all(same(k, named[k], a[k]) for k in _TIMM_ARCH_KEYS):
       return name
   return None
 

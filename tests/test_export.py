@@ -214,19 +214,51 @@ def test_timm_named_variant_and_resnetv2_configs():
         "layer_scale": 1e-5, "reg_tokens": 4, "posemb_class_token": False}, 224, "vit_base_patch14_reg4_dinov2"),
       ({"hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536, "patch_size": 14,
         "layer_scale": 1e-5}, 518, "vit_small_patch14_dinov2"),
+      # Another LayerScale start (transformers' DINOv2 configs: 1.0) is no other architecture:
+      # the name still reads back (model_args carry init_values).
       ({"hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536, "patch_size": 14,
-        "layer_scale": 0.1}, 518, "vit_base_patch16_224")):  # another LayerScale start: model_args only
+        "layer_scale": 1.0}, 518, "vit_small_patch14_dinov2")):
     cfg = export._vit_timm_config(arch, (size, size), 10)
     assert cfg["architecture"] == name, arch
     if "siglip" in name or "dinov2" in name:
       assert timm.is_model(name)
       read, want = vit.resolve_arch(vit.timm_arch(name)[0]), vit.resolve_arch(arch)
-      assert {k: read[k] for k in export._TIMM_ARCH_KEYS} == {k: want[k] for k in export._TIMM_ARCH_KEYS}
+      keys = [k for k in export._TIMM_ARCH_KEYS if k != "layer_scale"]
+      assert {k: read[k] for k in keys} == {k: want[k] for k in keys}
+      assert (read["layer_scale"] is None) == (want["layer_scale"] is None)
   assert all(timm.is_model(n) for n in export._TIMM_SIGLIP_NAMES)
   assert export._resnet_timm_config({"variant": "resnet50"}, 10) == \
       {"architecture": "resnet50", "model_args": {"num_classes": 10}}
   assert export._resnetv2_timm_config({"variant": "R101x3"}, 10) == {
       "architecture": "resnetv2_101x3_bit", "model_args": {"num_classes": 10}}
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hf_dinov2_exported_to_timm_reads_back_by_its_name(tmp_path, registers):
+  """A DINOv2 from transformers (LayerScale started at 1.0, its configs' layerscale_value) exported
+  to timm is named vit_small_patch14[_reg4]_dinov2, which from_pretrained("timm:<name>@...") reads
+  back to the same function (under vit_base_patch16_224 it read as another model)."""
+  from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+  dims = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=28, patch_size=14)
+  torch.manual_seed(0)
+  ref = (Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**dims, num_register_tokens=registers)) if registers
+         else Dinov2Model(Dinov2Config(**dims)))
+  ref.save_pretrained(tmp_path / "hf")
+  model, variables, report = models.from_pretrained(f"hf:{tmp_path / 'hf'}", num_classes=len(CLASSES))
+  assert report.arch["layer_scale"] == 1.0
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda v: np.asarray(v) + rng.normal(0, 0.05, np.shape(v)).astype(np.float32),
+                           variables)
+  meta = {**_meta("vit", report.arch, 28), "mean": list(report.mean), "std": list(report.std)}
+  out = export.export(variables, meta, tmp_path / "timm", "timm")
+  name = json.loads((out / "config.json").read_text())["architecture"]
+  assert name == f"vit_small_patch14_{'reg4_' if registers else ''}dinov2"
+  theirs = _torch_logits(_timm_model(out)[0], _images(28))
+  back, read, _ = models.from_pretrained(f"timm:{name}@{out / 'model.safetensors'}")
+  x = _images(28)
+  ours = np.asarray(model.apply(variables, jnp.asarray(x)))
+  assert np.abs(np.asarray(back.apply(read, jnp.asarray(x))) - ours).max() < 1e-4
+  assert np.abs(theirs - ours).max() < 1e-4 and np.abs(ours).max() > 0.1
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "tf_efficientnet_lite0"])

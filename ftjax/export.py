@@ -79,8 +79,13 @@ def _vit_blocks(a: dict) -> range:
   return range(a["num_layers"])
 
 
+_NO_TOKEN_GAP = "neither format has class-token-and-mean pooling: pooling=token_gap"
+
+
 def _vit_hf(arch, flat: Flat) -> dict[str, np.ndarray]:
   a = _vit_arch(arch)
+  if a["pooling"] == "token_gap":  # first: the other refusals' hints send it to timm, which refuses it too
+    raise _unsupported("hf", "vit", _NO_TOKEN_GAP, hint="keep the ftjax checkpoint")
   if a["posemb"] != "learn" or (a["class_token"] and not a["posemb_class_token"]):
     raise _unsupported("hf", "vit", "transformers' ViT learns a position embedding with a class-token "
                        f"row: posemb={a['posemb']} posemb_class_token={a['posemb_class_token']}",
@@ -140,8 +145,7 @@ def _vit_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
   if a["representation_size"]:
     raise _unsupported("timm", "vit", "timm's ViT has no pre_logits layer")
   if a["pooling"] == "token_gap":
-    raise _unsupported("timm", "vit", "timm's ViT has no class-token-and-mean pooling: pooling=token_gap",
-                       hint="neither format has it: keep the ftjax checkpoint")
+    raise _unsupported("timm", "vit", _NO_TOKEN_GAP, hint="keep the ftjax checkpoint")
   if a["posemb"] != "learn":
     raise _unsupported("timm", "vit", f"timm's ViT learns its position embedding: posemb={a['posemb']}",
                        hint="neither format has a fixed table: keep the ftjax checkpoint")

@@ -312,6 +312,14 @@ def test_unsupported_exports_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=f"cannot export to {fmt}.*(posemb|layer_scale|token_gap)"):
       export.export(other, _meta("vit", arch, 32), tmp_path / "out", fmt)
   assert not (tmp_path / "out").exists()  # refused before anything is written
+  # A Dinov2ForImageClassification fine-tune: neither format reads its pooling, and neither
+  # refusal sends it to the other.
+  dinov2 = {"variant": "test", "pooling": "token_gap", "layer_scale": 1.0, "reg_tokens": 4,
+            "posemb_class_token": False}
+  _, other = _perturbed("vit", dinov2, 32, seed=5)
+  for fmt in ("hf", "timm"):
+    with pytest.raises(ConfigError, match=f"cannot export to {fmt}.*neither format.*token_gap; keep the ftjax"):
+      export.export(other, _meta("vit", dinov2, 32), tmp_path / "out", fmt)
   with pytest.raises(ConfigError, match="unknown export format"):
     export.export(variables, _meta("vit", VIT_ARCH, 32), tmp_path, "onnx")
   (tmp_path / "a_file").write_text("")

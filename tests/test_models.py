@@ -127,17 +127,33 @@ def test_dont_load_rule_matching_nothing_is_an_error(tiny_vit_npz):
     models.from_pretrained(f"npz:test@{tiny_vit_npz}", dont_load=["params/head/("])
 
 
-def test_a_position_embedding_of_another_grid_is_refused_with_both_shapes(tmp_path):
+def test_a_position_embedding_without_a_class_row_is_read_as_such(tmp_path):
   # timm's no_embed_class: the position embedding has no class-token row, which the name
-  # does not say. Not a resampling of the checkpoint's grid: a one-line error, no reshape.
+  # does not say; its square row count does (a class row makes it one more than a square).
   timm = pytest.importorskip("timm")
   import safetensors.torch
-  ref = timm.create_model("vit_tiny_patch16_224", no_embed_class=True, num_classes=3)
+  import torch
+  torch.manual_seed(0)
+  ref = timm.create_model("vit_tiny_patch16_224", no_embed_class=True, num_classes=3, img_size=64).eval()
+  with torch.no_grad():
+    ref.cls_token.normal_()
+    ref.head.weight.normal_()
   safetensors.torch.save_file(ref.state_dict(), str(tmp_path / "t.safetensors"))
+  model, variables, report = models.from_pretrained(f"timm:vit_tiny_patch16_224@{tmp_path / 't.safetensors'}")
+  assert report.arch == {"variant": "Ti/16", "posemb_class_token": False} and report.image_size == (64, 64)
+  x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x)).numpy()
+  got = np.asarray(model.apply(variables, x.transpose(0, 2, 3, 1)))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, np.abs(want).max()))
+  # A row count that is neither a square nor one more: no resampling guess, a one-line error.
+  flat = {k: v for k, v in safetensors.torch.load_file(str(tmp_path / "t.safetensors")).items()}
+  flat["pos_embed"] = flat["pos_embed"][:, :15]
+  safetensors.torch.save_file(flat, str(tmp_path / "u.safetensors"))
   with pytest.raises(CheckpointError, match=r"position embedding does not fit the model \(params/Transformer/"
-                                            r"posembed_input/pos_embedding\): checkpoint \(1, 196, 192\) vs "
-                                            r"model \(1, 197, 192\)"):
-    models.from_pretrained(f"timm:vit_tiny_patch16_224@{tmp_path / 't.safetensors'}")
+                                            r"posembed_input/pos_embedding\): checkpoint \(1, 15, 192\) vs "
+                                            r"model \(1, 17, 192\)"):
+    models.from_pretrained(f"timm:vit_tiny_patch16_224@{tmp_path / 'u.safetensors'}", image_size=64)
 
 
 def test_a_hub_repo_brings_its_image_processors_statistics(tmp_path, monkeypatch):

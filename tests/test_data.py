@@ -266,6 +266,20 @@ def test_symlink_cycle_in_a_class_folder_is_one_error(tmp_path):
                           "that points back to a folder containing it")
 
 
+@pytest.mark.parametrize("where", ["x/sub/self", "x/sub/self.png", "self"])
+def test_a_symbolic_link_to_itself_is_one_error(tmp_path, where):
+  # A link that resolves to itself (or round a ring of links) fails stat with ELOOP: one
+  # line naming it, not an OSError traceback out of DirEntry.is_dir.
+  _image_tree(tmp_path / "p", ["x/a.png", "x/sub/b.png", "y/c.png"])
+  link = tmp_path / "p" / where
+  link.symlink_to(link.name)
+  with pytest.raises(DataError) as e:
+    fd.build(_plain(source="folder", root=str(tmp_path / "p"), val_fraction=0.0), split="train")
+  assert str(e.value).startswith(f"ftjax: error: symbolic-link cycle in an image folder ({link}): "
+                                 "OSError: Too many levels of symbolic links; remove the link "
+                                 "or point it at a file or folder")
+
+
 def test_a_root_one_level_too_high_is_one_error(tmp_path):
   # Its class folders are splits: read at any depth, it would train on 'train' against 'val'.
   _image_tree(tmp_path / "p", ["train/cat/a.png", "train/dog/b.png", "val/cat/c.png"])

@@ -108,7 +108,18 @@ def test_cli_top_k_and_one_line_errors(run, images, tmp_path, capsys):
                           "top3_prob", "error"]
   empty = tmp_path / "empty"
   empty.mkdir()
-  cases = [([f"--workdir={tmp_path / 'nope'}", f"--images={images}"], 2, "workdir not found"),
+  # symbolic-link cycles: a link to a folder above it, and a link to itself (ELOOP on stat)
+  looped, selfed = tmp_path / "looped" / "sub", tmp_path / "selfed"
+  for d in (looped, selfed):
+    d.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(d / "a.png")
+  (looped / "up").symlink_to("..", target_is_directory=True)
+  (selfed / "self").symlink_to("self")
+  cases = [([f"--workdir={run}", f"--images={looped.parent}"], 3,
+            f"symbolic-link cycle in an image folder ({looped}/up)"),
+           ([f"--workdir={run}", f"--images={selfed}"], 3,
+            f"symbolic-link cycle in an image folder ({selfed}/self)"),
+           ([f"--workdir={tmp_path / 'nope'}", f"--images={images}"], 2, "workdir not found"),
            ([f"--workdir={run}", f"--images={empty}"], 3, "no images in folder"),
            ([f"--workdir={empty}", f"--images={images}"], 3, "checkpoint"),
            ([f"--workdir={run}", f"--images={images}", "--top_k=0"], 2, "top_k must be"),

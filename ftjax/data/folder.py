@@ -16,6 +16,7 @@ their top 8 bits, as Pillow already does for 16-bit colour PNGs.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import warnings
@@ -48,6 +49,21 @@ def is_image_file(name: str) -> bool:
   return not name.startswith(".") and name.lower().endswith(EXTENSIONS)
 
 
+def _is(entry: os.DirEntry, kind: str) -> bool:
+  """``entry.is_dir()`` or ``entry.is_file()`` (symbolic links followed); a link that does not
+  resolve for a reason other than a missing target is an error naming it."""
+  try:
+    return entry.is_dir() if kind == "dir" else entry.is_file()
+  except OSError as e:
+    # A link to itself, or a ring of links, fails stat with ELOOP (os.walk would file it
+    # silently as a file); a missing target is False above, as os.walk takes it.
+    loop = e.errno == errno.ELOOP
+    raise DataError("symbolic-link cycle in an image folder" if loop else "image folder entry does not read",
+                    where=entry.path, value=f"{type(e).__name__}: {e.strerror}",
+                    hint="remove the link or point it at a file or folder" if loop
+                    else "check its permissions") from None
+
+
 def _folders(folder: str, ancestors: tuple[str, ...] = ()) -> Iterator[tuple[str, list]]:
   """(path, non-hidden ``os.DirEntry`` list) of ``folder`` and of every non-hidden folder
   under it, symbolic links followed; a link back to a folder it is inside is an error."""
@@ -65,7 +81,7 @@ def _folders(folder: str, ancestors: tuple[str, ...] = ()) -> Iterator[tuple[str
                     hint="check its permissions") from None
   yield folder, entries
   for e in entries:
-    if e.is_dir():
+    if _is(e, "dir"):
       yield from _folders(e.path, ancestors + (real,))
 
 
@@ -89,7 +105,7 @@ def image_paths(folder: str) -> tuple[list[str], list[str]]:
   """
   images, others = [], []
   for path, entries in sorted(_folders(folder), key=lambda f: f[0]):
-    names = sorted(e.name for e in entries if e.is_file())
+    names = sorted(e.name for e in entries if _is(e, "file"))
     images += [os.path.join(path, n) for n in names if is_image_file(n)]
     others += [os.path.join(path, n) for n in names if n.lower().endswith(OTHER_IMAGES)]
   return images, others
@@ -99,7 +115,7 @@ def scan(root: str) -> tuple[list[str], list[list[str]]]:
   """Class names (sorted sub-folders) and each class's image paths (:func:`image_paths`)."""
   if not os.path.isdir(root):
     raise DataError("image folder not found", where=root, value=None, hint=LAYOUT_HINT)
-  classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+  classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _is(e, "dir"))
   if not classes:
     raise DataError("no class folders", where=root, value=0, hint=LAYOUT_HINT)
   if all(c.lower() in SPLIT_NAMES for c in classes):

@@ -694,3 +694,16 @@ def test_pmap_head_only_in_bf16_casts_once_per_device_and_matches(tiny_vit_npz, 
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   assert not np.array_equal(got["params/head/kernel"], np.load(tiny_vit_npz)["head/kernel"])
+
+
+def test_run_killed_mid_unfreeze_warmup_resumes_bit_identical(tiny_vit_npz, tmp_path):
+  # Block 1 unfreezes at step 2 and ramps over 3 steps; the checkpoint at step 4 is
+  # mid-ramp (its count 2 of 3): the resumed run must go on up the same ramp, with
+  # microbatches, EMA and on_nan=skip around it.
+  overrides = {"optim.accum_steps": 2, "train.ema_decay": 0.9, "train.on_nan": "skip", "train.total_steps": 6, "train.checkpoint_every": 2, "train.eval_every": 0,
+               "optim.param_groups": [("head/.*", {}), ("Transformer/encoderblock_1/.*", {}), (".*", None)],
+               "optim.unfreeze": [(2, "Transformer/encoderblock_1/.*")],
+               "optim.unfreeze_warmup_steps": 3}
+  _, _, ours = _killed_resumed_and_uninterrupted(tiny_vit_npz, tmp_path, overrides, "after:5", 4)
+  block1 = "params/Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"
+  assert not np.array_equal(ours[block1], np.load(tiny_vit_npz)[block1.removeprefix("params/")])

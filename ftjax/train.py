@@ -457,7 +457,8 @@ def _check_resume_config(wd: Path, config_dict: dict) -> None:
     stored = _read_stored_config(stored_path)
     diff = config_lib.resume_mismatches(stored, config_dict)
     if diff:
-      shown = ", ".join(f"{k} {config_lib._get(stored, k)!r} -> {config_lib._get(config_dict, k)!r}"
+      recorded = config_lib.with_defaults(stored)  # a key the run predates ran at its default
+      shown = ", ".join(f"{k} {config_lib._get(recorded, k)!r} -> {config_lib._get(config_dict, k)!r}"
                         for k in diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
       raise ConfigError("workdir holds a run with another config", where=str(stored_path),
                         value=shown, hint="use a new --workdir, or the stored config")

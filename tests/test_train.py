@@ -266,6 +266,14 @@ def test_a_refused_resume_leaves_the_workdir_as_it_was(tiny_vit_npz, tmp_path):
     train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides, **{"optim.unfreeze_warmup_steps": 2}),
                              str(wd))
   assert (wd / "config.json").read_text() == stored
+  # A run recorded before the key existed ran with its default, and the refusal says so.
+  older = json.loads(stored)
+  del older["optim"]["unfreeze_warmup_steps"]
+  (wd / "config.json").write_text(json.dumps(older))
+  with pytest.raises(ConfigError, match=r"another config .*: optim.unfreeze_warmup_steps 0 -> 2"):
+    train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides, **{"optim.unfreeze_warmup_steps": 2}),
+                             str(wd))
+  (wd / "config.json").write_text(stored)
   with pytest.raises(ConfigError, match=r"the checkpoint is past the run's end \(.*\): step 4 > "
                                         r"train.total_steps 2; raise total_steps"):
     train.train_and_evaluate(tiny_config(tiny_vit_npz, **{**overrides, "train.total_steps": 2}), str(wd))

@@ -704,11 +704,13 @@ def test_pmap_head_only_in_bf16_casts_once_per_device_and_matches(tiny_vit_npz, 
   assert not np.array_equal(got["params/head/kernel"], np.load(tiny_vit_npz)["head/kernel"])
 
 
+@pytest.mark.slow  # three launches of a two-phase run, about 20 s on 2 cores
 def test_run_killed_mid_unfreeze_warmup_resumes_bit_identical(tiny_vit_npz, tmp_path):
   # Block 1 unfreezes at step 2 and ramps over 3 steps; the checkpoint at step 4 is
   # mid-ramp (its count 2 of 3): the resumed run must go on up the same ramp, with
   # microbatches, EMA and on_nan=skip around it.
-  overrides = {"optim.accum_steps": 2, "train.ema_decay": 0.9, "train.on_nan": "skip", "train.total_steps": 6, "train.checkpoint_every": 2, "train.eval_every": 0,
+  overrides = {"optim.accum_steps": 2, "train.ema_decay": 0.9, "train.on_nan": "skip", "train.total_steps": 6,
+               "train.checkpoint_every": 2, "train.eval_every": 0,
                "optim.param_groups": [("head/.*", {}), ("Transformer/encoderblock_1/.*", {}), (".*", None)],
                "optim.unfreeze": [(2, "Transformer/encoderblock_1/.*")],
                "optim.unfreeze_warmup_steps": 3}

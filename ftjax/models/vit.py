@@ -1067,6 +1067,19 @@ _HF_ATTN = {"query": "query", "key": "key", "value": "value",  # saved layout
             "q_proj": "query", "k_proj": "key", "v_proj": "value"}  # transformers >= 5 in-memory names
 
 
+def _hf_embedding_and_attention_rules(pre: str, layer: str, heads: int) -> list:
+  """The rules transformers' ViT and DINOv2 layouts share: position and patch embeddings and
+  each layer's attention (``pre``: the model prefix regex, ``layer``: a layer's, index captured)."""
+  return [
+      (pre + r"embeddings\.position_embeddings", _to("Transformer/posembed_input/pos_embedding")),
+      (pre + r"embeddings\.patch_embeddings\.projection\.(weight|bias)", _conv_oihw("embedding")),
+      (layer + r"attention\.(?:attention\.)?(query|key|value|[qkv]_proj)\.(weight|bias)",
+       lambda m, a: _linear(f"{_block(m.group(1))}/{_ATTN}/{_HF_ATTN[m.group(2)]}", heads, "out")(m, a)),
+      (layer + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)",
+       _linear(_block("{0}") + f"/{_ATTN}/out", heads, "in")),
+  ]
+
+
 # transformers' hidden_act names: is it the tanh form?
 _HF_GELUS = {"gelu": False, "gelu_pytorch_tanh": True, "gelu_new": True}
 
@@ -1123,12 +1136,7 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
   layer = pre + r"(?:encoder\.layer|layers)\.(\d+)\."
   rules = [
       (pre + r"embeddings\.cls_token", _to("cls")),
-      (pre + r"embeddings\.position_embeddings", _to("Transformer/posembed_input/pos_embedding")),
-      (pre + r"embeddings\.patch_embeddings\.projection\.(weight|bias)", _conv_oihw("embedding")),
-      (layer + r"attention\.(?:attention\.)?(query|key|value|[qkv]_proj)\.(weight|bias)",
-       lambda m, a: _linear(f"{_block(m.group(1))}/{_ATTN}/{_HF_ATTN[m.group(2)]}", heads, "out")(m, a)),
-      (layer + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)",
-       _linear(_block("{0}") + f"/{_ATTN}/out", heads, "in")),
+      *_hf_embedding_and_attention_rules(pre, layer, heads),
       (layer + r"layernorm_before\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_0")),
       (layer + r"layernorm_after\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_2")),
       (layer + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)",
@@ -1220,12 +1228,7 @@ def convert_hf_dinov2(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
       (pre + r"embeddings\.cls_token", _to("cls")),
       (pre + r"embeddings\.register_tokens", _to("reg")),
       (pre + r"embeddings\.mask_token", lambda m, a: "pre-training mask token: unused by a classifier"),
-      (pre + r"embeddings\.position_embeddings", _to("Transformer/posembed_input/pos_embedding")),
-      (pre + r"embeddings\.patch_embeddings\.projection\.(weight|bias)", _conv_oihw("embedding")),
-      (layer + r"attention\.(?:attention\.)?(query|key|value|[qkv]_proj)\.(weight|bias)",
-       lambda m, a: _linear(f"{_block(m.group(1))}/{_ATTN}/{_HF_ATTN[m.group(2)]}", heads, "out")(m, a)),
-      (layer + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)",
-       _linear(_block("{0}") + f"/{_ATTN}/out", heads, "in")),
+      *_hf_embedding_and_attention_rules(pre, layer, heads),
       (layer + r"norm1\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_0")),
       (layer + r"norm2\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_2")),
       (layer + r"layer_scale1\.lambda1", _to(_block("{0}") + "/layer_scale_attention")),

@@ -1245,9 +1245,7 @@ def convert_hf_dinov2(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
     raise CheckpointError("DINOv2 checkpoint lacks its class token or position embedding", where=where,
                           value=None if pos is None else f"position embedding {np.shape(pos)}")
   if regs:
-    pos = np.asarray(pos)
-    v["params/cls"] = np.asarray(v["params/cls"]) + pos[:, :1]
-    v[POSEMB_PATH] = pos[:, 1:]
+    v["params/cls"], v[POSEMB_PATH] = _fold_class_row(v["params/cls"], pos)
     options.update(reg_tokens=regs, posemb_class_token=False)
   if "params/head/kernel" in v:
     options["pooling"] = "token_gap"
@@ -1421,6 +1419,14 @@ def timm_preprocessing(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]
   return _TIMM_TAG_STATS.get(tag, (INCEPTION_MEAN, INCEPTION_STD))
 
 
+def _fold_class_row(cls, pos) -> tuple[np.ndarray, np.ndarray]:
+  """(class token + its position row, the table without it): DINOv2 with registers adds the
+  class token's row before the registers are inserted, which is the same sum as a class
+  token that carries it and a table of patch rows only (timm's no_embed_class layout)."""
+  pos = np.asarray(pos)
+  return np.asarray(cls) + pos[:, :1], pos[:, 1:]
+
+
 def _dinov2_original_to_timm(tensors: Mapping[str, np.ndarray], source: str
                              ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
   """facebookresearch/dinov2's own state dict (``dinov2_vits14_reg4_pretrain.pth``) -> timm's keys.
@@ -1438,10 +1444,8 @@ def _dinov2_original_to_timm(tensors: Mapping[str, np.ndarray], source: str
     if pos is None or cls is None or np.ndim(pos) != 3 or np.ndim(cls) != 3 or np.shape(pos)[1] < 1:
       raise CheckpointError("DINOv2 checkpoint with registers lacks its class token or position embedding",
                             where=source, value=f"pos_embed {np.shape(pos)} cls_token {np.shape(cls)}")
-    pos = np.asarray(pos)
     out["reg_token"] = out.pop("register_tokens")
-    out["cls_token"] = np.asarray(cls) + pos[:, :1]
-    out["pos_embed"] = pos[:, 1:]
+    out["cls_token"], out["pos_embed"] = _fold_class_row(cls, pos)
   return out, dropped
 
 

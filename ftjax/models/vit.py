@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -1016,6 +1016,18 @@ def _linear(path: str, heads: int | None = None, split: str = "") -> Callable:
   return fn
 
 
+def _fused_linear(paths: Sequence[str], heads: int) -> Callable:
+  """A fused input projection, rows stacked as ``paths`` (timm's qkv ``[q; k; v]``, its
+  attention pool's ``[k; v]``, torch MultiheadAttention's in_proj) -> :func:`_linear`'s
+  per-head kernel and bias at each path (``{0}``... formatted with the match's groups)."""
+  def fn(m, arr):
+    out = {}
+    for path, part in zip(paths, np.split(np.asarray(arr), len(paths))):
+      out.update(_linear(path, heads, "out")(m, part))
+    return out
+  return fn
+
+
 def _norm(path: str) -> Callable:
   def fn(m, arr):
     leaf = {"weight": "scale", "bias": "bias"}[m.group(m.lastindex)]
@@ -1297,18 +1309,14 @@ def convert_hf_siglip(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
   layer = pre + r"encoder\.layers\.(\d+)\."
   head = pre + r"head\."
 
-  def in_proj(m, arr):  # torch MultiheadAttention: rows [q; k; v]
-    parts = np.split(np.asarray(arr), 3)
-    return {k: v for name, part in zip(("query", "key", "value"), parts)
-            for k, v in _linear(f"{_MAP}/{_ATTN_MAP}/{name}", heads, "out")(m, part).items()}
-
   if classifier:
     unused = "SiglipForImageClassification averages the tokens: its attention-pooling head is unused"
     head_rules = [(head + r".*", lambda m, a: unused)]
   else:
     head_rules = [
         (head + r"probe", _to(f"{_MAP}/probe")),
-        (head + r"attention\.in_proj_(weight|bias)", in_proj),
+        (head + r"attention\.in_proj_(weight|bias)",  # torch MultiheadAttention
+         _fused_linear([f"{_MAP}/{_ATTN_MAP}/{n}" for n in ("query", "key", "value")], heads)),
         (head + r"attention\.out_proj\.(weight|bias)", _linear(f"{_MAP}/{_ATTN_MAP}/out", heads, "in")),
         (head + r"layernorm\.(weight|bias)", _norm(f"{_MAP}/LayerNorm_0")),
         (head + r"mlp\.fc([12])\.(weight|bias)",
@@ -1338,7 +1346,8 @@ def convert_hf_siglip(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
   mean, std = _hf_stats(preprocessor)
   arch = _arch(dims, pooling="map" if has_head else "gap", class_token=False,
                layer_norm_eps=number("layer_norm_eps", float), gelu_approximate=_HF_GELUS[act])
-  return Converted(family="vit", arch=arch, num_classes=num_classes, image_size=_hf_image_size(c, f"{where}: vision_config"),
+  return Converted(family="vit", arch=arch, num_classes=num_classes,
+                   image_size=_hf_image_size(c, f"{where}: vision_config"),
                    variables=mapped.variables, mean=mean, std=std,
                    class_names=_hf_class_names(config, num_classes), dropped=mapped.dropped)
 
@@ -1470,21 +1479,6 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   if "mask_token" in tensors:  # facebookresearch/dinov2's layout, which timm's loader reads too
     tensors, dropped = _dinov2_original_to_timm(tensors, source)
 
-  def qkv(m, arr):
-    i, leaf = m.groups()
-    parts = arr.reshape(3, heads, -1, *arr.shape[1:])  # (3, heads, head_dim[, in])
-    out = {}
-    for j, n in enumerate(("query", "key", "value")):
-      path = f"{_block(i)}/{_ATTN}/{n}"
-      out[f"{path}/{leaf if leaf == 'bias' else 'kernel'}"] = (
-          parts[j] if leaf == "bias" else parts[j].transpose(2, 0, 1))  # -> (in, heads, head_dim)
-    return out
-
-  def kv(m, arr):  # attn_pool.kv: rows [k; v]
-    width = arr.shape[-1] if arr.ndim == 2 else arr.shape[0] // 2
-    return {**_linear(f"{_MAP}/{_ATTN_MAP}/key", heads, "out")(m, arr[:width]),
-            **_linear(f"{_MAP}/{_ATTN_MAP}/value", heads, "out")(m, arr[width:])}
-
   blk = r"blocks\.(\d+)\."
   rules = [
       (r"cls_token", _to("cls")),
@@ -1494,7 +1488,8 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
       (r"pos_embed", _to("Transformer/posembed_input/pos_embedding")),
       (r"patch_embed\.proj\.(weight|bias)", _conv_oihw("embedding")),
       (blk + r"norm1\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_0")),
-      (blk + r"attn\.qkv\.(weight|bias)", qkv),
+      (blk + r"attn\.qkv\.(weight|bias)",
+       _fused_linear([f"{_block('{0}')}/{_ATTN}/{n}" for n in ("query", "key", "value")], heads)),
       (blk + r"attn\.proj\.(weight|bias)", _linear(_block("{0}") + f"/{_ATTN}/out", heads, "in")),
       (blk + r"norm2\.(weight|bias)", _norm(_block("{0}") + "/LayerNorm_2")),
       (blk + r"mlp\.fc1\.(weight|bias)", _linear(_block("{0}") + "/MlpBlock_3/Dense_0")),
@@ -1504,7 +1499,8 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
       (r"head\.(weight|bias)", _linear("head")),
       (r"attn_pool\.latent", _to(f"{_MAP}/probe")),
       (r"attn_pool\.q\.(weight|bias)", _linear(f"{_MAP}/{_ATTN_MAP}/query", heads, "out")),
-      (r"attn_pool\.kv\.(weight|bias)", kv),
+      (r"attn_pool\.kv\.(weight|bias)",
+       _fused_linear([f"{_MAP}/{_ATTN_MAP}/{n}" for n in ("key", "value")], heads)),
       (r"attn_pool\.proj\.(weight|bias)", _linear(f"{_MAP}/{_ATTN_MAP}/out", heads, "in")),
       (r"attn_pool\.norm\.(weight|bias)", _norm(f"{_MAP}/LayerNorm_0")),
       (r"attn_pool\.mlp\.fc([12])\.(weight|bias)",

@@ -1067,6 +1067,7 @@ def _plan_warnings(opts, table, rows, trainable0, final_params, total_params, nu
     out.append("the head is frozen for the whole run: a new head would keep its initialisation")
   groups = _groups(opts)
   last = max(leaf.phase for leaf in table.values())
+  starts = unfreeze_phases(opts, total_steps)
   trained = {p: leaf for p, leaf in table.items() if leaf.label(last) != FROZEN}
   full = len(trained) == len(table)
   if num_train_examples is not None and num_train_examples < 10_000:
@@ -1087,7 +1088,7 @@ def _plan_warnings(opts, table, rows, trainable0, final_params, total_params, nu
           worst = (lr, name, limit, path)
     if worst and (full or exposed >= total_params / 2):
       lr, name, limit, path = worst
-      start = unfreeze_phases(opts, total_steps)[last]
+      start = starts[last]
       out.append((f"full fine-tune of all {total_params:,} parameters" if full else
                   f"fine-tune of {final_params:,} of {total_params:,} parameters")
                  + (f" from step {start}" if start else "")
@@ -1104,7 +1105,7 @@ def _plan_warnings(opts, table, rows, trainable0, final_params, total_params, nu
              for g in groups if g is not None]
   if warmups and max(warmups) > total_steps // 2:
     out.append(f"warm-up of {max(warmups)} steps is over half of the {total_steps}-step run")
-  last_start = unfreeze_phases(opts, total_steps)[-1]
+  last_start = starts[-1]
   if last_start and last_start + opts["unfreeze_warmup_steps"] >= total_steps:
     out.append(f"unfreeze_warmup_steps {opts['unfreeze_warmup_steps']} outlasts the run: what is "
                f"unfrozen at step {last_start} never reaches its full lr")

@@ -38,13 +38,16 @@ lists what was found):
   other string argument (an annotation) is used, then an HLO instruction whose
   name sanitised as XLA names kernels (``loop_add_fusion.3`` ->
   ``loop_add_fusion_3``) is the kernel's, and last the kernel name itself.
+  jax 0.11.2 on an H100 (session 8) runs most of a step as command buffers
+  (CUDA graphs) and tags each kernel with the buffer (``command_buffer_144``,
+  1,148 kernels), not an HLO instruction: with the HLO text, such a name is
+  read as absent (the kernel's fusion name, else the kernel name, keys it).
 * No device process (the CPU), or one without events (no CUPTI): the host's
   XLA op events are used, those with an ``hlo_op`` argument, and the result
   says ``"source": "host"``. CPU thunks
   run on several threads at once, so there the summed time can exceed the span.
-* While a profiler session is active, XLA runs command buffers (CUDA graphs)
-  op by op, so the traced span carries launch gaps that the timed steps may
-  not have: compare ``busy_ms`` with the timed step, ``span_ms`` only loosely.
+* The traced span may carry launch gaps that the timed steps do not have:
+  compare ``busy_ms`` with the timed step, ``span_ms`` only loosely.
 
 Categories are decided from the HLO instruction when the op is found in the
 HLO text (custom-call target, the opcodes inside a fusion, the fusion kind),
@@ -530,7 +533,11 @@ def summarize(trace: dict, hlo_text: str | None, steps: int, top: int = TOP_OPS)
   for e in events:
     ts, dur = _number(e["ts"]), _number(e["dur"])
     kernel = str(e.get("name", ""))
-    op = _hlo_op(e) or by_kernel_name.get(kernel)
+    op = _hlo_op(e)
+    if not op or (hlo and op not in hlo["instructions"]):
+      # No hlo_op, or one that names no instruction: a command buffer (a CUDA graph thunk,
+      # "command_buffer_144") tags every kernel it launches with its own name.
+      op = by_kernel_name.get(kernel) or (None if hlo else op)
     # Per event, not per op: one op can run a kernel and a memset (a cuDNN call, a copy).
     if op not in from_hlo:  # once per op: a fusion's callees are walked
       from_hlo[op] = (hlo_category(hlo, op), hlo_phase(hlo, op)) if hlo and op else (None, "unknown")

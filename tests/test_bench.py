@@ -160,6 +160,28 @@ def test_summarize_gpu_trace_with_hlo():
   assert "kernel: loop_add_fusion_4" not in text  # named after its op: nothing to add
 
 
+def test_summarize_reads_through_command_buffers():
+  """Kernels a command buffer launches carry its name, which no HLO instruction has: each is
+  keyed by the instruction its fusion name gives, else by its own name (as jax 0.11.2 traces)."""
+  buffer = {"hlo_op": "command_buffer_144", "hlo_module": "jit_train_step"}
+  step = [(10, 0, 30, "loop_add_fusion_4", buffer), (10, 30, 20, "input_reduce_fusion", buffer),
+          (10, 50, 100, "nvjet_sm90_tst_128x160", buffer), (10, 150, 50, "nvjet_sm90_tst_128x160", buffer)]
+  trace = {"traceEvents": [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+           + [{"ph": "X", "pid": 1, "tid": t, "ts": ts, "dur": d, "name": n, "args": a}
+              for t, ts, d, n, a in step]}
+  s = kernel_profile.summarize(trace, HLO, steps=1)
+  by_op = {o["op"]: o for o in s["top_ops"]}
+  assert list(by_op) == ["nvjet_sm90_tst_128x160", "loop_add_fusion.4", "input_reduce_fusion"]
+  assert by_op["nvjet_sm90_tst_128x160"]["ms"] == pytest.approx(0.15)
+  assert by_op["nvjet_sm90_tst_128x160"]["category"] == "gemm"
+  assert (by_op["loop_add_fusion.4"]["category"], by_op["loop_add_fusion.4"]["phase"]) == ("elementwise", "rest")
+  assert by_op["input_reduce_fusion"]["phase"] == "forward"
+  assert s["phases"] == pytest.approx({"forward": 0.02, "rest": 0.03, "unknown": 0.15})
+  # Without the HLO text nothing tells a buffer from an instruction: the buffer keys them all.
+  assert [o["op"] for o in kernel_profile.summarize(trace, None, steps=1)["top_ops"]] == [
+      "command_buffer_144"]
+
+
 def test_summarize_without_hlo_falls_back_to_kernel_names():
   """No HLO text: the misleading names decide, and no op has a phase."""
   s = kernel_profile.summarize(gpu_trace(), None, steps=2)

@@ -977,6 +977,30 @@ def test_model_with_flax_layer_norm_is_the_same_function():
     np.testing.assert_allclose(got[k], v, atol=1e-5 * scale, err_msg=k)
 
 
+def test_patch_embedding_as_a_matrix_product_is_the_convolution():
+  """patch_embed_impl "ftjax" (patches, then a 1 x 1 convolution) and "flax" (nn.Conv, stride =
+  kernel = patch): one parameter tree, the same initial values, logits and gradients."""
+  from ftjax import models
+  x = jax.random.normal(jax.random.key(0), (2, 40, 24, 3))  # 5 x 3 patches: not square
+  ours, _ = models.create("vit", {"variant": "test"}, num_classes=3, image_size=(40, 24))
+  conv, _ = models.create("vit", {"variant": "test", "patch_embed_impl": "flax"}, num_classes=3,
+                          image_size=(40, 24))
+  params = models.init_variables(ours, (40, 24))["params"]
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params,
+                      models.init_variables(conv, (40, 24))["params"])
+  assert all(jax.tree.leaves(same)) and params["embedding"]["kernel"].shape == (8, 8, 3, 32)
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
+  got_logits, got = _logits_and_grads(ours, params, x)
+  want_logits, want = _logits_and_grads(conv, params, x)
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5 * np.abs(want_logits).max())
+  assert np.abs(want["embedding/kernel"]).max() > 1e-3
+  scale = max(np.abs(v).max() for v in want.values())
+  for k, v in want.items():
+    np.testing.assert_allclose(got[k], v, atol=1e-5 * scale, err_msg=k)
+  with pytest.raises(ConfigError, match="unknown ViT patch_embed_impl"):
+    models.create("vit", {"variant": "test", "patch_embed_impl": "im2col"}, num_classes=3, image_size=32)
+
+
 def test_attention_and_gelu_options():
   from ftjax import models
   from ftjax.models.vit import attention_implementation

@@ -359,17 +359,22 @@ def test_max_pool_nan_takes_the_gradient_like_torch():
   assert dx[0, 1, 2, 0] == 2  # both windows holding the NaN route their gradient to it
 
 
-@pytest.mark.parametrize("max_pool_impl", resnet.MAX_POOL_IMPLS)
-def test_train_mode_gradients_equal_torch(tmp_path, max_pool_impl):
+@pytest.mark.parametrize("max_pool_impl, stem_conv_impl",
+                         [("ftjax", "flax"), ("flax", "flax"), ("ftjax", "space_to_depth")])
+def test_train_mode_gradients_equal_torch(tmp_path, max_pool_impl, stem_conv_impl):
   # The whole backward (one-pass BatchNorm moments, the stem's max-pool gradient, gathered
-  # or JAX's select-and-scatter) against torch autograd, in train mode with batch statistics.
+  # or JAX's select-and-scatter, the stem convolution direct or on 2 x 2 blocks) against
+  # torch autograd, in train mode with batch statistics.
   torch.manual_seed(0)
   ref = _randomise_norms(torchvision.models.resnet18(num_classes=4)).train()
   path = tmp_path / "r18.pth"
   torch.save(ref.state_dict(), path)
   model, variables, _ = models.from_pretrained(f"torchvision:resnet18@{path}",
-                                               max_pool_impl=max_pool_impl)
-  assert model.max_pool_impl == max_pool_impl
+                                               max_pool_impl=max_pool_impl,
+                                               stem_conv_impl=stem_conv_impl)
+  assert (model.max_pool_impl, model.stem_conv_impl) == (max_pool_impl, stem_conv_impl)
+  with pytest.raises(ConfigError, match="unknown stem convolution implementation.*'im2col'"):
+    models.from_pretrained(f"torchvision:resnet18@{path}", stem_conv_impl="im2col")
   x = _images(4, 64)
   w = torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
   (ref(x) * w).sum().backward()

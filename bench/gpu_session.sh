@@ -82,9 +82,10 @@ if [ "$SET" = finish ]; then
   # absl's raw_hash_map::at) with the autotune cache the plain runs had filled, so [det]
   # now keeps its own cache. The plain ViT run again: the levers' reference in this call.
   # [convpatch]: the patch embedding as nn.Conv again (session 8's code), against the
-  # plain runs' 1 x 1 convolution over the patches.
+  # plain runs' 1 x 1 convolution over the patches. [s2d]: ResNet's stem convolution on
+  # 2 x 2 blocks (opt-in stem_conv_impl "space_to_depth").
   RUNS="vit:full,vit:full[convpatch],vit:head_only,vit:head_only[convpatch],vit:lora,vit:layer_decay"
-  RUNS="$RUNS,resnet:full,resnet:layer_decay,vit:full[attnpad],vit:full[det],vit:full[fast]"
+  RUNS="$RUNS,resnet:full,resnet:full[s2d],resnet:layer_decay,vit:full[attnpad],vit:full[det],vit:full[fast]"
   RUNS="$RUNS,vit:full[pad],resnet:head_only,vit:full[merge],vit:full[xla]"
   PROFILED=vit:full
   REPEATED="vit:full[det]"
@@ -101,6 +102,7 @@ python3 bench/train_throughput.py $SMOKE $BASELINE --out "$OUT/bench.jsonl" \
   --arch-variant "pad={\"attention_pad_multiple\": ${BEST_PAD:-8}}" \
   --arch-variant 'xla={"attention": "xla"}' \
   --arch-variant 'convpatch={"patch_embed_impl": "flax"}' \
+  --arch-variant 's2d={"stem_conv_impl": "space_to_depth"}' \
   --profile-runs "$PROFILED" --profile-dir /tmp/ftjax-profile \
   --repeat-runs "$REPEATED" 2>&1 | grep --line-buffered -v -i \
   -e 'constant folding' -e slow_operation -e 'necessarily a bug' -e 'file a bug' -e '^ *%' \

@@ -280,6 +280,19 @@ def test_a_symbolic_link_to_itself_is_one_error(tmp_path, where):
                                  "or point it at a file or folder")
 
 
+def test_a_link_to_a_missing_image_is_left_out_with_a_warning(tmp_path):
+  _image_tree(tmp_path / "p", ["x/a.png", "x/sub/b.png", "y/c.png"])
+  (tmp_path / "p" / "x" / "sub" / "gone.png").symlink_to(tmp_path / "moved.png")
+  (tmp_path / "p" / "y" / "gone.txt").symlink_to(tmp_path / "moved.txt")  # not an image: no word
+  with pytest.warns(UserWarning) as caught:
+    ds = fd.build(_plain(source="folder", root=str(tmp_path / "p"), val_fraction=0.0), split="train")
+  assert [str(w.message) for w in caught] == [
+      f"ftjax: {tmp_path}/p/x: not read: a symbolic link to a missing file "
+      f"(sub/gone.png -> {tmp_path}/moved.png)"]
+  assert [os.path.relpath(p, tmp_path / "p") for p in ds.source.paths] == ["x/a.png", "x/sub/b.png",
+                                                                           "y/c.png"]
+
+
 def test_a_root_one_level_too_high_is_one_error(tmp_path):
   # Its class folders are splits: read at any depth, it would train on 'train' against 'val'.
   _image_tree(tmp_path / "p", ["train/cat/a.png", "train/dog/b.png", "val/cat/c.png"])

@@ -92,8 +92,10 @@ def image_paths(folder: str) -> tuple[list[str], list[str]]:
   then each folder's files sorted): folders by their path, then files by name. So a
   folder's own files come before those of its sub-folders, and ``a-b/`` before ``a/x/``
   ('-' sorts before '/'); sorting whole paths would put ``z.png`` last instead.
-  Unlike torchvision, hidden files and folders are skipped, and a symbolic-link cycle
-  is a :class:`DataError` rather than the same images read 41 times over.
+  Unlike torchvision, hidden files and folders are skipped, a symbolic-link cycle
+  is a :class:`DataError` rather than the same images read 41 times over, and links
+  named as images whose target is missing are left out with a warning naming one
+  (torchvision fails on them when it reads them, or skips them silently).
 
   >>> import tempfile
   >>> d = tempfile.mkdtemp()
@@ -103,11 +105,18 @@ def image_paths(folder: str) -> tuple[list[str], list[str]]:
   >>> [[os.path.relpath(p, d) for p in group] for group in image_paths(d)]
   [['z.png', 'a/c.png', 'a-b/d.png', 'a/x/e.png'], ['a/f.tif']]
   """
-  images, others = [], []
+  images, others, broken = [], [], []
   for path, entries in sorted(_folders(folder), key=lambda f: f[0]):
     names = sorted(e.name for e in entries if _is(e, "file"))
     images += [os.path.join(path, n) for n in names if is_image_file(n)]
     others += [os.path.join(path, n) for n in names if n.lower().endswith(OTHER_IMAGES)]
+    broken += sorted(e.path for e in entries if is_image_file(e.name) and e.is_symlink()
+                     and not os.path.exists(e.path))
+  if broken:
+    what = ("a symbolic link to a missing file (" if len(broken) == 1
+            else f"{len(broken)} symbolic links to missing files (e.g. ")
+    warnings.warn(f"ftjax: {folder}: not read: {what}{os.path.relpath(broken[0], folder)} -> "
+                  f"{os.readlink(broken[0])})", stacklevel=2)
   return images, others
 
 

@@ -47,6 +47,21 @@ def frozen_here(path: Sequence[str], frozen_bn: FrozenBN) -> bool:
   return "/".join(path) in frozen_bn
 
 
+def space_to_depth(x, block: int):
+  """(n, h * b, w * b, c) -> (n, h, w, b * b * c): each b x b block of pixels becomes one
+  pixel's channels, in (row, column, channel) order, the order a (b, b, c, f) kernel
+  flattens in.  Any array with ``reshape`` and ``transpose`` (numpy, jax).
+
+  >>> x = np.arange(2 * 4 * 6 * 3).reshape(2, 4, 6, 3)
+  >>> y = space_to_depth(x, 2)
+  >>> y.shape, bool((y[1, 1, 2].reshape(2, 2, 3) == x[1, 2:4, 4:6]).all())
+  ((2, 2, 3, 12), True)
+  """
+  n, h, w, c = x.shape
+  x = x.reshape(n, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, h // block, w // block, block * block * c)
+
+
 @dataclasses.dataclass
 class Converted:
   """A checkpoint in ftjax's layout, before it is fitted to a model."""

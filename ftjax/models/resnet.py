@@ -41,7 +41,7 @@ import numpy as np
 
 from ftjax.errors import CheckpointError, ConfigError
 from ftjax.models.common import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,
-                                 Converted, Family, FrozenBN, frozen_here)
+                                 Converted, Family, FrozenBN, frozen_here, space_to_depth)
 
 # ---------------------------------------------------------------------------------------------
 # Variant tables
@@ -459,17 +459,15 @@ class SpaceToDepthConv(nn.Module):
     k, c = self.kernel_size, x.shape[-1]
     kernel = self.param("kernel", _conv_init, (k, k, c, self.features), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    n, h, w = x.shape[:3]
+    h, w = x.shape[1:3]
     pad, half = k // 2, (k + 1) // 2
     # Pad as torch does, plus a row / column at the end where the padded size is odd: that
     # one only ever meets the kernel's zero row / column.
     x = jnp.pad(x, ((0, 0), (pad, pad + (h + 2 * pad) % 2), (pad, pad + (w + 2 * pad) % 2), (0, 0)))
-    hb, wb = x.shape[1] // 2, x.shape[2] // 2
-    x = x.reshape(n, hb, 2, wb, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hb, wb, 4 * c)
     kernel = jnp.pad(kernel, ((0, 2 * half - k), (0, 2 * half - k), (0, 0), (0, 0)))
     kernel = kernel.reshape(half, 2, half, 2, c, self.features).transpose(0, 2, 1, 3, 4, 5)
     kernel = kernel.reshape(half, half, 4 * c, self.features)
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+    return jax.lax.conv_general_dilated(space_to_depth(x, 2), kernel, (1, 1), "VALID",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.errors import CheckpointError, ConfigError
-from ftjax.models.common import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, Converted, Family
+from ftjax.models.common import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, Converted, Family,
+                                 space_to_depth)
 
 # --------------------------------------------------------------------------------------------
 # Architecture: variants and options.
@@ -281,9 +282,8 @@ class PatchEmbed(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    n, h, w = x.shape[0], x.shape[1] // p, x.shape[2] // p
-    x = x[:, :h * p, :w * p].reshape(n, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
-    y = jax.lax.conv_general_dilated(x.reshape(n, h, w, p * p * c), kernel.reshape(1, 1, p * p * c, -1),
+    h, w = x.shape[1] // p * p, x.shape[2] // p * p
+    y = jax.lax.conv_general_dilated(space_to_depth(x[:, :h, :w], p), kernel.reshape(1, 1, p * p * c, -1),
                                      (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + bias
 

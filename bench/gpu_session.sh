@@ -5,8 +5,9 @@
 # to fill it: the timm baseline script and the wheels the device image lacks):
 #   bash bench/gpu_session.sh            # BUDGET=480 seconds for the bench by default
 #   SMOKE=1 bash bench/gpu_session.sh    # here, on the CPU: the same steps at tiny sizes, no timm
-#   SET=finish bash bench/gpu_session.sh # what session 8's budget left out: LoRA, layer decay and
-#                                        # the ViT levers not yet measured, no attention probe
+#   SET=finish bash bench/gpu_session.sh # what session 8's budget left out, ViT: LoRA, layer decay,
+#                                        # the levers not yet measured; no attention probe
+#   SET=finish-resnet bash bench/gpu_session.sh  # the same for ResNet-50 (a second, short call)
 # Writes under $OUT (or /tmp/ftjax-bench): attention.jsonl, bench.jsonl, bench.log and the
 # kernel summaries vit-full.profile.json, resnet-full.profile.json, vit-head_only.profile.json.
 set -u -o pipefail
@@ -29,11 +30,13 @@ python3 -c "import jax, jaxlib, flax, optax, torch, timm; print('jax', jax.__ver
 python3 -c "import ftjax.train" || exit 1
 
 SET=${SET:-all}
-case "$SET" in all|finish) ;; *) echo "gpu_session.sh: unknown SET '$SET': all or finish" >&2; exit 2;; esac
+case "$SET" in all|finish|finish-resnet) ;;
+  *) echo "gpu_session.sh: unknown SET '$SET': all, finish or finish-resnet" >&2; exit 2;; esac
 
 # 1. Attention alone: XLA against cuDNN at each token padding (about 30 s; a diagnostic).
-# SET=finish skips it: session 8's probe found padding to 16 fastest (1.257 ms against 1.311 at 8).
-if [ "$SET" = finish ]; then
+# The finish sets skip it: session 8's probe found padding to 16 fastest (1.257 ms against
+# 1.311 at 8).
+if [ "$SET" != all ]; then
   echo '{"bench": "attention", "best_cudnn_pad_multiple": 16, "from": "session 8 probe"}' >"$OUT/attention.jsonl"
 else
   timeout 75 python3 bench/attention.py $SMOKE 2>&1 | tee "$OUT/attention.jsonl"
@@ -82,16 +85,20 @@ if [ "$SET" = finish ]; then
   # absl's raw_hash_map::at) with the autotune cache the plain runs had filled, so [det]
   # now keeps its own cache. The plain ViT run again: the levers' reference in this call.
   # [convpatch]: the patch embedding as nn.Conv again (session 8's code), against the
-  # plain runs' 1 x 1 convolution over the patches. [s2d]: ResNet's stem convolution on
-  # 2 x 2 blocks (opt-in stem_conv_impl "space_to_depth").
-  RUNS="vit:full,vit:full[convpatch],vit:head_only,vit:head_only[convpatch],vit:lora,vit:layer_decay"
-  RUNS="$RUNS,resnet:full,resnet:full[s2d],resnet:layer_decay,vit:full[attnpad],vit:full[det],vit:full[fast]"
-  RUNS="$RUNS,vit:full[pad],resnet:head_only,vit:full[merge],vit:full[xla]"
+  # plain runs' 1 x 1 convolution over the patches. ViT only: timm's baseline then runs
+  # ViT alone (session 8: a ViT run takes about 45 s, process start to exit).
+  RUNS="vit:full,vit:full[convpatch],vit:lora,vit:layer_decay,vit:head_only,vit:head_only[convpatch]"
+  RUNS="$RUNS,vit:full[attnpad],vit:full[fast],vit:full[det],vit:full[pad],vit:full[merge],vit:full[xla]"
   PROFILED=vit:full
   REPEATED="vit:full[det]"
+elif [ "$SET" = finish-resnet ]; then
+  # [s2d]: the stem convolution on 2 x 2 blocks (opt-in stem_conv_impl "space_to_depth").
+  RUNS="resnet:full,resnet:full[s2d],resnet:layer_decay,resnet:head_only,resnet:forward"
+  PROFILED=""
+  REPEATED=""
 fi
 python3 bench/train_throughput.py $SMOKE $BASELINE --out "$OUT/bench.jsonl" \
-  --budget "$BUDGET" --timeout 150 --runs "$RUNS" \
+  --budget "$BUDGET" --timeout 150 --runs "$RUNS" --variant-configs "" \
   --arch-variant 'flaxpool={"max_pool_impl": "flax"}' \
   --arch-variant 'nocast={"frozen_cast": false}' \
   --arch-variant 'nofold={"fold_attention_bias": false}' \

@@ -458,9 +458,9 @@ def plot_confusion(matrix, class_names: Sequence[str] | None, path: str | os.Pat
 # ---------------------------------------------------------------------------
 # Model FLOPs utilisation
 
-# Dense bf16 peak FLOP/s of one device, by substring of ``jax.Device.device_kind``
-# (case-insensitive).  First match wins, so a longer name comes before its prefix
-# ("TPU v5 lite" before "TPU v5", "L40S" before "L4").
+# Dense bf16 peak FLOP/s of one device (the vendor's figure without sparsity), by substring
+# of ``jax.Device.device_kind`` (case-insensitive).  First match wins, so a longer name comes
+# before its prefix ("TPU v5 lite" before "TPU v5", "L40S" before "L4").
 PEAK_FLOPS: dict[str, float] = {
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
@@ -480,20 +480,37 @@ PEAK_FLOPS: dict[str, float] = {
 }
 
 
-def device_peak_flops(device=None) -> float | None:
-  """Dense bf16 peak FLOP/s of ``device`` (default: the first device); None on CPU or unknown kinds.
+def device_peak_flops(device=None, dtype: str = "bfloat16") -> float | None:
+  """Peak FLOP/s of ``device`` (default: the first device) for matrix products in ``dtype``.
+
+  bfloat16 and float16 run at the dense bf16 peak (:data:`PEAK_FLOPS`).  float32
+  matrix products at jax's default precision run on TPUs as one bfloat16 pass
+  (the same peak) and on NVIDIA GPUs as TensorFloat-32, at half of it (every
+  kind in the table).  With ``jax_default_matmul_precision`` set to anything
+  but the default (or ``bfloat16``, or ``tensorfloat32`` on a GPU) the
+  arithmetic is not known here: None, and no MFU is shown.  None too on CPU or
+  an unknown kind.
 
   >>> import types
   >>> device_peak_flops(types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite"))
   197000000000000.0
+  >>> device_peak_flops(types.SimpleNamespace(platform="gpu", device_kind="NVIDIA A100-SXM4-80GB"), "float32")
+  156000000000000.0
   """
   device = jax.devices()[0] if device is None else device
   if device.platform == "cpu":
     return None
   kind = device.device_kind.lower()
-  for name, peak in PEAK_FLOPS.items():
-    if name.lower() in kind:
-      return peak
+  peak = next((v for name, v in PEAK_FLOPS.items() if name.lower() in kind), None)
+  if peak is None or dtype in ("bfloat16", "float16"):
+    return peak
+  if dtype != "float32":
+    raise ValueError(f"no peak for compute dtype {dtype!r}: float32, bfloat16 or float16")
+  precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+  if precision in ("default", "fastest", "bfloat16"):
+    return peak if device.platform == "tpu" or precision == "bfloat16" else peak / 2
+  if precision == "tensorfloat32" and device.platform == "gpu":
+    return peak / 2
   return None
 
 

@@ -1250,7 +1250,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
                                                   batch_stats)
     compiled, flops = (_compile_step(step_fn, state, first_batch, frozen, runner, phase) if training
                        else (None, None))
-    peak = metrics_lib.device_peak_flops()
+    peak = metrics_lib.device_peak_flops(dtype=cfg.model.dtype)
     progress = Progress(total, start_step=step, batch_size=t.batch_size, log_every=t.log_every,
                         flops_per_step=flops, peak_flops=peak * jax.device_count() if peak else None)
     stopped_early = False

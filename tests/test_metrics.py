@@ -388,6 +388,25 @@ def test_device_peak_flops(kind, peak):
   assert metrics.device_peak_flops(types.SimpleNamespace(platform="gpu", device_kind=kind)) == peak
 
 
+def test_float32_peak_follows_the_default_matmul_precision():
+  h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+  v5e = types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")
+  assert metrics.device_peak_flops(h100, "float16") == 989e12
+  # jax's default: TensorFloat-32 on the GPU (half the bf16 rate), one bf16 pass on the TPU.
+  assert metrics.device_peak_flops(h100, "float32") == 494.5e12
+  assert metrics.device_peak_flops(v5e, "float32") == 197e12
+  with jax.default_matmul_precision("bfloat16"):
+    assert metrics.device_peak_flops(h100, "float32") == 989e12
+  with jax.default_matmul_precision("tensorfloat32"):
+    assert metrics.device_peak_flops(h100, "float32") == 494.5e12
+    assert metrics.device_peak_flops(v5e, "float32") is None  # 3 bf16 passes: not in the table
+  with jax.default_matmul_precision("float32"):  # true float32: its rate is not known here
+    assert metrics.device_peak_flops(h100, "float32") is None
+    assert metrics.device_peak_flops(h100, "bfloat16") == 989e12  # bf16 inputs are not affected
+  with pytest.raises(ValueError, match="int8"):
+    metrics.device_peak_flops(h100, "int8")
+
+
 def test_cpu_has_no_peak_and_mfu_needs_one():
   assert metrics.device_peak_flops() is None  # the test machine's CPU
   assert metrics.mfu(1e9, 10.0, 1, None) is None

@@ -204,7 +204,13 @@ def test_training_loop_reads_the_device_only_on_log_steps_and_reports_mfu(tiny_v
     step_flops.append(count_flops(lowered, copies))
     return step_flops[-1]
 
-  monkeypatch.setattr(metrics, "device_peak_flops", lambda device=None: 1e9)
+  peak_dtypes = []  # the peak is asked for the run's compute dtype
+
+  def peak(device=None, dtype="bfloat16"):
+    peak_dtypes.append(dtype)
+    return 1e9
+
+  monkeypatch.setattr(metrics, "device_peak_flops", peak)
   monkeypatch.setattr(metrics, "step_flops", recording_flops)
   log = io.StringIO()
   monkeypatch.setattr(train, "Progress", functools.partial(train.Progress, stream=log))
@@ -217,6 +223,7 @@ def test_training_loop_reads_the_device_only_on_log_steps_and_reports_mfu(tiny_v
   # MFU on every log line: the step's XLA FLOPs x steps/s over the peak.
   lines = re.findall(r"step (\d+)/8 loss \S+ img/s ([\d.]+) .*mfu ([\d.]+)%", log.getvalue())
   assert [int(s) for s, _, _ in lines] == [4, 8] and len(step_flops) == 1
+  assert peak_dtypes == [cfg.model.dtype]
   for _, img_s, util in lines:
     expected = 100 * step_flops[0] * float(img_s) / cfg.train.batch_size / 1e9
     assert abs(float(util) - expected) <= 0.051 + 1e-3 * expected, (util, expected)

@@ -45,7 +45,8 @@ RESUME_KEYS = ("seed", "model.source", "model.num_classes", "data.image_size", "
                "data.resize", "data.crop_fraction", "data.augment", "data.mixup_alpha",
                "data.cutmix_alpha", "data.mix_switch_prob",
                "train.label_smoothing", "train.ema_decay", "train.freeze_bn", "model.dropout_rate",
-               "model.droppath_rate", "model.bn_momentum", "model.lora_alpha", "model.lora_targets")
+               "model.droppath_rate", "model.bn_momentum", "model.lora_alpha", "model.lora_targets",
+               "model.arch")
 
 
 def model_config() -> mc.ConfigDict:
@@ -60,6 +61,10 @@ def model_config() -> mc.ConfigDict:
   c.bn_momentum = placeholder(float)  # BatchNorm running-statistics momentum (flax convention); None: the family's
   c.remat = placeholder(bool)  # ViT: recompute each block in the backward pass (less memory, ~1/3 more compute)
   c.attention = placeholder(str)  # ViT: "auto" (cuDNN flash attention on a GPU in bf16) | "xla" | "cudnn"
+  # Any other architecture option of the family that keeps the checkpoint's parameter shapes,
+  # over the checkpoint's: --config.model.arch.stem_conv_impl=space_to_depth (ResNet),
+  # --config.model.arch.layer_norm_eps=1e-6 (ViT).  The family refuses an option it lacks.
+  c.arch = {}
   c.lora_rank = 0  # > 0: LoRA adapters of this rank on lora_targets; the base stays frozen
   c.lora_alpha = placeholder(float)  # update scale alpha / rank; None: 1
   c.lora_targets = ()  # regexes of kernel paths; empty: ViT attention and MLP kernels
@@ -251,7 +256,8 @@ def validate(config) -> None:
                       value=t.label_smoothing)
 
 
-FREE_FORM = ("optim.kwargs",)  # sections whose keys go to optax unchecked (it checks them)
+# Sections whose keys are not ftjax's: optax checks optim.kwargs, the model family model.arch.
+FREE_FORM = ("optim.kwargs", "model.arch")
 
 
 def _type_fits(value, kind, default) -> bool:

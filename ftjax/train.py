@@ -771,6 +771,12 @@ def _build(config, workdir: Path) -> tuple[_Run, dict]:
                     f"{train_ds.name}: {names}; the model cannot learn them (check val_fraction, "
                     "the image count of each class, skipped files)")
   overrides = {k: config.model[k] for k in MODEL_OVERRIDES if config.model[k] is not None}
+  arch = dict(config.model.arch)
+  both = sorted(set(arch) & set(MODEL_OVERRIDES))
+  if both:
+    raise ConfigError("architecture option given twice", where=f"model.arch.{both[0]}",
+                      value=f"model.arch.{both[0]} and model.{both[0]}", hint=f"use model.{both[0]}")
+  overrides = {**arch, **overrides}
   dont_load = (".*",) if config.model.scratch else tuple(config.model.dont_load)
   model, variables, report = models.from_pretrained(
       config.model.source, num_classes=num_classes, image_size=config.data.image_size,

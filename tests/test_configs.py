@@ -112,6 +112,7 @@ DATA_CHANGES = [
     ("model.bn_momentum", 0.9),
     ("model.lora_alpha", 16.0),
     ("model.lora_targets", (".*/kernel",)),
+    ("model.arch.layer_norm_eps", 1e-5),  # an entry of a free-form section, named as such
 ]
 
 

@@ -127,6 +127,15 @@ def test_a_free_form_section_takes_new_keys_and_keeps_the_types_of_its_own(run, 
                  "give it a value: --config.optim.kwargs.nesterov=VALUE"]
 
 
+def test_model_arch_takes_the_family_options_from_the_command_line(run, tmp_path):
+  cfg = write_config(tmp_path, NPZ)
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
+                          "--config.model.arch.stem_conv_impl=space_to_depth",
+                          "--config.model.arch.layer_norm_eps=1e-5")
+  assert (code, err) == (0, [])
+  assert config.model.arch.to_dict() == {"stem_conv_impl": "space_to_depth", "layer_norm_eps": 1e-5}
+
+
 def test_a_config_file_missing_sections_is_a_missing_key_error(run, tmp_path):
   cfg = tmp_path / "partial.py"
   cfg.write_text("import ml_collections\n"

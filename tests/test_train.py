@@ -717,3 +717,18 @@ def test_run_killed_mid_unfreeze_warmup_resumes_bit_identical(tiny_vit_npz, tmp_
   _, _, ours = _killed_resumed_and_uninterrupted(tiny_vit_npz, tmp_path, overrides, "after:5", 4)
   block1 = "params/Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"
   assert not np.array_equal(ours[block1], np.load(tiny_vit_npz)[block1.removeprefix("params/")])
+
+
+def test_model_arch_options_reach_the_family_and_bad_ones_are_refused(tiny_vit_npz, tmp_path):
+  cfg = tiny_config(tiny_vit_npz, **{"model.arch": {"patch_embed_impl": "flax", "layer_norm_eps": 1e-5}})
+  run, _ = train.prepare(cfg, str(tmp_path / "ok"))
+  assert (run.model.patch_embed_impl, run.model.layer_norm_eps) == ("flax", 1e-5)
+  assert run.report.arch["patch_embed_impl"] == "flax"  # recorded with the model, for export
+  cfg = tiny_config(tiny_vit_npz, **{"model.arch": {"stem_conv_impl": "space_to_depth"}})
+  with pytest.raises(ConfigError, match=r"unknown ViT arch option \(arch\): 'stem_conv_impl'"):
+    train.prepare(cfg, str(tmp_path / "wd"))
+  cfg = tiny_config(tiny_vit_npz, **{"model.arch": {"remat": False}, "model.remat": True})
+  with pytest.raises(ConfigError, match=r"architecture option given twice \(model.arch.remat\): "
+                                        r"model.arch.remat and model.remat; use model.remat"):
+    train.prepare(cfg, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()

@@ -1139,10 +1139,43 @@ def train_and_evaluate(config, workdir: str, *, allow_fresh: bool = False) -> di
   Rerunning the same command resumes from the newest verified checkpoint
   (damaged steps are skipped with a warning and moved to ``checkpoints/rejected``).
   When checkpoints exist but none verifies, this raises CheckpointError rather
-  than start again from step 0, unless ``allow_fresh``.
+  than start again from step 0, unless ``allow_fresh``.  A run that fails
+  before writing any file removes the directories it created for ``workdir``.
   Returns the final evaluation summaries.
   """
+  created = _first_missing(Path(workdir).absolute())
   run, variables = prepare(config, workdir)
+  try:
+    return _train_prepared(run, variables, allow_fresh)
+  except BaseException:
+    if created is not None and writes_workdir():
+      _remove_empty_dirs(created)  # a run that failed before writing anything leaves no trace
+    raise
+
+
+def _first_missing(path: Path) -> Path | None:
+  """The outermost of ``path`` and its parents that does not exist yet; None if ``path`` exists."""
+  missing = None
+  for p in (path, *path.parents):
+    if p.exists():
+      return missing
+    missing = p
+  return missing
+
+
+def _remove_empty_dirs(root: Path) -> None:
+  """Removes ``root`` and the directories under it that hold no file, deepest first; never a file."""
+  if not root.is_dir():
+    return
+  for dirpath, _, _ in os.walk(root, topdown=False):  # children before their parent
+    try:
+      os.rmdir(dirpath)
+    except OSError:  # not empty: something was written there, keep it
+      pass
+
+
+def _train_prepared(run: _Run, variables: dict, allow_fresh: bool) -> dict:
+  config = run.config
   cfg, t, wd, config_dict = config, config.train, run.workdir, run.config_dict
   hit = fault_hook(os.environ.get(TEST_KILL_ENV), os.environ.get(TEST_HOLD_ENV),
                    os.environ.get(TEST_FAIL_ENV), os.environ.get(TEST_TERM_ENV))

@@ -732,3 +732,20 @@ def test_model_arch_options_reach_the_family_and_bad_ones_are_refused(tiny_vit_n
                                         r"model.arch.remat and model.remat; use model.remat"):
     train.prepare(cfg, str(tmp_path / "wd"))
   assert not (tmp_path / "wd").exists()
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_workdir(tiny_vit_npz, tmp_path, monkeypatch):
+  cfg = tiny_config(tiny_vit_npz)
+  monkeypatch.setenv(train.TEST_FAIL_ENV, "startup:0")  # workdir made, nothing restored or written
+  with pytest.raises(OSError, match="injected at startup:0"):
+    train.train_and_evaluate(cfg, str(tmp_path / "runs" / "a"))
+  assert not (tmp_path / "runs").exists()  # the parent it created too
+  (tmp_path / "mine").mkdir()  # a directory the user made stays
+  with pytest.raises(OSError, match="injected at startup:0"):
+    train.train_and_evaluate(cfg, str(tmp_path / "mine" / "a"))
+  assert [p.name for p in tmp_path.iterdir()] == ["mine"] and not any((tmp_path / "mine").iterdir())
+  # A run that recorded its config keeps it, with whatever else it wrote.
+  monkeypatch.setenv(train.TEST_FAIL_ENV, "step:2")
+  with pytest.raises(OSError, match="injected at step:2"):
+    train.train_and_evaluate(cfg, str(tmp_path / "runs" / "b"))
+  assert (tmp_path / "runs" / "b" / "config.json").is_file()

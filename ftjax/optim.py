@@ -367,7 +367,9 @@ def gradual_unfreezing(family: str, *, depth: int | None = None, every: int,
   blocks (``depth`` = number of blocks) then the embeddings; ResNet stages 4..1
   then the stem (``depth`` 4); EfficientNet stages 6..0 then the stem (``depth``
   7).  The head level trains from step 0; everything else must have a training
-  spec in ``param_groups``.
+  spec in ``param_groups``.  ``depth`` must be the model's: with a smaller one
+  the levels above it are in no rule and train from step 0 (the plan's
+  ``from`` column shows it).
 
   >>> gradual_unfreezing("vit", depth=3, every=100, k=2)
   [(100, 'Transformer/encoderblock_2/.*|Transformer/encoderblock_1/.*'), (200, 'Transformer/encoderblock_0/.*|embedding/.*|cls|reg|Transformer/posembed_input/.*')]

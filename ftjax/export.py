@@ -79,49 +79,118 @@ def _vit_blocks(a: dict) -> range:
   return range(a["num_layers"])
 
 
-_NO_TOKEN_GAP = "neither format has class-token-and-mean pooling: pooling=token_gap"
+def _hf_kind(a: dict) -> str:
+  """The transformers class family that holds this (resolved) ViT arch; a ConfigError if none.
+
+  ``"vit"``: ViTForImageClassification (the class token after the final norm);
+  ``"dinov2"``/``"dinov2_with_registers"``: Dinov2[WithRegisters]ForImageClassification
+  (the class token and the patch mean side by side, LayerScale); ``"siglip"``:
+  SiglipForImageClassification (the mean of every token, no class token).
+  """
+  if a["posemb"] != "learn":
+    raise _unsupported("hf", "vit", f"transformers' ViTs learn their position embedding: posemb={a['posemb']}",
+                       hint="neither format has a fixed table: keep the ftjax checkpoint")
+  if a["fc_norm"] or a["representation_size"]:
+    raise _unsupported("hf", "vit", "transformers' ViTs pool after the final norm, with no pre-logits "
+                       f"layer: fc_norm={a['fc_norm']} representation_size={a['representation_size']}",
+                       hint="export to timm, or keep the ftjax checkpoint" if not a["representation_size"]
+                       else "keep the ftjax checkpoint")
+  if a["pooling"] == "token_gap":
+    return "dinov2_with_registers" if a["reg_tokens"] else "dinov2"
+  if a["reg_tokens"] or a["layer_scale"] is not None:
+    raise _unsupported("hf", "vit", "transformers has register tokens and LayerScale only in DINOv2, "
+                       f"which pools token_gap: pooling={a['pooling']} reg_tokens={a['reg_tokens']} "
+                       f"layer_scale={a['layer_scale']}", hint="export to timm, or keep the ftjax checkpoint")
+  if a["pooling"] == "gap" and not a["class_token"]:
+    return "siglip"
+  if a["pooling"] == "token":
+    return "vit"
+  raise _unsupported("hf", "vit", "transformers pools the class token (ViT), the class token and the patch "
+                     "mean (DINOv2) or the mean of a model without a class token (SigLIP): "
+                     f"pooling={a['pooling']} class_token={a['class_token']}",
+                     hint="export to timm, or keep the ftjax checkpoint")
+
+
+def _hf_tokens(a: dict, p) -> dict[str, np.ndarray]:
+  """Class token, register tokens and a position table with one class-token row, as transformers'
+  ViT and DINOv2 have them: rows ftjax keeps for the registers are folded into the register
+  tokens and a missing class row is zeros (the same sums either way)."""
+  pos = p("Transformer/posembed_input/pos_embedding")
+  cls, regs = p("cls"), p("reg") if a["reg_tokens"] else None
+  if not a["posemb_class_token"]:
+    pos = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+  elif regs is not None:
+    regs = regs + pos[:, 1:1 + a["reg_tokens"]]
+    pos = np.concatenate([pos[:, :1], pos[:, 1 + a["reg_tokens"]:]], axis=1)
+  out = {"cls_token": cls, "position_embeddings": pos}
+  if regs is not None:
+    out["register_tokens"] = regs
+  return out
 
 
 def _vit_hf(arch, flat: Flat) -> dict[str, np.ndarray]:
   a = _vit_arch(arch)
-  if a["pooling"] == "token_gap":  # first: the other refusals' hints send it to timm, which refuses it too
-    raise _unsupported("hf", "vit", _NO_TOKEN_GAP, hint="keep the ftjax checkpoint")
-  if a["posemb"] != "learn" or (a["class_token"] and not a["posemb_class_token"]):
-    raise _unsupported("hf", "vit", "transformers' ViT learns a position embedding with a class-token "
-                       f"row: posemb={a['posemb']} posemb_class_token={a['posemb_class_token']}",
-                       hint="export to timm (a learned table without that row), or keep the ftjax "
-                            "checkpoint" if a["posemb"] == "learn" else
-                            "neither format has a fixed table: keep the ftjax checkpoint")
-  if a["reg_tokens"] or a["layer_scale"] is not None:
-    raise _unsupported("hf", "vit", "transformers' ViT has no register tokens or LayerScale: "
-                       f"reg_tokens={a['reg_tokens']} layer_scale={a['layer_scale']}",
-                       hint="export to timm, or keep the ftjax checkpoint")
-  if a["pooling"] != "token" or a["fc_norm"] or a["representation_size"]:
-    raise _unsupported("hf", "vit", "transformers' ViT reads the class token after the final norm: "
-                       f"pooling={a['pooling']} fc_norm={a['fc_norm']} "
-                       f"representation_size={a['representation_size']}")
+  kind = _hf_kind(a)
   p = lambda k: np.asarray(flat[f"params/{k}"])
-  out = {"vit.embeddings.cls_token": p("cls"),
-         "vit.embeddings.position_embeddings": p("Transformer/posembed_input/pos_embedding"),
-         "vit.embeddings.patch_embeddings.projection.weight": _oihw(p("embedding/kernel")),
-         "vit.embeddings.patch_embeddings.projection.bias": p("embedding/bias")}
-  # The layout transformers checkpoints are saved in (transformers 5 renames it on load).
+  if kind == "siglip":
+    return _vit_hf_siglip(a, p)
+  # The layout transformers checkpoints are saved in (transformers 5 renames ViT's on load).
+  model = {"vit": "vit", "dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers"}[kind]
+  out = {f"{model}.embeddings.{k}": v for k, v in _hf_tokens(a, p).items()}
+  out[f"{model}.embeddings.patch_embeddings.projection.weight"] = _oihw(p("embedding/kernel"))
+  out[f"{model}.embeddings.patch_embeddings.projection.bias"] = p("embedding/bias")
+  if kind != "vit":  # DINOv2's pre-training mask token: unused by a classifier, zeros as initialised
+    out[f"{model}.embeddings.mask_token"] = np.zeros((1, a["hidden_size"]), np.float32)
+  norms = (("LayerNorm_0", "layernorm_before"), ("LayerNorm_2", "layernorm_after")) if kind == "vit" else (
+      ("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2"))
+  mlp = (("Dense_0", "intermediate.dense"), ("Dense_1", "output.dense")) if kind == "vit" else (
+      ("Dense_0", "mlp.fc1"), ("Dense_1", "mlp.fc2"))
   for i in _vit_blocks(a):
-    src, dst = f"Transformer/encoderblock_{i}", f"vit.encoder.layer.{i}"
+    src, dst = f"Transformer/encoderblock_{i}", f"{model}.encoder.layer.{i}"
     att = f"{src}/MultiHeadDotProductAttention_1"
     for n in ("query", "key", "value"):
       out[f"{dst}.attention.attention.{n}.weight"] = _linear_weight(p(f"{att}/{n}/kernel"))
       out[f"{dst}.attention.attention.{n}.bias"] = p(f"{att}/{n}/bias").reshape(-1)
     out[f"{dst}.attention.output.dense.weight"] = _linear_weight(p(f"{att}/out/kernel"), 2)
     out[f"{dst}.attention.output.dense.bias"] = p(f"{att}/out/bias")
-    for norm, name in (("LayerNorm_0", "layernorm_before"), ("LayerNorm_2", "layernorm_after")):
+    for norm, name in norms:
       out[f"{dst}.{name}.weight"] = p(f"{src}/{norm}/scale")
       out[f"{dst}.{name}.bias"] = p(f"{src}/{norm}/bias")
-    for dense, name in (("Dense_0", "intermediate.dense"), ("Dense_1", "output.dense")):
+    for dense, name in mlp:
       out[f"{dst}.{name}.weight"] = _linear_weight(p(f"{src}/MlpBlock_3/{dense}/kernel"))
       out[f"{dst}.{name}.bias"] = p(f"{src}/MlpBlock_3/{dense}/bias")
-  out["vit.layernorm.weight"] = p("Transformer/encoder_norm/scale")
-  out["vit.layernorm.bias"] = p("Transformer/encoder_norm/bias")
+    if kind != "vit":  # DINOv2 always scales; a model without LayerScale scales by ones
+      for scale, n in (("layer_scale_attention", 1), ("layer_scale_mlp", 2)):
+        out[f"{dst}.layer_scale{n}.lambda1"] = (
+            p(f"{src}/{scale}") if a["layer_scale"] is not None else np.ones(a["hidden_size"], np.float32))
+  out[f"{model}.layernorm.weight"] = p("Transformer/encoder_norm/scale")
+  out[f"{model}.layernorm.bias"] = p("Transformer/encoder_norm/bias")
+  out["classifier.weight"] = _linear_weight(p("head/kernel"))
+  out["classifier.bias"] = p("head/bias")
+  return out
+
+
+def _vit_hf_siglip(a: dict, p) -> dict[str, np.ndarray]:
+  """SiglipForImageClassification's keys (its vision tower without the attention-pooling head)."""
+  out = {"vision_model.embeddings.patch_embedding.weight": _oihw(p("embedding/kernel")),
+         "vision_model.embeddings.patch_embedding.bias": p("embedding/bias"),
+         "vision_model.embeddings.position_embedding.weight": p("Transformer/posembed_input/pos_embedding")[0]}
+  for i in _vit_blocks(a):
+    src, dst = f"Transformer/encoderblock_{i}", f"vision_model.encoder.layers.{i}"
+    att = f"{src}/MultiHeadDotProductAttention_1"
+    for n, name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+      out[f"{dst}.self_attn.{name}.weight"] = _linear_weight(p(f"{att}/{n}/kernel"))
+      out[f"{dst}.self_attn.{name}.bias"] = p(f"{att}/{n}/bias").reshape(-1)
+    out[f"{dst}.self_attn.out_proj.weight"] = _linear_weight(p(f"{att}/out/kernel"), 2)
+    out[f"{dst}.self_attn.out_proj.bias"] = p(f"{att}/out/bias")
+    for norm, name in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_2", "layer_norm2")):
+      out[f"{dst}.{name}.weight"] = p(f"{src}/{norm}/scale")
+      out[f"{dst}.{name}.bias"] = p(f"{src}/{norm}/bias")
+    for dense, name in (("Dense_0", "mlp.fc1"), ("Dense_1", "mlp.fc2")):
+      out[f"{dst}.{name}.weight"] = _linear_weight(p(f"{src}/MlpBlock_3/{dense}/kernel"))
+      out[f"{dst}.{name}.bias"] = p(f"{src}/MlpBlock_3/{dense}/bias")
+  out["vision_model.post_layernorm.weight"] = p("Transformer/encoder_norm/scale")
+  out["vision_model.post_layernorm.bias"] = p("Transformer/encoder_norm/bias")
   out["classifier.weight"] = _linear_weight(p("head/kernel"))
   out["classifier.bias"] = p("head/bias")
   return out
@@ -129,15 +198,43 @@ def _vit_hf(arch, flat: Flat) -> dict[str, np.ndarray]:
 
 def _vit_hf_config(arch, image_size) -> dict:
   a = _vit_arch(arch)
+  kind = _hf_kind(a)
   h, w = image_size
-  return {"model_type": "vit", "architectures": ["ViTForImageClassification"],
-          "hidden_size": a["hidden_size"], "num_hidden_layers": a["num_layers"],
-          "num_attention_heads": a["num_heads"], "intermediate_size": a["mlp_dim"],
-          "patch_size": a["patch_size"], "image_size": h if h == w else [h, w],
-          "num_channels": 3, "qkv_bias": True,
-          "hidden_act": "gelu_pytorch_tanh" if a["gelu_approximate"] else "gelu",
-          "layer_norm_eps": float(a["layer_norm_eps"]), "hidden_dropout_prob": 0.0,
-          "attention_probs_dropout_prob": 0.0}
+  act = "gelu_pytorch_tanh" if a["gelu_approximate"] else "gelu"
+  if kind != "vit" and h != w:  # their position tables are square grids
+    raise _unsupported("hf", "vit", f"transformers' {kind} needs a square image: {h}x{w}",
+                       hint="export to timm, or keep the ftjax checkpoint")
+  if kind == "siglip":
+    return {"model_type": "siglip", "architectures": ["SiglipForImageClassification"],
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": a["hidden_size"],
+                              "num_hidden_layers": a["num_layers"], "num_attention_heads": a["num_heads"],
+                              "intermediate_size": a["mlp_dim"], "patch_size": a["patch_size"],
+                              "image_size": h, "num_channels": 3, "hidden_act": act,
+                              "layer_norm_eps": float(a["layer_norm_eps"]), "attention_dropout": 0.0,
+                              "vision_use_head": False}}
+  common = {"hidden_size": a["hidden_size"], "num_hidden_layers": a["num_layers"],
+            "num_attention_heads": a["num_heads"], "patch_size": a["patch_size"], "num_channels": 3,
+            "qkv_bias": True, "hidden_act": act, "layer_norm_eps": float(a["layer_norm_eps"]),
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+  if kind == "vit":
+    return {"model_type": "vit", "architectures": ["ViTForImageClassification"], **common,
+            "intermediate_size": a["mlp_dim"], "image_size": h if h == w else [h, w]}
+  # transformers' Dinov2MLP is hidden_size * mlp_ratio wide, mlp_ratio an integer (its config's type)
+  ratio, rest = divmod(a["mlp_dim"], a["hidden_size"])
+  if rest:
+    raise _unsupported("hf", "vit", f"transformers' DINOv2 MLP is a whole multiple of the width: mlp_dim "
+                       f"{a['mlp_dim']} for hidden_size {a['hidden_size']}",
+                       hint="export to timm, or keep the ftjax checkpoint")
+  config = {"model_type": kind, "architectures": [f"{_HF_CLASS[kind]}"], **common, "image_size": h,
+            "mlp_ratio": ratio, "layerscale_value": float(a["layer_scale"] or 1.0),
+            "use_swiglu_ffn": False, "drop_path_rate": 0.0}
+  if a["reg_tokens"]:
+    config["num_register_tokens"] = a["reg_tokens"]
+  return config
+
+
+_HF_CLASS = {"dinov2": "Dinov2ForImageClassification",
+             "dinov2_with_registers": "Dinov2WithRegistersForImageClassification"}
 
 
 def _vit_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
@@ -145,7 +242,8 @@ def _vit_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
   if a["representation_size"]:
     raise _unsupported("timm", "vit", "timm's ViT has no pre_logits layer")
   if a["pooling"] == "token_gap":
-    raise _unsupported("timm", "vit", _NO_TOKEN_GAP, hint="keep the ftjax checkpoint")
+    raise _unsupported("timm", "vit", "timm's ViT has no class-token-and-mean pooling: pooling=token_gap",
+                       hint="export to hf (Dinov2ForImageClassification), or keep the ftjax checkpoint")
   if a["posemb"] != "learn":
     raise _unsupported("timm", "vit", f"timm's ViT learns its position embedding: posemb={a['posemb']}",
                        hint="neither format has a fixed table: keep the ftjax checkpoint")

@@ -78,17 +78,35 @@ def _check_hf(directory, cls):
     ("timm", {"variant": "test", "pooling": "map", "gelu_approximate": True}),  # a SigLIP tower
     ("timm", {"variant": "test", "pooling": "map", "class_token": True, "posemb_class_token": False}),
     ("timm", {"variant": "test", "reg_tokens": 2, "posemb_class_token": False, "layer_scale": 0.1}),
-    ("timm", {"variant": "test", "reg_tokens": 2, "pooling": "gap", "fc_norm": True})],
+    ("timm", {"variant": "test", "reg_tokens": 2, "pooling": "gap", "fc_norm": True}),
+    # transformers' ViT with a zero class row, DINOv2 with and without registers or LayerScale
+    # (ones), SigLIP's classifier (every token's mean, no class token)
+    ("hf", {"variant": "test", "posemb_class_token": False}),
+    ("hf", {"variant": "test", "pooling": "token_gap", "layer_scale": 0.1}),
+    ("hf", {"variant": "test", "pooling": "token_gap"}),
+    ("hf", {"variant": "test", "pooling": "token_gap", "layer_scale": 1.0, "reg_tokens": 3,
+            "posemb_class_token": False}),
+    ("hf", {"variant": "test", "pooling": "token_gap", "reg_tokens": 2}),
+    ("hf", {"variant": "test", "pooling": "gap", "class_token": False, "gelu_approximate": True})],
     ids=["hf", "timm", "timm-gap-fc_norm", "hf-tanh", "timm-map-tanh", "timm-map-no_embed_class",
-         "timm-dinov2-reg", "timm-reg-gap"])
+         "timm-dinov2-reg", "timm-reg-gap", "hf-no_embed_class", "hf-dinov2", "hf-dinov2-no_layer_scale",
+         "hf-dinov2-reg-no_embed_class", "hf-dinov2-reg", "hf-siglip"])
 def test_vit_round_trip(tmp_path, fmt, arch):
-  from transformers import ViTForImageClassification
+  from transformers import AutoModelForImageClassification
   model, variables = _perturbed("vit", arch, 32, seed=1)
   x = _images(32)
   ours = np.asarray(model.apply(variables, jnp.asarray(x)))
   out = export.export(variables, _meta("vit", arch, 32), tmp_path / fmt, fmt)
   if fmt == "hf":
-    theirs = _torch_logits(_check_hf(out, ViTForImageClassification), x)
+    torch_model = _check_hf(out, AutoModelForImageClassification)
+    pooling = arch.get("pooling", "token")
+    assert type(torch_model).__name__ == {
+        "token": "ViTForImageClassification", "gap": "SiglipForImageClassification",
+        "token_gap": "Dinov2WithRegistersForImageClassification" if arch.get("reg_tokens")
+        else "Dinov2ForImageClassification"}[pooling]
+    theirs = _torch_logits(torch_model, x)
+    back, read, _ = models.from_pretrained(f"hf:{out}")  # and ftjax reads its export back
+    assert np.abs(np.asarray(back.apply(read, jnp.asarray(x))) - ours).max() < 1e-5
   else:
     theirs = _torch_logits(_timm_model(out)[0], x)
   assert np.abs(theirs - ours).max() < 1e-4
@@ -304,22 +322,28 @@ def test_unsupported_exports_are_config_errors(tmp_path):
   gap = _meta("vit", {"variant": "test", "pooling": "gap", "fc_norm": True}, 32)
   with pytest.raises(ConfigError, match="cannot export to hf"):
     export.export(variables, gap, tmp_path, "hf")
-  for arch, fmt in (({"variant": "test", "posemb_class_token": False}, "hf"),
-                    ({"variant": "test", "layer_scale": 0.1}, "hf"),
+  for arch, fmt in (({"variant": "test", "layer_scale": 0.1}, "hf"),
+                    ({"variant": "test", "reg_tokens": 1}, "hf"),
+                    ({"variant": "test", "pooling": "map"}, "hf"),
                     ({"variant": "test", "pooling": "token_gap"}, "timm"),
-                    ({"variant": "test", "posemb": "sincos2d", "pooling": "gap"}, "timm")):
+                    ({"variant": "test", "posemb": "sincos2d", "pooling": "gap"}, "timm"),
+                    ({"variant": "test", "posemb": "sincos2d", "pooling": "gap"}, "hf")):
     _, other = _perturbed("vit", arch, 32, seed=5)
-    with pytest.raises(ConfigError, match=f"cannot export to {fmt}.*(posemb|layer_scale|token_gap)"):
+    with pytest.raises(ConfigError, match=f"cannot export to {fmt}.*(posemb|layer_scale|reg_tokens|pooling)"):
       export.export(other, _meta("vit", arch, 32), tmp_path / "out", fmt)
   assert not (tmp_path / "out").exists()  # refused before anything is written
-  # A Dinov2ForImageClassification fine-tune: neither format reads its pooling, and neither
-  # refusal sends it to the other.
+  # A Dinov2ForImageClassification fine-tune goes to hf, where timm's refusal sends it, and
+  # only at a square size (transformers' DINOv2 and SigLIP tables are square grids).
   dinov2 = {"variant": "test", "pooling": "token_gap", "layer_scale": 1.0, "reg_tokens": 4,
             "posemb_class_token": False}
   _, other = _perturbed("vit", dinov2, 32, seed=5)
-  for fmt in ("hf", "timm"):
-    with pytest.raises(ConfigError, match=f"cannot export to {fmt}.*neither format.*token_gap; keep the ftjax"):
-      export.export(other, _meta("vit", dinov2, 32), tmp_path / "out", fmt)
+  with pytest.raises(ConfigError, match="cannot export to timm.*token_gap; export to hf"):
+    export.export(other, _meta("vit", dinov2, 32), tmp_path / "out", "timm")
+  for arch in (dinov2, {"variant": "test", "pooling": "gap", "class_token": False}):
+    _, other = _perturbed("vit", arch, (32, 48), seed=5)
+    with pytest.raises(ConfigError, match=r"cannot export to hf.*needs a square image: 32x48"):
+      export.export(other, {**_meta("vit", arch, 32), "image_size": [32, 48]}, tmp_path / "out", "hf")
+  assert not (tmp_path / "out").exists()
   with pytest.raises(ConfigError, match="unknown export format"):
     export.export(variables, _meta("vit", VIT_ARCH, 32), tmp_path, "onnx")
   (tmp_path / "a_file").write_text("")

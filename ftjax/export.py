@@ -9,10 +9,11 @@ with ``safetensors`` from numpy (no torch needed to export):
 * ``hf``: ``config.json`` (architecture, ``id2label``/``label2id`` from the class
   names), ``model.safetensors`` and ``preprocessor_config.json`` (ftjax's eval
   resize and crop, mean, std: see :func:`hf_preprocessor_config`), loadable with
-  ``ViTForImageClassification.from_pretrained(dir)`` /
-  ``ResNetForImageClassification.from_pretrained(dir)`` and
-  ``AutoImageProcessor.from_pretrained(dir)``, and with
-  ``ftjax.models.from_pretrained("hf:" + dir)``;
+  ``AutoModelForImageClassification.from_pretrained(dir)`` (a ViT as
+  ``ViTForImageClassification``, ``Dinov2[WithRegisters]ForImageClassification`` or
+  ``SiglipForImageClassification`` by its pooling; a ResNet as
+  ``ResNetForImageClassification``) and ``AutoImageProcessor.from_pretrained(dir)``,
+  and with ``ftjax.models.from_pretrained("hf:" + dir)``;
 * ``timm``: ``model.safetensors`` with timm's keys and timm's hub-style
   ``config.json``: ``timm.create_model(cfg["architecture"], pretrained=False,
   **cfg["model_args"])`` then ``load_state_dict``.

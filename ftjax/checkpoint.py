@@ -355,6 +355,15 @@ def committed_steps(directory: str | os.PathLike) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def run_workdir(path: str | os.PathLike) -> Path:
+  """The run's workdir for ``path``: itself, or the parent of the checkpoint directory it names
+  (``WORKDIR/checkpoints``) when only that parent holds the run's ``config.json``."""
+  p = Path(path)
+  if not (p / "config.json").is_file() and p.name == CHECKPOINT_SUBDIR and (p.parent / "config.json").is_file():
+    return p.parent
+  return p
+
+
 def checkpoint_dir(path: str | os.PathLike) -> Path:
   """A checkpoint directory, or a run's workdir whose steps live in ``checkpoints/``."""
   p = Path(path).absolute()  # orbax reads absolute paths only

@@ -532,8 +532,19 @@ def _efficientnet_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
 
 
 def _flat(variables) -> dict[str, np.ndarray]:
-  """Nested ``{"params": ..., "batch_stats": ...}`` or already flat -> flat numpy."""
+  """Nested ``{"params": ..., "batch_stats": ...}`` or already flat -> flat numpy.
+
+  LoRA adapters (``params/lora/...``) must be merged first: neither format holds them, and
+  leaving them out would export the base model as if it were the fine-tune.
+  """
+  from ftjax.lora import LORA
   flat = flatten(variables) if any(isinstance(v, Mapping) for v in variables.values()) else variables
+  adapters = sorted(k for k in flat if k.startswith(f"params/{LORA}/"))
+  if adapters:
+    raise ConfigError("LoRA adapters not merged into the weights", where=adapters[0],
+                      value=f"{len(adapters)} adapter tensors",
+                      hint="merge them first (ftjax.lora.merge; export() and read_run do it with the "
+                           "run's LoRA settings)")
   return {k: np.asarray(v) for k, v in flat.items()}
 
 
@@ -644,10 +655,11 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
   temporary name and renamed into place.
 
   Args:
-    variables: ``{"params": ..., "batch_stats": ...}`` (nested or flat), LoRA
-      adapters already merged (:func:`read_run` does it).
+    variables: ``{"params": ..., "batch_stats": ...}`` (nested or flat).  LoRA
+      adapters (``params/lora``) are merged here with ``meta["lora"]``; without it
+      they are an error, never left out.
     meta: the model metadata the trainer stores (``extra["model"]``): family,
-      arch, num_classes, image_size, mean, std, class_names.
+      arch, num_classes, image_size, mean, std, class_names, lora (a LoRA run's).
     directory: created if missing; existing files of the same names are replaced.
     fmt: ``"hf"`` or ``"timm"``.
     resize, crop_fraction: the run's eval transform (``data.resize``,
@@ -657,6 +669,7 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
   if fmt not in FORMATS:
     raise ConfigError("unknown export format", where="--format", value=repr(fmt), hint=f"one of {FORMATS}")
   family, arch = meta["family"], dict(meta["arch"])
+  variables = _merged(variables, meta)
   image_size = tuple(int(s) for s in meta["image_size"])
   labels = _labels(meta)
   out = Path(directory)
@@ -699,6 +712,15 @@ def export(variables, meta: Mapping[str, Any], directory: str | Path, fmt: str =
   return out
 
 
+def _merged(variables, meta: Mapping[str, Any]):
+  """``variables`` with LoRA adapters merged, when they hold some and ``meta`` has their settings."""
+  from ftjax import lora
+  params = variables.get("params") if isinstance(variables, Mapping) else None
+  if isinstance(params, Mapping) and lora.LORA in params and meta.get("lora"):
+    return {**variables, "params": lora.merge(params, lora.LoraSpec.from_dict(meta["lora"]))}
+  return variables
+
+
 def run_step(workdir: str | Path, step: int | str | None) -> int | None:
   """The checkpoint step ``step`` names in a run: None or "latest" (the newest: None),
   "best" (by the run's ``train.best_metric`` and ``best_mode``, from its ``config.json``)
@@ -713,6 +735,7 @@ def run_step(workdir: str | Path, step: int | str | None) -> int | None:
                       hint="latest, best or a step number")
   from ftjax.config import best_metric_key
   from ftjax.train import stored_config
+  workdir = checkpoint.run_workdir(workdir)
   cfg = stored_config(workdir)
   if cfg is None:
     raise CheckpointError("the best step needs the run's config.json", where=str(Path(workdir) / "config.json"),
@@ -761,6 +784,8 @@ def main(argv=None) -> int:
   parser.add_argument("--ema", action="store_true", help="export the EMA parameters")
   parser.add_argument("--step", default="latest", help="latest (default), best or a step number")
   args = parser.parse_args(argv)
+  from ftjax.cli import plain_warnings
+  plain_warnings()  # one line each, as launch.py prints them
   from ftjax.predict import run_eval_resize
   try:
     variables, meta = read_run(args.workdir, ema=args.ema, step=args.step)

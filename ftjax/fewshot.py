@@ -129,8 +129,10 @@ def fewshot_evaluate(features_train: np.ndarray, labels_train: np.ndarray, featu
     seed: which examples are drawn.
     num_classes: default ``max(label) + 1`` over both sets.
   """
-  if float(l2_reg) < 0:
+  if not float(l2_reg) >= 0:  # NaN too
     raise ConfigError("few-shot l2_reg must be >= 0", where="l2_reg", value=l2_reg)
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ConfigError("few-shot seed must be a non-negative integer", where="seed", value=repr(seed))
   shots = check_shots(shots)
   labels_train = np.asarray(labels_train)
   labels_test = np.asarray(labels_test)
@@ -219,9 +221,11 @@ class FewshotEvaluator:
 
 
 def run_data_config(workdir: str | Path):
-  """The data config a training run stored in ``<workdir>/config.json``."""
+  """The data config a training run stored in ``<workdir>/config.json`` (``workdir`` may be its
+  checkpoint directory)."""
+  from ftjax.checkpoint import run_workdir
   from ftjax.data.config import default_config
-  stored = Path(workdir) / "config.json"
+  stored = run_workdir(workdir) / "config.json"
   if not stored.is_file():
     raise ConfigError("run has no stored config.json", where=str(workdir),
                       hint="pass the --workdir of a training run")
@@ -243,6 +247,9 @@ def evaluate_run(workdir: str | Path, *, shots: Sequence[int] = SHOTS, l2_reg: f
   from ftjax.predict import load_model
   model, variables, meta = load_model(workdir, step=step)
   config = run_data_config(workdir)
+  if not split and not config.eval_splits:
+    raise ConfigError("run evaluated no split to test the probe on", where="data.eval_splits",
+                      value="[]", hint="pass --split (e.g. test or val)")
   test_split = split or config.eval_splits[0]
   pool = config.copy_and_resolve_references()
   pool.per_class = None
@@ -262,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--split", default=None, help="test split; default the run's first eval split")
   parser.add_argument("--step", default="latest", help="latest (default), best or a step number")
   args = parser.parse_args(argv)
+  from ftjax.cli import plain_warnings
+  plain_warnings()  # one line each, as launch.py prints them
   try:
     try:
       shots = [int(k) for k in args.shots.split(",")]
@@ -269,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ConfigError("shots must be comma-separated integers", where="--shots",
                         value=repr(args.shots)) from None
     shots = check_shots(shots, where="--shots")  # before the run is read: fails at once
+    if not args.l2_reg >= 0:
+      raise ConfigError("few-shot l2_reg must be >= 0", where="--l2_reg", value=args.l2_reg)
+    if args.seed < 0:
+      raise ConfigError("few-shot seed must be a non-negative integer", where="--seed", value=args.seed)
     result = evaluate_run(args.workdir, shots=shots, l2_reg=args.l2_reg, seed=args.seed,
                           split=args.split, step=args.step)
   except FtjaxError as e:

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,15 +62,21 @@ def list_images(folder: str | os.PathLike) -> list[str]:
 
 
 def run_eval_resize(workdir: str | os.PathLike) -> tuple[str, float]:
-  """(``data.resize``, ``data.crop_fraction``) of a run's stored config (the data defaults
-  without one): how its eval transform resizes and crops."""
+  """(``data.resize``, ``data.crop_fraction``) of a run's stored config: how its eval
+  transform resizes and crops.  ``workdir`` may be the run's checkpoint directory.  Without
+  a stored config (checkpoints copied on their own) the data defaults, with a warning."""
+  from ftjax.checkpoint import run_workdir
   from ftjax.data.config import default_config
   data = default_config()
   resize, crop = data.resize, data.crop_fraction
-  stored = Path(workdir) / "config.json"
+  stored = run_workdir(workdir) / "config.json"
   if stored.is_file():
     cfg = json.loads(stored.read_text()).get("data", {})
     resize, crop = cfg.get("resize", resize), cfg.get("crop_fraction", crop)
+  else:
+    warnings.warn(f"ftjax: no config.json of the run at {stored}: resizing and cropping as the data "
+                  f"defaults do (resize {resize!r}, crop_fraction {crop}), not necessarily as the run did",
+                  stacklevel=2)
   return resize, float(crop)
 
 
@@ -197,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--ema", action="store_true", help="use the EMA parameters")
   parser.add_argument("--step", default="latest", help="latest (default), best or a step number")
   args = parser.parse_args(argv)
+  from ftjax.cli import plain_warnings
+  plain_warnings()  # one line each, as launch.py prints them
   try:
     out = predict(args.workdir, args.images, top=args.top_k, out=args.out, batch_size=args.batch_size,
                   ema=args.ema, step=args.step)

@@ -389,3 +389,13 @@ def test_lora_run_is_merged_on_read_and_exports_the_adapted_function(tmp_path):
     c.save(1, {"params": params}, extra={"model": _meta("vit", VIT_ARCH, 32)})
   with pytest.raises(CheckpointError, match="LoRA adapters but no LoRA settings"):
     export.read_run(tmp_path / "bad")
+  # Unmerged adapters handed to the API: export() merges them with the run's settings, the
+  # converters refuse them (neither format holds them; leaving them out exported the base).
+  direct = export.export({"params": params}, meta, tmp_path / "direct", "timm")
+  assert np.abs(_torch_logits(_timm_model(direct)[0], x) - adapted).max() < 1e-4
+  for convert in (export.to_hf, export.to_timm):
+    with pytest.raises(ConfigError, match=r"LoRA adapters not merged into the weights \(params/lora/"):
+      convert("vit", VIT_ARCH, {"params": params})
+  with pytest.raises(ConfigError, match="LoRA adapters not merged"):
+    export.export({"params": params}, _meta("vit", VIT_ARCH, 32), tmp_path / "nometa", "hf")
+  assert not (tmp_path / "nometa").exists()

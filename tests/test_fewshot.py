@@ -179,3 +179,21 @@ def test_cli_on_a_trained_run(tiny_vit_npz, tmp_path, capsys):
   assert got == ev(model, variables, image_size=32, mean=report.mean, std=report.std)
   assert fewshot.main([f"--workdir={wd}", "--shots=1,five"]) == 2
   assert capsys.readouterr().err.startswith("ftjax: error: shots must be comma-separated integers")
+  # The checkpoint directory reads the run's config too; bad seeds and regularisers are one line.
+  assert fewshot.run_data_config(wd / "checkpoints").per_class == 2
+  for flag, err in (("--seed=-1", "few-shot seed must be a non-negative integer (--seed): -1"),
+                    ("--l2_reg=nan", "few-shot l2_reg must be >= 0 (--l2_reg): nan")):
+    assert fewshot.main([f"--workdir={wd}", "--shots=1", flag]) == 2
+    assert capsys.readouterr().err == f"ftjax: error: {err}\n"
+  x, y = _separable(num_classes=3, dim=8, per_class=10)
+  with pytest.raises(ConfigError, match="l2_reg must be >= 0"):
+    fewshot.fewshot_evaluate(x, y, x, y, shots=(1,), l2_reg=float("nan"))
+  with pytest.raises(ConfigError, match=r"seed must be a non-negative integer \(seed\): -2"):
+    fewshot.fewshot_evaluate(x, y, x, y, shots=(1,), seed=-2)
+  # A run that evaluated no split: the probe needs --split.
+  stored = json.loads((wd / "config.json").read_text())
+  stored["data"]["eval_splits"] = []
+  (wd / "config.json").write_text(json.dumps(stored))
+  assert fewshot.main([f"--workdir={wd}", "--shots=1"]) == 2
+  assert capsys.readouterr().err == ("ftjax: error: run evaluated no split to test the probe on "
+                                     "(data.eval_splits): []; pass --split (e.g. test or val)\n")

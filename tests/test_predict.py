@@ -138,3 +138,20 @@ def test_cli_top_k_and_one_line_errors(run, images, tmp_path, capsys):
     assert predict.main(argv) == code
     err = capsys.readouterr().err.strip()
     assert err.startswith("ftjax: error: ") and what in err and "\n" not in err
+
+
+def test_a_checkpoint_directory_reads_the_runs_resize_and_crop(tiny_vit_npz, tmp_path, recwarn):
+  # Given WORKDIR/checkpoints, the eval transform is the run's (it fell back to the defaults).
+  wd = tmp_path / "run"
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 1, "train.eval_every": 0,
+                                     "data.resize": "squash", "data.crop_fraction": 1.0})
+  train.train_and_evaluate(cfg, str(wd))
+  assert predict.run_eval_resize(wd) == predict.run_eval_resize(wd / "checkpoints") == ("squash", 1.0)
+  assert not [w for w in recwarn if "config.json" in str(w.message)]
+  # Checkpoints copied without the run's config: the defaults, said once.
+  import shutil
+  shutil.copytree(wd / "checkpoints", tmp_path / "copy" / "checkpoints")
+  with pytest.warns(UserWarning, match=r"no config.json of the run at .*copy/checkpoints/config.json: "
+                                       r"resizing and cropping as the data defaults do \(resize "
+                                       r"'shorter_side', crop_fraction 0.875\)"):
+    assert predict.run_eval_resize(tmp_path / "copy" / "checkpoints") == ("shorter_side", 0.875)

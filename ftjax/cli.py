@@ -38,12 +38,21 @@ class _PlainFormatter(logging.Formatter):
     return warning_line(record.getMessage())
 
 
+class _StderrHandler(logging.StreamHandler):
+  """Writes to ``sys.stderr`` as it is when a record comes, not as it was when the handler was
+  made: a command run in-process (tests, notebooks) may have swapped it since."""
+
+  def emit(self, record):
+    self.stream = sys.stderr
+    super().emit(record)
+
+
 def plain_warnings() -> None:
   """ftjax's warnings on stderr as one line each: not behind absl's ``W1127 18:03:23.25 ... file.py:504]``
   prefix (its handler on the root logger), nor followed by Python's source line (``warnings.warn``)."""
   log = logging.getLogger("ftjax")
   if not any(isinstance(h.formatter, _PlainFormatter) for h in log.handlers):
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_PlainFormatter())
     log.addHandler(handler)
   log.propagate = False

@@ -37,7 +37,7 @@ from ftjax.errors import ConfigError
 # The loss and the regularisers (label smoothing, dropout, stochastic depth,
 # BatchNorm statistics, EMA, the LoRA scale) are the experiment as much as
 # mixup is.
-RESUME_KEYS = ("seed", "model.source", "model.num_classes", "data.image_size", "model.scratch",
+RESUME_KEYS = ("seed", "model.source", "model.num_classes", "model.dtype", "data.image_size", "model.scratch",
                "model.dont_load", "model.lora_rank", "data.source", "data.name", "data.root", "data.train_root",
                "data.per_class", "train.batch_size", "optim",
                "data.data_dir", "data.path", "data.image_key", "data.label_key", "data.train_split",

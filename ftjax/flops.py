@@ -16,8 +16,10 @@ the program jax hands the compiler, the same text on every backend:
 * cuDNN attention (``__cudnn$fmha*`` custom calls, which jax emits itself):
   4 B H Sq Sk D forward, 8 B H Sq Sk D backward, the matrix products an
   unfused attention would do (its softmax recomputation is not counted);
-* called computations (``call``, ``conditional``'s largest branch, a
-  ``while`` body once: ftjax's steps have no loops) with their multiplicity.
+* called computations (``call``, ``conditional``'s largest branch) with their
+  multiplicity, and a ``while`` body times its trip count where the loop counts
+  up to a constant as ``lax.scan`` and ``fori_loop`` lower (gradient
+  accumulation's scan over micro-batches); another loop's body counts once.
 
 Elementwise work is not counted: these are the "model FLOPs" of MFU as the
 large-model papers define it, 2 per multiply-add.
@@ -36,6 +38,39 @@ import re
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\)\s*->\s*.*?)?\s*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"[a-z][a-z0-9]*\[([0-9,]*)\]")
+
+
+def _integer_constants(instructions) -> dict[str, int]:
+  out = {}
+  for name, shape, opcode, operands, _ in instructions:
+    if opcode == "constant" and re.match(r"[su]\d+\[\]", shape) and operands:
+      try:
+        out[name] = int(operands[0])
+      except ValueError:
+        pass
+  return out
+
+
+def _trip_count(computations, caller: str, operands: list[str], condition: str, attrs: str) -> int:
+  """Iterations of a ``while``: XLA's ``known_trip_count`` if given, else a condition
+  ``counter < N`` (N a constant) with the counter's initial value a constant of the caller
+  (``lax.scan``: 0); 1 when the loop is not of that form."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
+  if known:
+    return int(known[1])
+  cond = computations.get(condition, ())
+  if not cond or cond[-1][2] != "compare" or "direction=LT" not in cond[-1][4]:
+    return 1
+  counter, limit = cond[-1][3][:2]
+  limit = _integer_constants(cond).get(limit)
+  tuple_index = next((re.search(r"index=(\d+)", a) for n, _, op, _, a in cond
+                      if n == counter and op == "get-tuple-element"), None)
+  if limit is None or tuple_index is None:
+    return 1
+  insts = computations.get(caller, ())
+  init = next((ops for n, _, op, ops, _ in insts if n == operands[0] and op == "tuple"), None)
+  start = _integer_constants(insts).get(init[int(tuple_index[1])]) if init else None
+  return max(limit - start, 0) if start is not None else 1
 
 
 def _dims(shape: str) -> list[int]:
@@ -150,7 +185,8 @@ def hlo_flops(text: str) -> float:
         elif opcode == "call":
           total += count(_names(_attr(attrs, "to_apply"))[0])
         elif opcode == "while":
-          total += count(_names(_attr(attrs, "body"))[0])
+          trips = _trip_count(computations, name, operands, _names(_attr(attrs, "condition"))[0], attrs)
+          total += trips * count(_names(_attr(attrs, "body"))[0])
         elif opcode == "conditional":
           branches = (_names(_attr(attrs, "branch_computations"))
                       or _names(_attr(attrs, "true_computation")) + _names(_attr(attrs, "false_computation")))

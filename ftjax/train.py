@@ -828,6 +828,10 @@ def _plan(run: _Run, params) -> None:
   # A bare metric ranks by the first evaluated split: "val" for a folder, "test" for the rest.
   t.best_metric = config_lib.best_metric_key(t.best_metric, cfg.data.eval_splits)
   split, _, key = t.best_metric.rpartition("/")
+  if split.startswith("ema_") and not t.ema_decay > 0 and (t.early_stopping_patience or t.keep_best):
+    raise ConfigError("best metric of the EMA weights, but the run keeps none", where="train.best_metric",
+                      value=repr(t.best_metric), hint="set train.ema_decay (e.g. 0.999), or rank by "
+                      f"{split.removeprefix('ema_')}/{key}")
   if split.removeprefix("ema_") not in cfg.data.eval_splits:
     # Early stopping needs the metric; keeping the best checkpoints would silently keep
     # none by it (a run that evaluates nothing keeps the latest only, as it should).
@@ -1015,12 +1019,13 @@ def _check_numerics(state: TrainState, trainable: tuple[str, ...], policy: str, 
     quantity += " (gradients finite)"
   if policy == "stop":
     raise NumericsError("non-finite value in training", where=f"step {first_step}", value=quantity,
-                        hint="lower the learning rate, or set train.on_nan=skip; the last good "
-                             "checkpoint is kept")
+                        hint="the last good checkpoint is kept: rerun with train.on_nan=skip to "
+                             "resume from it, or with a lower optim.lr in a new --workdir")
   if consecutive >= max_skips:
     raise NumericsError("too many consecutive non-finite steps skipped", where=f"step {first_step}",
                         value=f"{consecutive} in a row, first: {quantity}",
-                        hint="raise train.max_consecutive_skips or lower the learning rate")
+                        hint="raise train.max_consecutive_skips to resume, or lower optim.lr in a "
+                             "new --workdir")
   return skipped
 
 
@@ -1056,6 +1061,8 @@ def prepare(config, workdir: str, *, make_workdir: bool = True) -> tuple[_Run, d
     raise ConfigError("batch size not divisible by the device count", where="train.batch_size",
                       value=f"{t.batch_size} / {n_dev} devices")
   accum = config.optim.accum_steps
+  if not (isinstance(accum, (int, np.integer)) and not isinstance(accum, bool) and accum >= 1):
+    raise ConfigError("accum_steps must be a positive integer", where="optim.accum_steps", value=repr(accum))
   if t.batch_size % (accum * n_dev):
     raise ConfigError("batch size not divisible by accum_steps x devices", where="optim.accum_steps",
                       value=f"{t.batch_size} / ({accum} x {n_dev})")
@@ -1327,7 +1334,12 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
       evaluated = False
       if (t.eval_every and step % t.eval_every == 0) or step == total:
         with progress.paused(wait_for=state):  # images/s and MFU measure training steps only
-          summaries = _evaluate(run, runner.view(state), eval_fn, eval_put, hit, step)
+          try:
+            summaries = _evaluate(run, runner.view(state), eval_fn, eval_put, hit, step)
+          except Exception:
+            if last_saved != step:  # the trained steps are not the evaluation's to lose
+              _save_before_raising(lambda: (save(step), ckpt.wait()), step)
+            raise
         evaluated = True
         for split, s in summaries.items():
           writer.write(step, "eval", {f"{split}/{k}": v for k, v in s.items() if k != "confusion"})
@@ -1363,6 +1375,18 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   _finish(run, summaries)
   writer.close()
   return summaries
+
+
+def _save_before_raising(save: Callable[[], Any], step: int) -> None:
+  """Saves ``step`` on the way out of a failed evaluation; the evaluation's error stays the one raised."""
+  try:
+    save()
+  except Exception as e:  # noqa: BLE001 -- reported, then the evaluation's error is raised
+    print(f"ftjax: warning: step {step} could not be saved before the evaluation's error: "
+          f"{type(e).__name__}: {' '.join(str(e).split())[:200]}", file=sys.stderr, flush=True)
+  else:
+    print(f"evaluation failed at step {step}: step {step} saved first; rerun to resume from it",
+          file=sys.stderr, flush=True)
 
 
 def _lookup_metric(summaries: dict, name: str) -> float:

@@ -113,6 +113,7 @@ DATA_CHANGES = [
     ("model.lora_alpha", 16.0),
     ("model.lora_targets", (".*/kernel",)),
     ("model.arch.layer_norm_eps", 1e-5),  # an entry of a free-form section, named as such
+    ("model.dtype", "bfloat16"),  # the compute dtype is the arithmetic of every step
 ]
 
 

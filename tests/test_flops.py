@@ -50,6 +50,19 @@ def test_called_computations_count_once_per_call():
   assert _count(branches, True, x) == 2 * 2 * 8 ** 3  # the larger branch
 
 
+def test_a_loop_body_counts_once_per_trip():
+  x, w = jnp.ones((4, 16, 32)), jnp.ones((32, 8))
+  once = 2 * 16 * 32 * 8
+  scan = lambda x, w: jax.lax.scan(lambda c, xi: (c + jnp.tanh(xi @ w).sum(), None), 0.0, x)[0]
+  assert _count(scan, x, w) == 4 * once  # gradient accumulation's scan over micro-batches
+  assert _count(jax.grad(scan, argnums=1), x, w) == 4 * 2 * once  # forward and the kernel's gradient
+  fori = lambda x, w: jax.lax.fori_loop(2, 7, lambda i, c: c + (x[0] @ w).sum(), 0.0)
+  assert _count(fori, x, w) == 5 * once
+  # A loop whose trip count depends on the data: its body once (the count cannot know).
+  until = lambda x, w: jax.lax.while_loop(lambda c: c < 10.0, lambda c: c + (x[0] @ w).sum(), 0.0)
+  assert _count(until, x, w) == once
+
+
 def test_vit_b16_forward_equals_the_analytic_count():
   model, _ = models.create("vit", {"variant": "B/16"}, num_classes=1000, image_size=224)
   params = jax.eval_shape(lambda: models.init_variables(model, 224))["params"]

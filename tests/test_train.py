@@ -291,12 +291,18 @@ def test_nan_loss_stops_with_numerics_code_and_keeps_last_good_checkpoint(tiny_v
   assert r.returncode == 4, r.stderr[-2000:]
   line = r.stderr.strip().splitlines()[-1]
   assert re.fullmatch(r"ftjax: error: non-finite value in training \(step \d+\): loss, first non-finite "
-                      r"gradient params/\S+; lower the learning rate, .*", line), line
+                      r"gradient params/\S+; the last good checkpoint is kept: rerun with "
+                      r"train.on_nan=skip to resume from it, or with a lower optim.lr in a new --workdir", line), line
   for step in checkpoint.committed_steps(wd / "checkpoints"):
     flat, _ = checkpoint.read_checkpoint(wd / "checkpoints", step)
     for k, v in flatten(flat).items():
       if np.issubdtype(np.asarray(v).dtype, np.floating):
         assert np.all(np.isfinite(v)), (step, k)
+  # The hint holds: the same workdir resumes with on_nan=skip (lr 1e30 then skips every step).
+  r = subprocess.run(launch_cmd(cfg_file, str(wd), "--config.train.on_nan=skip",
+                                "--config.train.max_consecutive_skips=3"),
+                     capture_output=True, text=True, timeout=300, env=subprocess_env())
+  assert r.returncode == 4 and "too many consecutive non-finite steps skipped" in r.stderr, r.stderr[-2000:]
 
 
 def test_nan_skip_policy_leaves_state_bit_identical(tiny_vit_npz, tmp_path):
@@ -325,7 +331,8 @@ def test_nan_skip_policy_leaves_state_bit_identical(tiny_vit_npz, tmp_path):
     train._check_numerics(s2, paths, "stop", max_skips=10)
   assert str(info.value) == (
       f"ftjax: error: non-finite value in training (step 2): loss, first non-finite gradient "
-      f"params/{paths[0]}; lower the learning rate, or set train.on_nan=skip; the last good checkpoint is kept")
+      f"params/{paths[0]}; the last good checkpoint is kept: rerun with train.on_nan=skip to resume from it, "
+      "or with a lower optim.lr in a new --workdir")
   with pytest.raises(Exception, match="too many consecutive"):
     train._check_numerics(s2, train.trainable_paths(mask), "skip", max_skips=1)
   assert train._check_numerics(s2, train.trainable_paths(mask), "skip", max_skips=5) == 1
@@ -749,3 +756,46 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_workdir(tiny_vit_npz
   with pytest.raises(OSError, match="injected at step:2"):
     train.train_and_evaluate(cfg, str(tmp_path / "runs" / "b"))
   assert (tmp_path / "runs" / "b" / "config.json").is_file()
+
+
+def test_a_failed_evaluation_saves_the_trained_step_first(tiny_vit_npz, tmp_path, monkeypatch, capsys):
+  # No checkpoint was due at step 3: before, the error lost steps 1-3 (the whole run with
+  # checkpoint_every 0). Now step 3 is saved, and the rerun resumes to the uninterrupted state.
+  overrides = {"train.total_steps": 6, "train.checkpoint_every": 0, "train.eval_every": 3}
+  ref, wd = tmp_path / "ref", tmp_path / "wd"
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(ref))
+  monkeypatch.setenv(train.TEST_FAIL_ENV, "eval:3")
+  with pytest.raises(OSError, match="injected at eval:3"):
+    train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(wd))
+  assert checkpoint.committed_steps(wd / "checkpoints") == [3]
+  assert "evaluation failed at step 3: step 3 saved first; rerun to resume from it" in capsys.readouterr().err
+  monkeypatch.delenv(train.TEST_FAIL_ENV)
+  train.train_and_evaluate(tiny_config(tiny_vit_npz, **overrides), str(wd))
+  assert state_sha(wd) == state_sha(ref)
+  # The failed evaluation has no row; the rerun's training rows follow on from step 3.
+  assert [(r["step"], r["kind"]) for r in _rows(wd) if r["kind"] == "eval"] == [(6, "eval")]
+  assert [r["step"] for r in _rows(wd) if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.best_metric": "ema_test/top1", "train.early_stopping_patience": 2},
+     r"best metric of the EMA weights, but the run keeps none \(train.best_metric\): 'ema_test/top1'; "
+     r"set train.ema_decay \(e.g. 0.999\), or rank by test/top1"),
+    ({"train.best_metric": "ema_test/top1"}, r"best metric of the EMA weights"),  # keep_best 1 ranks by it
+    ({"optim.accum_steps": 0}, r"accum_steps must be a positive integer \(optim.accum_steps\): 0$")],
+    ids=["ema-early-stopping", "ema-keep-best", "accum-0"])
+def test_settings_that_cannot_work_fail_before_the_workdir(tiny_vit_npz, tmp_path, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    train.prepare(tiny_config(tiny_vit_npz, **overrides), str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_gradient_accumulation_counts_every_micro_batch_flops(tiny_vit_npz, tmp_path, capsys):
+  # The micro-batches run in a scan (a while loop in the program): its body counts once per trip.
+  printed = []
+  for accum in (1, 4):
+    cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 1, "train.eval_every": 0, "optim.accum_steps": accum})
+    train.train_and_evaluate(cfg, str(tmp_path / f"a{accum}"))
+    printed += re.findall(r"compiled step, phase 0: .* ([\d.]+) GFLOP per step", capsys.readouterr().out)
+  # Equal but for what each micro-batch call does once (the folded attention value bias): 0.3%.
+  assert len(printed) == 2 and float(printed[1]) == pytest.approx(float(printed[0]), rel=0.01), printed

@@ -799,3 +799,33 @@ def test_gradient_accumulation_counts_every_micro_batch_flops(tiny_vit_npz, tmp_
     printed += re.findall(r"compiled step, phase 0: .* ([\d.]+) GFLOP per step", capsys.readouterr().out)
   # Equal but for what each micro-batch call does once (the folded attention value bias): 0.3%.
   assert len(printed) == 2 and float(printed[1]) == pytest.approx(float(printed[0]), rel=0.01), printed
+
+
+def test_data_workers_exit_when_the_training_process_is_killed(tiny_vit_npz, tmp_path):
+  # SIGKILL runs no cleanup: grain's worker processes lived on, holding the run's output open.
+  import time
+  import uuid
+  marker = uuid.uuid4().hex
+
+  def processes_with_marker():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+      try:
+        if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+          found.append(int(pid))
+      except OSError:
+        pass
+    return found
+
+  cfg_file = write_config(tmp_path, tiny_vit_npz, **{"data.num_workers": 2, "train.checkpoint_every": 2})
+  with open(tmp_path / "out.txt", "w") as out:  # a file, not a pipe a live worker would hold open
+    r = subprocess.run(launch_cmd(cfg_file, str(tmp_path / "wd")), stdout=out, stderr=subprocess.STDOUT,
+                       timeout=300, env=subprocess_env(FTJAX_TEST_KILL_AT="step:3", FTJAX_MARKER=marker))
+  assert r.returncode == -signal.SIGKILL, (tmp_path / "out.txt").read_text()[-2000:]
+  deadline = time.monotonic() + 20
+  while processes_with_marker() and time.monotonic() < deadline:
+    time.sleep(0.2)
+  left = processes_with_marker()
+  for pid in left:  # do not leave them to the next test
+    os.kill(pid, signal.SIGKILL)
+  assert not left, f"{len(left)} processes outlived the killed run"

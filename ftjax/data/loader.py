@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import collections
 import math
+import os
+import threading
+import time
 import warnings
 
 import grain
@@ -196,6 +199,22 @@ class EvalBatches:
             "mask": mask & (used == examples)}
 
 
+def exit_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
+  """A grain worker's init: the worker exits once the process that started it is gone.
+
+  A training process killed outright (SIGKILL, the OOM killer, a preemption past its grace
+  period) runs no cleanup; its workers would live on, holding its output pipes open.
+  """
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:  # reparented (to init or a subreaper): the parent died
+      time.sleep(0.5)
+    os._exit(0)
+
+  threading.Thread(target=watch, name="ftjax-exit-with-parent", daemon=True).start()
+
+
 def grain_batches(fn, start: int, stop: int, *, num_workers: int):
   """Iterator over ``fn(k)`` for k in [start, stop) through grain; ``num_workers`` processes
   each build whole batches (0: in this process)."""
@@ -207,8 +226,8 @@ def grain_batches(fn, start: int, stop: int, *, num_workers: int):
       flags.FLAGS.mark_as_parsed()
     # Whole batches per element: each worker builds batches, the main process only unpickles.
     it = pipeline.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=2))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+                        worker_init_fn=exit_with_parent)
   else:
     it = pipeline.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   return iter(it)

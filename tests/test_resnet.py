@@ -90,6 +90,22 @@ def test_timm_resnet18_parity(timm_resnet18):
   assert report.dropped[0][0] == "*.num_batches_tracked (20 tensors)"
 
 
+def test_timm_training_checkpoint_gives_its_ema_weights_as_timms_load_checkpoint_does(timm_resnet18, tmp_path):
+  import argparse
+  ref, _ = timm_resnet18
+  raw = timm.create_model("resnet18")  # other weights: the EMA copy is what must come out
+  path = tmp_path / "model_best.pth.tar"
+  torch.save({"epoch": 9, "state_dict": raw.state_dict(), "state_dict_ema": ref.state_dict(),
+              "args": argparse.Namespace(model="resnet18")}, path)
+  model, variables, report = models.from_pretrained(f"timm:resnet18@{path}")
+  x = _images(2, 64)
+  with torch.no_grad():
+    _assert_parity(_ours(model, variables, x), ref(x).numpy())
+  assert ("state_dict", "raw weights: the EMA weights (state_dict_ema) were read, as timm's "
+                        "load_checkpoint does") in report.dropped
+  assert ("args", "training state, not model weights") in report.dropped
+
+
 def test_timm_resnet50_parity(tmp_path):
   ref, path = _timm_checkpoint(tmp_path, "resnet50", num_classes=7)
   x = _images(2, 64)

@@ -54,8 +54,8 @@ def _write_raw_safetensors(path, header: dict, data: bytes):
   path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
-@pytest.mark.parametrize("case", ["truncated", "huge_header", "absurd_shape", "offset_out_of_range",
-                                  "bad_json", "empty", "unknown_dtype"])
+@pytest.mark.parametrize("case", ["truncated", "huge_header", "absurd_shape", "absurd_empty_shape",
+                                  "offset_out_of_range", "bad_json", "empty", "unknown_dtype"])
 def test_safetensors_hostile_or_damaged_refused(tmp_path, case):
   path = tmp_path / "bad.safetensors"
   if case == "truncated":
@@ -66,6 +66,9 @@ def test_safetensors_hostile_or_damaged_refused(tmp_path, case):
   elif case == "absurd_shape":  # claims ~2^80 bytes: must not try to allocate them
     _write_raw_safetensors(path, {"w": {"dtype": "F32", "shape": [2**40, 2**40],
                                         "data_offsets": [0, 16]}}, b"\0" * 16)
+  elif case == "absurd_empty_shape":  # no bytes, but dimensions numpy cannot hold
+    _write_raw_safetensors(path, {"w": {"dtype": "F32", "shape": [2**40, 2**40, 0],
+                                        "data_offsets": [0, 0]}}, b"")
   elif case == "offset_out_of_range":
     _write_raw_safetensors(path, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [100, 116]}},
                            b"\0" * 16)
@@ -123,6 +126,13 @@ def test_corrupted_npz_refused(tmp_path):
   path.write_bytes(b"PK\x03\x04 not really a zip")
   with pytest.raises(CheckpointError, match="corrupted .npz"):
     weights.read_npz(path)
+  # A compressed member whose deflate stream is damaged (zlib, not the CRC, notices).
+  np.savez_compressed(path, w=np.random.default_rng(0).random((8, 8, 3, 32)).astype(np.float32))
+  raw = bytearray(path.read_bytes())
+  raw[150:166] = bytes(b ^ 0xA5 for b in raw[150:166])
+  path.write_bytes(bytes(raw))
+  with pytest.raises(CheckpointError, match=r"corrupted .npz file \(.*c.npz\)"):
+    weights.read_npz(path)
 
 
 def test_torch_state_dict_roundtrip_and_unwrap(tmp_path):
@@ -143,6 +153,34 @@ def test_torch_state_dict_roundtrip_and_unwrap(tmp_path):
   from safetensors.torch import save_file  # the same state dict written as safetensors
   save_file({f"_orig_mod.{k}": v for k, v in sd.items()}, str(tmp_path / "m.safetensors"))
   assert sorted(weights.read_tensors(tmp_path / "m.safetensors")) == ["b", "f8", "n", "w"]
+
+
+def test_a_timm_training_checkpoint_reads_its_ema_weights_and_lists_the_rest(tmp_path):
+  import argparse
+  raw, ema = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+  path = tmp_path / "model_best.pth.tar"  # as timm's train.py saves it, argparse args included
+  torch.save({"epoch": 9, "arch": "resnet18", "state_dict": raw, "optimizer": {"state": {}},
+              "args": argparse.Namespace(lr=0.1, model="resnet18"), "state_dict_ema": ema}, path)
+  got = weights.read_torch(path)
+  assert got["w"].tolist() == [1.0, 1.0]  # timm's load_checkpoint: use_ema=True
+  assert dict(got.left_out) == {
+      "epoch": "training state, not model weights", "arch": "training state, not model weights",
+      "state_dict": "raw weights: the EMA weights (state_dict_ema) were read, as timm's load_checkpoint does",
+      "optimizer": "training state, not model weights", "args": "training state, not model weights"}
+  torch.save({"model": raw, "epoch": 1}, path)
+  assert weights.read_torch(path)["w"].tolist() == [0.0, 0.0]
+  assert weights.read_torch(path).left_out == [("epoch", "training state, not model weights")]
+
+
+@pytest.mark.parametrize("kind", ["quantized", "sparse"])
+def test_quantized_and_sparse_tensors_are_refused_by_name(tmp_path, kind):
+  w = (torch.quantize_per_tensor(torch.randn(4, 3), 0.1, 0, torch.qint8) if kind == "quantized"
+       else torch.randn(4, 3).to_sparse())
+  path = tmp_path / "q.pth"
+  torch.save({"fc.weight": w, "fc.bias": torch.zeros(4)}, path)
+  with pytest.raises(CheckpointError, match=r"quantized or sparse tensor \(.*q.pth:fc.weight\): .*"
+                                            r"only dense float weights are read"):
+    weights.read_torch(path)
 
 
 def test_torch_pickle_payload_never_runs(tmp_path):

@@ -22,6 +22,7 @@ the timm name, the npz variant), never from guessing at shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -182,7 +183,8 @@ def _read_hf(rest: str, source: str) -> Converted:
   if convert is None:
     raise CheckpointError("unsupported Hugging Face model_type", where=str(cfg_path),
                           value=repr(config.get("model_type")), hint=f"one of {sorted(_HF_MODEL_TYPES)}")
-  return convert(config, _hf_tensors(wfile, fetch), preprocessor=preprocessor)
+  tensors = _hf_tensors(wfile, fetch)
+  return _with_left_out(convert(config, tensors, preprocessor=preprocessor), tensors)
 
 
 def _read_timm(rest: str, source: str) -> Converted:
@@ -194,7 +196,14 @@ def _read_timm(rest: str, source: str) -> Converted:
   if file is None:
     file, _ = weights.hf_file(_timm_hub_id(name, source), ("model.safetensors", "pytorch_model.bin"),
                               source=source)
-  return convert(name, weights.read_tensors(_local_or_url(file, source)))
+  tensors = weights.read_tensors(_local_or_url(file, source))
+  return _with_left_out(convert(name, tensors), tensors)
+
+
+def _with_left_out(conv: Converted, tensors) -> Converted:
+  """``conv`` with the entries of its file that the reader left out (a training checkpoint's
+  optimizer state, its raw weights beside the EMA ones: ``weights.Tensors``) in its report."""
+  return dataclasses.replace(conv, dropped=[*getattr(tensors, "left_out", []), *conv.dropped])
 
 
 def _timm_hub_id(name: str, source: str) -> str:
@@ -228,14 +237,16 @@ def _read_npz(rest: str, source: str) -> Converted:
 
 def _read_torchvision(rest: str, source: str) -> Converted:
   arch, file = _split_at(rest, source, need_file=True)
-  return resnet.convert_torchvision(arch, weights.read_torch(_local_or_url(file, source)))
+  tensors = weights.read_torch(_local_or_url(file, source))
+  return _with_left_out(resnet.convert_torchvision(arch, tensors), tensors)
 
 
 def _read_efficientnet(rest: str, source: str) -> Converted:
   variant, file = _split_at(rest, source, need_file=False)
   if file is None:
     file = efficientnet.bundled_weights(variant)
-  return efficientnet.convert_pth(variant, weights.read_torch(_local_or_url(file, source)))
+  tensors = weights.read_torch(_local_or_url(file, source))
+  return _with_left_out(efficientnet.convert_pth(variant, tensors), tensors)
 
 
 def _read_ftjax(path: str, source: str) -> Converted:

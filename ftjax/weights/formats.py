@@ -11,10 +11,12 @@ naming the file on any problem.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import ml_dtypes
@@ -98,6 +100,9 @@ def parse_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     if any(d < 0 for d in shape):
       raise CheckpointError("negative dimension in safetensors entry", where=f"{p}:{name}",
                             value=shape)
+    if any(d >= 2**62 for d in shape) or int(np.prod([max(d, 1) for d in shape], dtype=object)) >= 2**62:
+      # an empty tensor may claim any other dimensions: numpy cannot represent these
+      raise CheckpointError("impossible shape in safetensors entry", where=f"{p}:{name}", value=shape)
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if not 0 <= begin <= end or end - begin != nbytes:
       raise CheckpointError("safetensors entry size disagrees with its shape",
@@ -151,7 +156,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
       raise CheckpointError("refused .npz holding pickled objects", where=str(p),
                             hint="only plain numeric arrays are read; objects could run code") from None
     raise CheckpointError("corrupted .npz file", where=str(p), value=str(e)) from None
-  except (zipfile.BadZipFile, OSError, EOFError) as e:
+  except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
     raise CheckpointError("corrupted .npz file", where=str(p), value=str(e)) from None
   for k, v in out.items():
     if not isinstance(v, np.ndarray):  # numpy hands back raw bytes for a member that is not .npy
@@ -177,13 +182,31 @@ def torch_version_ok(version: str) -> bool:
   return tuple(parts) >= MIN_TORCH
 
 
-def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
+class Tensors(dict):
+  """A file's tensors by name, and what of the file was not read: ``left_out``, (entry, why)."""
+
+  def __init__(self, *args, left_out: list[tuple[str, str]] | None = None, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.left_out = list(left_out or [])
+
+
+# Where training checkpoints keep their weights, most wanted first: timm's train.py saves the
+# EMA weights beside the raw ones and its load_checkpoint reads them (use_ema=True).
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+_WEIGHT_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def read_torch(path: str | os.PathLike) -> Tensors:
   """A PyTorch state dict (``.pth``/``.bin``/``.pt``), read with ``weights_only=True``.
 
-  A checkpoint that wraps the state dict (``{"state_dict": ...}``, ``{"model": ...}``)
-  is unwrapped, and the ``module.`` prefix that ``DistributedDataParallel`` (and
-  ``torch.compile``'s ``_orig_mod.``) put on every key is dropped.  bf16 and float8
-  tensors come back as float32.
+  A training checkpoint that wraps the state dict (``{"state_dict": ...}``,
+  ``{"model": ...}``) is unwrapped; where it also holds EMA weights
+  (``state_dict_ema``, ``model_ema``: timm's train.py) those are read, as timm's
+  ``load_checkpoint`` does.  Its other entries (epoch, optimizer, the argparse
+  ``args`` timm stores, allowed through ``weights_only``) are listed in
+  ``left_out``.  The ``module.`` prefix that ``DistributedDataParallel`` (and
+  ``torch.compile``'s ``_orig_mod.``) put on every key is dropped.  bf16 and
+  float8 tensors come back as float32; quantized and sparse tensors are refused.
   """
   p = _check_file(path)
   try:
@@ -197,7 +220,9 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if p.stat().st_size == 0:
     raise CheckpointError("empty weight file", where=str(p), hint="the download or copy did not finish")
   try:
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    # timm's training checkpoints store the run's argparse.Namespace: plain values, no code.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(p, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, zip errors...
     msg = " ".join(str(e).split())
     with open(p, "rb") as f:
@@ -212,8 +237,16 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
       raise CheckpointError("refused PyTorch file: it holds objects other than tensors", where=str(p),
                             value=msg[:160], hint="only plain state dicts are loaded; nothing was run") from None
     raise CheckpointError("unreadable PyTorch file", where=str(p), value=msg[:160]) from None
-  for key in ("state_dict", "model", "model_state_dict", "module"):
-    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+  left_out = []
+  if isinstance(obj, dict):
+    key = next((k for k in _EMA_KEYS + _WEIGHT_KEYS if isinstance(obj.get(k), dict)), None)
+    if key is not None:
+      for other in obj:
+        if other != key:
+          why = (f"raw weights: the EMA weights ({key}) were read, as timm's load_checkpoint does"
+                 if other in _WEIGHT_KEYS and key in _EMA_KEYS else
+                 "other EMA weights" if other in _EMA_KEYS else "training state, not model weights")
+          left_out.append((other, why))
       obj = obj[key]
   if not isinstance(obj, dict):
     raise CheckpointError("PyTorch file is not a state dict", where=str(p), value=type(obj).__name__)
@@ -221,10 +254,14 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
   for k, v in obj.items():
     if isinstance(v, torch.Tensor):
       v = v.detach().cpu()
+      if v.is_quantized or v.layout != torch.strided:
+        raise CheckpointError("quantized or sparse tensor", where=f"{p}:{k}",
+                              value=f"{v.dtype}, {v.layout}", hint="only dense float weights are read: "
+                              "take the float checkpoint of the model")
       if v.dtype == torch.bfloat16 or v.dtype.is_floating_point and v.dtype.itemsize == 1:
         v = v.float()  # numpy has no bfloat16 or float8: exact in float32
       out[k] = v.numpy()
-  return _unwrapped(out)
+  return Tensors(_unwrapped(out), left_out=left_out)
 
 
 def _unwrapped(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -480,3 +480,16 @@ def test_checkpoint_of_another_architecture_is_refused(timm_resnet18):
     models.from_pretrained(f"timm:resnet50d@{path}")
   with pytest.raises(CheckpointError, match="no ResNet layer has \\(cls_token\\): shape \\(1, 1, 8\\)"):
     resnet.convert_timm("resnet18", {"cls_token": np.zeros((1, 1, 8), np.float32)})
+
+
+def test_timm_mean_and_std_follow_timms_pretrained_cfg_for_every_tag():
+  from timm.models import get_pretrained_cfg
+  from ftjax.models import resnet
+  names = [n for n in timm.list_pretrained("resnet*") if n.partition(".")[0] in resnet.V1_VARIANTS]
+  names += timm.list_pretrained("resnetv2_*_bit*")
+  assert len(names) > 40  # resnet34.ra4_e3600_r224_in1k among them: mean and std 0.5
+  for name in names:
+    cfg = get_pretrained_cfg(name)
+    mean, std = resnet.timm_stats(name)
+    np.testing.assert_allclose(mean, cfg.mean, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(std, cfg.std, atol=1e-6, err_msg=name)

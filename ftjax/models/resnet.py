@@ -835,6 +835,25 @@ def _timm_image_size(tag: str) -> tuple[int, int]:
   return (224, 224)
 
 
+# timm's ResNet tags trained on inputs scaled to [-1, 1] (their pretrained cfgs' mean and std
+# 0.5); every other tag of the supported names has ImageNet's.
+_TIMM_HALF_TAGS = ("ra4_e3600_r224_in1k", "ra4_e3600_r384_in1k", "ah_in1k")
+
+
+def timm_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) of a timm ResNet name's pretrained cfg (``.tag`` decides).
+
+  >>> timm_stats("resnet34.ra4_e3600_r224_in1k")[0], timm_stats("resnet50.a1_in1k")[0]
+  ((0.5, 0.5, 0.5), (0.485, 0.456, 0.406))
+  """
+  base, _, tag = name.partition(".")
+  if base.startswith("resnetv2_"):
+    return INCEPTION_MEAN, INCEPTION_STD
+  if tag in _TIMM_HALF_TAGS:
+    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+  return IMAGENET_MEAN, IMAGENET_STD
+
+
 def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
   """timm ``resnet18/26/34/50/101/152/200`` or ``resnetv2_{50x1,...}_bit`` (``.tag`` allowed)."""
   base, _, tag = name.partition(".")
@@ -851,9 +870,9 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
     raise ConfigError("unsupported timm ResNet model", value=repr(name),
                       hint=f"one of {sorted(V1_VARIANTS)} or resnetv2_*_bit (the d/t/s variants differ)")
   variables, dropped = _convert_torch(tensors, _TORCH_V1_RULES, "timm")
+  mean, std = timm_stats(name)
   return Converted(family="resnet", arch={"variant": base}, num_classes=_head_classes(variables),
-                   image_size=(224, 224), variables=variables, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   dropped=dropped)
+                   image_size=(224, 224), variables=variables, mean=mean, std=std, dropped=dropped)
 
 
 def hf_arch(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -773,13 +773,16 @@ def test_malformed_checkpoints_are_one_line_errors_naming_the_key():
       vit.convert_hf({"hidden_act": act}, {})
 
 
-def test_malformed_siglip_and_dinov2_configs_are_one_line_errors_naming_the_field():
+def test_malformed_hf_configs_are_one_line_errors_naming_the_field():
   """A config.json field of the wrong type (a list for hidden_act, null or a string for a
   number) is a CheckpointError naming the field, not a TypeError or ValueError from the converter."""
   dinov2 = {"model_type": "dinov2_with_registers", "hidden_size": 32, "num_hidden_layers": 2,
             "num_attention_heads": 2, "num_register_tokens": 4}
   siglip = {"model_type": "siglip", "vision_config": {"hidden_size": 32, "num_hidden_layers": 2,
                                                       "num_attention_heads": 2, "intermediate_size": 48}}
+  plain = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48,
+           "patch_size": 8}
+  from ftjax.models import resnet
   for convert, config, message in (
       (vit.convert_hf_dinov2, {**dinov2, "hidden_act": ["gelu"]}, r"unsupported DINOv2 config.*\['gelu'\]"),
       (vit.convert_hf_dinov2, {**dinov2, "hidden_size": None}, r"not an integer \(config.json\): hidden_size=None"),
@@ -793,7 +796,14 @@ def test_malformed_siglip_and_dinov2_configs_are_one_line_errors_naming_the_fiel
       (vit.convert_hf_siglip, {**siglip, "vision_config": {**siglip["vision_config"], "patch_size": 8.5}},
        r"not an integer \(config.json: vision_config\): patch_size=8.5"),
       (vit.convert_hf_siglip, {**siglip, "vision_config": {**siglip["vision_config"], "image_size": "32"}},
-       r"image_size is not .*\(config.json: vision_config\): image_size='32'")):
+       r"image_size is not .*\(config.json: vision_config\): image_size='32'"),
+      (vit.convert_hf, {**plain, "layer_norm_eps": None}, r"not a number \(config.json\): layer_norm_eps=None"),
+      (vit.convert_hf, {**plain, "hidden_size": "32"}, r"not an integer \(config.json\): hidden_size='32'"),
+      (vit.convert_hf, {k: v for k, v in plain.items() if k != "patch_size"},
+       r"config.json lacks a field \(config.json\): 'patch_size'"),
+      (resnet.convert_hf, {"hidden_sizes": None}, r"not a list of positive integers \(config.json\): hidden_sizes=None"),
+      (resnet.convert_hf, {"depths": [1, "x"]}, r"not a list of positive integers \(config.json\): depths=\[1, 'x'\]"),
+      (resnet.convert_hf, {"num_channels": None}, r"not an integer \(config.json\): num_channels=None")):
     with pytest.raises(CheckpointError, match=message):
       convert(config, {})
 

@@ -13,6 +13,7 @@ naming the key and both shapes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,47 @@ def space_to_depth(x, block: int):
   n, h, w, c = x.shape
   x = x.reshape(n, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(n, h // block, w // block, block * block * c)
+
+
+_REQUIRED = object()
+
+
+def config_number(config: Mapping[str, Any], key: str, kind: type, where: str, default: Any = _REQUIRED):
+  """``config[key]`` (``default`` where absent) as ``kind`` (int or float); a missing required
+  field, or a value of another type (null, a string, a list, 2.5 for an int), is a CheckpointError.
+
+  >>> config_number({"mlp_ratio": 4}, "mlp_ratio", float, "config.json")
+  4.0
+  >>> config_number({"hidden_size": None}, "hidden_size", int, "config.json")  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.CheckpointError: ftjax: error: config.json field is not an integer (config.json): hidden_size=None
+  """
+  value = config.get(key, default)
+  if value is _REQUIRED:
+    raise CheckpointError("config.json lacks a field", where=where, value=repr(key))
+  number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if not number or (kind is int and not float(value).is_integer()):
+    raise CheckpointError(f"config.json field is not {'an integer' if kind is int else 'a number'}",
+                          where=where, value=f"{key}={value!r}")
+  return kind(value)
+
+
+def config_ints(config: Mapping[str, Any], key: str, where: str, default: Sequence[int]) -> list[int]:
+  """``config[key]`` (``default`` where absent) as a non-empty list of positive integers.
+
+  >>> config_ints({"depths": [1, "x"]}, "depths", "config.json", (3, 4))  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.CheckpointError: ftjax: error: config.json field is not a list of positive integers (config.json): depths=[1, 'x']
+  """
+  value = config.get(key, default)
+  if not (isinstance(value, (list, tuple)) and value and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer()
+      and v > 0 for v in value)):
+    raise CheckpointError("config.json field is not a list of positive integers", where=where,
+                          value=f"{key}={value!r}")
+  return [int(v) for v in value]
 
 
 @dataclasses.dataclass

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.errors import CheckpointError, ConfigError
-from ftjax.models.common import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,
-                                 Converted, Family, FrozenBN, frozen_here, space_to_depth)
+from ftjax.models.common import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, Converted, Family,
+                                 FrozenBN, config_ints, config_number, frozen_here, space_to_depth)
 
 # ---------------------------------------------------------------------------------------------
 # Variant tables
@@ -889,7 +889,8 @@ def hf_arch(config: Mapping[str, Any]) -> dict[str, Any]:
   if act != "relu":
     raise CheckpointError("unsupported Hugging Face ResNet activation", where="config.json:hidden_act",
                           value=repr(act), hint="ftjax's ResNet uses relu")
-  if int(config.get("num_channels", 3)) != 3:
+  where = "config.json"
+  if config_number(config, "num_channels", int, where, 3) != 3:
     raise CheckpointError("unsupported Hugging Face ResNet input channels",
                           where="config.json:num_channels", value=config["num_channels"],
                           hint="ftjax models take RGB input")
@@ -898,9 +899,9 @@ def hf_arch(config: Mapping[str, Any]) -> dict[str, Any]:
     raise CheckpointError("unknown Hugging Face ResNet layer_type", where="config.json:layer_type",
                           value=repr(block), hint="basic or bottleneck")
   return {"block": block,
-          "depths": [int(d) for d in config.get("depths", (3, 4, 6, 3))],
-          "widths": [int(w) for w in config.get("hidden_sizes", (256, 512, 1024, 2048))],
-          "stem_width": int(config.get("embedding_size", 64)),
+          "depths": config_ints(config, "depths", where, (3, 4, 6, 3)),
+          "widths": config_ints(config, "hidden_sizes", where, (256, 512, 1024, 2048)),
+          "stem_width": config_number(config, "embedding_size", int, where, 64),
           "stride_in_1x1": bool(config.get("downsample_in_bottleneck", False)),
           "first_stage_stride": 2 if config.get("downsample_in_first_stage", False) else 1}
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from ftjax.errors import CheckpointError, ConfigError
 from ftjax.models.common import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, Converted, Family,
-                                 space_to_depth)
+                                 config_number, space_to_depth)
 
 # --------------------------------------------------------------------------------------------
 # Architecture: variants and options.
@@ -1149,30 +1149,6 @@ def _hf_embedding_and_attention_rules(pre: str, layer: str, heads: int) -> list:
 # transformers' hidden_act names: is it the tanh form?
 _HF_GELUS = {"gelu": False, "gelu_pytorch_tanh": True, "gelu_new": True}
 
-_REQUIRED = object()
-
-
-def _config_number(config: Mapping[str, Any], key: str, kind: type, where: str, default: Any = _REQUIRED):
-  """``config[key]`` (``default`` where absent) as ``kind`` (int or float); a missing required
-  field, or a value of another type (null, a string, a list, 2.5 for an int), is a CheckpointError.
-
-  >>> _config_number({"mlp_ratio": 4}, "mlp_ratio", float, "config.json")
-  4.0
-  >>> _config_number({"hidden_size": None}, "hidden_size", int, "config.json")  # doctest: +ELLIPSIS
-  Traceback (most recent call last):
-  ...
-  ftjax.errors.CheckpointError: ftjax: error: config.json field is not an integer (config.json): hidden_size=None
-  """
-  value = config.get(key, default)
-  if value is _REQUIRED:
-    raise CheckpointError("config.json lacks a field", where=where, value=repr(key))
-  number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-  if not number or (kind is int and not float(value).is_integer()):
-    raise CheckpointError(f"config.json field is not {'an integer' if kind is int else 'a number'}",
-                          where=where, value=f"{key}={value!r}")
-  return kind(value)
-
-
 def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
                preprocessor: Mapping[str, Any] | None = None) -> Converted:
   """A transformers ``ViTForImageClassification`` (or ``ViTModel``) checkpoint -> ftjax layout.
@@ -1191,13 +1167,12 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
     raise CheckpointError("unsupported ViT config", where=where,
                           value=f"qkv_bias={config.get('qkv_bias')} "
                                 f"num_channels={config.get('num_channels')}")
-  try:
-    dims = {"hidden_size": config["hidden_size"], "num_layers": config["num_hidden_layers"],
-            "num_heads": config["num_attention_heads"], "mlp_dim": config["intermediate_size"],
-            "patch_size": config["patch_size"]}
-  except KeyError as e:
-    raise CheckpointError("ViT config.json lacks a field", where=where, value=str(e)) from None
-  heads = int(dims["num_heads"])
+  number = functools.partial(config_number, config, kind=int, where=where)
+  dims = {"hidden_size": number("hidden_size"), "num_layers": number("num_hidden_layers"),
+          "num_heads": number("num_attention_heads"), "mlp_dim": number("intermediate_size"),
+          "patch_size": number("patch_size")}
+  eps = config_number(config, "layer_norm_eps", float, where, 1e-12)
+  heads = dims["num_heads"]
   pre = r"(?:vit\.)?"
   layer = pre + r"(?:encoder\.layer|layers)\.(\d+)\."
   rules = [
@@ -1217,7 +1192,7 @@ def convert_hf(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
   num_classes = _num_classes(mapped.variables)
   mean, std = _hf_stats(preprocessor)
   return Converted(family="vit",
-                   arch=_arch(dims, layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                   arch=_arch(dims, layer_norm_eps=eps,
                               gelu_approximate=_HF_GELUS[act]),
                    num_classes=num_classes, image_size=_hf_image_size(config), variables=mapped.variables,
                    mean=mean, std=std, class_names=_hf_class_names(config, num_classes),
@@ -1275,7 +1250,7 @@ def convert_hf_dinov2(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
                           value=f"use_swiglu_ffn={config.get('use_swiglu_ffn')} hidden_act="
                                 f"{config.get('hidden_act')!r} qkv_bias={config.get('qkv_bias')}",
                           hint="the MLP DINOv2s (small, base, large) with the GELU; not giant's SwiGLU")
-  number = functools.partial(_config_number, config, where=where)
+  number = functools.partial(config_number, config, where=where)
   width = number("hidden_size", int)
   # transformers' Dinov2MLP: int(hidden_size * mlp_ratio), mlp_ratio possibly fractional
   dims = {"hidden_size": width, "num_layers": number("num_hidden_layers", int),
@@ -1353,7 +1328,7 @@ def convert_hf_siglip(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
     raise CheckpointError("unsupported SigLIP vision config", where=f"{where}: vision_config",
                           value=f"hidden_act={act!r} num_channels={c['num_channels']}",
                           hint=f"hidden_act one of {list(_HF_GELUS)}, 3 channels")
-  number = functools.partial(_config_number, c, where=f"{where}: vision_config")
+  number = functools.partial(config_number, c, where=f"{where}: vision_config")
   dims = {"hidden_size": number("hidden_size", int), "num_layers": number("num_hidden_layers", int),
           "num_heads": number("num_attention_heads", int), "mlp_dim": number("intermediate_size", int),
           "patch_size": number("patch_size", int)}

@@ -114,6 +114,27 @@ def test_parity_with_timm_efficientnet_lite0(tmp_path):
   _close(_eval(model, variables, x), _torch_logits(ref, x))
 
 
+def test_train_mode_running_statistics_equal_timms_after_a_step(tmp_path):
+  """torch updates the running variance with the unbiased batch variance; flax's nn.BatchNorm
+  with the biased one (2.5% apart at the 2 x 2 head map of a batch of 2)."""
+  torch.manual_seed(0)
+  ref = timm.create_model("efficientnet_lite0", num_classes=3, drop_rate=0.0)
+  _randomise(ref, 2)
+  path = tmp_path / "model.safetensors"
+  safetensors.torch.save_file(ref.state_dict(), str(path))
+  model, variables, _ = models.from_pretrained(f"timm:efficientnet_lite0@{path}", image_size=64,
+                                               dropout_rate=0.0, droppath_rate=0.0)
+  x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  _, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+  ref.train()
+  with torch.no_grad():
+    ref(torch.from_numpy(x).permute(0, 3, 1, 2))
+  for ours, theirs in ((upd["batch_stats"]["conv_head"]["bn"], ref.bn2),
+                       (upd["batch_stats"]["stem"]["bn"], ref.bn1)):
+    np.testing.assert_allclose(ours["mean"], theirs.running_mean.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours["var"], theirs.running_var.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_parity_with_timm_tf_port_at_odd_size():
   """TF "SAME" padding is asymmetric for stride 2; odd sizes exercise the other branch."""
   torch.manual_seed(2)

@@ -22,7 +22,7 @@ import safetensors.torch  # noqa: E402  (after the skips: part of the test extra
 
 from ftjax import models  # noqa: E402
 from ftjax.errors import CheckpointError, ConfigError  # noqa: E402
-from ftjax.models import resnet  # noqa: E402
+from ftjax.models import common, resnet  # noqa: E402
 from ftjax.tree import flatten  # noqa: E402
 
 torch.set_num_threads(1)
@@ -327,7 +327,7 @@ def test_batch_norm_statistics_far_from_zero():
   y, updated = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"]))(variables, x)
   x64 = x.astype(np.float64)
   mean, var = x64.mean((0, 1, 2)), x64.var((0, 1, 2))
-  np.testing.assert_allclose(np.asarray(y), (x64 - mean) / np.sqrt(var + resnet.BN_EPS), rtol=0, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(y), (x64 - mean) / np.sqrt(var + common.BN_EPS), rtol=0, atol=1e-4)
   n = 4 * 5 * 5
   want_var = 0.9 + 0.1 * var * n / (n - 1)
   np.testing.assert_allclose(np.asarray(updated["batch_stats"]["var"]), want_var, rtol=1e-5)

@@ -50,7 +50,7 @@ import numpy as np
 
 from ftjax.errors import CheckpointError, ConfigError
 from ftjax.models.common import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD
-from ftjax.models.common import Converted, Family, FrozenBN, frozen_here
+from ftjax.models.common import BatchNorm, Converted, Family, FrozenBN, frozen_here
 
 STEM_CHANNELS = 32  # fixed in every Lite variant (not scaled by width)
 HEAD_CHANNELS = 1280  # fixed in every Lite variant
@@ -246,8 +246,9 @@ class ConvBN(nn.Module):
                   use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                   kernel_init=_conv_init(k, self.features), name="conv")(x)
     frozen = frozen_here((*self.path, "bn"), self.frozen_bn)
-    x = nn.BatchNorm(use_running_average=not train or frozen, momentum=self.bn_momentum,
-                     epsilon=self.bn_eps, dtype=self.dtype, param_dtype=jnp.float32, name="bn")(x)
+    # torch's running-variance update (unbiased), as timm's models make it
+    x = BatchNorm(use_running_average=not train or frozen, momentum=self.bn_momentum,
+                  epsilon=self.bn_eps, dtype=self.dtype, name="bn")(x)
     return jnp.clip(x, 0, 6) if self.act else x  # ReLU6
 
 

@@ -29,7 +29,6 @@ Parameter paths (the optimizer's layer decay and freezing rules rely on them)::
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -40,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.errors import CheckpointError, ConfigError
-from ftjax.models.common import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, Converted, Family,
-                                 FrozenBN, config_ints, config_number, frozen_here, space_to_depth)
+from ftjax.models.common import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, BatchNorm, Converted,
+                                 Family, FrozenBN, config_ints, config_number, space_to_depth)
 
 # ---------------------------------------------------------------------------------------------
 # Variant tables
@@ -81,8 +80,6 @@ _TIMM_BIT_NAME = re.compile(r"resnetv2_(\d+)x(\d+)_bit(?:m|m_in21k)?")
 WS_EPS = 1e-8
 GN_GROUPS = 32
 GN_EPS = 1e-5
-BN_EPS = 1e-5
-BN_MOMENTUM = 0.9  # flax convention: new = 0.9 * old + 0.1 * batch (torch's momentum=0.1)
 
 
 def _variant_error(what: str, value, table) -> ConfigError:
@@ -192,59 +189,6 @@ def v2_config(arch: Mapping[str, Any]) -> dict[str, Any]:
 
 # torchvision and timm initialise convs with kaiming-normal, fan_out, for ReLU.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-class BatchNorm(nn.Module):
-  """BatchNorm over all but the last axis, matching ``torch.nn.BatchNorm2d`` exactly.
-
-  flax's ``nn.BatchNorm`` feeds the biased batch variance into the running
-  average; torch feeds the unbiased one (``n / (n - 1)``).  With small feature
-  maps (a 7x7 map, batch 2: n = 98) that is a 1% drift per step, so the running
-  statistics of a fine-tuned torch checkpoint would wander off.  Statistics are
-  computed in float32 whatever the compute dtype.
-
-  The batch moments come from one pass over ``x`` (both sums fuse into one read;
-  the two-pass form, mean then mean squared deviation, reads every activation map
-  once more in the forward).  The sums are taken around one value of each channel
-  from the batch itself, a few standard deviations from the mean at most, so
-  ``E[d^2] - E[d]^2`` does not cancel when activations sit far from zero.
-
-  Parameters ``scale``/``bias``; statistics ``batch_stats/{mean,var}``.
-  ``use_running_average``: True or False, or the '/'-paths of the layers that use
-  (and keep) their running statistics, the others normalising with the batch's
-  (:func:`ftjax.models.common.frozen_here`).
-  """
-
-  use_running_average: FrozenBN
-  momentum: float = BN_MOMENTUM
-  epsilon: float = BN_EPS
-  scale_init: Callable = nn.initializers.ones
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    scale = self.param("scale", self.scale_init, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    xf = x.astype(jnp.float32)
-    if frozen_here(self.path, self.use_running_average):
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      axes = tuple(range(x.ndim - 1))
-      shift = jax.lax.stop_gradient(xf[(0,) * (x.ndim - 1)])
-      d = xf - shift
-      d_mean = d.mean(axes)
-      mean = shift + d_mean
-      var = jnp.maximum(jnp.square(d).mean(axes) - jnp.square(d_mean), 0.0)
-      if not self.is_initializing():
-        n = math.prod(x.shape[:-1])
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * mean
-        ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
-    y = (xf - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
-    return y.astype(self.dtype or x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))

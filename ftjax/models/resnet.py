@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.errors import CheckpointError, ConfigError
-from ftjax.models.common import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, BatchNorm, Converted,
-                                 Family, FrozenBN, config_ints, config_number, space_to_depth)
+from ftjax.models.common import (BN_MOMENTUM, IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,
+                                 BatchNorm, Converted, Family, FrozenBN, config_ints, config_number,
+                                 space_to_depth)
 
 # ---------------------------------------------------------------------------------------------
 # Variant tables
@@ -59,7 +60,7 @@ _V1_WIDTHS = {"basic": (64, 128, 256, 512), "bottleneck": (256, 512, 1024, 2048)
 _V1_STRUCTURE = ("block", "depths", "widths", "stem_width", "stride_in_1x1", "first_stage_stride")
 # Options that change no parameter shape: the trainer may override them on any checkpoint.
 _V1_OPTIONS = {"frozen_bn": False, "zero_init_residual": False, "max_pool_impl": "ftjax",
-               "stem_conv_impl": "flax"}
+               "stem_conv_impl": "flax", "bn_momentum": BN_MOMENTUM}
 MAX_POOL_IMPLS = ("ftjax", "flax")
 STEM_CONV_IMPLS = ("flax", "space_to_depth")
 
@@ -145,6 +146,11 @@ def v1_config(arch: Mapping[str, Any]) -> dict[str, Any]:
   if cfg["stem_conv_impl"] not in STEM_CONV_IMPLS:
     raise ConfigError("unknown stem convolution implementation", where="stem_conv_impl",
                       value=repr(cfg["stem_conv_impl"]), hint=" or ".join(map(repr, STEM_CONV_IMPLS)))
+  m = cfg["bn_momentum"]
+  if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+    raise ConfigError("BatchNorm momentum must be in [0, 1)", where="bn_momentum", value=repr(m),
+                      hint="flax's convention: the old statistics' weight, 0.9 for torch's momentum=0.1")
+  cfg["bn_momentum"] = float(m)
   if len(cfg["depths"]) != len(cfg["widths"]) or not cfg["depths"]:
     raise ConfigError("ResNet depths and widths differ in length",
                       value=f"{cfg['depths']} vs {cfg['widths']}")
@@ -314,13 +320,14 @@ class Downsample(nn.Module):
   v2: bool = False
   use_running_average: FrozenBN = True
   dtype: Any = None
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x):
     if self.v2:
       return StdConv(self.features, 1, self.stride, dtype=self.dtype, name="conv")(x)
     x = _conv(self.features, 1, self.stride, self.dtype, "conv")(x)
-    return BatchNorm(self.use_running_average, dtype=self.dtype, name="bn")(x)
+    return BatchNorm(self.use_running_average, self.bn_momentum, dtype=self.dtype, name="bn")(x)
 
 
 class BasicBlock(nn.Module):
@@ -332,16 +339,18 @@ class BasicBlock(nn.Module):
   use_running_average: FrozenBN = True
   zero_init_residual: bool = False
   dtype: Any = None
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x):
-    bn = lambda name, **kw: BatchNorm(self.use_running_average, dtype=self.dtype, name=name, **kw)
+    bn = lambda name, **kw: BatchNorm(self.use_running_average, self.bn_momentum, dtype=self.dtype,
+                                      name=name, **kw)
     y = nn.relu(bn("bn1")(_conv(self.width, 3, self.stride, self.dtype, "conv1")(x)))
     last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = bn("bn2", scale_init=last_init)(_conv(self.width, 3, 1, self.dtype, "conv2")(y))
     if self.project:
       x = Downsample(self.width, self.stride, use_running_average=self.use_running_average,
-                     dtype=self.dtype, name="downsample")(x)
+                     dtype=self.dtype, bn_momentum=self.bn_momentum, name="downsample")(x)
     return nn.relu(y + x)
 
 
@@ -355,10 +364,12 @@ class Bottleneck(nn.Module):
   use_running_average: FrozenBN = True
   zero_init_residual: bool = False
   dtype: Any = None
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x):
-    bn = lambda name, **kw: BatchNorm(self.use_running_average, dtype=self.dtype, name=name, **kw)
+    bn = lambda name, **kw: BatchNorm(self.use_running_average, self.bn_momentum, dtype=self.dtype,
+                                      name=name, **kw)
     mid = self.width // 4
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     y = nn.relu(bn("bn1")(_conv(mid, 1, s1, self.dtype, "conv1")(x)))
@@ -367,7 +378,7 @@ class Bottleneck(nn.Module):
     y = bn("bn3", scale_init=last_init)(_conv(self.width, 1, 1, self.dtype, "conv3")(y))
     if self.project:
       x = Downsample(self.width, self.stride, use_running_average=self.use_running_average,
-                     dtype=self.dtype, name="downsample")(x)
+                     dtype=self.dtype, bn_momentum=self.bn_momentum, name="downsample")(x)
     return nn.relu(y + x)
 
 
@@ -423,6 +434,7 @@ class StemV1(nn.Module):
   dtype: Any = None
   max_pool_impl: str = "ftjax"
   conv_impl: str = "flax"
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x):
@@ -430,7 +442,7 @@ class StemV1(nn.Module):
       x = SpaceToDepthConv(self.width, 7, self.dtype, name="conv")(x)
     else:
       x = _conv(self.width, 7, 2, self.dtype, "conv")(x)
-    x = nn.relu(BatchNorm(self.use_running_average, dtype=self.dtype, name="bn")(x))
+    x = nn.relu(BatchNorm(self.use_running_average, self.bn_momentum, dtype=self.dtype, name="bn")(x))
     if self.max_pool_impl == "flax":
       return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     return max_pool(x, 3, 2, 1)
@@ -456,6 +468,7 @@ class StageV1(nn.Module):
   use_running_average: FrozenBN = True
   zero_init_residual: bool = False
   dtype: Any = None
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x):
@@ -464,7 +477,8 @@ class StageV1(nn.Module):
       project = b == 0 and (stride != 1 or self.in_channels != self.width)
       kw = dict(width=self.width, stride=stride, project=project,
                 use_running_average=self.use_running_average,
-                zero_init_residual=self.zero_init_residual, dtype=self.dtype, name=f"block{b}")
+                zero_init_residual=self.zero_init_residual, dtype=self.dtype,
+                bn_momentum=self.bn_momentum, name=f"block{b}")
       if self.block == "basic":
         x = BasicBlock(**kw)(x)
       else:
@@ -498,18 +512,19 @@ class ResNet(nn.Module):
   max_pool_impl: str = "ftjax"
   stem_conv_impl: str = "flax"
   dtype: Any = None
+  bn_momentum: float = BN_MOMENTUM  # flax's convention: torch's momentum=0.1
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     use_ra = self.frozen_bn if train else True
     x = StemV1(self.stem_width, use_ra, self.dtype, self.max_pool_impl, self.stem_conv_impl,
-               name="stem")(x)
+               self.bn_momentum, name="stem")(x)
     channels = self.stem_width
     for s, (depth, width) in enumerate(zip(self.depths, self.widths)):
       x = StageV1(depth=depth, width=width, stride=self.first_stage_stride if s == 0 else 2,
                   in_channels=channels, block=self.block, stride_in_1x1=self.stride_in_1x1,
                   use_running_average=use_ra, zero_init_residual=self.zero_init_residual,
-                  dtype=self.dtype, name=f"stage{s + 1}")(x)
+                  dtype=self.dtype, bn_momentum=self.bn_momentum, name=f"stage{s + 1}")(x)
       channels = width
     return _global_pool_head(x, self.num_classes, self.dtype)
 

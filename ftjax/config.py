@@ -58,7 +58,9 @@ def model_config() -> mc.ConfigDict:
   c.scratch = False  # same architecture, random initialisation (a baseline)
   c.dropout_rate = placeholder(float)  # None: the family's default (dropout before the head / in blocks)
   c.droppath_rate = placeholder(float)  # stochastic depth; None: the family's default
-  c.bn_momentum = placeholder(float)  # BatchNorm running-statistics momentum, flax's convention (0.9: torch's 0.1); None: the family's (ResNet 0.9, EfficientNet 0.99)
+  # BatchNorm running-statistics momentum, flax's convention (0.9 is torch's 0.1); None: the
+  # family's (ResNet 0.9, EfficientNet 0.99)
+  c.bn_momentum = placeholder(float)
   c.remat = placeholder(bool)  # ViT: recompute each block in the backward pass (less memory, ~1/3 more compute)
   c.attention = placeholder(str)  # ViT: "auto" (cuDNN flash attention on a GPU in bf16) | "xla" | "cudnn"
   # Any other architecture option of the family that keeps the checkpoint's parameter shapes,

@@ -762,6 +762,9 @@ def _build(config, workdir: Path) -> tuple[_Run, dict]:
     if ds.num_classes != num_classes:
       raise DataError("class count differs between splits", where=f"data split {split}",
                       value=f"{ds.num_classes} vs train {num_classes}")
+    # Read now (tfds reads every record's): a label out of range (an unlabelled split)
+    # fails before training, not at the first evaluation.
+    _ = ds.labels
   # A warning, not an error: the class count is right (the head has every class), but the
   # run can never learn a class it has no example of; a val_fraction split can cause it.
   empty = data_lib.empty_classes(train_ds)

@@ -147,6 +147,38 @@ def test_tfds_array_record_files_read_through_grain(tmp_path):
     fd.build(c, split="train").image(0)
 
 
+class TinyUnlabelledTest(tfds.core.GeneratorBasedBuilder):
+  """Three labelled train PNGs and a test split of two whose labels are -1, as ImageNet's."""
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(6, 8, 3), encoding_format="png"),
+        "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(3, labelled=True),
+            "test": self._generate_examples(2, labelled=False)}
+
+  def _generate_examples(self, n, labelled=True):
+    for i in range(n):
+      yield i, {"image": _png(10 * i), "label": i if labelled else -1}
+
+
+def test_tfds_unlabelled_split_is_one_error_naming_a_record(tmp_path):
+  # -1 used to train as an all-zero target (no loss) and evaluate as the last class.
+  TinyUnlabelledTest(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  c = _plain(source="tfds", name="tiny_unlabelled_test", data_dir=str(tmp_path))
+  assert sorted(fd.build(c, split="train").labels.tolist()) == [0, 1, 2]
+  test = fd.build(c, split="test")
+  with pytest.raises(DataError) as e:
+    test.labels
+  assert str(e.value) == (
+      "ftjax: error: label out of range (tiny_unlabelled_test/test record 0): label -1 of 3 "
+      "classes, 2 of 2 examples; -1 marks an unlabelled split: train and evaluate on labelled ones")
+
+
 # ---------------------------------------------------------------- folders
 
 COLOURS = {"cat": (200, 10, 10), "dog": (10, 200, 10), "eel": (10, 10, 200)}

@@ -355,6 +355,37 @@ def test_resuming_into_a_workdir_with_another_config_is_refused(tiny_vit_npz, tm
   train.prepare(tiny_config(tiny_vit_npz, **{"train.total_steps": 1, "optim.lr": 0.5}), str(empty))
 
 
+def test_an_unlabelled_eval_split_fails_before_training(tiny_vit_npz, tmp_path, monkeypatch):
+  # tfds reads labels on first use; an eval split of -1 labels used to fail (or, before
+  # the check, score nonsense) only at the first evaluation, after eval_every steps.
+  from PIL import Image
+  from ftjax import data
+  from ftjax.errors import DataError
+
+  class Unlabelled:  # labels read on first use, as tfds's are; -1 for every record
+    in_memory = True
+
+    def __len__(self):
+      return 4
+
+    def read(self, j):
+      return Image.new("RGB", (8, 8))
+
+    def labels(self, index):
+      return [-1] * 4
+
+    def describe(self, j):
+      return f"unlabelled record {j}"
+
+  build = data.build
+  unlabelled = data.Dataset(Unlabelled(), name="unlabelled", class_names=[str(d) for d in range(10)])
+  monkeypatch.setattr(train.data_lib, "build",
+                      lambda c, split: build(c, split=split) if split == "train" else unlabelled)
+  with pytest.raises(DataError, match=r"^ftjax: error: label out of range \(unlabelled record 0\): label -1 "):
+    train.prepare(tiny_config(tiny_vit_npz), str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
 def test_an_optimizer_option_optax_refuses_fails_before_the_workdir_is_written(tiny_vit_npz, tmp_path):
   # optax reads b1 only inside an update: this used to be a traceback from the first
   # step's compilation, with config.json already written (and then refusing the fix).

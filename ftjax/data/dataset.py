@@ -99,7 +99,16 @@ class Dataset:
   def labels(self) -> np.ndarray:
     if self._labels is None:
       # Sources without a label column (tfds) read every record's label once.
-      self._labels = np.asarray(self.source.labels(self.index), np.int32)
+      labels = np.asarray(self.source.labels(self.index), np.int32)
+      # tfds marks an unlabelled record -1 (ImageNet's test split): one-hot would make it
+      # all zeros (no loss) and evaluation would index the last class.
+      bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+      if len(bad):
+        raise DataError("label out of range", where=self.describe(int(bad[0])),
+                        value=f"label {labels[bad[0]]} of {self.num_classes} classes, "
+                              f"{len(bad)} of {len(labels)} examples",
+                        hint="-1 marks an unlabelled split: train and evaluate on labelled ones")
+      self._labels = labels
     return self._labels
 
   def record(self, i: int) -> int:

@@ -251,6 +251,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   """
   rng = jax.random.fold_in(state.rng, state.step)
   mix_rng, drop_rng = jax.random.split(rng)
+  if opts.axis_name:
+    # Under pmap each device holds its own slice of the batch: it draws its own dropout and
+    # drop-path (jit draws them over the global batch). The mixing draw stays one per step.
+    drop_rng = jax.random.fold_in(drop_rng, jax.lax.axis_index(opts.axis_name))
   flat = flatten(state.params)
   train_flat = {p: flat[p] for p in trainable}
   frozen_flat = {p: v for p, v in flat.items() if p not in train_flat}

@@ -439,6 +439,54 @@ def test_jit_sharded_fsdp_and_pmap_match_one_device(tiny_vit_npz, tmp_path):
   assert worst <= 1e-5
 
 
+PMAP_DROPOUT_SCRIPT = textwrap.dedent('''
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import numpy as np, jax, optax
+    import flax.linen as nn
+    from ftjax import train
+
+    class Drop(nn.Module):
+      rate: float
+
+      @nn.compact
+      def __call__(self, x, train=False):
+        x = nn.Dropout(self.rate, deterministic=not train)(x.reshape(x.shape[0], -1))
+        return nn.Dense(3, name="head")(x)
+
+    half = {"image": np.random.default_rng(0).normal(size=(4, 2, 2, 3)).astype(np.float32),
+            "label": np.arange(4, dtype=np.int32) % 3}
+    both = {k: np.concatenate([v, v]) for k, v in half.items()}  # each device: the same 4
+    for rate in (0.0, 0.5):
+      model = Drop(rate)
+      params = model.init(jax.random.key(0), half["image"])["params"]
+      tx = optax.sgd(0.1)
+      fn = lambda state, batch, opts: train.train_step(state, batch, model=model, tx=tx,
+                                                       trainable=("head/bias", "head/kernel"), opts=opts)
+      losses = []
+      for runner, batch in ((train.PmapRunner(jax.devices()[:1]), half), (train.PmapRunner(), both)):
+        state = runner.put_state(train.initial_state(params, None, tx, 0, ema=False))
+        _, m = runner.compile(fn, train.StepOptions(num_classes=3))(state, runner.put_batch(batch))
+        losses.append(float(runner.view(m)["loss"]))
+      print("RATE", rate, "LOSSES", *losses)
+''')
+
+
+def test_pmap_devices_draw_their_own_dropout(tmp_path):
+  # Each device got the same dropout key: example i of every device's slice dropped the
+  # same units (correlated draws, unlike jit's over the global batch). Two devices given
+  # the same examples then computed one device's loss exactly.
+  script = tmp_path / "dropout.py"
+  script.write_text(PMAP_DROPOUT_SCRIPT)
+  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                     env=subprocess_env())
+  assert r.returncode == 0, r.stderr[-3000:]
+  losses = {float(l.split()[1]): [float(x) for x in l.split()[3:]] for l in r.stdout.splitlines()
+            if l.startswith("RATE")}
+  assert losses[0.0][0] == losses[0.0][1]  # no dropout: the same examples, the same loss
+  assert losses[0.5][0] != losses[0.5][1]  # dropout: device 1 draws its own units
+
+
 FSDP_LOOP_SCRIPT = textwrap.dedent('''
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"

@@ -100,13 +100,13 @@ def parse_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     if any(d < 0 for d in shape):
       raise CheckpointError("negative dimension in safetensors entry", where=f"{p}:{name}",
                             value=shape)
-    if any(d >= 2**62 for d in shape) or int(np.prod([max(d, 1) for d in shape], dtype=object)) >= 2**62:
-      # an empty tensor may claim any other dimensions: numpy cannot represent these
-      raise CheckpointError("impossible shape in safetensors entry", where=f"{p}:{name}", value=shape)
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if not 0 <= begin <= end or end - begin != nbytes:
       raise CheckpointError("safetensors entry size disagrees with its shape",
                             where=f"{p}:{name}", value=f"offsets {begin}..{end} for {shape} {dtype}")
+    if any(d >= 2**62 for d in shape) or int(np.prod([max(d, 1) for d in shape], dtype=object)) >= 2**62:
+      # an empty tensor may claim any other dimensions: numpy cannot represent these
+      raise CheckpointError("impossible shape in safetensors entry", where=f"{p}:{name}", value=shape)
     if end > data_len:
       raise CheckpointError("truncated safetensors file", where=f"{p}:{name}",
                             value=f"needs byte {end}, data has {data_len}")

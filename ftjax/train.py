@@ -670,6 +670,9 @@ class JitRunner:
   def view(self, state: TrainState) -> TrainState:
     return state
 
+  def eval_view(self, state: TrainState, mesh: Mesh) -> TrainState:
+    return state
+
   def put_batch(self, batch: dict) -> dict:
     sharding = NamedSharding(self.mesh, P("data"))
     single = jax.process_count() == 1
@@ -690,6 +693,7 @@ class JitRunner:
     return jax.jit(lambda params: cast_frozen(params, paths))(state.params)
 
   program_copies = 1  # one program with the global shapes (metrics.step_flops)
+  calls_compiled = True  # the step runs as the ahead-of-time compiled program
 
 
 class PmapRunner:
@@ -710,6 +714,17 @@ class PmapRunner:
   def view(self, state: TrainState) -> TrainState:
     return jax.tree.map(lambda x: x[0], state)
 
+  def eval_view(self, state: TrainState, mesh: Mesh) -> TrainState:
+    """The state for the evaluation step, a ``jit`` over ``mesh`` (every process's devices):
+    in one process the first device's copy; across processes the parameters and BatchNorm
+    statistics put on the mesh, replicated (a jit takes no array of one process's device)."""
+    view = self.view(state)
+    if jax.process_count() == 1:
+      return view
+    put = lambda tree: jax.device_put(jax.tree.map(np.asarray, tree), NamedSharding(mesh, P()))
+    return view.replace(params=put(view.params), batch_stats=put(view.batch_stats),
+                        ema_params=None if view.ema_params is None else put(view.ema_params))
+
   def put_batch(self, batch: dict) -> dict:
     n = len(self.devices)
     return {k: jax.device_put(v.reshape(n, -1, *v.shape[1:]), self._sharding) for k, v in batch.items()}
@@ -718,12 +733,21 @@ class PmapRunner:
   def program_copies(self) -> int:  # one device's program, run on each (metrics.step_flops)
     return len(self.devices)
 
+  @property
+  def calls_compiled(self) -> bool:
+    """Across processes pmap's compiled program takes global arrays; only the pmapped
+    function turns each process's local slices into them, so the step is called through it
+    (compiled a second time: the first, ahead of time, gives the memory and FLOPs)."""
+    return jax.process_count() == 1
+
   def compile(self, fn: Callable, opts: StepOptions) -> Callable:
     opts = dataclasses.replace(opts, axis_name=self.axis_name)
     return jax.pmap(functools.partial(fn, opts=opts), axis_name=self.axis_name, donate_argnums=0)
 
   def cast_frozen(self, state: TrainState, paths: Mapping[str, Any]) -> dict:
     """:func:`cast_frozen` of the state's params, one copy per device."""
+    if not paths:  # nothing to cast (float32 compute); pmap of no outputs fails across processes
+      return {}
     return jax.pmap(lambda params: cast_frozen(params, paths), devices=self.devices)(state.params)
 
 
@@ -1144,6 +1168,8 @@ def _compile_step(step_fn, state, batch, frozen, runner, phase: int):
     parts.append(f"{flops / 1e9:.3g} GFLOP per step")
   if parts:
     print(f"compiled step, phase {phase}: " + ", ".join(parts), flush=True)
+  if not runner.calls_compiled:
+    compiled = step_fn  # see PmapRunner.calls_compiled
   return compiled, flops
 
 
@@ -1342,7 +1368,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
       if (t.eval_every and step % t.eval_every == 0) or step == total:
         with progress.paused(wait_for=state):  # images/s and MFU measure training steps only
           try:
-            summaries = _evaluate(run, runner.view(state), eval_fn, eval_put, hit, step)
+            summaries = _evaluate(run, runner.eval_view(state, run.mesh), eval_fn, eval_put, hit, step)
           except Exception:
             if last_saved != step:  # the trained steps are not the evaluation's to lose
               _save_before_raising(lambda: (save(step), ckpt.wait()), step)
@@ -1378,7 +1404,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     writer.flush()
     ckpt.close()
   if not summaries:
-    summaries = _evaluate(run, runner.view(state), eval_fn, eval_put, hit, step)
+    summaries = _evaluate(run, runner.eval_view(state, run.mesh), eval_fn, eval_put, hit, step)
   _finish(run, summaries)
   writer.close()
   return summaries

@@ -240,3 +240,26 @@ def _train_with(script, workdir, total_steps: int, overrides: dict) -> list[str]
   for i, (rc, _, err) in enumerate(results):
     assert rc == 0, f"process {i}: {err[-3000:]}"
   return [out for _, out, _ in results]
+
+
+@pytest.mark.slow  # one- and two-process launches: 30-50 s each on 2 cores
+def test_two_processes_under_pmap_train_and_evaluate_as_one_under_jit(tiny_vit_npz, tmp_path):
+  # pmap across processes: each process's compiled step takes its local slices (the
+  # ahead-of-time program takes global ones), and evaluation, a jit over every process's
+  # devices, gets the parameters replicated there; both failed before.
+  from ftjax import checkpoint, metrics
+  from ftjax.tree import flatten
+  script = tmp_path / "trainer.py"
+  script.write_text(TRAINER.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
+  one, two = tmp_path / "one", tmp_path / "two"
+  _train(script, one, 4, processes=1)
+  _train_with(script, two, 4, {**LOOP, "train.parallel": "pmap"})
+  ref, ours = (flatten(checkpoint.read_checkpoint(wd, step=4)[0]) for wd in (one, two))
+  for k in ref:
+    if k.startswith("params/"):
+      np.testing.assert_allclose(ours[k], ref[k], atol=1e-5, err_msg=k)
+  evals = [[r for r in metrics.read_metrics(wd) if r["kind"] == "eval"] for wd in (one, two)]
+  assert [r["step"] for r in evals[1]] == [2, 4]
+  for a, b in zip(*evals):
+    assert a["test/top1"] == b["test/top1"]
+    np.testing.assert_allclose(b["test/loss"], a["test/loss"], rtol=1e-5)

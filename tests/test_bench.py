@@ -315,6 +315,7 @@ def test_runs_reject_unknown_variants_and_unplaced_combined_ones(monkeypatch):
     _fake_runs(monkeypatch, ["--variant", "x=--xla_a=1", "--arch-variant", 'x={"remat": true}'])
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_smoke_run_profiled_end_to_end(tmp_path, capsys):
   """One tiny ViT child: its row carries the profile, the files exist, the table prints."""
   out = tmp_path / "bench.jsonl"

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_shortened_default_job_runs_offline(tmp_path):
   wd = tmp_path / "wd"  # given relative to the working directory, as a newcomer would
   r = subprocess.run([sys.executable, str(REPO / "launch.py"),

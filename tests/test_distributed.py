@@ -46,6 +46,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_two_processes_agree_with_one(tiny_vit_npz, tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(WORKER.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))

@@ -230,6 +230,7 @@ def test_photo_check_top5_is_sensible(bundled):
   assert flower[0] in FLOWERS and "daisy" in flower, flower
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_bf16_compute_keeps_float32_params_and_the_answers(bundled):
   _, variables, _, x, logits = bundled
   model16, variables16, _ = models.from_pretrained("efficientnet:lite0", dtype=jnp.bfloat16)

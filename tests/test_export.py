@@ -91,6 +91,7 @@ def _check_hf(directory, cls):
     ids=["hf", "timm", "timm-gap-fc_norm", "hf-tanh", "timm-map-tanh", "timm-map-no_embed_class",
          "timm-dinov2-reg", "timm-reg-gap", "hf-no_embed_class", "hf-dinov2", "hf-dinov2-no_layer_scale",
          "hf-dinov2-reg-no_embed_class", "hf-dinov2-reg", "hf-siglip"])
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_vit_round_trip(tmp_path, fmt, arch):
   from transformers import AutoModelForImageClassification
   model, variables = _perturbed("vit", arch, 32, seed=1)
@@ -115,6 +116,7 @@ def test_vit_round_trip(tmp_path, fmt, arch):
 
 @pytest.mark.parametrize("arch", [RESNET_BASIC, RESNET_BOTTLENECK], ids=["basic", "bottleneck"])
 @pytest.mark.parametrize("fmt", ["hf", "timm"])
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_resnet_round_trip_with_batch_stats(tmp_path, fmt, arch):
   from transformers import ResNetForImageClassification
   model, variables = _perturbed("resnet", arch, 64, seed=2)
@@ -317,6 +319,7 @@ def test_resnetv2_timm_round_trip(tmp_path):
   assert np.abs(ours).max() > 0.1
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_unsupported_exports_are_config_errors(tmp_path):
   _, variables = _perturbed("vit", VIT_ARCH, 32, seed=5)
   gap = _meta("vit", {"variant": "test", "pooling": "gap", "fc_norm": True}, 32)

@@ -178,6 +178,7 @@ def _full_and_lora_peaks(arch, batch, image_size):
   return full, low
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_remat_keeps_less_for_the_backward_pass():
   # Regression: with flax's plain nn.remat, XLA:CPU ran the recomputation in the forward pass
   # and the step needed *more* memory than without remat.
@@ -189,6 +190,7 @@ def test_remat_keeps_less_for_the_backward_pass():
 
 
 @pytest.mark.parametrize("batch,remat", [(1, False), (8, True)])  # about 20 s each (shapes only)
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_vit_b16_lora_step_memory_versus_full_fine_tune(batch, remat):
   """Compiled memory (XLA memory_analysis) of one AdamW train step, ViT-B/16 at 224, fp32, shapes only.
 

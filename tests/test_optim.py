@@ -411,6 +411,7 @@ def _flops(compiled) -> float:
   return float(cost["flops"])
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_compiled_cost_of_head_only_and_full_steps():
   model = TinyViT(layers=1)
   images = jnp.ones((8, 16, 16, 3), F32)

@@ -242,6 +242,7 @@ def _step_cost(t: _Setup, batch=None) -> tuple[float, int]:
     ("vit", {"variant": "test"}, 32, 4),
     pytest.param("resnet", {"variant": "resnet18"}, 32, 2, marks=pytest.mark.slow),  # ~30 s
 ])
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_head_only_step_costs_a_forward_and_full_step_three(family, arch, size, batch):
   head = _setup(family, arch, size, HEAD_ONLY, batch=batch)
   head_flops, head_bytes = _step_cost(head)

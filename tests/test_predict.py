@@ -49,6 +49,7 @@ def _read(path):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_one_row_per_image_with_probabilities_of_the_eval_pipeline(run, images, tmp_path):
   out = predict.predict(run, images, top=10, out=tmp_path / "p.csv", batch_size=8)
   rows = _read(out)

@@ -377,6 +377,7 @@ def test_max_pool_nan_takes_the_gradient_like_torch():
 
 @pytest.mark.parametrize("max_pool_impl, stem_conv_impl",
                          [("ftjax", "flax"), ("flax", "flax"), ("ftjax", "space_to_depth")])
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_train_mode_gradients_equal_torch(tmp_path, max_pool_impl, stem_conv_impl):
   # The whole backward (one-pass BatchNorm moments, the stem's max-pool gradient, gathered
   # or JAX's select-and-scatter, the stem convolution direct or on 2 x 2 blocks) against

@@ -99,6 +99,7 @@ def _killed_resumed_and_uninterrupted(npz, tmp_path, overrides: dict, kill_at: s
   return ref, wd, ours
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_killed_run_resumes_bit_identical(tiny_vit_npz, tmp_path):
   overrides = {"train.total_steps": 6, "train.checkpoint_every": 2, "train.eval_every": 3}
   ref, wd, _ = _killed_resumed_and_uninterrupted(tiny_vit_npz, tmp_path, overrides, "after:5", 4)
@@ -111,6 +112,7 @@ def test_killed_run_resumes_bit_identical(tiny_vit_npz, tmp_path):
       [(r["step"], r["loss"]) for r in _rows(ref) if r["kind"] == "train"]
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_run_killed_after_saving_at_an_unfreezing_step_resumes_bit_identical(tiny_vit_npz, tmp_path):
   # The checkpoint at step 2, the second phase's first step, holds the first phase's
   # optimizer state (step 2's update has not run): the resume must rebuild that phase's
@@ -167,13 +169,19 @@ def test_ctrl_c_saves_exits_130_and_a_second_one_quits(tiny_vit_npz, tmp_path, m
     return hit
 
   monkeypatch.setattr(train, "fault_hook", hook)
-  before = signal.getsignal(signal.SIGINT)
-  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 6, "train.eval_every": 0,
-                                     "train.checkpoint_every": 0, "train.log_every": 1})
-  with pytest.raises(Interrupted) as info:
-    train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  # Python's own handler, as a terminal starts it (a shell's background job starts with
+  # SIGINT ignored, and the run restores whatever it found).
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 6, "train.eval_every": 0,
+                                       "train.checkpoint_every": 0, "train.log_every": 1})
+    with pytest.raises(Interrupted) as info:
+      train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+    after = signal.getsignal(signal.SIGINT)
+  finally:
+    signal.signal(signal.SIGINT, outer)
   assert info.value.exit_code == 130 and str(info.value).startswith("ftjax: error: interrupted by Ctrl-C (step 2)")
-  assert handlers == [signal.default_int_handler] and signal.getsignal(signal.SIGINT) is before
+  assert handlers == [signal.default_int_handler] and after is signal.default_int_handler
   assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints") == [2]  # the step it was in
 
 
@@ -281,6 +289,7 @@ def test_a_refused_resume_leaves_the_workdir_as_it_was(tiny_vit_npz, tmp_path):
   train.train_and_evaluate(train.stored_config(wd), str(wd))  # and the run resumes as recorded
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_nan_loss_stops_with_numerics_code_and_keeps_last_good_checkpoint(tiny_vit_npz, tmp_path):
   cfg_file = write_config(tmp_path, tiny_vit_npz, **{
       "train.total_steps": 12, "train.checkpoint_every": 2, "train.eval_every": 0, "train.log_every": 2,
@@ -427,6 +436,7 @@ PARALLEL_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_jit_sharded_fsdp_and_pmap_match_one_device(tiny_vit_npz, tmp_path):
   script = tmp_path / "parallel.py"
   script.write_text(PARALLEL_SCRIPT.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
@@ -512,6 +522,7 @@ FSDP_LOOP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_training_loop_with_sharded_params_runs_and_matches_replicated(tiny_vit_npz, tmp_path):
   # train.shard_params through the whole loop on 4 devices: the momentum and the EMA of a
   # sharded parameter come out of the compiled step sharded like it, so the state must go in
@@ -697,6 +708,7 @@ def _cast_case(family, arch, groups, image_size=32):
     ("vit", {"variant": "test", "remat": True}, [("head/.*", {}), ("embedding/.*", {}), (".*", None)]),
     ("resnet", {"variant": "resnet18", "frozen_bn": True}, [("head/.*", {}), (".*", None)]),
 ])
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_frozen_weights_cast_once_give_bit_identical_steps(family, arch, groups):
   import functools
 
@@ -744,6 +756,7 @@ def test_cast_only_leaves_follow_jitted_bodies_and_stop_at_other_uses():
   assert train.frozen_cast_paths(model, params, {}, (32, 32, 3), train.StepOptions(num_classes=3)) == {}
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_gradual_unfreezing_in_bf16_equals_a_run_without_cast_copies(tiny_vit_npz, tmp_path, monkeypatch,
                                                                      capsys):
   # The loop casts each phase's frozen weights once; a run where it casts none (every step
@@ -837,6 +850,7 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_workdir(tiny_vit_npz
   assert (tmp_path / "runs" / "b" / "config.json").is_file()
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_a_failed_evaluation_saves_the_trained_step_first(tiny_vit_npz, tmp_path, monkeypatch, capsys):
   # No checkpoint was due at step 3: before, the error lost steps 1-3 (the whole run with
   # checkpoint_every 0). Now step 3 is saved, and the rerun resumes to the uninterrupted state.

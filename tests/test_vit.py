@@ -808,6 +808,7 @@ def test_malformed_hf_configs_are_one_line_errors_naming_the_field():
       convert(config, {})
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_remat_blocks_give_the_same_logits_and_gradients():
   from ftjax import models
   plain, _ = models.create("vit", {"variant": "test"}, num_classes=3, image_size=32)
@@ -849,6 +850,7 @@ def test_remat_with_dropout_differentiates_the_function_it_computes():
 
 
 @pytest.mark.parametrize("multiple", [1, 8, 64])
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_padded_attention_equals_unpadded(multiple):
   # The cuDNN path pads the token axis and masks the padding keys; on the CPU the same
   # padding runs through XLA and must not change a value (nor, through the mask, a gradient).
@@ -868,6 +870,7 @@ def _logits_and_grads(model, params, x, **kw):
 
 
 @pytest.mark.parametrize("arch", [{}, {"pooling": "gap", "fc_norm": True}])
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_token_padding_once_or_per_layer_equals_unpadded(monkeypatch, arch):
   # On a GPU cuDNN attention gets the tokens padded, either once for the whole encoder (the
   # padding tokens run through every block, masked out as keys) or around each attention.
@@ -899,6 +902,7 @@ def test_token_padding_once_or_per_layer_equals_unpadded(monkeypatch, arch):
 
 
 @pytest.mark.parametrize("case", ["plain", "padded", "lora", "dropout"])
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_folded_attention_bias_is_the_same_function(monkeypatch, case):
   # fold_attention_bias leaves the key bias out (softmax ignores it) and applies the value
   # bias after the output projection: logits and gradients must equal the literal model's,

@@ -225,6 +225,7 @@ def test_old_torch_releases_refused():
   assert not weights.torch_version_ok("1.13.1")
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_offline_hub_error_is_one_line(monkeypatch, tmp_path):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -117,6 +117,7 @@ def _crash_and_resume(setup, kinds, seed, name):
   return done
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_quick_kills_resume_bit_identical(setup):
   done = _crash_and_resume(setup, ["step", "ckpt:written", "eval", "ckpt:hashed", "startup"],
                            seed=8, name="quick")

@@ -24,6 +24,7 @@ def _flip_a_bit(step_dir: Path) -> Path:
   return victim
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_damaged_steps_are_skipped_with_a_warning_and_none_verifying_is_refused(tiny_vit_npz, tmp_path,
                                                                                 jax_cache):
   # One config for every start (a restart compiles nothing new); the first run dies after step 4.

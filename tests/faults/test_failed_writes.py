@@ -16,6 +16,7 @@ from _harness import cached_env, checkpoint, launch, rows, write_config  # noqa:
 pytestmark = pytest.mark.faults
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_failed_async_writes_surface_as_errors_and_the_previous_step_survives(tiny_vit_npz, tmp_path,
                                                                               jax_cache):
   cfg = write_config(tmp_path, tiny_vit_npz, **{"train.total_steps": 6, "train.checkpoint_every": 2,

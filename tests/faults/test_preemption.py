@@ -33,6 +33,7 @@ def _train_steps(wd) -> list[int]:
   return [r["step"] for r in rows(wd) if r["kind"] == "train"]
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_sigterm_during_held_async_write_saves_both_and_resumes_without_recomputing(
     tiny_vit_npz, tmp_path, jax_cache):
   overrides = {"train.total_steps": 400, "train.checkpoint_every": 2, "train.eval_every": 0,
@@ -66,6 +67,7 @@ def test_sigterm_during_held_async_write_saves_both_and_resumes_without_recomput
   assert extra["ledger"] == [[1, last], [last + 1, last + 2]]
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_sigterm_at_startup_exits_75_without_saving(tiny_vit_npz, tmp_path, jax_cache):
   cfg = write_config(tmp_path, tiny_vit_npz, **{"train.total_steps": 400})
   wd = tmp_path / "wd"

@@ -132,6 +132,7 @@ def get_config(arg=""):
 '''
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_resume_by_workdir_uses_stored_json_never_a_planted_config_py(tiny_vit_npz, tmp_path,
                                                                       jax_cache):
   wd = tmp_path / "wd"

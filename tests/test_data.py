@@ -565,6 +565,36 @@ def test_arrays_source_and_from_arrays(tmp_path):
     fd.from_arrays(images.astype(np.float32), [0] * 5)
 
 
+def test_arrays_source_numbers_classes_over_every_split(tmp_path):
+  # A small test split that lacks the top class is still a 3-class set, as its train split.
+  path = str(tmp_path / "a.npz")
+  np.savez(path, train_images=np.zeros((4, 2, 2), np.uint8), train_labels=np.array([0, 1, 2, 2]),
+           test_images=np.zeros((2, 2, 2), np.uint8), test_labels=np.array([1, 0]))
+  c = _config(source="arrays", path=path)
+  assert [fd.build(c, split=s).class_names for s in ("train", "test")] == [("0", "1", "2")] * 2
+  # data.num_classes numbers them when the file names none (more classes than labels seen).
+  c.num_classes = 5
+  assert fd.build(c, split="test").num_classes == 5
+  c.num_classes = 2
+  with pytest.raises(DataError, match=r"a label has no class name .*: label 2 with 2 class names"):
+    fd.build(c, split="train")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_arrays_file_is_a_data_error(tmp_path, damage):
+  path = tmp_path / "a.npz"
+  np.savez(path, train_images=np.arange(4 * 8 * 8, dtype=np.uint8).reshape(4, 8, 8),
+           train_labels=np.array([0, 1, 0, 1]))
+  raw = bytearray(path.read_bytes())
+  if damage == "truncate":
+    raw = raw[:len(raw) // 2]
+  else:  # one pixel of the stored images changed: the member's CRC-32 no longer matches
+    raw[raw.index(bytes(range(100, 140)))] ^= 0xFF
+  path.write_bytes(bytes(raw))
+  with pytest.raises(DataError, match=r"arrays file does not read \(.*a\.npz\): BadZipFile"):
+    fd.build(_config(source="arrays", path=str(path)), split="train")
+
+
 # ---------------------------------------------------------------- training iterator
 
 

@@ -17,6 +17,9 @@ ftjax.errors.DataError: ftjax: error: class count disagrees with the config (dig
 
 from __future__ import annotations
 
+import zipfile
+import zlib
+
 import numpy as np
 
 from ftjax.data import builtin, folder, tfds_source
@@ -25,20 +28,33 @@ from ftjax.data.dataset import Dataset, check_num_classes, from_arrays, take_per
 from ftjax.errors import ConfigError, DataError
 
 
-def _load_npz(path: str, split: str) -> Dataset:
+def _load_npz(path: str, split: str, num_classes: int | None) -> Dataset:
+  """The ``split`` of an ``.npz`` of ``<split>_images`` and ``<split>_labels``.
+
+  Without ``class_names`` in the file the classes are numbered: ``num_classes`` of
+  them when the config gives it, else one more than the largest label of any split
+  in the file, so that a small split lacking the top class still agrees with the others.
+  """
   try:
     with np.load(path, allow_pickle=False) as f:
       keys = set(f.files)
       if f"{split}_images" not in keys or f"{split}_labels" not in keys:
         raise DataError("arrays file lacks the split", where=path, value=repr(split),
                         hint=f"expected {split}_images and {split}_labels; it has {', '.join(sorted(keys))}")
-      names = [str(n) for n in f["class_names"]] if "class_names" in keys else None
+      if "class_names" in keys:
+        names = [str(n) for n in f["class_names"]]
+      else:
+        if num_classes is None:
+          tops = [f[k].max() for k in sorted(keys) if k.endswith("_labels") and f[k].size
+                  and np.issubdtype(f[k].dtype, np.integer)]
+          num_classes = int(max(tops)) + 1 if tops else 0
+        names = [str(i) for i in range(num_classes)]
       return from_arrays(f[f"{split}_images"], f[f"{split}_labels"], names, name=f"{path}/{split}")
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     if isinstance(e, DataError):
       raise
     raise DataError("arrays file does not read", where=path, value=f"{type(e).__name__}: {e}",
-                    hint="expected an .npz written by np.savez") from None
+                    hint="expected an undamaged .npz written by np.savez") from None
 
 
 def build(config, *, split: str) -> Dataset:
@@ -57,7 +73,7 @@ def build(config, *, split: str) -> Dataset:
   elif source == "tfds":
     ds = tfds_source.load(config, split)
   else:
-    ds = _load_npz(config.path, split)
+    ds = _load_npz(config.path, split, config.num_classes)
   check_num_classes(ds, config.num_classes)
   if config.per_class is not None and split == config.train_split:
     ds = take_per_class(ds, config.per_class, seed=config.split_seed)

@@ -652,7 +652,7 @@ def _schedule(cfg: dict, *, peak: float, total_steps: int, steps_per_epoch=None,
   return schedule
 
 
-def make_schedule(config, *, total_steps: int | None = None, steps_per_epoch: int | None = None,
+def make_schedule(config, *, total_steps: int | None = None, steps_per_epoch: float | None = None,
                   lr_mult: float = 1.0) -> Callable[[Any], jax.Array]:
   """The learning rate at each global step (for logging, or for research code).
 
@@ -843,7 +843,7 @@ def _label_transform(plan: _LabelPlan, opts: dict, total_steps: int, steps_per_e
 
 
 def make_optimizer(params, config, *, family: str | None = None, total_steps: int | None = None,
-                   steps_per_epoch: int | None = None, phase: int = 0
+                   steps_per_epoch: float | None = None, phase: int = 0
                    ) -> optax.GradientTransformation:
   """The whole optimizer of one training phase, as one ``optax.GradientTransformation``.
 
@@ -1118,7 +1118,7 @@ def _plan_warnings(opts, table, rows, trainable0, final_params, total_params, nu
 
 def fine_tuning_plan(params, config, *, family: str | None = None, total_steps: int | None = None,
                      num_train_examples: int | None = None,
-                     steps_per_epoch: int | None = None) -> Plan:
+                     steps_per_epoch: float | None = None) -> Plan:
   """The plan of the whole run as data; ``print(plan)`` before compiling.
 
   Rows are labels of the last phase (those unfrozen later say from which

@@ -361,7 +361,7 @@ class _Run:
   eval_sets: dict
   num_classes: int
   total_steps: int
-  steps_per_epoch: int
+  steps_per_epoch: float  # n / batch
   overrides: dict
   phases: list = dataclasses.field(default_factory=list)  # start step of each unfreezing phase
   masks: list = dataclasses.field(default_factory=list)  # trainable mask of each phase
@@ -824,7 +824,9 @@ def _build(config, workdir: Path) -> tuple[_Run, dict]:
     model = lora.LoraModel(model, lora_spec)
     variables = {**variables, "params": lora.add_lora(variables["params"], lora_spec,
                                                       jax.random.key(config.seed, impl="rbg"))}
-  steps_per_epoch = max(1, train_ds.num_examples // config.train.batch_size)
+  # The loader runs epochs back to back and drops no remainder: an epoch is n / batch
+  # steps, not a whole number (a few-shot set of 20 at batch 64 is 0.3125 steps).
+  steps_per_epoch = train_ds.num_examples / config.train.batch_size
   run = _Run(config=config, workdir=workdir, model=model, report=report, family=report.family,
              mesh=_mesh(), train_ds=train_ds, eval_sets=eval_sets, num_classes=num_classes,
              total_steps=config.train.total_steps, steps_per_epoch=steps_per_epoch,

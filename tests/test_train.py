@@ -922,3 +922,19 @@ def test_data_workers_exit_when_the_training_process_is_killed(tiny_vit_npz, tmp
   for pid in left:  # do not leave them to the next test
     os.kill(pid, signal.SIGKILL)
   assert not left, f"{len(left)} processes outlived the killed run"
+
+
+def test_lengths_in_epochs_count_the_loaders_epochs(tiny_vit_npz, tmp_path):
+  # An epoch is n / batch steps: the loader drops no remainder.  Rounding it down to whole
+  # steps made warm-ups up to 29% short, and several times too long on a few-shot set.
+  def schedule(**kw):
+    cfg = tiny_config(tiny_vit_npz, **{"optim.schedule.name": "step", "train.total_steps": 500, **kw})
+    run, _ = train.prepare(cfg, str(tmp_path / f"wd{len(list(tmp_path.iterdir()))}"))
+    return run.steps_per_epoch, run.plan.rows[0].schedule
+
+  # digits: 1,437 training images; at batch 16 an epoch is 89.8125 steps
+  assert schedule(**{"optim.schedule.warmup_epochs": 2.0, "optim.schedule.boundary_epochs": [3, 4.5]}) == (
+      1437 / 16, "step(warmup=180, x0.1 at [269, 404])")
+  # 20 examples at batch 64: an epoch is 0.3125 steps, and 8 epochs are 2.5 steps, not 8
+  assert schedule(**{"data.per_class": 2, "train.batch_size": 64, "optim.schedule.warmup_epochs": 8.0,
+                     "optim.schedule.boundary_epochs": [1000]}) == (20 / 64, "step(warmup=2, x0.1 at [312])")

@@ -253,6 +253,11 @@ def validate(config) -> None:
                       value=config.model.num_classes)
   if t.ema_decay < 0 or t.ema_decay >= 1:
     raise ConfigError("train.ema_decay must be in [0, 1)", where="train.ema_decay", value=t.ema_decay)
+  if config.data.seed != 0:
+    # data.seed is train_iterator's default for research code; a trainer's run would
+    # silently ignore it.
+    raise ConfigError("data.seed is not read by the trainer", where="data.seed", value=config.data.seed,
+                      hint="the top-level seed orders and augments the data: set --config.seed")
   if not 0 <= t.label_smoothing < 1:
     raise ConfigError("train.label_smoothing must be in [0, 1)", where="train.label_smoothing",
                       value=t.label_smoothing)

@@ -222,3 +222,16 @@ def test_default_config_scales_its_unfreezing_and_refuses_arguments_its_variant_
     get_config("default", "variant=full,decay=0.5")
   with pytest.raises(ConfigError, match=r"unknown variant \(:variant\): 'ful'"):
     get_config("default", "variant=ful")
+
+
+def test_a_data_seed_the_trainer_would_ignore_is_refused():
+  # The trainer seeds the data with the top-level seed; a data.seed set on the command line
+  # once changed nothing and said nothing.
+  c = config_lib.default_config()
+  config_lib.validate(c)
+  c.data.seed = 7
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c)
+  assert str(e.value) == ("ftjax: error: data.seed is not read by the trainer (data.seed): 7; the "
+                          "top-level seed orders and augments the data: set --config.seed")
+  assert e.value.exit_code == 2

@@ -68,7 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_workers = 0  # grain worker processes; 0: in the main process
   c.prefetch = 2  # batches put on device ahead of use
   c.on_corrupt = "skip"  # a corrupt image: "skip" (warn, count) or "error"
-  c.seed = 0  # order and augmentation, when train_iterator is not given a seed
+  # Order and augmentation, when train_iterator is not given a seed; the trainer passes
+  # the top-level seed and refuses another value here.
+  c.seed = 0
   return c
 
 

@@ -591,14 +591,22 @@ class EarlyStopping:
   the same step.  Feeding a step again (an evaluation repeated after a resume)
   changes nothing.
 
+  ``restarts`` are the steps where gradual unfreezing starts a phase: the first
+  evaluation after one counts patience afresh (the best so far stays), so a head
+  that has converged before the body unfreezes does not end the run.
+
   >>> es = EarlyStopping("top1", "max", patience=2)
   >>> [es.update(s, v) for s, v in [(100, 0.5), (200, 0.7), (300, 0.6), (400, 0.7), (500, 0.8)]]
   [False, False, False, True, True]
   >>> es.best, es.best_step, es.stopped_step
   (0.7, 200, 400)
+  >>> es = EarlyStopping("top1", "max", patience=2, restarts=(350,))
+  >>> [es.update(s, v) for s, v in [(100, 0.5), (200, 0.7), (300, 0.6), (400, 0.7), (500, 0.6)]]
+  [False, False, False, False, True]
   """
 
-  def __init__(self, metric: str, mode: str, patience: int, min_delta: float = 0.):
+  def __init__(self, metric: str, mode: str, patience: int, min_delta: float = 0.,
+               restarts: tuple[int, ...] = ()):
     if mode not in ("max", "min"):
       raise ConfigError("early stopping mode must be 'max' or 'min'", where="early_stopping.mode",
                         value=repr(mode))
@@ -612,6 +620,7 @@ class EarlyStopping:
     self.mode = mode
     self.patience = patience
     self.min_delta = float(min_delta)
+    self.restarts = tuple(int(r) for r in restarts)
     self.best: float | None = None
     self.best_step: int | None = None
     self.bad_evals = 0
@@ -640,6 +649,9 @@ class EarlyStopping:
     step = int(step)
     if self.stopped_step is not None or (self.last_step is not None and step <= self.last_step):
       return self.stopped_step is not None
+    since = self.last_step or 0
+    if any(since <= r < step for r in self.restarts):
+      self.bad_evals = 0  # the first evaluation with a newly unfrozen group trained
     self.last_step = step
     value = float(value)
     if self._improves(value):
@@ -650,7 +662,7 @@ class EarlyStopping:
       self.stopped_step = step
     return self.stopped_step is not None
 
-  # patience and min_delta stay as configured: a resumed run may be given more patience.
+  # patience, min_delta and restarts stay as configured: a resumed run may be given more patience.
   _STATE = ("metric", "mode", "best", "best_step", "bad_evals", "last_step", "stopped_step")
 
   def state_dict(self) -> dict:

@@ -1266,7 +1266,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   template = lambda s: initial_state(params, batch_stats, make_tx(optim.state_phase(s, cfg.optim)),
                                       cfg.seed, t.ema_decay > 0)
   early = metrics_lib.EarlyStopping(t.best_metric, t.best_mode, t.early_stopping_patience,
-                                    t.early_stopping_min_delta) if t.early_stopping_patience else None
+                                    t.early_stopping_min_delta, restarts=tuple(run.phases[1:])
+                                    ) if t.early_stopping_patience else None
   try:
     restored = ckpt.restore_latest(template, allow_fresh=allow_fresh)
   except BaseException:

@@ -112,6 +112,20 @@ def test_killed_run_resumes_bit_identical(tiny_vit_npz, tmp_path):
       [(r["step"], r["loss"]) for r in _rows(ref) if r["kind"] == "train"]
 
 
+def test_early_stopping_counts_patience_afresh_when_a_phase_unfreezes(tiny_vit_npz, tmp_path):
+  # As above, but block 1 unfreezes at step 2: the evaluation at step 3 is the first with it
+  # trained, so patience starts again there and the run stops at step 4, not 3 (a head
+  # that had converged used to end a gradual-unfreezing run before the body ever trained).
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 20, "train.eval_every": 1,
+                                     "train.early_stopping_patience": 2, "optim.lr": 1e-20,
+                                     "train.checkpoint_every": 0,
+                                     "optim.param_groups": [("head/.*", {}), ("Transformer/encoderblock_1/.*", {}),
+                                                            (".*", None)],
+                                     "optim.unfreeze": [(2, "Transformer/encoderblock_1/.*")]})
+  train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  assert [r["step"] for r in _rows(tmp_path / "wd") if r["kind"] == "eval"] == [1, 2, 3, 4]
+
+
 @pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_run_killed_after_saving_at_an_unfreezing_step_resumes_bit_identical(tiny_vit_npz, tmp_path):
   # The checkpoint at step 2, the second phase's first step, holds the first phase's

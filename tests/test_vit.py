@@ -471,6 +471,39 @@ def test_big_vision_map_head_scanned_two_tower_npz_parity_with_timm_reader(tmp_p
   assert "MAPHead_0" in variables["params"] and "cls" not in variables["params"]
 
 
+def test_npz_of_a_size_the_variant_table_lacks_reads_its_size_from_the_file(tmp_path):
+  """vit_jax's ``S_32``/``B_8`` augreg files and big_vision's other sizes: the width, depth,
+  heads, MLP and patch come from the file's shapes (the name's patch must agree)."""
+  _, shapes = create("vit", {"variant": "test"}, num_classes=5, image_size=32)
+  rng = np.random.default_rng(5)
+  arrays = {path.removeprefix("params/"): (rng.standard_normal(s.shape) * 0.2
+                                           + path.endswith("/scale")).astype(np.float32)
+            for path, s in shapes.items()}
+  file = tmp_path / "Ti_8.npz"
+  np.savez(file, **arrays)
+  ref = _timm_test_vit()
+  _load_weights(ref, str(file))
+  model, variables, report = from_pretrained(f"npz:ViT-Ti_8@{file}")  # the table has Ti/16 only
+  x = _images(2, 32, 32)
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch == {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 8}
+  with pytest.raises(CheckpointError, match=r"the file's patch size is not the variant's \(npz:Ti/4\): "
+                                            r"embedding/kernel 8 x 8 vs Ti/4; name it Ti/8"):
+    from_pretrained(f"npz:Ti/4@{file}")
+  with pytest.raises(ConfigError, match=r"unknown ViT variant \(npz:tiny\): 'tiny'; <size>/<patch>"):
+    from_pretrained(f"npz:tiny@{file}")
+  # A scanned big_vision image tower with a MAP head (SigLIP's layout), size read the same way.
+  arrays = _big_vision_arrays({"variant": "test", "pooling": "map"}, seed=6, scanned=True, prefix="params/img/")
+  np.savez(tmp_path / "g8.npz", **arrays)
+  ref = _timm_test_vit(class_token=False, global_pool="map")
+  _load_weights(ref, str(tmp_path / "g8.npz"))
+  model, variables, report = from_pretrained(f"npz:g/8@{tmp_path / 'g8.npz'}")
+  _assert_parity(_ftjax_logits(model, variables, x), _torch_logits(ref, x))
+  assert report.arch["num_layers"] == 2 and report.arch["pooling"] == "map"
+  assert [vit.canonical_variant(n) for n in ("ViT-S_32", "B_8", "So400m/14", "so400m_14")] == [
+      "S/32", "B/8", "So400m/14", "So400m/14"]
+
+
 def test_big_vision_token_pooled_npz_has_no_class_token_row_in_its_position_embedding(tmp_path):
   """big_vision adds the position embedding before it prepends the class token (timm's
   no_embed_class): the table has h*w rows, and resampling it keeps no class row apart."""

@@ -55,11 +55,14 @@ VARIANTS: dict[str, dict[str, int]] = {
     name: dict(zip(_DIMS, dims)) for name, dims in {
         "Ti/16": (192, 12, 3, 768, 16),
         "S/16": (384, 12, 6, 1536, 16),
+        "S/32": (384, 12, 6, 1536, 32),
+        "B/8": (768, 12, 12, 3072, 8),
         "B/16": (768, 12, 12, 3072, 16),
         "B/32": (768, 12, 12, 3072, 32),
         "L/16": (1024, 24, 16, 4096, 16),
         "L/32": (1024, 24, 16, 4096, 32),
         "H/14": (1280, 32, 16, 5120, 14),
+        "So400m/14": (1152, 27, 16, 4304, 14),  # SigLIP's shape-optimised tower
         "test": (32, 2, 2, 64, 8),  # tiny, for tests: compiles and runs in well under a second
     }.items()
 }
@@ -139,7 +142,8 @@ TOKEN_PADDING = ("encoder", "attention")
 # The implementations that get the token axis padded to attention_pad_multiple.
 PADDED_IMPLEMENTATIONS = ("cudnn",)
 
-_VARIANT_NAME = re.compile(r"(?:vit-)?(ti|s|b|l|h)[/_](\d+)", re.IGNORECASE)
+_VARIANT_NAME = re.compile(r"(?:vit-)?(ti|s|b|l|h|so400m)[/_](\d+)", re.IGNORECASE)
+_ANY_VARIANT_NAME = re.compile(r"(?:vit-)?([a-z][a-z0-9]*)[/_](\d+)", re.IGNORECASE)  # g/14, S/8, ...
 
 
 def canonical_variant(name: str) -> str:
@@ -152,7 +156,7 @@ def canonical_variant(name: str) -> str:
     return name
   m = _VARIANT_NAME.fullmatch(name)
   if m:
-    size = m.group(1).capitalize() if m.group(1).lower() == "ti" else m.group(1).upper()
+    size = m.group(1).capitalize() if m.group(1).lower() in ("ti", "so400m") else m.group(1).upper()
     canonical = f"{size}/{m.group(2)}"
     if canonical in VARIANTS:
       return canonical
@@ -1577,6 +1581,33 @@ def _unscan(path: str, arr: np.ndarray, key: str, source: str) -> dict[str, np.n
   return {f"Transformer/encoderblock_{i}/{rest}": arr[i] for i in range(arr.shape[0])}
 
 
+def _npz_dims(variables: Mapping[str, np.ndarray], source: str) -> dict[str, int]:
+  """The dimensions a Google ViT file's shapes fix (for a variant the table lacks).
+
+  >>> z = lambda *shape: np.zeros(shape, np.float32)
+  >>> blk = "params/Transformer/encoderblock_{}/"
+  >>> v = {"params/embedding/kernel": z(32, 32, 3, 384),
+  ...      **{blk.format(i) + "MultiHeadDotProductAttention_1/query/kernel": z(384, 6, 64) for i in range(2)},
+  ...      blk.format(0) + "MlpBlock_3/Dense_0/kernel": z(384, 1536)}
+  >>> _npz_dims(v, "npz:S/32")
+  {'hidden_size': 384, 'num_layers': 2, 'num_heads': 6, 'mlp_dim': 1536, 'patch_size': 32}
+  """
+  emb = variables.get("params/embedding/kernel")
+  block0 = "params/Transformer/encoderblock_0/"
+  query = variables.get(f"{block0}MultiHeadDotProductAttention_1/query/kernel")
+  mlp = variables.get(f"{block0}MlpBlock_3/Dense_0/kernel")
+  layers = {int(m.group(1)) for k in variables
+            if (m := re.match(r"params/Transformer/encoderblock_(\d+)/", k))}
+  if (emb is None or np.ndim(emb) != 4 or query is None or np.ndim(query) != 3 or mlp is None
+      or np.ndim(mlp) != 2 or layers != set(range(len(layers)))):
+    raise CheckpointError("cannot read the ViT's size from the file", where=source,
+                          value="no embedding/kernel [p, p, 3, width], encoderblock_0 query kernel "
+                                "[width, heads, head_dim] and MLP kernel, or blocks not numbered 0..n-1",
+                          hint=f"a damaged file? known variants: {', '.join(VARIANTS)}")
+  return {"hidden_size": int(emb.shape[-1]), "num_layers": len(layers), "num_heads": int(query.shape[1]),
+          "mlp_dim": int(mlp.shape[-1]), "patch_size": int(emb.shape[0])}
+
+
 def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
   """A Google ViT ``.npz`` (``B/16``, ``ViT-B_16``, ...) -> ftjax layout.
 
@@ -1594,10 +1625,20 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
     fixed ``posemb="sincos2d"``.
 
   The image size is the square grid of the position embedding times the patch
-  size (224 for a sincos2d file, which any size fits).
+  size (224 for a sincos2d file, which any size fits).  ``variant`` names the size
+  (``B/16``, ``ViT-B_16``); one that :data:`VARIANTS` lacks (``S/8``, ``g/14``) is
+  read from the file's shapes.
   """
-  arch: dict[str, Any] = {"variant": canonical_variant(variant)}
   source = f"npz:{variant}"
+  named = _ANY_VARIANT_NAME.fullmatch(variant)
+  try:
+    arch: dict[str, Any] = {"variant": canonical_variant(variant)}
+  except ConfigError:
+    if named is None:
+      raise ConfigError("unknown ViT variant", where=source, value=repr(variant),
+                        hint="<size>/<patch> as Google's file names have it (B/16, ViT-S_32, g/14); "
+                             "a size not in ftjax.models.vit.VARIANTS is read from the file") from None
+    arch = {}  # a size the table lacks (S/8, g/14, ...): the file's shapes give it, below
   prefix = next((p for p in _NPZ_PREFIXES if f"{p}embedding/kernel" in arrays), None)
   if prefix is None:
     raise CheckpointError("not a Google ViT .npz: no embedding/kernel", where=source,
@@ -1621,6 +1662,12 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
       if path == "Transformer/posembed_input/pos_embedding" and np.ndim(arr) != 3:
         raise CheckpointError("position embedding is not (1, tokens, width)", where=source,
                               value=f"{key} shape {np.shape(arr)}", hint="a damaged file?")
+  if not arch:
+    arch.update(_npz_dims(variables, source))
+    if arch["patch_size"] != int(named.group(2)):
+      raise CheckpointError("the file's patch size is not the variant's", where=source,
+                            value=f"embedding/kernel {arch['patch_size']} x {arch['patch_size']} vs "
+                                  f"{variant}", hint=f"name it {named.group(1)}/{arch['patch_size']}")
   has_cls = "params/cls" in variables
   pos = variables.get(POSEMB_PATH)
   if pos is None:

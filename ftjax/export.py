@@ -749,8 +749,8 @@ def read_run(workdir: str | Path, *, ema: bool = False,
   """A training run's checkpoint as ``(variables, model meta)``, LoRA adapters merged.
 
   ``step``: the newest by default, else "best" or a step number (:func:`run_step`).
-  ``variables`` holds numpy ``params`` (the EMA params with ``ema=True``) and,
-  for BatchNorm models, ``batch_stats``; ``meta`` is the trainer's
+  ``variables`` holds numpy ``params`` and, for BatchNorm models, ``batch_stats``
+  (with ``ema=True``, the EMA of both); ``meta`` is the trainer's
   ``extra["model"]``, whose ``lora`` entry (a :class:`ftjax.lora.LoraSpec` as a
   dict) says how to merge adapters.
   """
@@ -771,8 +771,11 @@ def read_run(workdir: str | Path, *, ema: bool = False,
                             hint="the trainer stores them in extra['model']['lora']")
     params = lora.merge(params, lora.LoraSpec.from_dict(meta["lora"]))
   variables = {"params": params}
-  if state.get("batch_stats"):
-    variables["batch_stats"] = state["batch_stats"]
+  # With ema, the EMA of the BatchNorm statistics (a checkpoint from before ftjax kept
+  # one has the live statistics only).
+  stats = (state.get("ema_batch_stats") if ema else None) or state.get("batch_stats")
+  if stats:
+    variables["batch_stats"] = stats
   return jax.tree.map(np.asarray, variables), dict(meta)
 
 

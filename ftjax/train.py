@@ -59,6 +59,9 @@ class TrainState:
   batch_stats: Any  # {} for models without BatchNorm
   opt_state: Any
   ema_params: Any  # None without EMA
+  # The EMA of batch_stats ({} without BatchNorm), None without EMA: evaluating the EMA
+  # parameters with the live statistics would mismatch them (timm averages both).
+  ema_batch_stats: Any
   rng: jax.Array  # uint32[2]: the seed's key; step keys are fold_in(rng, step)
   skipped: jax.Array  # int32: non-finite steps skipped so far
   consecutive_skips: jax.Array  # int32
@@ -319,15 +322,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
   opt_state = keep(opt_state, state.opt_state)
   batch_stats = keep(batch_stats, state.batch_stats)
-  ema = state.ema_params
+  ema, ema_stats = state.ema_params, state.ema_batch_stats
   if opts.ema_decay:
     d = opts.ema_decay
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    if opts.update_batch_stats:  # frozen statistics: their EMA is their own value, kept exact
+      ema_stats = jax.tree.map(lambda e, s: d * e + (1 - d) * s, ema_stats, batch_stats)
   bad = jnp.logical_not(ok)
   first_new = jnp.logical_and(bad, state.first_bad_step < 0)
   new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-      ema_params=ema, skipped=state.skipped + bad.astype(jnp.int32),
+      ema_params=ema, ema_batch_stats=ema_stats, skipped=state.skipped + bad.astype(jnp.int32),
       consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
       first_bad_step=jnp.where(first_new, state.step + 1, state.first_bad_step),
       first_bad_what=jnp.where(first_new, jnp.argmin(finite).astype(jnp.int32), state.first_bad_what),
@@ -723,7 +728,8 @@ class PmapRunner:
       return view
     put = lambda tree: jax.device_put(jax.tree.map(np.asarray, tree), NamedSharding(mesh, P()))
     return view.replace(params=put(view.params), batch_stats=put(view.batch_stats),
-                        ema_params=None if view.ema_params is None else put(view.ema_params))
+                        ema_params=None if view.ema_params is None else put(view.ema_params),
+                        ema_batch_stats=None if view.ema_batch_stats is None else put(view.ema_batch_stats))
 
   def put_batch(self, batch: dict) -> dict:
     n = len(self.devices)
@@ -758,6 +764,7 @@ def initial_state(params, batch_stats, tx, seed: int, ema: bool) -> TrainState:
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=jax.tree.map(jnp.asarray, batch_stats) if batch_stats else {},
       opt_state=tx.init(params), ema_params=jax.tree.map(jnp.array, params) if ema else None,
+      ema_batch_stats=jax.tree.map(jnp.array, batch_stats or {}) if ema else None,
       rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32),
       consecutive_skips=jnp.zeros((), jnp.int32), first_bad_step=jnp.full((), -1, jnp.int32),
       first_bad_what=jnp.full((), -1, jnp.int32), first_bad_param=jnp.full((), -1, jnp.int32))
@@ -1021,17 +1028,17 @@ def _evaluate(run: _Run, state: TrainState, eval_fn, put_batch, hit=lambda momen
   """Top-1/top-5/loss/confusion/ECE on every eval split, each example counted once."""
   cfg = run.config
   out = {}
-  param_sets = {"": state.params}
+  param_sets = {"": (state.params, state.batch_stats)}
   if state.ema_params is not None:
-    param_sets["ema_"] = state.ema_params
+    param_sets["ema_"] = (state.ema_params, state.ema_batch_stats)
   for split, ds in run.eval_sets.items():
-    for prefix, params in param_sets.items():
+    for prefix, (params, batch_stats) in param_sets.items():
       counts = None
       for batch in data_lib.eval_iterator(
           ds, cfg.data, global_batch=cfg.train.eval_batch_size, image_size=cfg.data.image_size,
           mean=run.report.mean, std=run.report.std, process_index=jax.process_index(),
           process_count=jax.process_count()):
-        c = eval_fn(params, state.batch_stats, put_batch(batch))
+        c = eval_fn(params, batch_stats, put_batch(batch))
         hit("eval", step)
         counts = c if counts is None else metrics_lib.add_counts(counts, c)
       out[f"{prefix}{split}"] = metrics_lib.summarize(distributed.host_tree(counts), class_names=ds.class_names)

@@ -689,6 +689,88 @@ def test_a_phase_moves_the_statistics_of_the_batchnorm_layers_it_trains(freeze_b
   assert changed == sorted(moved) and opts.update_batch_stats == bool(moved)
 
 
+@pytest.mark.parametrize("freeze_bn", ["no", "yes"])
+def test_ema_averages_the_batchnorm_statistics_it_evaluates_with(freeze_bn):
+  # timm's EMA averages BatchNorm's running statistics with the weights; the EMA weights
+  # used to be evaluated with the live statistics.  Frozen statistics keep an exact EMA.
+  import types
+  from jax.sharding import Mesh
+  from ftjax import models, optim
+  from ftjax.models.resnet import ResNet
+  model = ResNet(num_classes=3, block="basic", depths=(1, 1), widths=(8, 16), stem_width=8)
+  variables = models.init_variables(model, 16)
+  params, stats = variables["params"], variables["batch_stats"]
+  cfg = optim.default_config()
+  mask = optim.trainable_mask(params, cfg)
+  run = types.SimpleNamespace(model=model, config=types.SimpleNamespace(
+      train=types.SimpleNamespace(freeze_bn=freeze_bn)))
+  phase_model, opts = train._phase_step(run, mask, train.StepOptions(num_classes=3, ema_decay=0.75), stats)
+  tx = optim.make_optimizer(params, cfg, total_steps=10)
+  step = jax.jit(functools.partial(train.train_step, model=phase_model, tx=tx,
+                                   trainable=train.trainable_paths(mask), opts=opts))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
+           "label": np.arange(4, dtype=np.int32) % 3}
+  state = train.initial_state(params, stats, tx, 0, ema=True)
+  one, _ = step(state, batch)
+  two, _ = step(one, batch)
+  s0, s1, s2, e2 = (flatten(x) for x in (stats, one.batch_stats, two.batch_stats, two.ema_batch_stats))
+  assert s0.keys() == e2.keys() and s0
+  for k in s0:
+    if freeze_bn == "yes":
+      np.testing.assert_array_equal(e2[k], s0[k], err_msg=k)
+      np.testing.assert_array_equal(s2[k], s0[k], err_msg=k)
+    else:
+      np.testing.assert_allclose(e2[k], 0.5625 * s0[k] + 0.1875 * s1[k] + 0.25 * s2[k],
+                                 rtol=1e-6, atol=1e-7, err_msg=k)
+  if freeze_bn == "no":
+    assert not all(np.array_equal(s2[k], s0[k]) for k in s0)
+  assert train.initial_state(params, stats, tx, 0, ema=False).ema_batch_stats is None
+
+
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
+def test_ema_evaluation_and_export_use_the_ema_statistics(tmp_path):
+  import torch
+  import torchvision
+
+  from ftjax import export, models
+  torch.manual_seed(0)
+  torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pth")
+  wd = tmp_path / "wd"
+  cfg = tiny_config(str(tmp_path / "unused.npz"), **{
+      "model.source": f"torchvision:resnet18@{tmp_path / 'r18.pth'}", "train.freeze_bn": "no",
+      "train.total_steps": 1, "train.ema_decay": 0.5, "train.eval_every": 0, "train.batch_size": 8})
+  seen = []
+  evaluate = train._evaluate
+
+  def spy(run, state, eval_fn, *args, **kwargs):
+    return evaluate(run, state, lambda p, bs, b: seen.append((p, bs)) or eval_fn(p, bs, b), *args, **kwargs)
+
+  import unittest.mock
+  with unittest.mock.patch.object(train, "_evaluate", spy):
+    summaries = train.train_and_evaluate(cfg, str(wd))
+  assert set(summaries) == {"test", "ema_test"}
+  flat, _ = _final_state(wd)
+  _, start, _ = models.from_pretrained(cfg.model.source, num_classes=10, image_size=32)
+  start = flatten(start["batch_stats"])
+  for k, s0 in start.items():
+    s1, ema = flat[f"batch_stats/{k}"], flat[f"ema_batch_stats/{k}"]
+    np.testing.assert_allclose(ema, 0.5 * s0 + 0.5 * s1, rtol=1e-6, atol=1e-6, err_msg=k)
+  key = sorted(start)[0]
+  live, averaged = flat[f"batch_stats/{key}"], flat[f"ema_batch_stats/{key}"]
+  assert not np.array_equal(live, averaged)
+  # The live parameters are evaluated with the live statistics, the EMA ones with their EMA.
+  by_params = {id(p): np.asarray(flatten(bs)[key]) for p, bs in seen}
+  assert len(by_params) == 2
+  used = sorted(by_params.values(), key=lambda a: np.array_equal(a, averaged))
+  np.testing.assert_array_equal(used[0], live)
+  np.testing.assert_array_equal(used[1], averaged)
+  variables, _ = export.read_run(wd, ema=True)
+  np.testing.assert_array_equal(flatten(variables["batch_stats"])[key], averaged)
+  variables, _ = export.read_run(wd)
+  np.testing.assert_array_equal(flatten(variables["batch_stats"])[key], live)
+
+
 # ------------------------------------------------------------------- frozen weights cast once
 
 

@@ -71,7 +71,6 @@ def get_config(arg: str = ""):
   # pretrained BatchNorm statistics (the full fine-tune with moving statistics is a
   # variant of its own, "full_bn", to show what that costs).
   c.train.freeze_bn = "yes"
-  c.train.best_metric = "test/top1"
   c.optim.name = "adamw"
   c.optim.kwargs = {}
   c.optim.lr = args["lr"]

@@ -224,8 +224,9 @@ def _is_real(value) -> bool:
 
 
 def _nonnegative(value, where: str) -> float:
-  if not _is_real(value) or not value >= 0:
-    raise ConfigError("multiplier or rate must be a non-negative number", where=where,
+  # inf passes ">= 0": a rate of inf trained until the first step's loss was NaN.
+  if not _is_real(value) or not (value >= 0 and math.isfinite(value)):
+    raise ConfigError("multiplier or rate must be a finite non-negative number", where=where,
                       value=repr(value))
   return float(value)
 
@@ -240,7 +241,7 @@ def _positive(value, where: str, problem: str, hint: str | None = None) -> float
   ...
   ftjax.errors.ConfigError: ftjax: error: layer_decay must be positive (optim.layer_decay): '0.75'
   """
-  if not _is_real(value) or not value > 0:
+  if not _is_real(value) or not (value > 0 and math.isfinite(value)):
     raise ConfigError(problem, where=where, value=repr(value), hint=hint)
   return float(value)
 
@@ -432,7 +433,7 @@ def unfreeze_phases(config, total_steps: int | None = None) -> list[int]:
   >>> unfreeze_phases({"unfreeze": [(1000, "a/.*")]}, 1000)
   Traceback (most recent call last):
   ...
-  ftjax.errors.ConfigError: ftjax: error: unfreeze step beyond the run (optim.unfreeze #0): 1000; the run has steps 0..999
+  ftjax.errors.ConfigError: ftjax: error: unfreeze step beyond the run (optim.unfreeze #0): 1000; the run has steps 0..999: move or drop the rule (--config.optim.unfreeze='[]'), or set the length by the config file's argument (configs/default.py:steps=N), which moves its rules
   """
   opts = _options(config)
   rules = _unfreeze_rules(opts)
@@ -441,7 +442,9 @@ def unfreeze_phases(config, total_steps: int | None = None) -> list[int]:
     for i, (step, _) in enumerate(rules):
       if not 0 <= step < total:
         raise ConfigError("unfreeze step beyond the run", where=f"optim.unfreeze #{i}", value=step,
-                          hint=f"the run has steps 0..{total - 1}")
+                          hint=f"the run has steps 0..{total - 1}: move or drop the rule "
+                               "(--config.optim.unfreeze='[]'), or set the length by the config "
+                               "file's argument (configs/default.py:steps=N), which moves its rules")
   starts = [0] + sorted({s for s, _ in rules if s > 0})
   if opts["unfreeze_warmup_steps"] and len(starts) == 1:
     # It would do nothing: only groups unfrozen after step 0 warm up.

@@ -877,10 +877,12 @@ def _plan(run: _Run, params) -> None:
     # none by it (a run that evaluates nothing keeps the latest only, as it should).
     if t.early_stopping_patience:
       raise ConfigError("early stopping watches a split that is not evaluated", where="train.best_metric",
-                        value=repr(t.best_metric), hint=f"evaluated splits: {list(cfg.data.eval_splits)}")
+                        value=repr(t.best_metric), hint=f"evaluated splits: {list(cfg.data.eval_splits)} "
+                        f"(--config.train.best_metric={key} takes the first)")
     if t.keep_best and cfg.data.eval_splits:
       raise ConfigError("keep_best ranks by a split that is not evaluated", where="train.best_metric",
-                        value=repr(t.best_metric), hint=f"evaluated splits: {list(cfg.data.eval_splits)}")
+                        value=repr(t.best_metric), hint=f"evaluated splits: {list(cfg.data.eval_splits)} "
+                        f"(--config.train.best_metric={key} takes the first)")
   if t.early_stopping_patience:  # its own checks, before anything is written
     metrics_lib.EarlyStopping(t.best_metric, t.best_mode, t.early_stopping_patience,
                               t.early_stopping_min_delta)
@@ -1129,8 +1131,18 @@ def print_plan(config, workdir: str) -> _Run:
   return run
 
 
+def data_summary(run: _Run) -> str:
+  """One line: what trains on what, and how often the run sees it."""
+  t = run.config.train
+  n = run.train_ds.num_examples
+  evals = "; ".join(f"eval {s}: {ds.num_examples:,}" for s, ds in run.eval_sets.items()) or "no evaluation"
+  return (f"data: train {run.train_ds.name}: {n:,} examples, {run.num_classes} classes; {evals}; "
+          f"{run.total_steps:,} steps of batch {t.batch_size} = {run.total_steps * t.batch_size / n:.3g} epochs")
+
+
 def _print_plan(run: _Run) -> None:
   print(run.report, flush=True)
+  print(data_summary(run), flush=True)
   print(dataclasses.replace(run.plan, warnings=()), flush=True)  # its warnings once, below, with the run's
   for w in list(run.plan.warnings) + run.warnings:
     print(f"WARNING: {w}", flush=True)

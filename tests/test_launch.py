@@ -225,4 +225,7 @@ def test_plan_prints_the_plan_and_writes_nothing(run, tmp_path, monkeypatch, tin
                    str(tmp_path / "wd"))
   out = capsys.readouterr().out
   assert "fine-tuning plan: 6 steps" in out and "trainable at step 0: " in out
+  # What it trains on, so that a per_class or val_fraction cut shows before anything runs.
+  assert ("\ndata: train digits/train: 1,437 examples, 10 classes; eval test: 360; 6 steps of "
+          "batch 16 = 0.0668 epochs\nfine-tuning plan: ") in out
   assert not (tmp_path / "wd").exists()

@@ -155,7 +155,9 @@ IN_PROCESS = [
      'ftjax: error: sgd takes no argument momentumm (optim.kwargs.momentumm): 0.9; it takes '
      'momentum, nesterov, accumulator_dtype', 2),
     ("unfreeze step beyond the run", C(**{"optim.unfreeze": [(100, "Transformer/.*")]}),
-     'ftjax: error: unfreeze step beyond the run (optim.unfreeze #0): 100; the run has steps 0..5', 2),
+     "ftjax: error: unfreeze step beyond the run (optim.unfreeze #0): 100; the run has steps 0..5: move or "
+     "drop the rule (--config.optim.unfreeze='[]'), or set the length by the config file's argument "
+     "(configs/default.py:steps=N), which moves its rules", 2),
     ("accum steps not dividing the batch", C(**{"optim.accum_steps": 3}),
      "ftjax: error: batch size not divisible by accum_steps x devices (optim.accum_steps): 16 / (3 x 1)", 2),
     ("no checkpoint kept", C(**{"train.keep_latest": 0}),
@@ -170,10 +172,10 @@ IN_PROCESS = [
     ("early stopping on a split not evaluated",
      C(**{"train.early_stopping_patience": 2, "train.best_metric": "val/top1"}),
      "ftjax: error: early stopping watches a split that is not evaluated (train.best_metric): "
-     "'val/top1'; evaluated splits: ['test']", 2),
+     "'val/top1'; evaluated splits: ['test'] (--config.train.best_metric=top1 takes the first)", 2),
     ("best checkpoints ranked by a split not evaluated", C(**{"train.best_metric": "val/top1"}),
      "ftjax: error: keep_best ranks by a split that is not evaluated (train.best_metric): "
-     "'val/top1'; evaluated splits: ['test']", 2),
+     "'val/top1'; evaluated splits: ['test'] (--config.train.best_metric=top1 takes the first)", 2),
     ("early stopping with a negative min_delta",
      C(**{"train.early_stopping_patience": 2, "train.early_stopping_min_delta": -1.0}),
      "ftjax: error: early stopping min_delta must be >= 0 (early_stopping.min_delta): -1.0", 2),

@@ -171,7 +171,7 @@ def test_a_hub_repo_brings_its_image_processors_statistics(tmp_path, monkeypatch
   class EntryNotFoundError(Exception):
     pass
 
-  def download(repo_id, filename):
+  def download(repo_id, filename, local_files_only=False):
     fetched.append(filename)
     if not (tmp_path / "snapshot" / filename).exists():
       raise EntryNotFoundError(filename)
@@ -191,7 +191,7 @@ def test_offline_hub_stops_at_the_first_file(monkeypatch):
   class LocalEntryNotFoundError(Exception):
     pass
 
-  def download(repo_id, filename):
+  def download(repo_id, filename, local_files_only=False):
     calls.append(filename)
     raise LocalEntryNotFoundError("offline")
 
@@ -203,11 +203,37 @@ def test_offline_hub_stops_at_the_first_file(monkeypatch):
   assert calls == ["model.safetensors"]
 
 
+def test_a_hub_that_does_not_resolve_is_read_from_the_cache_only(monkeypatch):
+  # No network: huggingface_hub's five retries a request (23 s of log lines) are skipped,
+  # the local cache is still read.
+  import socket
+
+  import huggingface_hub
+  from ftjax import weights
+  asked = []
+
+  def download(repo_id, filename, local_files_only=False):
+    asked.append(local_files_only)
+    return f"/cache/{repo_id}/{filename}"
+
+  def no_dns(host, *args, **kwargs):
+    assert host == "huggingface.co"
+    raise socket.gaierror(-2, "Name or service not known")
+
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+  monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])
+  assert weights.hf_file("timm/x", ("model.safetensors",), source="timm:x") == (
+      "/cache/timm/x/model.safetensors", "model.safetensors")
+  monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+  assert weights.hf_file("timm/x", ("model.safetensors",), source="timm:x")[1] == "model.safetensors"
+  assert asked == [False, True]
+
+
 def test_a_timm_name_is_fetched_from_its_tagged_hub_repo(monkeypatch):
   # The hub holds timm/<arch>.<tag> only; an untagged name takes timm's default tag.
   repos = []
 
-  def download(repo_id, filename):
+  def download(repo_id, filename, local_files_only=False):
     repos.append(repo_id)
     raise OSError("offline")
 

@@ -6,7 +6,9 @@ import hashlib
 import http.client
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -21,10 +23,14 @@ def hf_file(repo_id: str, filenames: tuple[str, ...], *, source: str) -> tuple[s
     from huggingface_hub import hf_hub_download
   except ImportError:  # pragma: no cover - huggingface_hub is a dependency
     raise CheckpointError("huggingface_hub is not installed", where=source) from None
+  # Where the hub's host does not even resolve (no network), read the local cache only:
+  # huggingface_hub would otherwise retry each request five times (about 23 s, two log
+  # lines a try) before falling back to the cache or failing.
+  offline = not _resolves(_hub_host())
   last = None
   for name in filenames:
     try:
-      return hf_hub_download(repo_id, name), name
+      return hf_hub_download(repo_id, name, local_files_only=offline), name
     except Exception as e:  # the repo lacks the file -> try the next name; offline -> stop
       last = e
       # LocalEntryNotFoundError is "offline, and not in the cache": no other name can come.
@@ -36,6 +42,24 @@ def hf_file(repo_id: str, filenames: tuple[str, ...], *, source: str) -> tuple[s
                         value=f"{type(last).__name__}: {' '.join(str(last).split())[:120]}",
                         hint="offline? download the files elsewhere and pass a local path, "
                              "e.g. hf:/path/to/dir or timm:<name>@/path/to/model.safetensors")
+
+
+def _hub_host() -> str:
+  try:
+    from huggingface_hub import constants
+    endpoint = constants.ENDPOINT
+  except (ImportError, AttributeError):  # pragma: no cover - an older huggingface_hub
+    endpoint = "https://huggingface.co"
+  return urllib.parse.urlparse(endpoint).hostname or "huggingface.co"
+
+
+def _resolves(host: str) -> bool:
+  """Whether ``host`` has an address (False at once where there is no network)."""
+  try:
+    socket.getaddrinfo(host, 443)
+  except (OSError, UnicodeError):
+    return False
+  return True
 
 
 def url_file(url: str, *, source: str) -> str:

@@ -4,10 +4,12 @@
 of free-form sections (:func:`split_free_form`, :func:`apply_free_form`), and
 absl's or ml_collections' failures turned into ftjax's one line
 (:func:`explain`).  ``launch.py`` keeps the flags, the parsing and ``main``.
+:class:`ToolParser` gives ``python -m ftjax.predict/export/fewshot`` the same one-line errors.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import logging
@@ -19,6 +21,25 @@ from absl import flags
 
 from ftjax.config import FREE_FORM
 from ftjax.errors import ConfigError
+
+
+class ToolParser(argparse.ArgumentParser):
+  """argparse for ftjax's tools: a bad command line is one ``ftjax: error:`` line, exit 2
+  (argparse prints its usage block first).
+
+  >>> p = ToolParser(prog="python -m ftjax.export")
+  >>> _ = p.add_argument("--format", choices=["hf", "timm"], required=True)
+  >>> try:
+  ...   p.parse_args(["--format", "onnx"])
+  ... except SystemExit as e:
+  ...   print(e.code)
+  2
+  """
+
+  def error(self, message: str):
+    print(str(ConfigError("bad command line", where=self.prog, value=message, hint="see --help")),
+          file=sys.stderr)
+    sys.exit(2)
 
 
 def warning_line(text: str) -> str:

@@ -34,7 +34,6 @@ Command line, from a training run (LoRA adapters are merged first)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -780,7 +779,8 @@ def read_run(workdir: str | Path, *, ema: bool = False,
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m ftjax.export", description=__doc__.split("\n")[0])
+  from ftjax.cli import ToolParser
+  parser = ToolParser(prog="python -m ftjax.export", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a training run's workdir (or checkpoint dir)")
   parser.add_argument("--out", required=True, help="directory to write")
   parser.add_argument("--format", default="hf", choices=FORMATS)

@@ -33,7 +33,6 @@ first eval split as the test set; prints JSON)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -261,7 +260,8 @@ def evaluate_run(workdir: str | Path, *, shots: Sequence[int] = SHOTS, l2_reg: f
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m ftjax.fewshot", description=__doc__.split("\n")[0])
+  from ftjax.cli import ToolParser
+  parser = ToolParser(prog="python -m ftjax.fewshot", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a training run's workdir")
   parser.add_argument("--shots", default=",".join(map(str, SHOTS)), help="comma-separated, e.g. 1,5")
   parser.add_argument("--l2_reg", type=float, default=L2_REG)

@@ -19,7 +19,6 @@ with only ``error`` filled (and a warning on stderr), the others still run.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -195,7 +194,8 @@ def _check_writable(target: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m ftjax.predict", description=__doc__.split("\n")[0])
+  from ftjax.cli import ToolParser
+  parser = ToolParser(prog="python -m ftjax.predict", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a training run's workdir")
   parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
   parser.add_argument("--top_k", type=int, default=5)

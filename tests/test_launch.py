@@ -229,3 +229,21 @@ def test_plan_prints_the_plan_and_writes_nothing(run, tmp_path, monkeypatch, tin
   assert ("\ndata: train digits/train: 1,437 examples, 10 classes; eval test: 360; 6 steps of "
           "batch 16 = 0.0668 epochs\nfine-tuning plan: ") in out
   assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("export", ["--workdir", "w", "--out", "o", "--format", "onnx"],
+     "argument --format: invalid choice: 'onnx'"),  # then the choices, quoted by Python version
+    ("predict", ["--workdir", "w"], "the following arguments are required: --images"),
+    ("fewshot", ["--workdir", "w", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_the_tools_bad_command_line_is_one_line(tool, argv, message, capsys):
+  # argparse printed its usage block before the error; now one line, exit 2, as launch.py.
+  import importlib
+  main = importlib.import_module(f"ftjax.{tool}").main
+  with pytest.raises(SystemExit) as e:
+    main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"ftjax: error: bad command line (python -m ftjax.{tool}): {message}")
+  assert err.endswith("; see --help\n") and err.count("\n") == 1

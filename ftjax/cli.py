@@ -238,8 +238,10 @@ def explain(e: BaseException, argv, default_config: str) -> str:
   hint = re.search(r'Did you mean "([^"]+)"', msg)
   hint = f"; did you mean {hint.group(1)}?" if hint else ""
   key = re.search(r'Key "([^"]+)" does not exist', msg) or re.match(r"^[\"']+([\w.]+)'", msg)
-  flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-               and key and a.split("=")[0].endswith("." + key.group(1))), None)
+  # The flag naming the key anywhere in its path: --config.optim.lrr, and --config.optimm.lr
+  # (that one used to be blamed on the config file).
+  flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key
+               and f".{key.group(1)}." in "." + a.split("=")[0].removeprefix("--config.") + "."), None)
   if key:
     where = flag or config_arg(argv, default_config)
     if flag and flag.removeprefix("--config.").rpartition(".")[0] in FREE_FORM:  # --config.optim.kwargs.x

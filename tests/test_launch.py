@@ -179,6 +179,10 @@ def test_an_optional_key_is_reset_with_none(run, tmp_path):
   assert (config, code) == (None, 2)
   assert err == ["ftjax: error: unknown config key (--config.optim.layer_decayy): 'layer_decayy'; "
                  "did you mean layer_decay?"]
+  # A misspelled section is the flag's fault too, not the config file's.
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}", "--config.optimm.lr=0.1")
+  assert (config, code, err) == (None, 2, ["ftjax: error: unknown config key (--config.optimm.lr): 'optimm'; "
+                                           "did you mean optim?"])
 
 
 def test_a_boolean_key_given_another_word_is_one_plain_line(run, tmp_path):

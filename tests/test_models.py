@@ -37,7 +37,7 @@ def _case(name, tmp_path, npz, resnet_pth):
   if name == "another architecture":
     return f"timm:vit_tiny_patch16_224@{resnet_pth}", {}, "conv1.weight"
   if name == "unknown variant":
-    return f"npz:Q/99@{npz}", {}, "unknown ViT variant"
+    return f"npz:Q99@{npz}", {}, "unknown ViT variant (npz:Q99)"
   if name == "unexplained shape mismatch":
     flat = _vit_flat(npz)
     flat["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] = np.zeros((32, 65), np.float32)

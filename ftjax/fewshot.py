@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import flax.linen as nn
@@ -115,9 +115,29 @@ def shot_indices(labels: np.ndarray, shots: int, num_classes: int, seed: int) ->
   return np.sort(np.concatenate(keep))
 
 
+def pool_draws(labels: np.ndarray, shots: Sequence[int], num_classes: int,
+               seed: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+  """``(pool, rows)``: the largest shot set of ``labels``, and for each k the rows of the
+  pool holding the k-shot set, the very set :func:`shot_indices` draws for k alone.
+
+  Only the pool need be embedded, and a k-shot score does not depend on the other shot
+  counts asked for (drawing the k-shot set again inside the pool did: another set).
+
+  >>> labels = np.repeat(np.arange(3), 20)
+  >>> pool, rows = pool_draws(labels, (1, 5), 3, 0)
+  >>> len(pool), [len(r) for r in rows.values()]
+  (15, [3, 15])
+  >>> bool(np.array_equal(pool[rows[1]], shot_indices(labels, 1, 3, 0)))
+  True
+  """
+  pool = shot_indices(labels, max(shots), num_classes, seed)
+  return pool, {k: np.searchsorted(pool, shot_indices(labels, k, num_classes, seed)) for k in shots}
+
+
 def fewshot_evaluate(features_train: np.ndarray, labels_train: np.ndarray, features_test: np.ndarray,
                      labels_test: np.ndarray, shots: Sequence[int] = SHOTS, l2_reg: float = L2_REG,
-                     seed: int = 0, num_classes: int | None = None) -> dict[int, float]:
+                     seed: int = 0, num_classes: int | None = None,
+                     rows: Mapping[int, np.ndarray] | None = None) -> dict[int, float]:
   """Test accuracy of a ridge probe trained on ``k`` examples per class, for each ``k`` in ``shots``.
 
   Args:
@@ -127,6 +147,8 @@ def fewshot_evaluate(features_train: np.ndarray, labels_train: np.ndarray, featu
     l2_reg: the ridge regulariser (>= 0; 0 is least squares, minimum-norm).
     seed: which examples are drawn.
     num_classes: default ``max(label) + 1`` over both sets.
+    rows: for each k, the rows of ``features_train`` to train on (:func:`pool_draws`);
+      default :func:`shot_indices` of ``labels_train``.
   """
   if not float(l2_reg) >= 0:  # NaN too
     raise ConfigError("few-shot l2_reg must be >= 0", where="l2_reg", value=l2_reg)
@@ -140,7 +162,7 @@ def fewshot_evaluate(features_train: np.ndarray, labels_train: np.ndarray, featu
   test = np.asarray(features_test, np.float64)
   out = {}
   for k in shots:
-    idx = shot_indices(labels_train, k, num_classes, seed)
+    idx = rows[k] if rows is not None else shot_indices(labels_train, k, num_classes, seed)
     targets = 2.0 * np.eye(num_classes)[labels_train[idx]] - 1.0
     x = np.asarray(features_train, np.float64)[idx]
     # big_vision's whitening: its l2_reg is meant for unit-variance features.
@@ -193,9 +215,9 @@ class FewshotEvaluator:
     evaluator = FewshotEvaluator(train_ds, test_ds, config.data, shots=(1, 5, 10, 25))
     evaluator(model, {"params": params}, image_size=224, mean=report.mean, std=report.std)
 
-  The pool is the ``max(shots)`` examples per class drawn from ``train_ds``;
-  the smaller shot sets are drawn inside it (still nested), so only the pool
-  and ``test_ds`` are embedded.
+  The pool is the ``max(shots)`` examples per class drawn from ``train_ds``; it
+  holds every smaller shot set (nested draws), so only the pool and ``test_ds``
+  are embedded, and each k-shot set is the one ``shots=(k,)`` would draw.
   """
 
   def __init__(self, train_ds: data_lib.Dataset, test_ds: data_lib.Dataset, data_config, *,
@@ -207,7 +229,7 @@ class FewshotEvaluator:
     self.shots, self.l2_reg, self.seed = check_shots(shots), float(l2_reg), seed
     self.num_classes = train_ds.num_classes
     # The largest draw holds every smaller one (nested draws), so embed just that.
-    pool = shot_indices(train_ds.labels, max(self.shots), self.num_classes, seed)
+    pool, self.rows = pool_draws(train_ds.labels, self.shots, self.num_classes, seed)
     self.train_ds = train_ds.subset(pool, name=f"{train_ds.name}[fewshot pool]")
     self.test_ds, self.data_config, self.batch_size = test_ds, data_config, batch_size
 
@@ -215,7 +237,8 @@ class FewshotEvaluator:
     kw = dict(image_size=image_size, mean=mean, std=std, batch_size=self.batch_size)
     xtr, ytr = extract_features(model, variables, self.train_ds, self.data_config, **kw)
     xte, yte = extract_features(model, variables, self.test_ds, self.data_config, **kw)
-    acc = fewshot_evaluate(xtr, ytr, xte, yte, self.shots, self.l2_reg, self.seed, self.num_classes)
+    acc = fewshot_evaluate(xtr, ytr, xte, yte, self.shots, self.l2_reg, self.seed, self.num_classes,
+                           rows=self.rows)
     return {f"fewshot_{k}shot": a for k, a in acc.items()}
 
 
@@ -295,4 +318,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["L2_REG", "SHOTS", "FewshotEvaluator", "check_shots", "evaluate_run", "extract_features",
-           "features", "fewshot_evaluate", "main", "ridge_fit", "run_data_config", "shot_indices"]
+           "features", "fewshot_evaluate", "main", "pool_draws", "ridge_fit", "run_data_config", "shot_indices"]

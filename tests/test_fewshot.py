@@ -145,11 +145,16 @@ def test_evaluator_on_digits_equals_the_function_on_extracted_features(vit):
   assert ev.train_ds.num_examples == 5 * 10
   got = ev(model, variables, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
   kw = dict(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
-  xtr, ytr = fewshot.extract_features(model, variables, ev.train_ds, cfg, **kw)
+  xtr, ytr = fewshot.extract_features(model, variables, train_ds, cfg, **kw)  # every example
   xte, yte = fewshot.extract_features(model, variables, test_ds, cfg, **kw)
   assert xte.shape == (200, 32) and yte.tolist() == test_ds.labels.tolist()
-  want = fewshot.fewshot_evaluate(xtr, ytr, xte, yte, (1, 5), 1.0, 3, 10)
+  # Each k-shot score is that of k alone on the whole train split: embedding only the pool
+  # changes nothing, nor do the other shot counts asked for (a k-shot set drawn again inside
+  # the pool made the 1-shot score depend on max(shots)).
+  want = {k: fewshot.fewshot_evaluate(xtr, ytr, xte, yte, (k,), 1.0, 3, 10)[k] for k in (1, 5)}
   assert got == {"fewshot_1shot": want[1], "fewshot_5shot": want[5]}
+  alone = fewshot.FewshotEvaluator(train_ds, test_ds, cfg, shots=(1,), l2_reg=1.0, seed=3)
+  assert alone(model, variables, **kw) == {"fewshot_1shot": want[1]}
   # even random-init ViT features beat chance (0.1) on digits with 5 shots (measured: 0.325)
   assert got["fewshot_5shot"] > 0.2
 

@@ -1310,6 +1310,9 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     print(f"resumed from step {step0} in {wd / 'checkpoints'}", flush=True)
   else:
     state = template(0)
+  # A step saved as its evaluation failed: that evaluation is done first, as the
+  # uninterrupted run did it (its rows, early stopping's count).
+  eval_pending = restored is not None and bool(extra.get("eval_pending"))
   record_config(run)  # the checkpoint took this config: it is now the run's config of record
   step = int(distributed.host_value(state.step))  # the step is state: everything below follows from it
   # A run that stopped early is over: rerunning it evaluates, as a finished run does.
@@ -1327,18 +1330,35 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   last_saved = step if restored is not None else -1
   summaries = {}
 
-  def save(step, summaries=None):
+  def save(step, summaries=None, eval_pending=False):
     view = runner.view(state)
     _check_numerics(view, trainable, t.on_nan, t.max_consecutive_skips)
     flat_metrics = {f"{s}/{k}": v for s, d in (summaries or {}).items() for k, v in d.items()
                     if isinstance(v, (int, float))}
     extra = {"model": meta, "data_step": step, "phase": phase, "ledger": ledger,
-             "early_stopping": early.state_dict() if early else None}
+             "early_stopping": early.state_dict() if early else None, "eval_pending": eval_pending}
     ckpt.save(step, view, metrics=flat_metrics or None, extra=extra)
+
+  def record_eval(step, summaries) -> bool:
+    """Writes an evaluation's rows and feeds early stopping; True: stop now."""
+    for split, s in summaries.items():
+      writer.write(step, "eval", {f"{split}/{k}": v for k, v in s.items() if k != "confusion"})
+    stop = early is not None and early.update(step, _lookup_metric(summaries, t.best_metric))
+    if stop:
+      print(f"early stopping at step {step}: best {t.best_metric} {early.best:.4f} "
+            f"at step {early.best_step}" + ("; predict, export and fewshot take the best kept step with --step best"
+                                            if t.keep_best else ""), flush=True)
+    return stop
 
   try:
     eval_fn = jax.jit(functools.partial(eval_step, model=run.model, num_classes=run.num_classes))
     eval_put = JitRunner(run.mesh).put_batch
+    if eval_pending:
+      # The step is committed already (without this metric: keep_best cannot rank it).
+      print(f"step {step}: the evaluation that failed, once more", flush=True)
+      summaries = _evaluate(run, runner.eval_view(state, run.mesh), eval_fn, eval_put, hit, step)
+      if record_eval(step, summaries):
+        training = False
     it = _train_iterator(run, step)
     first_batch = runner.put_batch(next(it)) if training else None
     view = runner.view(state)
@@ -1393,13 +1413,10 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
             summaries = _evaluate(run, runner.eval_view(state, run.mesh), eval_fn, eval_put, hit, step)
           except Exception:
             if last_saved != step:  # the trained steps are not the evaluation's to lose
-              _save_before_raising(lambda: (save(step), ckpt.wait()), step)
+              _save_before_raising(lambda: (save(step, eval_pending=True), ckpt.wait()), step)
             raise
         evaluated = True
-        for split, s in summaries.items():
-          writer.write(step, "eval", {f"{split}/{k}": v for k, v in s.items() if k != "confusion"})
-        if early is not None and early.update(step, _lookup_metric(summaries, t.best_metric)):
-          stopped_early = True
+        stopped_early = record_eval(step, summaries)
       # An evaluated step is saved too when the best are kept: its metric ranks it.
       if ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == total or stopped_early
           or (evaluated and t.keep_best)):
@@ -1407,9 +1424,6 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
           save(step, summaries if evaluated else None)
         last_saved = step
       if stopped_early:
-        print(f"early stopping at step {step}: best {t.best_metric} {early.best:.4f} "
-              f"at step {early.best_step}" + ("; predict, export and fewshot take the best kept step with --step best"
-                                              if t.keep_best else ""), flush=True)
         break
       hit("after", step)
       if sigterm.agreed(sync=step % t.log_every == 0):

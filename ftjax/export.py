@@ -754,6 +754,9 @@ def read_run(workdir: str | Path, *, ema: bool = False,
   dict) says how to merge adapters.
   """
   from ftjax import checkpoint, lora
+  if not Path(workdir).is_dir():  # the command line's mistake (exit 2), as predict and fewshot say it
+    raise ConfigError("workdir not found" if not Path(workdir).exists() else "workdir is not a directory",
+                      where=str(workdir), hint="pass the --workdir of a training run")
   tree, extra = checkpoint.read_checkpoint(workdir, run_step(workdir, step))
   meta = extra.get("model")
   if not meta:

@@ -95,9 +95,6 @@ def load_model(workdir: str | os.PathLike, *, ema: bool = False, step: int | str
   """(flax module, variables, model metadata) of a run's checkpoint, LoRA merged: the newest,
   or ``step`` ("best" or a step number, :func:`ftjax.export.run_step`)."""
   from ftjax import export, models
-  if not Path(workdir).is_dir():
-    raise ConfigError("workdir not found" if not Path(workdir).exists() else "workdir is not a directory",
-                      where=str(workdir), hint="pass the --workdir of a training run")
   variables, meta = export.read_run(workdir, ema=ema, step=step)
   model, _ = models.create(meta["family"], meta["arch"], num_classes=int(meta["num_classes"]),
                            image_size=tuple(meta["image_size"]))

@@ -402,3 +402,11 @@ def test_lora_run_is_merged_on_read_and_exports_the_adapted_function(tmp_path):
   with pytest.raises(ConfigError, match="LoRA adapters not merged"):
     export.export({"params": params}, _meta("vit", VIT_ARCH, 32), tmp_path / "nometa", "hf")
   assert not (tmp_path / "nometa").exists()
+
+
+def test_a_missing_workdir_is_a_command_line_error_as_in_predict(tmp_path, capsys):
+  # export said "checkpoint directory not found" with exit 3, predict and fewshot exit 2.
+  assert export.main([f"--workdir={tmp_path / 'nope'}", f"--out={tmp_path / 'out'}"]) == 2
+  assert capsys.readouterr().err == (f"ftjax: error: workdir not found ({tmp_path / 'nope'}); pass the "
+                                     "--workdir of a training run\n")
+  assert not (tmp_path / "out").exists()

@@ -646,11 +646,16 @@ def test_head_replacement_zero_head_everything_else_loaded(timm_tiny):
 TIMM_PARAM_COUNTS = {
     "Ti/16": 5_717_416,  # vit_tiny_patch16_224
     "S/16": 22_050_664,  # vit_small_patch16_224
+    "S/32": 22_878_952,  # vit_small_patch32_224
+    "B/8": 86_576_872,  # vit_base_patch8_224
     "B/16": 86_567_656,  # vit_base_patch16_224
     "B/32": 88_224_232,  # vit_base_patch32_224
     "L/16": 304_326_632,  # vit_large_patch16_224
     "L/32": 306_535_400,  # vit_large_patch32_224
     "H/14": 632_045_800,  # vit_huge_patch14_224
+    # timm VisionTransformer(img_size=224, patch_size=14, embed_dim=1152, depth=27, num_heads=16,
+    # mlp_ratio=4304 / 1152, num_classes=1000): SigLIP's So400m tower with a class token
+    "So400m/14": 413_597_656,
     # timm VisionTransformer(img_size=224, patch_size=8, embed_dim=32, depth=2, num_heads=2,
     # mlp_ratio=2.0, num_classes=1000)
     "test": 81_480,

@@ -57,8 +57,13 @@ def test_vit_b16_cifar10_is_the_vit_jax_recipe():
   assert c.data.resize == "squash" and c.data.crop_fraction == 1.0
   short = get_config("vit_b16_cifar10", "steps=500")
   assert short.train.total_steps == 500 and short.optim.schedule.warmup_steps == 50
+  # The README's 1,000-step runs warmed up 100 steps (this gave 500, half the run).
+  assert get_config("vit_b16_cifar10", "steps=1000").optim.schedule.warmup_steps == 100
   c100 = get_config("vit_b16_cifar10", "dataset=cifar100")
   assert c100.data.name == "cifar100" and c100.optim.lr == 0.03
+  for name in ("vit_b16_cifar10", "bit_r50x1_cifar10"):  # a rule written out for CIFAR only
+    with pytest.raises(ConfigError, match=r"\(:dataset\): 'oxford_iiit_pet'"):
+      get_config(name, "dataset=oxford_iiit_pet")
 
 
 def test_config_arguments_are_strict():

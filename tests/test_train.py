@@ -112,6 +112,7 @@ def test_killed_run_resumes_bit_identical(tiny_vit_npz, tmp_path):
       [(r["step"], r["loss"]) for r in _rows(ref) if r["kind"] == "train"]
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_early_stopping_counts_patience_afresh_when_a_phase_unfreezes(tiny_vit_npz, tmp_path):
   # As above, but block 1 unfreezes at step 2: the evaluation at step 3 is the first with it
   # trained, so patience starts again there and the run stops at step 4, not 3 (a head
@@ -689,7 +690,7 @@ def test_a_phase_moves_the_statistics_of_the_batchnorm_layers_it_trains(freeze_b
   assert changed == sorted(moved) and opts.update_batch_stats == bool(moved)
 
 
-@pytest.mark.parametrize("freeze_bn", ["no", "yes"])
+@pytest.mark.parametrize("freeze_bn", ["no", pytest.param("yes", marks=pytest.mark.slow)])  # 12-15 s each
 def test_ema_averages_the_batchnorm_statistics_it_evaluates_with(freeze_bn):
   # timm's EMA averages BatchNorm's running statistics with the weights; the EMA weights
   # used to be evaluated with the live statistics.  Frozen statistics keep an exact EMA.

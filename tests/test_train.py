@@ -140,6 +140,7 @@ def test_run_killed_after_saving_at_an_unfreezing_step_resumes_bit_identical(tin
   assert not np.array_equal(ours[block1], np.load(tiny_vit_npz)[block1.removeprefix("params/")])
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_sigterm_saves_exits_75_and_resume_recomputes_nothing(tiny_vit_npz, tmp_path):
   overrides = {"train.total_steps": 400, "train.checkpoint_every": 0, "train.eval_every": 0,
                "train.log_every": 1}

@@ -669,6 +669,7 @@ def test_parameter_count_equals_timm(variant):
   assert sum(int(np.prod(s.shape)) for s in shapes.values()) == TIMM_PARAM_COUNTS[variant]
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_timm_names_give_timm_architectures():
   names = [n for n in timm.list_models("vit_*") if vit._TIMM_NAME.fullmatch(n) or vit._TIMM_DINOV2.fullmatch(n)]
   assert len(names) >= 20
@@ -865,6 +866,7 @@ def test_remat_blocks_give_the_same_logits_and_gradients():
   assert any(np.abs(a).max() > 1e-3 for a in jax.tree.leaves(grads(plain)))  # not vacuous
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_remat_with_dropout_differentiates_the_function_it_computes():
   # Dropout masks under remat are drawn from other rng splits than without it, so the two
   # models differ in training mode; what must hold is that the recomputation in the backward
@@ -1011,6 +1013,7 @@ def test_layer_norm_equals_flax_values_and_gradients(dtype):
   assert np.abs(np.asarray(other, np.float32) - np.asarray(y, np.float32)).max() > 1e-3
 
 
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_model_with_flax_layer_norm_is_the_same_function():
   from ftjax import models
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))

@@ -762,11 +762,13 @@ def test_ema_evaluation_and_export_use_the_ema_statistics(tmp_path):
   live, averaged = flat[f"batch_stats/{key}"], flat[f"ema_batch_stats/{key}"]
   assert not np.array_equal(live, averaged)
   # The live parameters are evaluated with the live statistics, the EMA ones with their EMA.
-  by_params = {id(p): np.asarray(flatten(bs)[key]) for p, bs in seen}
-  assert len(by_params) == 2
-  used = sorted(by_params.values(), key=lambda a: np.array_equal(a, averaged))
-  np.testing.assert_array_equal(used[0], live)
-  np.testing.assert_array_equal(used[1], averaged)
+  head = "head/kernel"
+  assert not np.array_equal(flat[f"params/{head}"], flat[f"ema_params/{head}"])
+  pairs = {("ema" if np.array_equal(flatten(p)[head], flat[f"ema_params/{head}"]) else "live"):
+           np.asarray(flatten(bs)[key]) for p, bs in seen}
+  assert pairs.keys() == {"live", "ema"}
+  np.testing.assert_array_equal(pairs["live"], live)
+  np.testing.assert_array_equal(pairs["ema"], averaged)
   variables, _ = export.read_run(wd, ema=True)
   np.testing.assert_array_equal(flatten(variables["batch_stats"])[key], averaged)
   variables, _ = export.read_run(wd)

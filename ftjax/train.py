@@ -325,9 +325,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   ema, ema_stats = state.ema_params, state.ema_batch_stats
   if opts.ema_decay:
     d = opts.ema_decay
-    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    average = lambda avg, new: jax.tree.map(lambda e, x: d * e + (1 - d) * x, avg, new)
+    ema = average(ema, params)
     if opts.update_batch_stats:  # frozen statistics: their EMA is their own value, kept exact
-      ema_stats = jax.tree.map(lambda e, s: d * e + (1 - d) * s, ema_stats, batch_stats)
+      ema_stats = average(ema_stats, batch_stats)
   bad = jnp.logical_not(ok)
   first_new = jnp.logical_and(bad, state.first_bad_step < 0)
   new_state = state.replace(

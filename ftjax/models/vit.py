@@ -142,8 +142,8 @@ TOKEN_PADDING = ("encoder", "attention")
 # The implementations that get the token axis padded to attention_pad_multiple.
 PADDED_IMPLEMENTATIONS = ("cudnn",)
 
-_VARIANT_NAME = re.compile(r"(?:vit-)?(ti|s|b|l|h|so400m)[/_](\d+)", re.IGNORECASE)
-_ANY_VARIANT_NAME = re.compile(r"(?:vit-)?([a-z][a-z0-9]*)[/_](\d+)", re.IGNORECASE)  # g/14, S/8, ...
+# <size>/<patch> as Google's file names have it: B/16, ViT-B_16, So400m_14, g/14, ...
+_VARIANT_NAME = re.compile(r"(?:vit-)?([a-z][a-z0-9]*)[/_](\d+)", re.IGNORECASE)
 
 
 def canonical_variant(name: str) -> str:
@@ -156,9 +156,8 @@ def canonical_variant(name: str) -> str:
     return name
   m = _VARIANT_NAME.fullmatch(name)
   if m:
-    size = m.group(1).capitalize() if m.group(1).lower() in ("ti", "so400m") else m.group(1).upper()
-    canonical = f"{size}/{m.group(2)}"
-    if canonical in VARIANTS:
+    canonical = {v.lower(): v for v in VARIANTS}.get(f"{m.group(1)}/{m.group(2)}".lower())
+    if canonical is not None:
       return canonical
   raise ConfigError("unknown ViT variant", where="arch.variant", value=repr(name),
                     hint=f"one of {list(VARIANTS)} (or ViT-B_16 style), or give {', '.join(_DIMS)}")
@@ -1630,7 +1629,7 @@ def convert_npz(variant: str, arrays: Mapping[str, np.ndarray]) -> Converted:
   read from the file's shapes.
   """
   source = f"npz:{variant}"
-  named = _ANY_VARIANT_NAME.fullmatch(variant)
+  named = _VARIANT_NAME.fullmatch(variant)
   try:
     arch: dict[str, Any] = {"variant": canonical_variant(variant)}
   except ConfigError:

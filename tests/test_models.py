@@ -156,6 +156,60 @@ def test_a_position_embedding_without_a_class_row_is_read_as_such(tmp_path):
     models.from_pretrained(f"timm:vit_tiny_patch16_224@{tmp_path / 'u.safetensors'}", image_size=64)
 
 
+def _timm_logits(ref, h, w):
+  x = np.random.default_rng(0).standard_normal((2, 3, h, w)).astype(np.float32)
+  with torch.no_grad():
+    return x.transpose(0, 2, 3, 1), ref(torch.from_numpy(x)).numpy()
+
+
+def test_a_grid_of_the_same_count_in_another_shape_is_resampled(tmp_path):
+  # A 4 x 4 table read at 2 x 8 has the same 1 + 16 rows: resampled all the same, as timm's
+  # loader does once it knows the old grid (before, it was read as the new grid unchanged).
+  timm = pytest.importorskip("timm")
+  import safetensors.torch
+  from timm.layers import resample_abs_pos_embed
+  torch.manual_seed(0)
+  ref64 = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=64).eval()
+  with torch.no_grad():
+    ref64.pos_embed.normal_()
+    ref64.head.weight.normal_()
+  safetensors.torch.save_file(ref64.state_dict(), str(tmp_path / "t.safetensors"))
+  ref = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=(32, 128)).eval()
+  state = dict(ref64.state_dict())
+  state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(2, 8), old_size=(4, 4),
+                                              num_prefix_tokens=1)
+  ref.load_state_dict(state)
+  model, variables, report = models.from_pretrained(f"timm:vit_tiny_patch16_224@{tmp_path / 't.safetensors'}",
+                                                    image_size=(32, 128))
+  assert report.resized == [("params/Transformer/posembed_input/pos_embedding", (1, 17, 192), (1, 17, 192))]
+  x, want = _timm_logits(ref, 32, 128)
+  np.testing.assert_allclose(np.asarray(model.apply(variables, x)), want, rtol=0,
+                             atol=1e-4 * max(1.0, np.abs(want).max()))
+  # at the checkpoint's own grid the table loads as it is
+  _, _, same = models.from_pretrained(f"timm:vit_tiny_patch16_224@{tmp_path / 't.safetensors'}", image_size=64)
+  assert same.resized == [] and "params/Transformer/posembed_input/pos_embedding" in same.matched
+
+
+def test_a_non_square_timm_table_is_read_at_the_size_asked_for(tmp_path):
+  # img_size=(32, 64): 1 + 2 x 4 = 9 rows, a square, which alone reads as a 3 x 3 table without
+  # a class row (no_embed_class). Built at (32, 64), the class-row reading fits and is taken.
+  timm = pytest.importorskip("timm")
+  import safetensors.torch
+  torch.manual_seed(0)
+  ref = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=(32, 64)).eval()
+  with torch.no_grad():
+    ref.pos_embed.normal_()
+    ref.head.weight.normal_()
+  safetensors.torch.save_file(ref.state_dict(), str(tmp_path / "t.safetensors"))
+  source = f"timm:vit_tiny_patch16_224@{tmp_path / 't.safetensors'}"
+  model, variables, report = models.from_pretrained(source, image_size=(32, 64))
+  assert (report.arch, report.image_size, report.resized) == ({"variant": "Ti/16"}, (32, 64), [])
+  x, want = _timm_logits(ref, 32, 64)
+  np.testing.assert_allclose(np.asarray(model.apply(variables, x)), want, rtol=0,
+                             atol=1e-4 * max(1.0, np.abs(want).max()))
+  # Without a size the file alone cannot tell: the square reading stands (documented).
+  assert models.from_pretrained(source)[2].arch == {"variant": "Ti/16", "posemb_class_token": False}
+
 def test_a_hub_repo_brings_its_image_processors_statistics(tmp_path, monkeypatch):
   # hf:<repo id> fetches preprocessor_config.json beside config.json and the weights (served
   # here from a local folder, as the hub's cache lays them out), so its mean and std apply.

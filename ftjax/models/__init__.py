@@ -187,7 +187,7 @@ def _read_hf(rest: str, source: str) -> Converted:
   return _with_left_out(convert(config, tensors, preprocessor=preprocessor), tensors)
 
 
-def _read_timm(rest: str, source: str) -> Converted:
+def _read_timm(rest: str, source: str, image_size: tuple[int, int] | None = None) -> Converted:
   name, file = _split_at(rest, source, need_file=False)
   convert = next((fn for prefix, fn in _TIMM_PREFIXES if name.startswith(prefix)), None)
   if convert is None:
@@ -197,6 +197,8 @@ def _read_timm(rest: str, source: str) -> Converted:
     file, _ = weights.hf_file(_timm_hub_id(name, source), ("model.safetensors", "pytorch_model.bin"),
                               source=source)
   tensors = weights.read_tensors(_local_or_url(file, source))
+  if convert is vit.convert_timm:  # a ViT state dict need not say its grid: the size asked for helps
+    return _with_left_out(vit.convert_timm(name, tensors, image_size), tensors)
   return _with_left_out(convert(name, tensors), tensors)
 
 
@@ -267,9 +269,15 @@ _READERS = {"hf": _read_hf, "timm": _read_timm, "npz": _read_npz,
             "torchvision": _read_torchvision, "efficientnet": _read_efficientnet}
 
 
-def read_source(source: str) -> Converted:
-  """Reads a checkpoint source (see the module docstring) into ftjax's layout."""
+def read_source(source: str, *, image_size: tuple[int, int] | None = None) -> Converted:
+  """Reads a checkpoint source (see the module docstring) into ftjax's layout.
+
+  ``image_size``, the size the model will be built at, settles a timm ViT position table
+  that fits neither its name's grid nor a square one (``vit.convert_timm``).
+  """
   form, sep, rest = source.partition(":")
+  if sep and form == "timm":
+    return _read_timm(rest, source, image_size)
   if sep and form in _READERS:
     return _READERS[form](rest, source)
   if os.path.isdir(source):
@@ -305,12 +313,13 @@ def from_pretrained(source: str, *, num_classes: int | None = None, image_size=N
   """
   if num_classes is not None and (not isinstance(num_classes, (int, np.integer)) or num_classes <= 0):
     raise ConfigError("num_classes must be a positive integer", where="num_classes", value=num_classes)
-  conv = read_source(source)
+  requested = _size2(image_size) if image_size is not None else None
+  conv = read_source(source, image_size=requested)
   fam = family(conv.family)
   classes = int(num_classes) if num_classes is not None else conv.num_classes
   if classes <= 0:
     raise ConfigError("checkpoint has no classifier head; pass num_classes", where=source)
-  size = _size2(image_size) if image_size is not None else tuple(conv.image_size)
+  size = requested or tuple(conv.image_size)
   arch = {**conv.arch, **overrides}
   replace_head = classes != conv.num_classes
   loaded, dropped = conv.variables, list(conv.dropped)

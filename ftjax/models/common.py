@@ -187,7 +187,7 @@ class Family:
   Attributes:
     name: the family's key ("vit", "resnet", ...).
     create_model: ``(arch: dict, num_classes: int, dtype) -> flax module``.
-    resizers: ``(arch, image_size, old_image_size) -> {regex: fn(array, target_shape) -> array}``
+    resizers: ``(arch, image_size, old_image_size) -> {regex: fn(array, target_shape) -> array | None}``
       for leaves whose shape legitimately follows the image size (ViT position
       embeddings).
     check_image_size: ``(arch, image_size) -> None``; raises ConfigError.
@@ -250,7 +250,9 @@ def merge(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], report: L
     loaded: flat ``{path: array}`` from the converter, same path convention.
     report: filled in place.
     replace_head: the class count changed: the head is zero-initialised.
-    resizers: ``{regex: fn(array, target_shape)}`` for leaves allowed to change shape.
+    resizers: ``{regex: fn(array, target_shape) -> array | None}`` for leaves that follow
+      the image size: called for every matching leaf, ``None`` keeps it as it is (a leaf
+      can need resampling at an unchanged shape: a 14 x 14 grid read as 7 x 28).
     dont_load: regexes of model paths to leave at their initial value (and of
       checkpoint keys to drop).
     init: called at most once, only when some leaf needs real initial values.
@@ -305,15 +307,15 @@ def merge(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], report: L
       raise CheckpointError("non-float tensor for a float parameter", where=path,
                             value=f"checkpoint {np.asarray(arr).dtype} vs model {dtype}",
                             hint="a quantized checkpoint? only float weights are loaded")
-    if tuple(arr.shape) != shape:
-      fn = next((f for rx, f in resize_items if any_match(path, [rx])), None)
-      if fn is None:
-        raise CheckpointError("shape mismatch", where=path,
-                              value=f"checkpoint {tuple(arr.shape)} vs model {shape}",
-                              hint="a checkpoint for another architecture or variant?")
-      new = np.asarray(fn(arr, shape))
+    fn = next((f for rx, f in resize_items if any_match(path, [rx])), None)
+    new = fn(arr, shape) if fn is not None else None
+    if new is not None:
       report.resized.append((path, tuple(arr.shape), shape))
-      arr = new
+      arr = np.asarray(new)
+    elif tuple(arr.shape) != shape:
+      raise CheckpointError("shape mismatch", where=path,
+                            value=f"checkpoint {tuple(arr.shape)} vs model {shape}",
+                            hint="a checkpoint for another architecture or variant?")
     else:
       report.matched.append(path)
     out[path] = arr if arr.dtype == dtype else arr.astype(dtype)

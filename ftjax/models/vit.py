@@ -976,7 +976,19 @@ POSEMB_PATH = "params/Transformer/posembed_input/pos_embedding"
 
 def resizers(arch: Mapping[str, Any], image_size: tuple[int, int],
              old_image_size: tuple[int, int] | None = None) -> dict[str, Callable]:
-  """``{regex: fn(array, target_shape)}``: the position embedding follows the image size."""
+  """``{regex: fn(array, target_shape)}``: the position embedding follows the image size.
+
+  As timm's loader: the table is resampled when its row count differs from the model's, or
+  when the checkpoint's grid (``old_image_size`` / patch, where it accounts for every row)
+  differs from the new one at the same count (14 x 14 read at 7 x 28, or a 2 x 3 grid at 3 x 2).
+
+  >>> pe = np.arange(9.0).reshape(1, 9, 1)   # the class row + a 2 x 4 grid ("test": patch 8)
+  >>> wide_to_tall = resizers({"variant": "test"}, (32, 16), (16, 32))[re.escape(POSEMB_PATH)]
+  >>> wide_to_tall(pe, pe.shape).shape        # the same count, another grid: resampled
+  (1, 9, 1)
+  >>> resizers({"variant": "test"}, (16, 32), (16, 32))[re.escape(POSEMB_PATH)](pe, pe.shape) is None
+  True
+  """
   a = resolve_arch(arch)
   if a["posemb"] != "learn":
     return {}  # a fixed table is computed for any grid
@@ -984,18 +996,23 @@ def resizers(arch: Mapping[str, Any], image_size: tuple[int, int],
   # rows of the table for the class and register tokens, kept as they are
   prefix = (int(a["class_token"]) + a["reg_tokens"]) if a["posemb_class_token"] else 0
   old_hw = None if old_image_size is None else (old_image_size[0] // p, old_image_size[1] // p)
+  new_hw = (image_size[0] // p, image_size[1] // p)
 
   def resize(arr, target_shape):
     arr = np.asarray(arr)
-    # Only a resampling of the checkpoint's own grid: class token(s) + (old image / patch)^2.
     positions = arr.shape[1] - prefix
+    # the checkpoint's stated grid, where it accounts for every row (timm's rule)
+    known = old_hw if old_hw and old_hw[0] * old_hw[1] == positions else None
+    if tuple(arr.shape) == tuple(target_shape) and known in (None, new_hw):
+      return None
+    # Only a resampling of the checkpoint's own grid: class token(s) + (old image / patch)^2.
     grid = old_hw[0] * old_hw[1] if old_hw else math.isqrt(max(positions, 0)) ** 2
     if positions <= 0 or positions != grid or arr.shape[2:] != tuple(target_shape[2:]):
       raise CheckpointError("position embedding does not fit the model", where=POSEMB_PATH,
                             value=f"checkpoint {arr.shape} vs model {tuple(target_shape)}",
                             hint=f"not {prefix} class token(s) + the checkpoint's patch grid: another "
                                  "variant or image size, or class_token / pooling to pass?")
-    out = resample_posemb(arr, (image_size[0] // p, image_size[1] // p), prefix, old_hw)
+    out = resample_posemb(arr, new_hw, prefix, old_hw)
     if out.shape != tuple(target_shape):
       raise CheckpointError("resampled position embedding has the wrong shape", where=POSEMB_PATH,
                             value=f"{out.shape} vs model {tuple(target_shape)}")
@@ -1490,13 +1507,50 @@ def _dinov2_original_to_timm(tensors: Mapping[str, np.ndarray], source: str
   return out, dropped
 
 
-def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
+def _timm_posemb_grid(arch: dict, full: Mapping[str, Any], rows: int, name_size: tuple[int, int],
+                      requested_size: tuple[int, int] | None) -> tuple[int, int]:
+  """The image size a timm position table of ``rows`` rows was made at; sets ``arch``'s
+  ``posemb_class_token`` to False where the table has no rows for the prefix tokens.
+
+  A model created with ``img_size=...`` or ``no_embed_class=True`` keeps its name, and a
+  state dict stores neither, so the rows decide. With the class-token row (timm's default)
+  first, then without it (``no_embed_class``): a table that fits the name's grid (timm's
+  rule), else a square grid, else the grid of the size the model is built at.
+
+  >>> a = {"variant": "Ti/16"}
+  >>> _timm_posemb_grid(a, resolve_arch(a), 197, (224, 224), (112, 448)), a  # 14 x 14, resampled
+  ((224, 224), {'variant': 'Ti/16'})
+  >>> _timm_posemb_grid(a, resolve_arch(a), 169, (224, 224), (224, 192)), a  # 1 + 14 x 12
+  ((224, 192), {'variant': 'Ti/16'})
+  >>> _timm_posemb_grid(a, resolve_arch(a), 16, (224, 224), None), a         # 4 x 4, no class row
+  ((64, 64), {'variant': 'Ti/16', 'posemb_class_token': False})
+  """
+  p = full["patch_size"]
+  prefix = int(full["class_token"]) + full["reg_tokens"]
+  # the name says (DINOv2 with registers), or there is no prefix: one reading only
+  readings = [full["posemb_class_token"]] if "posemb_class_token" in arch or not prefix else [True, False]
+  for class_row in readings:
+    n = rows - (prefix if class_row else 0)
+    side = math.isqrt(max(n, 0))
+    sizes = [name_size, (side * p,) * 2 if n > 0 and side * side == n else None, requested_size]
+    size = next((s for s in sizes if s and (s[0] // p) * (s[1] // p) == n), None)
+    if size is not None:
+      if not class_row and len(readings) > 1:
+        arch["posemb_class_token"] = False  # timm's no_embed_class: no rows for the prefix tokens
+      return tuple(size)
+  return tuple(name_size)  # no reading fits a grid: resampling refuses the table, naming both shapes
+
+
+def convert_timm(name: str, tensors: Mapping[str, np.ndarray],
+                 requested_size: tuple[int, int] | None = None) -> Converted:
   """A timm ``vit_*`` state dict -> ftjax layout; the architecture comes from ``name``.
 
-  The image size is that of the position embedding's square grid (a model created with
-  ``img_size=...`` keeps the name of its 224 px variant), else the name's.  DINOv2's
-  original files (facebookresearch/dinov2 ``.pth``: ``mask_token``, ``register_tokens``)
-  are read as timm reads them.
+  The image size is the name's where the position embedding fits its grid, else that of
+  the table's square grid (a model created with ``img_size=...`` keeps the name of its
+  224 px variant), else ``requested_size`` (the size the model will be built at) where
+  the table fits that: see :func:`_timm_posemb_grid`.  DINOv2's original files
+  (facebookresearch/dinov2 ``.pth``: ``mask_token``, ``register_tokens``) are read as
+  timm reads them.
 
   A model trained with a non-default ``global_pool='avg'`` holds ``fc_norm``,
   which the name does not announce: load it with the overrides
@@ -1539,17 +1593,9 @@ def convert_timm(name: str, tensors: Mapping[str, np.ndarray]) -> Converted:
        lambda m, a: _linear(f"{_MAP}/MlpBlock_0/Dense_{int(m.group(1)) - 1}")(m, a)),
   ]
   mapped = _map_keys(tensors, rules, source)
-  # A model built with timm's img_size=... keeps its name: the grid it was trained on is that
-  # of its position embedding (square, as timm assumes when it resamples one).
   pos = mapped.variables.get(POSEMB_PATH)
   if pos is not None and pos.ndim == 3:
-    prefix = int(full["class_token"]) + full["reg_tokens"]
-    if prefix and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
-      arch["posemb_class_token"] = False  # timm's no_embed_class: no rows for the prefix tokens
-    n = pos.shape[1] - (prefix if arch.get("posemb_class_token", True) else 0)
-    side = math.isqrt(max(n, 0))
-    if n > 0 and side * side == n:
-      image_size = (side * full["patch_size"],) * 2
+    image_size = _timm_posemb_grid(arch, full, pos.shape[1], image_size, requested_size)
   mean, std = timm_preprocessing(name)
   return Converted(family="vit", arch=arch, num_classes=_num_classes(mapped.variables),
                    image_size=image_size, variables=mapped.variables, mean=mean, std=std,

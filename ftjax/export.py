@@ -297,13 +297,14 @@ def _vit_timm(arch, flat: Flat) -> dict[str, np.ndarray]:
   return out
 
 
-_TIMM_VIT_SIZES = {(192, 12, 3, 768): "tiny", (384, 12, 6, 1536): "small", (768, 12, 12, 3072): "base",
-                   (1024, 24, 16, 4096): "large", (1280, 32, 16, 5120): "huge"}
-# (size, patch, resolution) of timm's registered ViT names.
-_TIMM_VIT_NAMES = {("tiny", 16, 224), ("tiny", 16, 384), ("small", 16, 224), ("small", 16, 384),
-                   ("small", 32, 224), ("small", 32, 384), ("base", 8, 224), ("base", 16, 224),
-                   ("base", 16, 384), ("base", 32, 224), ("base", 32, 384), ("large", 16, 224),
-                   ("large", 16, 384), ("large", 32, 384), ("huge", 14, 224)}
+# (size, patch, resolution) of timm's registered ViT names: vit_{size}_patch{p}_{resolution},
+# and vit_{size}_patch{p}_gap_{resolution} (no class token, the mean of the tokens).
+_TIMM_VIT_NAMES = {("tiny", 16, 224), ("tiny", 16, 384), ("small", 8, 224), ("small", 16, 224),
+                   ("small", 16, 384), ("small", 32, 224), ("small", 32, 384), ("base", 8, 224),
+                   ("base", 16, 224), ("base", 16, 384), ("base", 32, 224), ("base", 32, 384),
+                   ("large", 14, 224), ("large", 16, 224), ("large", 16, 384), ("large", 32, 224),
+                   ("large", 32, 384), ("huge", 14, 224), ("giant", 14, 224)}
+_TIMM_VIT_GAP_NAMES = {("base", 16, 224), ("huge", 14, 224), ("huge", 16, 448), ("giant", 16, 224)}
 
 
 # timm's registered SigLIP image towers: vit_{size}_patch{p}_siglip[_gap]_{resolution}.
@@ -323,22 +324,46 @@ _TIMM_ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_s
                    "reg_tokens", "layer_scale")
 
 
-def _timm_family_name(a: dict, h: int, w: int) -> str | None:
-  """timm's SigLIP tower or DINOv2 name whose architecture (:func:`ftjax.models.vit.timm_arch`) is ``a``."""
+def _timm_vit_name(a: dict, h: int, w: int) -> str | None:
+  """The timm name whose architecture (:func:`ftjax.models.vit.timm_arch`) is ``a``, at the
+  registered resolution nearest to ``h`` x ``w``, or None.
+
+  Under that name ``from_pretrained("timm:<name>@...")`` reads the export back: the name
+  gives the architecture, the position table the resolution (``vit.convert_timm``).
+  """
   from ftjax.models import vit
-  dims = (a["hidden_size"], a["num_layers"], a["num_heads"], a["mlp_dim"])
-  size = next((s for s, d in vit._TIMM_SIZES.items() if d == dims), None)
-  siglip = f"vit_{size}_patch{a['patch_size']}_siglip{'_gap' if a['pooling'] == 'gap' else ''}_{h}"
-  # DINOv2 names carry no resolution: convert_timm reads it from the position embedding.
-  dinov2 = f"vit_{size}_patch{a['patch_size']}_{'reg4_' if a['reg_tokens'] else ''}dinov2"
-  candidates = [n for n in (siglip if h == w and siglip in _TIMM_SIGLIP_NAMES else None,
-                            dinov2 if vit._TIMM_DINOV2.fullmatch(dinov2) else None) if n]
-  # LayerScale's start value is no architecture once its vectors are loaded (model_args carry
-  # it as init_values): transformers' DINOv2 configs start it at 1.0, timm's names at 1e-5.
-  same = lambda k, x, y: (x is None) == (y is None) if k == "layer_scale" else x == y
-  for name in candidates:
-    named = vit.resolve_arch(vit.timm_arch(name)[0])
-    if all(same(k, named[k], a[k]) for k in _TIMM_ARCH_KEYS):
+  # (timm's _gap_ names have their own head counts: the arch comparison below checks heads)
+  dims = (a["hidden_size"], a["num_layers"], a["mlp_dim"])
+  size = next((s for s, (d, n, _, m) in vit._TIMM_SIZES.items() if (d, n, m) == dims), None)
+  p = a["patch_size"]
+  distance = lambda r: abs(r - h) + abs(r - w)
+  names = [f"vit_{s}_patch{q}_{r}" for s, q, r in sorted(_TIMM_VIT_NAMES, key=lambda k: distance(k[2]))
+           if (s, q) == (size, p)]
+  names += [f"vit_{s}_patch{q}_gap_{r}" for s, q, r in sorted(_TIMM_VIT_GAP_NAMES, key=lambda k: distance(k[2]))
+            if (s, q) == (size, p)]
+  siglip = f"vit_{size}_patch{p}_siglip{'_gap' if a['pooling'] == 'gap' else ''}_"
+  names += sorted((n for n in _TIMM_SIGLIP_NAMES if n.startswith(siglip) and n[len(siglip):].isdigit()),
+                  key=lambda n: distance(int(n[len(siglip):])))
+  # DINOv2 names carry no resolution either.
+  names.append(f"vit_{size}_patch{p}_{'reg4_' if a['reg_tokens'] else ''}dinov2")
+
+  def same(key, named, arch_in_name) -> bool:
+    # LayerScale's start value is no architecture once its vectors are loaded (model_args
+    # carry it as init_values): transformers' DINOv2 configs start it at 1.0, timm's names at 1e-5.
+    if key == "layer_scale":
+      return (named[key] is None) == (a[key] is None)
+    # The position table's rows tell convert_timm whether it has a class row where the name does not.
+    if key == "posemb_class_token" and key not in arch_in_name:
+      return True
+    return named[key] == a[key]
+
+  for name in names:
+    try:
+      arch_in_name = vit.timm_arch(name)[0]
+    except FtjaxError:  # a size/patch pair the reader does not take (vit_tiny_patch16_gap_...)
+      continue
+    named = vit.resolve_arch(arch_in_name)
+    if all(same(k, named, arch_in_name) for k in _TIMM_ARCH_KEYS):
       return name
   return None
 
@@ -346,15 +371,10 @@ def _timm_family_name(a: dict, h: int, w: int) -> str | None:
 def _vit_timm_config(arch, image_size, num_classes: int) -> dict:
   a = _vit_arch(arch)
   h, w = image_size
-  size = _TIMM_VIT_SIZES.get((a["hidden_size"], a["num_layers"], a["num_heads"], a["mlp_dim"]))
-  key = (size, a["patch_size"], h)
   # The model's own name where timm registers one (convert_timm, the inverse, reads the
   # architecture from it); the model_args repeat every dimension, so any other shape builds
   # from a registered base name.
-  name = f"vit_{key[0]}_patch{key[1]}_{key[2]}" if key in _TIMM_VIT_NAMES and h == w else \
-      "vit_base_patch16_224"
-  if not a["class_token"] or a["layer_scale"] is not None:
-    name = _timm_family_name(a, h, w) or name
+  name = _timm_vit_name(a, h, w) or "vit_base_patch16_224"
   model_args = {"img_size": h if h == w else [h, w], "patch_size": a["patch_size"],
                 "embed_dim": a["hidden_size"], "depth": a["num_layers"], "num_heads": a["num_heads"],
                 "mlp_ratio": a["mlp_dim"] / a["hidden_size"], "num_classes": int(num_classes),

@@ -228,7 +228,14 @@ def test_timm_named_variant_and_resnetv2_configs():
       ({"variant": "B/32", "pooling": "map", "class_token": False}, 256, "vit_base_patch16_224"),  # erf GELU
       ({"variant": "B/16", "pooling": "map", "class_token": False, "droppath_rate": 0.1}, 384,
        "vit_base_patch16_siglip_384"),  # a training option is no architecture
-      ({"variant": "B/16", "pooling": "map", "class_token": False}, 288, "vit_base_patch16_224"),
+      # the registered resolution nearest to the model's: convert_timm reads the real one from
+      # the position table
+      ({"variant": "B/16", "pooling": "map", "class_token": False}, 288, "vit_base_patch16_siglip_256"),
+      ({"variant": "Ti/16"}, 64, "vit_tiny_patch16_224"),
+      ({"variant": "B/16", "pooling": "gap", "class_token": False, "num_heads": 16}, 64,
+       "vit_base_patch16_gap_224"),
+      # 12 heads: not timm's gap B/16 (16), but a SigLIP tower's architecture (erf GELU)
+      ({"variant": "B/16", "pooling": "gap", "class_token": False}, 224, "vit_base_patch16_siglip_gap_224"),
       # DINOv2 likewise (LayerScale and registers are in its name, not in vit_base_patch16_224's)
       ({"hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072, "patch_size": 14,
         "layer_scale": 1e-5, "reg_tokens": 4, "posemb_class_token": False}, 224, "vit_base_patch14_reg4_dinov2"),
@@ -240,13 +247,15 @@ def test_timm_named_variant_and_resnetv2_configs():
         "layer_scale": 1.0}, 518, "vit_small_patch14_dinov2")):
     cfg = export._vit_timm_config(arch, (size, size), 10)
     assert cfg["architecture"] == name, arch
-    if "siglip" in name or "dinov2" in name:
-      assert timm.is_model(name)
+    assert timm.is_model(name)
+    if name != "vit_base_patch16_224":
       read, want = vit.resolve_arch(vit.timm_arch(name)[0]), vit.resolve_arch(arch)
       keys = [k for k in export._TIMM_ARCH_KEYS if k != "layer_scale"]
       assert {k: read[k] for k in keys} == {k: want[k] for k in keys}
       assert (read["layer_scale"] is None) == (want["layer_scale"] is None)
   assert all(timm.is_model(n) for n in export._TIMM_SIGLIP_NAMES)
+  assert all(timm.is_model(f"vit_{s}_patch{p}_{r}") for s, p, r in export._TIMM_VIT_NAMES)
+  assert all(timm.is_model(f"vit_{s}_patch{p}_gap_{r}") for s, p, r in export._TIMM_VIT_GAP_NAMES)
   assert export._resnet_timm_config({"variant": "resnet50"}, 10) == \
       {"architecture": "resnet50", "model_args": {"num_classes": 10}}
   assert export._resnetv2_timm_config({"variant": "R101x3"}, 10) == {
@@ -279,6 +288,24 @@ def test_hf_dinov2_exported_to_timm_reads_back_by_its_name(tmp_path, registers):
   ours = np.asarray(model.apply(variables, jnp.asarray(x)))
   assert np.abs(np.asarray(back.apply(read, jnp.asarray(x))) - ours).max() < 1e-4
   assert np.abs(theirs - ours).max() < 1e-4 and np.abs(ours).max() > 0.1
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)])
+def test_a_vit_fine_tuned_at_another_size_exports_under_its_own_timm_name(tmp_path, size):
+  """A Ti/16 at 32 px is named vit_tiny_patch16_224 (the nearest registered resolution), which
+  from_pretrained reads back (the position table gives the size); under vit_base_patch16_224,
+  as before, it was refused: encoder_norm (192,) vs (768,)."""
+  model, variables = _perturbed("vit", {"variant": "Ti/16"}, size, seed=2)
+  out = export.export(variables, {**_meta("vit", {"variant": "Ti/16"}, 32), "image_size": list(size)},
+                      tmp_path / "timm", "timm")
+  name = json.loads((out / "config.json").read_text())["architecture"]
+  assert name == "vit_tiny_patch16_224"
+  back, read, report = models.from_pretrained(f"timm:{name}@{out / 'model.safetensors'}", image_size=size)
+  assert (report.image_size, report.resized) == (size, [])
+  x = np.random.default_rng(0).normal(size=(2, *size, 3)).astype(np.float32)
+  ours = np.asarray(model.apply(variables, jnp.asarray(x)))
+  np.testing.assert_array_equal(np.asarray(back.apply(read, jnp.asarray(x))), ours)
+  assert np.abs(_torch_logits(_timm_model(out)[0], x) - ours).max() < 1e-4
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "tf_efficientnet_lite0"])

@@ -66,6 +66,7 @@ def _parse(argv):
   elif cli.flag_value(argv, "config") is None:
     argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
   config_flags.register_flag_parser_for_type(list, cli.ListParser())  # config_flags' hook for a type
+  argv = cli.drop_superseded(argv)  # the last of several flags for one key wins, =None too
   argv, _ = cli.split_free_form(argv)  # main applies them to the loaded config
   argv, _ = cli.split_none(argv)  # and these
   try:
@@ -124,7 +125,7 @@ def main(argv):
       config = _load_config()
       # A hand-built config file may lack whole sections: name the key before reading one.
       config_lib.check_schema(config)
-      argv, free_form = cli.split_free_form(sys.argv)
+      argv, free_form = cli.split_free_form(cli.drop_superseded(sys.argv))
       cli.apply_none(config, cli.split_none(argv)[1], config_lib.default_config())
       cli.apply_free_form(config, free_form)
     if config.train.deterministic:

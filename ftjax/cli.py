@@ -149,6 +149,32 @@ class ListParser(flags.ArgumentParser):
     return "list literal"
 
 
+def drop_superseded(argv) -> list[str]:
+  """argv without the ``--config.KEY=VALUE`` flags a later flag overrides: the same key, or a
+  section holding it.
+
+  absl applies repeated flags in order, but ``=None`` and free-form keys are taken out
+  and applied after the rest (:func:`split_none`, :func:`split_free_form`), which would
+  let them win wherever they stand. Dropping what is overridden keeps "the last one wins".
+
+  >>> drop_superseded(["launch.py", "--config.optim.layer_decay=None", "--config.optim.layer_decay=0.75"])
+  ['launch.py', '--config.optim.layer_decay=0.75']
+  >>> drop_superseded(["launch.py", "--config.optim.kwargs.nesterov=True", "--config.optim.kwargs={}",
+  ...                  "--config.optim.kwargs.eps=1.0"])
+  ['launch.py', '--config.optim.kwargs={}', '--config.optim.kwargs.eps=1.0']
+  """
+  keys = [(m.group(1) if m else None, bool(m and m.group(2)))
+          for m in (re.match(r"--(?:no)?config\.([\w.]+)(=)?", a) for a in argv)]
+  keep = []
+  for i, a in enumerate(argv):
+    key, has_value = keys[i]
+    later = (k for k, _ in keys[i + 1:] if k)
+    if key and has_value and any(key == k or key.startswith(k + ".") for k in later):
+      continue
+    keep.append(a)
+  return keep
+
+
 def split_free_form(argv) -> tuple[list[str], list[tuple[str, str, str]]]:
   """Takes ``--config.SECTION.NAME=VALUE`` for free-form sections (``optim.kwargs``) out of argv.
 

@@ -185,6 +185,24 @@ def test_an_optional_key_is_reset_with_none(run, tmp_path):
                                            "did you mean optim?"])
 
 
+
+def test_the_last_flag_for_a_key_wins_none_and_free_form_keys_too(run, tmp_path):
+  # =None and optim.kwargs.<key> are applied after absl's flags: they won wherever they stood,
+  # so a README base line "layer_decay=None" silently beat a later "layer_decay=0.75".
+  cfg = write_config(tmp_path, NPZ, **{"optim.layer_decay": 0.75})
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
+                          "--config.optim.layer_decay=None", "--config.optim.layer_decay=0.6",
+                          "--config.optim.grad_clip_norm=1.0", "--config.optim.grad_clip_norm=None",
+                          "--config.optim.kwargs.nesterov=True", "--config.optim.kwargs={'eps': 0.001}",
+                          "--config.optim.lr=0.1", "--config.optim.lr=0.002")
+  assert (code, err) == (0, [])
+  assert (config.optim.layer_decay, config.optim.grad_clip_norm, config.optim.lr) == (0.6, None, 0.002)
+  assert dict(config.optim.kwargs) == {"eps": 0.001}
+  # a later bad value is checked, not hidden behind an earlier None
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
+                          "--config.optim.layer_decay=None", "--config.optim.layer_decay=abc")
+  assert (config, code) == (None, 2) and "layer_decay" in err[0]
+
 def test_a_boolean_key_given_another_word_is_one_plain_line(run, tmp_path):
   config, code, err = run(f"--config={write_config(tmp_path, NPZ)}", f"--workdir={tmp_path / 'wd'}",
                           "--config.train.plots=maybe")

@@ -1068,6 +1068,8 @@ def _plan_warnings(opts, table, rows, trainable0, final_params, total_params, nu
   head = [p for p in table if p.split("/")[0] == "head"]
   if trainable0 == 0:
     out.append("nothing trains at step 0: every parameter is frozen (the head too?)")
+  elif float(opts["lr"]) == 0:
+    out.append("optim.lr is 0: no parameter moves (BatchNorm statistics alone may)")
   elif head and all(table[p].group is None for p in head):
     out.append("the head is frozen for the whole run: a new head would keep its initialisation")
   groups = _groups(opts)

@@ -900,24 +900,42 @@ def _plan(run: _Run, params) -> None:
   if (t.keep_best or t.early_stopping_patience) and lower_is_better == (t.best_mode == "max"):
     run.warnings.append(f"train.best_metric {t.best_metric} with best_mode {t.best_mode!r}: the "
                         f"{'highest' if t.best_mode == 'max' else 'lowest'} {key} counts as best")
-  _check_head(params, run.masks)
   run.plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
                                     num_train_examples=run.train_ds.num_examples,
                                     steps_per_epoch=run.steps_per_epoch)
+  run.warnings += _check_head(params, run.plan, optim.param_labels(
+      params, cfg.optim, family=run.family, phase=len(run.phases) - 1))
 
 
-def _check_head(params, masks) -> None:
-  """Refuses a head of zeros (a new one: another class count) frozen for the whole run.
+def _check_head(params, plan: optim.Plan, labels) -> list[str]:
+  """Refuses a head of zeros (a new one: another class count) that never learns; warns when
+  it starts learning after what is below it.
 
-  Its logits are 0 for every image and no gradient reaches anything below it: whatever
-  else trains, nothing moves and every prediction is class 0.
+  Its logits are 0 for every image and no gradient reaches anything below it: frozen, or at
+  a learning rate of 0, for the whole run, whatever else trains nothing moves and every
+  prediction is class 0; frozen until an unfreezing step, what trains before then sees zero
+  gradients (only weight decay moves it).  ``labels``: the last phase's, ``plan`` the run's.
   """
   head = flatten(params.get("head") or {})
-  trains = any(m for mask in masks for p, m in flatten(mask).items() if p.split("/")[0] == "head")
-  if head and not trains and not any(np.any(np.asarray(v)) for v in head.values()):
-    raise ConfigError("the head is all zeros and frozen for the whole run", where="optim.param_groups",
+  if not head or any(np.any(np.asarray(v)) for v in head.values()):
+    return []
+  rows = {r.label: r for r in plan.rows}
+  head_labels = [label for p, label in flatten(labels).items() if p.split("/")[0] == "head"]
+  learning = [rows[label] for label in head_labels if label != optim.FROZEN and rows[label].peak_lr > 0]
+  if not learning:
+    if all(label == optim.FROZEN for label in head_labels):
+      raise ConfigError("the head is all zeros and frozen for the whole run", where="optim.param_groups",
+                        value="every logit 0, no gradient below it: nothing would learn",
+                        hint='train the head: put ("head/.*", {}) first in optim.param_groups')
+    raise ConfigError("the head is all zeros and its learning rate is 0", where="optim.lr / lr_mult",
                       value="every logit 0, no gradient below it: nothing would learn",
-                      hint='train the head: put ("head/.*", {}) first in optim.param_groups')
+                      hint="give the head a learning rate above 0")
+  start = min(r.start_step for r in learning)
+  before = sum(r.params for r in plan.rows if not r.frozen and r.start_step < start)
+  if before:
+    return [f"the head is all zeros and frozen until step {start}: the {before:,} parameters that train "
+            "before it get no gradient until then (weight decay alone moves them); unfreeze the head first"]
+  return []
 
 
 def _check_update(tx: optax.GradientTransformation, params) -> None:

@@ -626,6 +626,36 @@ def test_a_head_of_zeros_frozen_for_the_whole_run_is_refused(tiny_vit_npz, tmp_p
   assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.parametrize("overrides,match", [
+    ({"optim.param_groups": [("head/.*", {"lr_mult": 0.0}), (".*", {})]}, r"optim.lr / lr_mult"),
+    ({"optim.lr": 0.0}, r"optim.lr / lr_mult")])
+def test_a_head_of_zeros_at_learning_rate_0_is_refused(tiny_vit_npz, tmp_path, overrides, match):
+  # A zero head "trained" at lr 0 is as dead as a frozen one: it ran to 9.7% (every
+  # prediction class 0) with at most a warning about lr_mult 0's cost.
+  cfg = tiny_config(tiny_vit_npz, **{"model.dont_load": ("params/head/.*",), **overrides})
+  with pytest.raises(ConfigError, match=r"^ftjax: error: the head is all zeros and its learning rate is 0 \("
+                                        + match):
+    train.prepare(cfg, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_a_head_of_zeros_unfrozen_after_the_body_is_a_plan_warning(tiny_vit_npz, tmp_path):
+  # Until the zero head unfreezes, what trains below it gets exactly zero gradient.
+  def head_warnings(dont_load, unfreeze):
+    cfg = tiny_config(tiny_vit_npz, **{"model.dont_load": dont_load, "optim.unfreeze": unfreeze,
+                                       "train.total_steps": 10})
+    run, _ = train.prepare(cfg, str(tmp_path / f"wd{len(dont_load)}{len(unfreeze)}"))
+    return [w for w in list(run.plan.warnings) + run.warnings if "head" in w]
+
+  late = head_warnings(("params/head/.*",), [(5, "head/.*")])
+  assert len(late) == 1 and late[0].startswith("the head is all zeros and frozen until step 5: the ")
+  assert head_warnings(("params/head/.*",), [(5, "Transformer/.*")]) == []  # the head first: fine
+  assert head_warnings((), [(5, "head/.*")]) == []  # a loaded head passes gradients down
+  cfg = tiny_config(tiny_vit_npz, **{"optim.lr": 0.0})
+  run, _ = train.prepare(cfg, str(tmp_path / "lr0"))  # a loaded head: allowed, but said
+  assert "optim.lr is 0: no parameter moves (BatchNorm statistics alone may)" in run.plan.warnings
+
+
 def test_a_class_left_without_training_examples_is_a_plan_warning(tiny_vit_npz, tmp_path):
   # A seeded val_fraction split sends the only image of "rare" to val: the class count still
   # agrees (3 folders, 3 outputs), but training would never see that class.

@@ -701,6 +701,29 @@ def _optimizer_names() -> list[str]:
   return names
 
 
+# Ranges of optax's common optimizer arguments, as torch.optim checks them: a b2 of -0.5 would
+# train to NaN some steps in, a negative eps to a 0% model, a b1 of 1.5 silently.
+_KWARG_RANGES = {"b1": (0.0, 1.0), "b2": (0.0, 1.0), "decay": (0.0, 1.0), "momentum": (0.0, math.inf),
+                 "eps": (0.0, math.inf), "eps_root": (0.0, math.inf)}
+
+
+def _check_range(key: str, value, where: str) -> None:
+  """A number outside ``_KWARG_RANGES[key]`` (``[low, high)``, or ``>= low``) is a ConfigError.
+
+  >>> _check_range("b2", 0.999, "optim.kwargs.b2")
+  >>> _check_range("b2", 1.5, "optim.kwargs.b2")
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.ConfigError: ftjax: error: optimizer argument out of range (optim.kwargs.b2): 1.5; b2 must be in [0, 1)
+  """
+  if key not in _KWARG_RANGES or isinstance(value, bool) or not isinstance(value, (int, float)):
+    return  # None (sgd's momentum), a schedule, or a type optax itself refuses
+  low, high = _KWARG_RANGES[key]
+  if not low <= value < high:
+    raise ConfigError("optimizer argument out of range", where=where, value=repr(value),
+                      hint=f"{key} must be in [{low:g}, {high:g})" if high < math.inf else f"{key} must be >= {low:g}")
+
+
 def named_optimizer(name: str, kwargs: Mapping[str, Any] | None,
                     learning_rate: float | Callable[[Any], Any], *,
                     where: str = "optim") -> optax.GradientTransformation:
@@ -737,6 +760,7 @@ def named_optimizer(name: str, kwargs: Mapping[str, Any] | None,
                  "optim.kwargs to {} (--config.optim.kwargs='{}')")
       raise ConfigError(f"{name} takes no argument {key}", where=f"{where}.kwargs.{key}",
                         value=repr(value), hint=hint)
+    _check_range(key, value, f"{where}.kwargs.{key}")
   if "weight_decay" in signature.parameters:
     kwargs["weight_decay"] = 0.0
   try:

@@ -812,3 +812,23 @@ def test_plan_warnings():
   assert "no trainable parameter decays" in warnings(
       {"weight_decay": 0.1, "param_groups": [("head/bias", {}), (".*", None)]})[0]
   assert "over half" in warnings({"schedule": {"warmup_steps": 60}})[0]
+
+
+@pytest.mark.parametrize("name,key,value,accepted", [
+    ("adamw", "b1", 1.5, False), ("adamw", "b2", -0.5, False), ("adamw", "eps", -1.0, False),
+    ("adamw", "b2", float("nan"), False), ("sgd", "momentum", -0.9, False),
+    ("rmsprop", "decay", 1.0, False), ("adamw", "eps_root", -1e-8, False),
+    ("adamw", "b1", 0.0, True), ("adamw", "eps", 0.0, True), ("sgd", "momentum", None, True),
+    ("sgd", "momentum", 0.95, True), ("rmsprop", "decay", 0.9, True)])
+def test_optimizer_arguments_out_of_range_are_refused_as_torch_refuses_them(name, key, value, accepted):
+  # b2 -0.5 trained to NaN a few steps in (after the workdir was written), eps -1 to a 0%
+  # model, b1 1.5 silently: torch.optim refuses all three.
+  if accepted:
+    optim.named_optimizer(name, {key: value}, 0.1)
+    return
+  with pytest.raises(ConfigError, match=rf"optimizer argument out of range \(optim.kwargs.{key}\)"):
+    optim.named_optimizer(name, {key: value}, 0.1)
+  with pytest.raises(ConfigError, match=rf"\(optim.param_groups #0.kwargs.{key}\)"):  # a group's own too
+    optim.make_optimizer({"w": np.zeros(2)}, {"name": "lion", "kwargs": {},
+                                              "param_groups": [(".*", {"name": name, "kwargs": {key: value}})]},
+                         total_steps=10)

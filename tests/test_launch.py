@@ -202,6 +202,11 @@ def test_the_last_flag_for_a_key_wins_none_and_free_form_keys_too(run, tmp_path)
   config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}",
                           "--config.optim.layer_decay=None", "--config.optim.layer_decay=abc")
   assert (config, code) == (None, 2) and "layer_decay" in err[0]
+  # and the error quotes the flag that failed, not the first of that name (cut at the wrong ': ')
+  config, code, err = run(f"--config={cfg}", f"--workdir={tmp_path / 'wd'}", '--config.optim.param_groups=[(".*", {})]',
+                          '--config.optim.param_groups=[("head/.*", {"lr_mult": float("nan")})]')
+  assert (config, code) == (None, 2)
+  assert err[0].startswith("ftjax: error: bad value (--config.optim.param_groups): not a Python list literal: ")
 
 def test_a_boolean_key_given_another_word_is_one_plain_line(run, tmp_path):
   config, code, err = run(f"--config={write_config(tmp_path, NPZ)}", f"--workdir={tmp_path / 'wd'}",

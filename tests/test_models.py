@@ -118,6 +118,12 @@ def test_dont_load_reinitialises_only_what_it_names(tiny_vit_npz):
   assert "re-initialised" in str(report)
 
 
+def test_dont_load_takes_one_regex_as_a_string(tiny_vit_npz):
+  # It was iterated character by character: "dont_load rule matches no parameter ... 'p'".
+  _, _, report = models.from_pretrained(f"npz:test@{tiny_vit_npz}", dont_load="params/head/.*")
+  assert sorted(p for p, _ in report.reinitialized) == ["params/head/bias", "params/head/kernel"]
+
+
 def test_dont_load_rule_matching_nothing_is_an_error(tiny_vit_npz):
   # Full matches on params/... paths: the prefix-free form optim's rules use would keep the head.
   with pytest.raises(ConfigError, match=r"dont_load rule matches no parameter \(model.dont_load #0\): "

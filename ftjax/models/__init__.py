@@ -313,6 +313,8 @@ def from_pretrained(source: str, *, num_classes: int | None = None, image_size=N
   """
   if num_classes is not None and (not isinstance(num_classes, (int, np.integer)) or num_classes <= 0):
     raise ConfigError("num_classes must be a positive integer", where="num_classes", value=num_classes)
+  if isinstance(dont_load, str):  # one regex, not its characters one by one
+    dont_load = (dont_load,)
   requested = _size2(image_size) if image_size is not None else None
   conv = read_source(source, image_size=requested)
   fam = family(conv.family)

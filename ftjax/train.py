@@ -290,7 +290,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   else:
     # Microbatches inside the one compiled step: only the gradient sum is kept.
     k = opts.accum_steps
-    split = lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    # Micro-batch i takes rows i, i + k, i + 2k, ...: each keeps a share of every device's
+    # slice, so no device waits on another's rows (contiguous ones made XLA gather the
+    # whole batch onto every device, which then computed all of it).
+    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
     def micro(carry, xs):
       g_sum, l_sum, bs = carry

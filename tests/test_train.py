@@ -552,6 +552,47 @@ def test_training_loop_with_sharded_params_runs_and_matches_replicated(tiny_vit_
   assert worst <= 1e-5
 
 
+ACCUM_SCRIPT = textwrap.dedent('''
+    import os, re, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import numpy as np, jax
+    from jax.sharding import Mesh
+    sys.path.insert(0, {tests!r})
+    from conftest import sgd_step_setup
+    from ftjax import train
+    from ftjax.tree import flatten
+    params, tx, fn, batches = sgd_step_setup({npz!r}, 1)
+    runner = train.JitRunner(Mesh(np.asarray(jax.devices()), ("data",)))
+    out = {{}}
+    for k in (1, 4):
+      step = runner.compile(fn, train.StepOptions(num_classes=10, accum_steps=k))
+      state = runner.put_state(train.initial_state(params, None, tx, 0, ema=False))
+      batch = runner.put_batch(batches[0])
+      print("GATHERS", k, len(re.findall(r" all-gather\\(", step.lower(state, batch).compile().as_text())))
+      state, metrics = step(state, batch)
+      out[k] = flatten(runner.view(state).params), float(metrics["loss"])
+    print("LOSS", out[1][1], out[4][1])
+    print("WORST", max(float(np.max(np.abs(np.asarray(out[1][0][p]) - np.asarray(out[4][0][p])))) for p in out[1][0]))
+''')
+
+
+@pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
+def test_gradient_accumulation_keeps_each_micro_batch_on_every_device(tiny_vit_npz, tmp_path):
+  # Contiguous micro-batches sat on a quarter of the devices each: XLA gathered the whole
+  # batch onto every device, which computed all of it (4x the work, more memory).
+  script = tmp_path / "accum.py"
+  script.write_text(ACCUM_SCRIPT.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
+  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                     env=subprocess_env())
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [line.split() for line in r.stdout.splitlines()]
+  assert [row[1:] for row in rows if row[0] == "GATHERS"] == [["1", "0"], ["4", "0"]], r.stdout
+  # the same step: the mean of four micro-batch means is the batch mean (no BatchNorm here)
+  (loss1, loss4), = [map(float, row[1:]) for row in rows if row[0] == "LOSS"]
+  assert loss4 == pytest.approx(loss1, abs=1e-5)
+  assert [float(row[1]) <= 1e-5 for row in rows if row[0] == "WORST"] == [True], r.stdout
+
+
 def test_lora_run_trains_adapters_and_head_only(tiny_vit_npz, tmp_path, capsys):
   wd = tmp_path / "wd"
   # remat on (the memory-bound LoRA setting): the adapters' gradients go through the

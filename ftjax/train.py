@@ -1121,15 +1121,20 @@ def prepare(config, workdir: str, *, make_workdir: bool = True) -> tuple[_Run, d
     distributed.initialize()
   t = config.train
   n_dev = jax.device_count()
-  if t.batch_size % n_dev or t.eval_batch_size % n_dev:
-    raise ConfigError("batch size not divisible by the device count", where="train.batch_size",
-                      value=f"{t.batch_size} / {n_dev} devices")
+  for key in ("batch_size", "eval_batch_size"):
+    if t[key] % n_dev:
+      raise ConfigError("batch size not divisible by the device count", where=f"train.{key}",
+                        value=f"{t[key]} / {n_dev} devices")
   accum = config.optim.accum_steps
   if not (isinstance(accum, (int, np.integer)) and not isinstance(accum, bool) and accum >= 1):
     raise ConfigError("accum_steps must be a positive integer", where="optim.accum_steps", value=repr(accum))
   if t.batch_size % (accum * n_dev):
     raise ConfigError("batch size not divisible by accum_steps x devices", where="optim.accum_steps",
                       value=f"{t.batch_size} / ({accum} x {n_dev})")
+  if t.shard_params and t.parallel == "pmap":  # pmap replicates whatever it is given
+    raise ConfigError("train.shard_params needs train.parallel=jit", where="train.shard_params",
+                      value=f"{tuple(t.shard_params)} with parallel=pmap",
+                      hint="drop train.parallel=pmap, or shard_params=()")
   if t.shard_params and jax.process_count() > 1:
     # Checkpoints are written by process 0 from its host copy of the (replicated) state.
     raise ConfigError("train.shard_params needs a single process", where="train.shard_params",

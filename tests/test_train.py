@@ -1062,8 +1062,11 @@ def test_a_failed_evaluation_counts_for_early_stopping_once_rerun(tiny_vit_npz, 
      r"best metric of the EMA weights, but the run keeps none \(train.best_metric\): 'ema_test/top1'; "
      r"set train.ema_decay \(e.g. 0.999\), or rank by test/top1"),
     ({"train.best_metric": "ema_test/top1"}, r"best metric of the EMA weights"),  # keep_best 1 ranks by it
-    ({"optim.accum_steps": 0}, r"accum_steps must be a positive integer \(optim.accum_steps\): 0$")],
-    ids=["ema-early-stopping", "ema-keep-best", "accum-0"])
+    ({"optim.accum_steps": 0}, r"accum_steps must be a positive integer \(optim.accum_steps\): 0$"),
+    # pmap replicates what it is given: FSDP rules ran silently unsharded
+    ({"train.parallel": "pmap", "train.shard_params": (".*/kernel",)},
+     r"train.shard_params needs train.parallel=jit \(train.shard_params\)")],
+    ids=["ema-early-stopping", "ema-keep-best", "accum-0", "pmap-shard_params"])
 def test_settings_that_cannot_work_fail_before_the_workdir(tiny_vit_npz, tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
     train.prepare(tiny_config(tiny_vit_npz, **overrides), str(tmp_path / "wd"))

@@ -906,8 +906,10 @@ def _plan(run: _Run, params) -> None:
   run.plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
                                     num_train_examples=run.train_ds.num_examples,
                                     steps_per_epoch=run.steps_per_epoch)
-  run.warnings += _check_head(params, run.plan, optim.param_labels(
-      params, cfg.optim, family=run.family, phase=len(run.phases) - 1))
+  labels = optim.param_labels(params, cfg.optim, family=run.family, phase=len(run.phases) - 1)
+  run.warnings += _check_head(params, run.plan, labels)
+  if run.lora is not None:
+    run.warnings += _check_lora(labels)
 
 
 def _check_head(params, plan: optim.Plan, labels) -> list[str]:
@@ -938,6 +940,29 @@ def _check_head(params, plan: optim.Plan, labels) -> list[str]:
   if before:
     return [f"the head is all zeros and frozen until step {start}: the {before:,} parameters that train "
             "before it get no gradient until then (weight decay alone moves them); unfreeze the head first"]
+  return []
+
+
+def _check_lora(labels) -> list[str]:
+  """Refuses LoRA whose adapters ``optim.param_groups`` freeze for the whole run; warns when
+  base weights other than the head train too (the default groups freeze them).
+
+  Param groups other than the single default ``.*`` one are the user's, and apply to the
+  adapters (``lora/...``) as to any leaf: a head-only rule list froze every adapter.
+  """
+  from ftjax import lora
+  flat = flatten(labels)
+  adapters = [label for p, label in flat.items() if p.split("/")[0] == lora.LORA]
+  if adapters and all(label == optim.FROZEN for label in adapters):
+    raise ConfigError("model.lora_rank is set but optim.param_groups freeze every adapter",
+                      where="optim.param_groups", value=f"{len(adapters)} lora/ leaves frozen",
+                      hint=f'put ("{lora.LORA}/.*", {{}}) first in optim.param_groups, or leave it at its '
+                           "default (adapters and head train)")
+  base = sorted({p.split("/")[0] for p, label in flat.items()
+                 if label != optim.FROZEN and p.split("/")[0] not in (lora.LORA, "head")})
+  if base:
+    return [f"LoRA with base weights training too ({', '.join(base)}): they take gradients and optimizer "
+            f'state; add (".*", None) last in optim.param_groups to freeze them']
   return []
 
 

@@ -593,6 +593,25 @@ def test_gradient_accumulation_keeps_each_micro_batch_on_every_device(tiny_vit_n
   assert [float(row[1]) <= 1e-5 for row in rows if row[0] == "WORST"] == [True], r.stdout
 
 
+def test_lora_param_groups_that_freeze_the_adapters_or_train_the_base_are_said(tiny_vit_npz, tmp_path):
+  # Only the single default group becomes LoRA's; configs/vit_head_only.py's rules froze every
+  # adapter, and ("head/.*", lr_mult 10), (".*", {}) trained the whole base, both silently.
+  def lora_warnings(groups, name):
+    cfg = tiny_config(tiny_vit_npz, **{"model.lora_rank": 2, "optim.param_groups": groups})
+    run, _ = train.prepare(cfg, str(tmp_path / name))
+    return [w for w in run.warnings if w.startswith("LoRA")]
+
+  with pytest.raises(ConfigError, match=r"model.lora_rank is set but optim.param_groups freeze every adapter "
+                                        r"\(optim.param_groups\): \d+ lora/ leaves frozen"):
+    lora_warnings([("head/.*", {}), (".*", None)], "a")
+  assert not (tmp_path / "a").exists()
+  assert lora_warnings([("head/.*", {"lr_mult": 10.0}), (".*", {})], "b") == [
+      "LoRA with base weights training too (Transformer, cls, embedding): they take gradients and optimizer "
+      'state; add (".*", None) last in optim.param_groups to freeze them']
+  assert lora_warnings([("lora/.*|head/.*", {}), (".*", None)], "c") == []
+  assert lora_warnings([(".*", {})], "d") == []  # the default: LoRA's own groups
+
+
 def test_lora_run_trains_adapters_and_head_only(tiny_vit_npz, tmp_path, capsys):
   wd = tmp_path / "wd"
   # remat on (the memory-bound LoRA setting): the adapters' gradients go through the

@@ -786,7 +786,6 @@ def test_ema_averages_the_batchnorm_statistics_it_evaluates_with(freeze_bn):
   # timm's EMA averages BatchNorm's running statistics with the weights; the EMA weights
   # used to be evaluated with the live statistics.  Frozen statistics keep an exact EMA.
   import types
-  from jax.sharding import Mesh
   from ftjax import models, optim
   from ftjax.models.resnet import ResNet
   model = ResNet(num_classes=3, block="basic", depths=(1, 1), widths=(8, 16), stem_width=8)

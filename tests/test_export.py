@@ -291,6 +291,7 @@ def test_hf_dinov2_exported_to_timm_reads_back_by_its_name(tmp_path, registers):
 
 
 @pytest.mark.parametrize("size", [(32, 32), (32, 48)])
+@pytest.mark.slow  # 13-15 s each, and the default run is near its 15 minutes; CI runs it (-m slow)
 def test_a_vit_fine_tuned_at_another_size_exports_under_its_own_timm_name(tmp_path, size):
   """A Ti/16 at 32 px is named vit_tiny_patch16_224 (the nearest registered resolution), which
   from_pretrained reads back (the position table gives the size); under vit_base_patch16_224,

@@ -421,6 +421,17 @@ def test_an_optimizer_option_optax_refuses_fails_before_the_workdir_is_written(t
   assert not (tmp_path / "wd").exists()
 
 
+def _run_script(tmp_path, text: str) -> str:
+  """Runs ``text`` as a Python process of its own (it sets XLA_FLAGS before jax starts: a
+  device count this process cannot change); returns its stdout, failing on a non-zero exit."""
+  script = tmp_path / "script.py"
+  script.write_text(text)
+  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                     env=subprocess_env())
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r.stdout
+
+
 PARALLEL_SCRIPT = textwrap.dedent('''
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -454,12 +465,8 @@ PARALLEL_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_jit_sharded_fsdp_and_pmap_match_one_device(tiny_vit_npz, tmp_path):
-  script = tmp_path / "parallel.py"
-  script.write_text(PARALLEL_SCRIPT.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
-  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                     env=subprocess_env())
-  assert r.returncode == 0, r.stderr[-3000:]
-  line = [l for l in r.stdout.splitlines() if l.startswith("WORST")][0].split()
+  stdout = _run_script(tmp_path, PARALLEL_SCRIPT.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
+  line = [l for l in stdout.splitlines() if l.startswith("WORST")][0].split()
   worst, moved = float(line[1]), float(line[3])
   assert moved > 1e-4  # the three steps really changed the parameters
   assert worst <= 1e-5
@@ -502,12 +509,8 @@ def test_pmap_devices_draw_their_own_dropout(tmp_path):
   # Each device got the same dropout key: example i of every device's slice dropped the
   # same units (correlated draws, unlike jit's over the global batch). Two devices given
   # the same examples then computed one device's loss exactly.
-  script = tmp_path / "dropout.py"
-  script.write_text(PMAP_DROPOUT_SCRIPT)
-  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                     env=subprocess_env())
-  assert r.returncode == 0, r.stderr[-3000:]
-  losses = {float(l.split()[1]): [float(x) for x in l.split()[3:]] for l in r.stdout.splitlines()
+  stdout = _run_script(tmp_path, PMAP_DROPOUT_SCRIPT)
+  losses = {float(l.split()[1]): [float(x) for x in l.split()[3:]] for l in stdout.splitlines()
             if l.startswith("RATE")}
   assert losses[0.0][0] == losses[0.0][1]  # no dropout: the same examples, the same loss
   assert losses[0.5][0] != losses[0.5][1]  # dropout: device 1 draws its own units
@@ -543,12 +546,9 @@ def test_training_loop_with_sharded_params_runs_and_matches_replicated(tiny_vit_
   # train.shard_params through the whole loop on 4 devices: the momentum and the EMA of a
   # sharded parameter come out of the compiled step sharded like it, so the state must go in
   # that way too (they went in replicated, and the second step refused its arguments).
-  script = tmp_path / "fsdp.py"
-  script.write_text(FSDP_LOOP_SCRIPT.format(tests=str(REPO / "tests"), npz=tiny_vit_npz, wd=str(tmp_path)))
-  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                     env=subprocess_env())
-  assert r.returncode == 0, r.stderr[-3000:]
-  worst = float([l for l in r.stdout.splitlines() if l.startswith("WORST")][0].split()[1])
+  stdout = _run_script(tmp_path, FSDP_LOOP_SCRIPT.format(tests=str(REPO / "tests"), npz=tiny_vit_npz,
+                                                         wd=str(tmp_path)))
+  worst = float([l for l in stdout.splitlines() if l.startswith("WORST")][0].split()[1])
   assert worst <= 1e-5
 
 
@@ -580,17 +580,13 @@ ACCUM_SCRIPT = textwrap.dedent('''
 def test_gradient_accumulation_keeps_each_micro_batch_on_every_device(tiny_vit_npz, tmp_path):
   # Contiguous micro-batches sat on a quarter of the devices each: XLA gathered the whole
   # batch onto every device, which computed all of it (4x the work, more memory).
-  script = tmp_path / "accum.py"
-  script.write_text(ACCUM_SCRIPT.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
-  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                     env=subprocess_env())
-  assert r.returncode == 0, r.stderr[-3000:]
-  rows = [line.split() for line in r.stdout.splitlines()]
-  assert [row[1:] for row in rows if row[0] == "GATHERS"] == [["1", "0"], ["4", "0"]], r.stdout
+  stdout = _run_script(tmp_path, ACCUM_SCRIPT.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
+  rows = [line.split() for line in stdout.splitlines()]
+  assert [row[1:] for row in rows if row[0] == "GATHERS"] == [["1", "0"], ["4", "0"]], stdout
   # the same step: the mean of four micro-batch means is the batch mean (no BatchNorm here)
   (loss1, loss4), = [map(float, row[1:]) for row in rows if row[0] == "LOSS"]
   assert loss4 == pytest.approx(loss1, abs=1e-5)
-  assert [float(row[1]) <= 1e-5 for row in rows if row[0] == "WORST"] == [True], r.stdout
+  assert [float(row[1]) <= 1e-5 for row in rows if row[0] == "WORST"] == [True], stdout
 
 
 def test_lora_param_groups_that_freeze_the_adapters_or_train_the_base_are_said(tiny_vit_npz, tmp_path):

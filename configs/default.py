@@ -24,9 +24,10 @@ initialisation, full training, BatchNorm momentum 0.9 as in PyTorch).
 
 Expected (measured 2026-11-27, seed 0): 90.9% top-1 on the 1,000 test digits on one
 machine, 93.1% on another (2026-11-28: XLA's CPU kernels round differently on different
-processors; each machine repeats its own figure); about 2 minutes on 2 CPU cores. The timm/PyTorch reference for the same network, weights and
-digits (64 px, AdamW 1e-3, batch 50, 200 steps, no augmentation): 74.5% head only,
-80.0% full fine-tune, 57.5% from scratch.
+processors; each machine repeats its own figure); about 2 minutes on 2 CPU cores. The
+timm/PyTorch reference for the same network, weights and digits (64 px, AdamW 1e-3,
+batch 50, 200 steps, no augmentation): 74.5% head only, 80.0% full fine-tune, 57.5% from
+scratch.
 """
 
 from ftjax import optim

@@ -812,6 +812,18 @@ def test_malformed_checkpoints_are_one_line_errors_naming_the_key():
       vit.convert_hf({"hidden_act": act}, {})
 
 
+def test_hf_heads_that_do_not_divide_the_width_name_the_key_and_both_shapes():
+  """config.json claiming 5 heads for width 32: the query kernel cannot split into heads;
+  the error names the key, the tensor's shape and the head count it was asked to fit."""
+  config = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 5,
+            "intermediate_size": 48, "patch_size": 8}
+  key = "vit.encoder.layer.0.attention.attention.query.weight"
+  with pytest.raises(CheckpointError, match=(r"tensor does not fit the architecture \(Hugging Face ViT "
+                                             rf"checkpoint: {re.escape(key)}\): \(32, 32\) \(32 features "
+                                             r"do not split into 5 heads\)")):
+    vit.convert_hf(config, {key: np.zeros((32, 32), np.float32)})
+
+
 def test_malformed_hf_configs_are_one_line_errors_naming_the_field():
   """A config.json field of the wrong type (a list for hidden_act, null or a string for a
   number) is a CheckpointError naming the field, not a TypeError or ValueError from the converter."""

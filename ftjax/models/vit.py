@@ -1047,9 +1047,10 @@ def _map_keys(tensors: Mapping[str, np.ndarray], rules, source: str) -> _Mapped:
       if m:
         try:
           got = fn(m, arr)
-        except ValueError:  # a reshape into heads that cannot be: another architecture's tensor
+        except ValueError as e:  # a reshape into heads that cannot be: another architecture's tensor
           raise CheckpointError("tensor does not fit the architecture", where=f"{source}: {key}",
-                                value=tuple(arr.shape), hint="a checkpoint for another variant?") from None
+                                value=f"{tuple(arr.shape)} ({e})",
+                                hint="a checkpoint for another variant?") from None
         if isinstance(got, str):
           out.dropped.append((key, got))
         else:
@@ -1078,6 +1079,9 @@ def _linear(path: str, heads: int | None = None, split: str = "") -> Callable:
   def fn(m, arr):
     target = path.format(*m.groups())
     leaf = m.group(m.lastindex) if m.lastindex else None
+    if split and arr.shape[0 if split == "out" else -1] % heads:
+      raise ValueError(f"{arr.shape[0 if split == 'out' else -1]} features do not split into "
+                       f"{heads} heads")
     if leaf == "bias":
       arr = arr.reshape(heads, -1) if split == "out" else arr
       return {f"{target}/bias": arr}

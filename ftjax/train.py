@@ -1094,8 +1094,12 @@ def _evaluate(run: _Run, state: TrainState, eval_fn, put_batch, hit=lambda momen
   return out
 
 
-def _check_numerics(state: TrainState, trainable: tuple[str, ...], policy: str, max_skips: int) -> int:
-  """Host check at sync points; returns the number of steps skipped so far."""
+def _check_numerics(state: TrainState, trainable: tuple[str, ...], policy: str, max_skips: int,
+                    last_saved: int = -1) -> int:
+  """Host check at sync points; returns the number of steps skipped so far.
+
+  ``last_saved``: the step of the newest checkpoint (every one passed this check), -1 if none.
+  """
   first_step, what, param, skipped, consecutive = (int(x) for x in distributed.host_tree(
       (state.first_bad_step, state.first_bad_what, state.first_bad_param, state.skipped,
        state.consecutive_skips)))
@@ -1107,9 +1111,11 @@ def _check_numerics(state: TrainState, trainable: tuple[str, ...], policy: str, 
   elif what <= 0:
     quantity += " (gradients finite)"
   if policy == "stop":
+    kept = (f"the last good checkpoint (step {last_saved}) is kept: rerun with train.on_nan=skip to "
+            "resume from it" if last_saved >= 0 else
+            "no checkpoint was saved before it: rerun with train.on_nan=skip to skip such steps")
     raise NumericsError("non-finite value in training", where=f"step {first_step}", value=quantity,
-                        hint="the last good checkpoint is kept: rerun with train.on_nan=skip to "
-                             "resume from it, or with a lower optim.lr in a new --workdir")
+                        hint=f"{kept}, or with a lower optim.lr in a new --workdir")
   if consecutive >= max_skips:
     raise NumericsError("too many consecutive non-finite steps skipped", where=f"step {first_step}",
                         value=f"{consecutive} in a row, first: {quantity}",
@@ -1384,7 +1390,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
 
   def save(step, summaries=None, eval_pending=False):
     view = runner.view(state)
-    _check_numerics(view, trainable, t.on_nan, t.max_consecutive_skips)
+    _check_numerics(view, trainable, t.on_nan, t.max_consecutive_skips, last_saved)
     flat_metrics = {f"{s}/{k}": v for s, d in (summaries or {}).items() for k, v in d.items()
                     if isinstance(v, (int, float))}
     extra = {"model": meta, "data_step": step, "phase": phase, "ledger": ledger,
@@ -1454,7 +1460,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
       new_segment = False
       if step % t.log_every == 0 or step == total:
         m = distributed.host_tree(runner.view(m))
-        skipped = _check_numerics(runner.view(state), trainable, t.on_nan, t.max_consecutive_skips)
+        skipped = _check_numerics(runner.view(state), trainable, t.on_nan, t.max_consecutive_skips,
+                                  last_saved)
         writer.write(step, "train", {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                                      "skipped_steps": skipped})
         progress.update(step, loss=float(m["loss"]))

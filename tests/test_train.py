@@ -308,16 +308,18 @@ def test_a_refused_resume_leaves_the_workdir_as_it_was(tiny_vit_npz, tmp_path):
 @pytest.mark.slow  # 20 s or more on 2 slow cores; CI runs it (-m slow)
 def test_nan_loss_stops_with_numerics_code_and_keeps_last_good_checkpoint(tiny_vit_npz, tmp_path):
   cfg_file = write_config(tmp_path, tiny_vit_npz, **{
-      "train.total_steps": 12, "train.checkpoint_every": 2, "train.eval_every": 0, "train.log_every": 2,
+      "train.total_steps": 12, "train.checkpoint_every": 1, "train.eval_every": 0, "train.log_every": 2,
       "optim.name": "sgd", "optim.kwargs": {"momentum": 0.0}, "optim.lr": 1e30})
   wd = tmp_path / "wd"
   r = subprocess.run(launch_cmd(cfg_file, str(wd)), capture_output=True, text=True, timeout=300,
                      env=subprocess_env())
   assert r.returncode == 4, r.stderr[-2000:]
   line = r.stderr.strip().splitlines()[-1]
-  assert re.fullmatch(r"ftjax: error: non-finite value in training \(step \d+\): loss, first non-finite "
-                      r"gradient params/\S+; the last good checkpoint is kept: rerun with "
+  # Step 1's update is huge but finite, and saved; step 2's loss is not, and is never saved.
+  assert re.fullmatch(r"ftjax: error: non-finite value in training \(step 2\): loss, first non-finite "
+                      r"gradient params/\S+; the last good checkpoint \(step 1\) is kept: rerun with "
                       r"train.on_nan=skip to resume from it, or with a lower optim.lr in a new --workdir", line), line
+  assert checkpoint.committed_steps(wd / "checkpoints") == [1]
   for step in checkpoint.committed_steps(wd / "checkpoints"):
     flat, _ = checkpoint.read_checkpoint(wd / "checkpoints", step)
     for k, v in flatten(flat).items():
@@ -356,8 +358,14 @@ def test_nan_skip_policy_leaves_state_bit_identical(tiny_vit_npz, tmp_path):
     train._check_numerics(s2, paths, "stop", max_skips=10)
   assert str(info.value) == (
       f"ftjax: error: non-finite value in training (step 2): loss, first non-finite gradient "
-      f"params/{paths[0]}; the last good checkpoint is kept: rerun with train.on_nan=skip to resume from it, "
-      "or with a lower optim.lr in a new --workdir")
+      f"params/{paths[0]}; no checkpoint was saved before it: rerun with train.on_nan=skip to skip such "
+      "steps, or with a lower optim.lr in a new --workdir")
+  with pytest.raises(NumericsError) as info:  # the hint names the checkpoint only when there is one
+    train._check_numerics(s2, paths, "stop", max_skips=10, last_saved=1)
+  assert str(info.value) == (
+      f"ftjax: error: non-finite value in training (step 2): loss, first non-finite gradient "
+      f"params/{paths[0]}; the last good checkpoint (step 1) is kept: rerun with train.on_nan=skip to resume "
+      "from it, or with a lower optim.lr in a new --workdir")
   with pytest.raises(Exception, match="too many consecutive"):
     train._check_numerics(s2, train.trainable_paths(mask), "skip", max_skips=1)
   assert train._check_numerics(s2, train.trainable_paths(mask), "skip", max_skips=5) == 1

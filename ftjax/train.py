@@ -903,6 +903,9 @@ def _plan(run: _Run, params) -> None:
   if (t.keep_best or t.early_stopping_patience) and lower_is_better == (t.best_mode == "max"):
     run.warnings.append(f"train.best_metric {t.best_metric} with best_mode {t.best_mode!r}: the "
                         f"{'highest' if t.best_mode == 'max' else 'lowest'} {key} counts as best")
+  if cfg.model.dtype == "float16":
+    run.warnings.append("model.dtype float16 runs without loss scaling: gradients under about 6e-8 "
+                        "flush to zero in the backward pass; bfloat16 (A100, H100, TPU) has float32's range")
   run.plan = optim.fine_tuning_plan(params, cfg.optim, family=run.family, total_steps=total,
                                     num_train_examples=run.train_ds.num_examples,
                                     steps_per_epoch=run.steps_per_epoch)

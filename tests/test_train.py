@@ -269,6 +269,10 @@ def test_keep_best_keeps_the_best_evaluated_step(tiny_vit_npz, tmp_path, capsys,
       "early stopping cannot end this run early: 3 evaluation(s) in 6 steps (train.eval_every 2) for "
       "patience 2",
       "train.best_metric test/loss with best_mode 'max': the highest loss counts as best"]
+  run, _ = train.prepare(tiny_config(tiny_vit_npz, **{"model.dtype": "float16"}), str(tmp_path / "w4"))
+  assert run.warnings == [
+      "model.dtype float16 runs without loss scaling: gradients under about 6e-8 flush to zero in the "
+      "backward pass; bfloat16 (A100, H100, TPU) has float32's range"]
   with pytest.raises(ConfigError, match=r"early stopping watches a split that is not evaluated "
                                         r"\(train.best_metric\): 'top1'"):
     train.prepare(tiny_config(tiny_vit_npz, **{"data.eval_splits": [],

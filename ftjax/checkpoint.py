@@ -327,19 +327,23 @@ def steps_to_keep(metrics: Mapping[int, float | None], *, keep_latest: int, keep
   """The union of the ``keep_latest`` newest steps and the ``keep_best`` best ones.
 
   ``metrics`` maps every existing step to its metric (None when absent or
-  non-finite: such steps are never "best").  Ties go to the newer step.
+  non-finite: such steps are never "best").  Ties go to the older step: the
+  first to reach a value is its best, as early stopping counts it (only a
+  strict improvement moves its best step).
 
   >>> m = {100: 0.5, 200: 0.9, 300: float("nan"), 400: 0.1, 500: None}
   >>> sorted(steps_to_keep(m, keep_latest=2, keep_best=1))
   [200, 400, 500]
   >>> sorted(steps_to_keep(m, keep_latest=1, keep_best=2, best_mode="min"))
   [100, 400, 500]
+  >>> sorted(steps_to_keep({100: 0.9, 200: 0.9, 300: 0.9}, keep_latest=1, keep_best=1))
+  [100, 300]
   """
   steps = sorted(metrics)
   keep = set(steps[-keep_latest:]) if keep_latest > 0 else set()
   sign = 1.0 if best_mode == "max" else -1.0
-  scored = [(sign * metrics[s], s) for s in steps if _metric_value(metrics[s]) is not None]
-  keep.update(s for _, s in sorted(scored, reverse=True)[:max(keep_best, 0)])
+  scored = [(sign * metrics[s], -s) for s in steps if _metric_value(metrics[s]) is not None]
+  keep.update(-s for _, s in sorted(scored, reverse=True)[:max(keep_best, 0)])
   return keep
 
 
@@ -626,7 +630,7 @@ def recorded_metric(directory: str | os.PathLike, step: int, metric: str) -> flo
 
 
 def best_step(directory: str | os.PathLike, metric: str, mode: str = "max") -> int:
-  """The committed step whose manifest records the best ``metric`` (newest on ties).
+  """The committed step whose manifest records the best ``metric`` (oldest on ties).
 
   Steps saved without the metric (no evaluation at that step) never count.
   Nothing is written.
@@ -737,7 +741,7 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def best_step(self) -> int | None:
-    """The committed step with the best ``best_metric`` (newest on ties), or None."""
+    """The committed step with the best ``best_metric`` (oldest on ties), or None."""
     if not self.best_metric:
       return None
     metrics = {s: self._metric(s) for s in self.all_steps()}

@@ -213,7 +213,8 @@ def test_early_stopping_stops_where_the_history_says(tiny_vit_npz, tmp_path, cap
   assert re.search(r"early stopping at step 3: best test/top1 \S+ at step 1; predict, export and "
                    r"fewshot take the best kept step with --step best\n", capsys.readouterr().out)
   from ftjax import export
-  assert export.run_step(tmp_path / "wd", "best") == 3  # all three tie; ties go to the newer step
+  # All three tie: the best is the first, as early stopping printed (it used to be the newest).
+  assert export.run_step(tmp_path / "wd", "best") == 1
   assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints")[-1] == 3
   # The same command again: the run is over, nothing trains (it used to go on a step a rerun).
   train.train_and_evaluate(cfg, str(tmp_path / "wd"))

@@ -1064,15 +1064,27 @@ def _phase_step(run: _Run, mask, opts: StepOptions, batch_stats) -> tuple[Any, S
           dataclasses.replace(opts, update_batch_stats=bool(batch_stats) and frozen is not True))
 
 
+def _counting_model(model):
+  """``model`` as its FLOPs are counted (model FLOPs, as MFU defines them): ViT's recomputed
+  blocks (``remat``) once, EfficientNet's depthwise convolutions as convolutions (on a CPU
+  they run as elementwise multiply-adds, which the count leaves out), ResNet's stem as the
+  plain 7x7 convolution (``space_to_depth`` multiplies zero taps too).  The same function."""
+  return _with_base(model, remat=False, depthwise_impl="conv", stem_conv_impl="flax")
+
+
 def _compile_phase(run: _Run, runner, tx, mask, opts: StepOptions, state, cast_paths: Mapping[str, Any],
                    batch_stats):
-  """A phase's step, its trainable paths and its frozen leaves cast once (``frozen_cast``)."""
+  """A phase's step, its trainable paths, its frozen leaves cast once (``frozen_cast``), and
+  the step whose program :func:`_compile_step` counts FLOPs in (None: the step itself)."""
   trainable = trainable_paths(mask)
   model, opts = _phase_step(run, mask, opts, batch_stats)
   fn = functools.partial(train_step, model=model, tx=tx, trainable=trainable)
+  counting = _counting_model(model)
+  count_fn = (None if counting is model else
+              runner.compile(functools.partial(train_step, model=counting, tx=tx, trainable=trainable), opts))
   trains = set(trainable)
   casts = {p: d for p, d in cast_paths.items() if p not in trains}
-  return runner.compile(fn, opts), trainable, runner.cast_frozen(state, casts)
+  return runner.compile(fn, opts), trainable, runner.cast_frozen(state, casts), count_fn
 
 
 def _evaluate(run: _Run, state: TrainState, eval_fn, put_batch, hit=lambda moment, step: None,
@@ -1225,17 +1237,19 @@ def writes_workdir() -> bool:
   return jax.process_index() == 0
 
 
-def _compile_step(step_fn, state, batch, frozen, runner, phase: int):
+def _compile_step(step_fn, state, batch, frozen, runner, phase: int, count_fn=None):
   """Compiles a phase's step; prints its memory and FLOPs; returns (compiled, FLOPs per step).
 
   The memory is XLA's buffer assignment for one device (the fine-tuning plan's
   "peak memory"): parameters, optimizer state, batch, the frozen weights' 16-bit
   copies and the activations kept for the backward pass, known before the first
-  step runs.
+  step runs.  The FLOPs are counted in ``count_fn``'s program when given (the same
+  step as the model's FLOPs count it: :func:`_counting_model`); it is lowered, not compiled.
   """
   lowered = step_fn.lower(state, batch, frozen)
   compiled = lowered.compile()
-  flops = metrics_lib.step_flops(lowered, runner.program_copies)
+  counted = lowered if count_fn is None else count_fn.lower(state, batch, frozen)
+  flops = metrics_lib.step_flops(counted, runner.program_copies)
   mem = metrics_lib.step_memory(compiled)
   parts = []
   size = metrics_lib.format_bytes
@@ -1428,10 +1442,10 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
       model, model_opts = _phase_step(run, masks[phase], opts, batch_stats)
       cast_paths = frozen_cast_paths(model, view.params, view.batch_stats,
                                      first_batch["image"].shape[-3:], model_opts)
-    step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths,
-                                                  batch_stats)
-    compiled, flops = (_compile_step(step_fn, state, first_batch, frozen, runner, phase) if training
-                       else (None, None))
+    step_fn, trainable, frozen, count_fn = _compile_phase(run, runner, tx, masks[phase], opts, state,
+                                                          cast_paths, batch_stats)
+    compiled, flops = (_compile_step(step_fn, state, first_batch, frozen, runner, phase, count_fn)
+                       if training else (None, None))
     peak = metrics_lib.device_peak_flops(dtype=cfg.model.dtype)
     progress = Progress(total, start_step=step, batch_size=t.batch_size, log_every=t.log_every,
                         flops_per_step=flops, peak_flops=peak * jax.device_count() if peak else None)
@@ -1451,10 +1465,11 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
           state = runner.put_state(view)
           phase, tx = new_phase, new_tx
           del frozen  # before the next phase's copies exist
-          step_fn, trainable, frozen = _compile_phase(run, runner, tx, masks[phase], opts, state, cast_paths,
-                                                  batch_stats)
+          step_fn, trainable, frozen, count_fn = _compile_phase(run, runner, tx, masks[phase], opts, state,
+                                                                cast_paths, batch_stats)
           print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
-          compiled, progress.flops_per_step = _compile_step(step_fn, state, batch, frozen, runner, phase)
+          compiled, progress.flops_per_step = _compile_step(step_fn, state, batch, frozen, runner, phase,
+                                                            count_fn)
           jax.block_until_ready((state, frozen))  # the new optimizer state and frozen copies, made now
       state, m = compiled(state, batch, frozen)
       hit("step", step + 1)  # the update is in flight

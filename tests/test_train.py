@@ -1100,15 +1100,18 @@ def test_settings_that_cannot_work_fail_before_the_workdir(tiny_vit_npz, tmp_pat
   assert not (tmp_path / "wd").exists()
 
 
-def test_gradient_accumulation_counts_every_micro_batch_flops(tiny_vit_npz, tmp_path, capsys):
+def test_step_flops_count_the_models_work_once(tiny_vit_npz, tmp_path, capsys):
   # The micro-batches run in a scan (a while loop in the program): its body counts once per trip.
+  # Rematerialised blocks compute their forward twice: model FLOPs (MFU) count it once.
   printed = []
-  for accum in (1, 4):
-    cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 1, "train.eval_every": 0, "optim.accum_steps": accum})
-    train.train_and_evaluate(cfg, str(tmp_path / f"a{accum}"))
+  for accum, remat in ((1, False), (4, False), (1, True)):
+    cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 1, "train.eval_every": 0, "optim.accum_steps": accum,
+                                       "model.remat": remat})
+    train.train_and_evaluate(cfg, str(tmp_path / f"a{accum}{remat}"))
     printed += re.findall(r"compiled step, phase 0: .* ([\d.]+) GFLOP per step", capsys.readouterr().out)
   # Equal but for what each micro-batch call does once (the folded attention value bias): 0.3%.
-  assert len(printed) == 2 and float(printed[1]) == pytest.approx(float(printed[0]), rel=0.01), printed
+  assert len(printed) == 3 and float(printed[1]) == pytest.approx(float(printed[0]), rel=0.01), printed
+  assert printed[2] == printed[0], printed  # it counted 23% more for ViT-B/16
 
 
 def test_data_workers_exit_when_the_training_process_is_killed(tiny_vit_npz, tmp_path):

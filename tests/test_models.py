@@ -1,6 +1,7 @@
 """from_pretrained's common contract: bad inputs fail with one clear line; dont_load and the report."""
 
 import sys
+import re
 
 import numpy as np
 import pytest
@@ -103,6 +104,18 @@ def test_bad_inputs_raise_one_clear_line(name, tmp_path, tiny_vit_npz, resnet_pt
   assert needle in msg, msg
   assert isinstance(e.value, (CheckpointError, ConfigError))
   assert not (tmp_path / "payload_ran").exists()
+
+
+def test_a_class_count_that_is_not_a_positive_integer_is_refused(tiny_vit_npz):
+  # True was a 1-class head (bool is an int), 2.5 a 2-class one (int() rounded it down).
+  for bad in (True, 2.5, "3", 0):
+    with pytest.raises(ConfigError, match=rf"num_classes must be a positive integer \(num_classes\): "
+                                          rf"{re.escape(repr(bad))}$"):
+      models.from_pretrained(f"npz:test@{tiny_vit_npz}", num_classes=bad)
+    with pytest.raises(ConfigError, match="num_classes must be a positive integer"):
+      models.create("vit", {"variant": "test"}, num_classes=bad, image_size=32)
+  assert models.create("vit", {"variant": "test"}, num_classes=np.int64(3), image_size=32)[1][
+      "params/head/kernel"].shape[-1] == 3
 
 
 def test_dont_load_reinitialises_only_what_it_names(tiny_vit_npz):

@@ -71,6 +71,13 @@ def _size2(image_size) -> tuple[int, int]:
   return (int(h), int(w))
 
 
+def _check_num_classes(num_classes) -> None:
+  """Refuses a class count that is not a positive integer (``True``, ``2.5`` and ``"3"`` too)."""
+  if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)) \
+      or num_classes <= 0:
+    raise ConfigError("num_classes must be a positive integer", where="num_classes", value=repr(num_classes))
+
+
 def create(family_name: str, arch: dict, *, num_classes: int, image_size=224,
            dtype: Any = None, **overrides):
   """A freshly initialisable model of ``family_name``: returns (model, variable shapes).
@@ -79,9 +86,7 @@ def create(family_name: str, arch: dict, *, num_classes: int, image_size=224,
   >>> shapes["params/head/kernel"].shape[-1]
   3
   """
-  if num_classes is None or int(num_classes) <= 0:
-    raise ConfigError("num_classes must be a positive integer", where="num_classes",
-                      value=num_classes)
+  _check_num_classes(num_classes)
   fam = family(family_name)
   size = _size2(image_size)
   fam.check_image_size({**arch, **overrides}, size)
@@ -311,8 +316,8 @@ def from_pretrained(source: str, *, num_classes: int | None = None, image_size=N
     ``variables`` (nested dict of numpy arrays: ``params``, maybe ``batch_stats``),
     ``report`` (:class:`LoadReport`; ``print(report)`` shows every decision).
   """
-  if num_classes is not None and (not isinstance(num_classes, (int, np.integer)) or num_classes <= 0):
-    raise ConfigError("num_classes must be a positive integer", where="num_classes", value=num_classes)
+  if num_classes is not None:
+    _check_num_classes(num_classes)
   if isinstance(dont_load, str):  # one regex, not its characters one by one
     dont_load = (dont_load,)
   requested = _size2(image_size) if image_size is not None else None

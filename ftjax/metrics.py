@@ -585,8 +585,10 @@ def mfu(flops_per_step: float | None, steps_per_sec: float, num_devices: int,
 class EarlyStopping:
   """Stops when ``metric`` has not improved for ``patience`` evaluations in a row.
 
-  Improving means beating the best value by more than ``min_delta`` (up for
-  ``mode="max"``, down for ``"min"``); a NaN never improves.  Pure python state,
+  Improving means beating the value last counted as an improvement by more than
+  ``min_delta`` (up for ``mode="max"``, down for ``"min"``); a NaN never improves.
+  ``best`` and ``best_step`` are the best value and the first step to reach it, a
+  smaller gain included (the step ``--step best`` and the kept checkpoints rank first).  Pure python state,
   saved with the checkpoint through :meth:`state_dict`, so a resumed run stops at
   the same step.  Feeding a step again (an evaluation repeated after a resume)
   changes nothing.
@@ -603,6 +605,11 @@ class EarlyStopping:
   >>> es = EarlyStopping("top1", "max", patience=2, restarts=(350,))
   >>> [es.update(s, v) for s, v in [(100, 0.5), (200, 0.7), (300, 0.6), (400, 0.7), (500, 0.6)]]
   [False, False, False, False, True]
+  >>> es = EarlyStopping("top1", "max", patience=2, min_delta=0.01)  # 0.705: no improvement, but the best
+  >>> [es.update(s, v) for s, v in [(100, 0.5), (200, 0.7), (300, 0.705), (400, 0.69)]]
+  [False, False, False, True]
+  >>> es.best, es.best_step
+  (0.705, 300)
   """
 
   def __init__(self, metric: str, mode: str, patience: int, min_delta: float = 0.,
@@ -623,18 +630,19 @@ class EarlyStopping:
     self.restarts = tuple(int(r) for r in restarts)
     self.best: float | None = None
     self.best_step: int | None = None
+    self.reference: float | None = None  # the value an improvement must beat by min_delta
     self.bad_evals = 0
     self.last_step: int | None = None
     self.stopped_step: int | None = None
 
-  def _improves(self, value: float) -> bool:
+  def _beats(self, value: float, than: float | None, delta: float) -> bool:
     if math.isnan(value):
       return False
-    if self.best is None:
+    if than is None:
       return True
     if self.mode == "max":
-      return value > self.best + self.min_delta
-    return value < self.best - self.min_delta
+      return value > than + delta
+    return value < than - delta
 
   def update(self, step: int, value) -> bool:
     """Records the metric of the evaluation at ``step``; True means stop now (and from then on).
@@ -654,8 +662,10 @@ class EarlyStopping:
       self.bad_evals = 0  # the first evaluation with a newly unfrozen group trained
     self.last_step = step
     value = float(value)
-    if self._improves(value):
-      self.best, self.best_step, self.bad_evals = value, step, 0
+    if self._beats(value, self.best, 0.0):
+      self.best, self.best_step = value, step
+    if self._beats(value, self.reference, self.min_delta):
+      self.reference, self.bad_evals = value, 0
     else:
       self.bad_evals += 1
     if self.bad_evals >= self.patience:
@@ -663,7 +673,7 @@ class EarlyStopping:
     return self.stopped_step is not None
 
   # patience, min_delta and restarts stay as configured: a resumed run may be given more patience.
-  _STATE = ("metric", "mode", "best", "best_step", "bad_evals", "last_step", "stopped_step")
+  _STATE = ("metric", "mode", "best", "best_step", "reference", "bad_evals", "last_step", "stopped_step")
 
   def state_dict(self) -> dict:
     """The whole state as JSON-able python values."""
@@ -677,4 +687,5 @@ class EarlyStopping:
                           where=f"early_stopping.{k}", value=f"{state[k]!r} != {getattr(self, k)!r}",
                           hint="keep the setting, or start a new workdir")
     for k in self._STATE[2:]:
-      setattr(self, k, state[k])
+      # A state saved before "reference" existed counted improvements from its best.
+      setattr(self, k, state.get(k, state["best"]) if k == "reference" else state[k])

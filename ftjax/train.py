@@ -741,7 +741,7 @@ class PmapRunner:
 
   @property
   def program_copies(self) -> int:  # one device's program, run on each (metrics.step_flops)
-    return len(self.devices)
+    return len(self.devices) * jax.process_count()  # every process's devices run it
 
   @property
   def calls_compiled(self) -> bool:
@@ -1458,7 +1458,7 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
       first_batch = None
       new_phase = optim.phase_at(step, cfg.optim)
       if new_phase != phase:
-        with progress.paused(wait_for=state):  # compiling is not training: out of img/s and MFU
+        with progress.paused(wait_for=state, one_off=True):  # compiling: out of img/s, MFU and ETA
           new_tx = make_tx(new_phase)
           view = runner.view(state)
           view = view.replace(opt_state=optim.transition_opt_state(view.opt_state, new_tx, view.params))
@@ -1468,13 +1468,15 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
           step_fn, trainable, frozen, count_fn = _compile_phase(run, runner, tx, masks[phase], opts, state,
                                                                 cast_paths, batch_stats)
           print(f"step {step}: unfreezing phase {phase}: {len(trainable)} trainable tensors", flush=True)
-          compiled, progress.flops_per_step = _compile_step(step_fn, state, batch, frozen, runner, phase,
-                                                            count_fn)
+          compiled, flops = _compile_step(step_fn, state, batch, frozen, runner, phase, count_fn)
+          progress.set_flops_per_step(step, flops)
           jax.block_until_ready((state, frozen))  # the new optimizer state and frozen copies, made now
       state, m = compiled(state, batch, frozen)
       hit("step", step + 1)  # the update is in flight
       step += 1
       ledger = record_step(ledger, step, new_segment=new_segment)
+      if new_segment:  # this process's first step: its one-off costs stay out of the rates
+        progress.start(step, wait_for=state)
       new_segment = False
       if step % t.log_every == 0 or step == total:
         m = distributed.host_tree(runner.view(m))

@@ -1,6 +1,7 @@
 """Two processes joined by jax.distributed over loopback train like one process."""
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -253,8 +254,11 @@ def test_two_processes_under_pmap_train_and_evaluate_as_one_under_jit(tiny_vit_n
   script = tmp_path / "trainer.py"
   script.write_text(TRAINER.format(tests=str(REPO / "tests"), npz=tiny_vit_npz))
   one, two = tmp_path / "one", tmp_path / "two"
-  _train(script, one, 4, processes=1)
-  _train_with(script, two, 4, {**LOOP, "train.parallel": "pmap"})
+  outs = _train(script, one, 4, processes=1) + _train_with(script, two, 4, {**LOOP, "train.parallel": "pmap"})
+  # The same global batch is the same work: FLOPs (and MFU) count every process's devices.
+  flops = [re.findall(r"compiled step, phase 0: .* ([\d.]+) GFLOP per step", out) for out in outs]
+  assert len(flops) == 3 and all(len(f) == 1 for f in flops), outs
+  assert float(flops[1][0]) == float(flops[2][0]) == pytest.approx(float(flops[0][0]), rel=0.01), flops
   ref, ours = (flatten(checkpoint.read_checkpoint(wd, step=4)[0]) for wd in (one, two))
   for k in ref:
     if k.startswith("params/"):

@@ -289,13 +289,14 @@ def test_early_stopping_stops_where_the_history_says():
   es = metrics.EarlyStopping("top1", "max", patience=3, min_delta=0.01)
   # 300 beats 0.60 by less than min_delta, 400 is NaN, 500 is worse: three in a row.
   assert stop_step(es, history) == 500
-  assert (es.best, es.best_step) == (0.60, 200)
+  # The best is the best value (as --step best ranks it), a gain under min_delta included.
+  assert (es.best, es.best_step, es.reference) == (0.605, 300, 0.60)
   assert es.update(600, 0.99) is True  # once stopped, stays stopped
   es = metrics.EarlyStopping("top1", "max", patience=4, min_delta=0.01)
   assert stop_step(es, history) == 1000  # 600 improves; 700 to 1000 do not
   es = metrics.EarlyStopping("top1", "max", patience=5, min_delta=0.01)
   assert stop_step(es, history) is None
-  assert (es.best, es.best_step, es.bad_evals) == (0.70, 600, 4)
+  assert (es.best, es.best_step, es.reference, es.bad_evals) == (0.705, 900, 0.70, 4)
   es = metrics.EarlyStopping("loss", "min", patience=2)
   assert stop_step(es, [(1, {"loss": 3.0}), (2, {"loss": 2.0}), (3, {"loss": 2.0}),
                         (4, {"loss": 2.5})]) == 4
@@ -314,6 +315,10 @@ def test_early_stopping_resumes_to_the_same_step():
   assert stop_step(second, history[6:]) == uninterrupted
   with pytest.raises(ConfigError, match="early_stopping.mode"):
     metrics.EarlyStopping("loss", "max", 3).load_state_dict(saved)
+  # A state saved before "reference" existed counted improvements from its best.
+  older = metrics.EarlyStopping("loss", "min", 3)
+  older.load_state_dict({k: v for k, v in saved.items() if k != "reference"})
+  assert older.reference == older.best == 2.9 and stop_step(older, history[6:]) == uninterrupted
 
 
 def test_early_stopping_config_errors():
@@ -480,6 +485,34 @@ def test_progress_built_after_compiling_and_updated_on_log_steps_only():
   p.update(8, loss=0.5)
   assert stream.getvalue().splitlines() == ["step 4/12 loss 1.0000 img/s 20.0 eta 0:00:04",
                                             "step 8/12 loss 0.5000 img/s 20.0 eta 0:00:02"]
+
+
+def test_progress_rates_start_after_the_first_step_and_phases_keep_their_flops():
+  stream = io.StringIO()
+  # construction 0 s; the first step's one-off costs end at 5 s; then 1 s a step; a phase
+  # compiles for 100 s after step 3, and its steps cost 3 FLOPs instead of 1.
+  p = Progress(9, batch_size=2, log_every=2, flops_per_step=1.0, peak_flops=2.0, stream=stream,
+               clock=fake_clock([0.0, 5.0, 5.0, 6.0, 7.0, 7.0, 107.0, 108.0, 109.0, 110.0]))
+  p.start(1)
+  p.update(1)
+  p.update(2, loss=1.5)
+  p.update(3)
+  with p.paused(one_off=True):
+    p.set_flops_per_step(3, 3.0)
+  assert p.update(4, loss=1.0) == {"img_per_sec": 2.0, "steps_per_sec": 1.0, "mfu": 1.0}  # (1 + 3) / 2 s
+  p.update(5)
+  p.update(6, loss=0.5)
+  assert stream.getvalue().splitlines() == [
+      "step 2/9 loss 1.5000 img/s 2.0 eta 0:00:07 mfu 50.0%",
+      # 2 steps in 2 s of training; the compilation is in neither the rates nor the ETA
+      "step 4/9 loss 1.0000 img/s 2.0 eta 0:00:05 mfu 100.0%",
+      "step 6/9 loss 0.5000 img/s 2.0 eta 0:00:03 mfu 150.0%"]
+  # A log step right after start() has no time measured yet: its loss alone, once.
+  stream = io.StringIO()
+  p = Progress(9, batch_size=2, log_every=1, stream=stream, clock=fake_clock([0.0, 5.0, 5.0, 5.0]))
+  p.start(1)
+  assert p.update(1, loss=2.0) is None and p.update(1, loss=2.0) is None
+  assert stream.getvalue() == "step 1/9 loss 2.0000\n"
 
 
 class FakeTerminal(io.StringIO):

@@ -854,14 +854,27 @@ def _unfrozen_schedule(base: Callable[[Any], jax.Array], start: int,
   return lambda count: base(count + start) * jnp.minimum(1.0, jnp.asarray(count, jnp.float32) / warmup)
 
 
-def _label_transform(plan: _LabelPlan, opts: dict, total_steps: int, steps_per_epoch):
+def _label_schedule(plan: _LabelPlan, opts: dict, total_steps: int, steps_per_epoch):
+  """A label's learning rate by its own step count (a late label's, from its start on)."""
   where = f"optim.param_groups #{plan.label[1:].split('.')[0]}"
   base = _schedule(plan.group.schedule, peak=float(opts["lr"]) * plan.lr_mult,
                    total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                    where=f"{where}.schedule" if plan.group.own_schedule else "optim.schedule")
-  schedule = base
   if plan.start_step:
-    schedule = _unfrozen_schedule(base, plan.start_step, int(opts["unfreeze_warmup_steps"]))
+    return _unfrozen_schedule(base, plan.start_step, int(opts["unfreeze_warmup_steps"]))
+  return base
+
+
+def _highest_lr(schedule, steps: int) -> float:
+  """The highest rate ``schedule`` takes over counts 0 .. steps - 1 (0 for no step)."""
+  if steps <= 0:
+    return 0.0
+  return float(jnp.max(jax.jit(jax.vmap(schedule))(jnp.arange(steps))))
+
+
+def _label_transform(plan: _LabelPlan, opts: dict, total_steps: int, steps_per_epoch):
+  where = f"optim.param_groups #{plan.label[1:].split('.')[0]}"
+  schedule = _label_schedule(plan, opts, total_steps, steps_per_epoch)
   opt = named_optimizer(plan.group.name, plan.group.kwargs, schedule,
                         where="optim" if plan.group.name == opts["name"] else where)
   if plan.rates:
@@ -1011,7 +1024,7 @@ class PlanRow:
   frozen: bool  # frozen for the whole run
   start_step: int  # first step it trains
   lr_mult: float  # group lr_mult * layer-decay multiplier
-  peak_lr: float
+  peak_lr: float  # the highest lr it trains at, from start_step on (a late group's is lower)
   wd_mult: float
   decayed_params: int  # parameters with a non-zero weight decay
   optimizer: str
@@ -1186,7 +1199,8 @@ def fine_tuning_plan(params, config, *, family: str | None = None, total_steps: 
         label=label, modules=_modules(plan.paths), rule=g.rule,
         depth=table[plan.paths[0]].depth, leaves=len(plan.paths),
         params=sum(table[p].size for p in plan.paths), frozen=False, start_step=plan.start_step,
-        lr_mult=plan.lr_mult, peak_lr=float(opts["lr"]) * plan.lr_mult, wd_mult=g.wd_mult,
+        lr_mult=plan.lr_mult, wd_mult=g.wd_mult,
+        peak_lr=_highest_lr(_label_schedule(plan, opts, total, steps_per_epoch), total - plan.start_step),
         decayed_params=sum(table[p].size for p in plan.rates),
         optimizer=f"{g.name}({kwargs})",
         schedule=_describe_schedule(g.schedule, steps_per_epoch)

@@ -633,6 +633,14 @@ def test_unfreeze_warmup_in_the_plan():
   late = optim.fine_tuning_plan(small_tree(), dict(config, unfreeze_warmup_steps=40), total_steps=100)
   assert late.warnings == ("unfreeze_warmup_steps 40 outlasts the run: what is unfrozen at step 60 "
                            "never reaches its full lr",)
+  # peak_lr: the highest rate a label trains at. The late label joins the cosine at step 60
+  # and warms up over 20 steps as it decays: not the schedule's peak, which it printed.
+  s = optim.make_schedule(config, total_steps=100)
+  assert plan.row("g0").peak_lr == pytest.approx(max(float(s(t)) for t in range(100)))
+  for p, warmup in ((plan, 20), (late, 40)):
+    assert p.row("g0.p1").peak_lr == pytest.approx(
+        max(float(s(60 + k)) * min(1, k / warmup) for k in range(40)), rel=1e-6)
+  assert plan.row("g0.p1").peak_lr < 0.4 * plan.row("g0").peak_lr
 
 
 def test_gradual_unfreezing_of_a_vit_by_two_blocks():

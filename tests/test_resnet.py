@@ -88,6 +88,7 @@ def test_timm_resnet18_parity(timm_resnet18):
   assert report.num_classes == 1000 and report.mean == (0.485, 0.456, 0.406)
   assert len(report.matched) == 102 and not report.reinitialized
   assert report.dropped[0][0] == "*.num_batches_tracked (20 tensors)"
+  assert "  dropped from checkpoint (20 tensors):\n" in str(report)  # it counted one line
 
 
 def test_timm_training_checkpoint_gives_its_ema_weights_as_timms_load_checkpoint_does(timm_resnet18, tmp_path):

@@ -251,7 +251,7 @@ def test_hf_vit_model_pooler_is_dropped_and_recorded(tmp_path):
   assert sorted(k for k, _ in report.dropped) == ["pooler.dense.bias", "pooler.dense.weight"]
   assert [p for p, _ in report.reinitialized] == ["params/head/bias", "params/head/kernel"]
   assert not np.any(variables["params"]["head"]["kernel"])
-  assert "dropped from checkpoint (2)" in str(report)
+  assert "dropped from checkpoint (2 tensors)" in str(report)
 
 
 def test_timm_class_token_parity(timm_tiny):
@@ -585,7 +585,7 @@ def test_a_new_head_drops_the_pre_logits_layer_as_vit_jax_fine_tunes(tmp_path):
   _, variables, report = from_pretrained(f"npz:test@{file}", num_classes=10)
   assert "pre_logits" not in variables["params"] and "representation_size" not in report.arch
   assert [k for k, _ in report.dropped] == ["params/pre_logits/bias", "params/pre_logits/kernel"]
-  assert "dropped from checkpoint (2)" in str(report)
+  assert "dropped from checkpoint (2 tensors)" in str(report)
   _, variables, report = from_pretrained(f"npz:test@{file}", num_classes=10, representation_size=32)
   np.testing.assert_array_equal(variables["params"]["pre_logits"]["kernel"], np.ones((32, 32)))
   assert not report.dropped
@@ -634,7 +634,7 @@ def test_head_replacement_zero_head_everything_else_loaded(timm_tiny):
   for p in others:
     np.testing.assert_array_equal(flat[p], checkpoint.variables[p], err_msg=p)
   assert [p for p, _ in report.reinitialized] == ["params/head/bias", "params/head/kernel"]
-  assert "(checkpoint (1000,))" in str(report) and "re-initialised (2)" in str(report)
+  assert "(checkpoint (1000,))" in str(report) and "re-initialised (2 tensors)" in str(report)
   assert report.num_classes == 10 and report.class_names is None
   headless = {k: v for k, v in tensors.items() if not k.startswith("head.")}  # e.g. timm's orig_in21k
   assert vit.convert_timm(TIMM_TINY, headless).num_classes == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -234,9 +235,19 @@ class LoadReport:
                 ("missing", list(self.missing))]
     for title, rows in sections:
       if rows:
-        lines.append(f"  {title} ({len(rows)}):")
+        lines.append(f"  {title} ({sum(map(_tensor_count, rows))} tensors):")
         lines.extend(f"    {r}" for r in rows)
     return "\n".join(lines)
+
+
+def _tensor_count(row: str) -> int:
+  """Tensors a report row stands for: one, or the N of a row grouping them ("... (N tensors)").
+
+  >>> _tensor_count("*.num_batches_tracked (49 tensors): BatchNorm step counters"), _tensor_count("head/kernel: new")
+  (49, 1)
+  """
+  grouped = re.match(r"[^:]* \((\d+) tensors\)(?::|$)", row)
+  return int(grouped.group(1)) if grouped else 1
 
 
 def merge(target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], report: LoadReport, *,

@@ -160,5 +160,21 @@ def _load_config():
   return config
 
 
+def run():
+  """``main`` under absl, with a Ctrl-C or SIGTERM outside the training loop (or a second
+  Ctrl-C in it) as one line and the signal's exit code (cli.catch_signals_early)."""
+  cli.catch_signals_early()
+  try:
+    app.run(main, flags_parser=_parse)
+  except (KeyboardInterrupt, cli.Terminated) as e:
+    if os.environ.get("FTJAX_TRACEBACK"):
+      raise
+    if isinstance(e, KeyboardInterrupt):
+      _fail("ftjax: error: interrupted by Ctrl-C: quit without saving the step in progress; rerun the "
+            "same command to resume from the last checkpoint", 130)
+    _fail("ftjax: error: preempted by SIGTERM outside the training loop: nothing new saved; rerun the "
+          "same command to resume from the last checkpoint", 75)
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  run()

@@ -14,6 +14,7 @@ import ast
 import difflib
 import logging
 import re
+import signal
 import sys
 import warnings
 
@@ -292,3 +293,28 @@ def explain(e: BaseException, argv, default_config: str) -> str:
     why = re.sub(r"^\('(.*)', '(.*)'\)$", r"\1: '\2'; expected true or false", why)
     return f"ftjax: error: bad value ({flag.group(1)}): {why[:200]}"
   return f"ftjax: error: bad command line: {msg[:300]}"
+
+
+# ---------------------------------------------------------------------------
+# Signals before the training loop's own handler (ftjax.train._SigtermFlag) takes over.
+
+SIGNALS_SEEN: list[int] = []  # every SIGINT / SIGTERM caught by catch_signals_early
+
+
+class Terminated(BaseException):
+  """SIGTERM outside the training loop (a BaseException, as KeyboardInterrupt is: no
+  ``except Exception`` on the way mistakes it for a failure of its own)."""
+
+
+def catch_signals_early() -> None:
+  """Ctrl-C raises KeyboardInterrupt and SIGTERM :class:`Terminated`, each recorded in
+  :data:`SIGNALS_SEEN`.  Python swallows an exception raised inside a garbage-collection
+  callback (jax registers one): the record still stops the run, at the training loop's
+  start-up check, which reads it.  Without this a Ctrl-C during start-up could be lost,
+  and the run trained to its end and exited 0."""
+  def handle(signum, frame):
+    SIGNALS_SEEN.append(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, handle)

@@ -1022,6 +1022,10 @@ class _SigtermFlag:
     self._old = {}
 
   def __enter__(self):
+    from ftjax import cli
+    for sig in cli.SIGNALS_SEEN:  # one whose exception Python swallowed (cli.catch_signals_early)
+      self.raised = True
+      self.interrupted |= sig == signal.SIGINT
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)

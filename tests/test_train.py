@@ -171,6 +171,36 @@ def test_sigterm_saves_exits_75_and_resume_recomputes_nothing(tiny_vit_npz, tmp_
   assert logged == list(range(1, saved[-1] + 3))
 
 
+def test_a_ctrl_c_python_swallowed_during_start_up_still_stops_the_run(tiny_vit_npz, tmp_path, monkeypatch):
+  # A Ctrl-C whose KeyboardInterrupt was raised inside a garbage-collection callback (jax
+  # registers one) is lost to Python; cli.catch_signals_early records it, and the run
+  # stops at its start-up check instead of training to the end and exiting 0.
+  from ftjax import cli
+  from ftjax.errors import Interrupted
+  monkeypatch.setattr(cli, "SIGNALS_SEEN", [signal.SIGINT])
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 6, "train.eval_every": 0})
+  with pytest.raises(Interrupted, match=r"^ftjax: error: interrupted by Ctrl-C \(step 0\)"):
+    train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints") == [] and _rows(tmp_path / "wd") == []
+
+
+@pytest.mark.slow  # a launch and a wait: 20 s or more on 2 slow cores; CI runs it (-m slow)
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tiny_vit_npz, tmp_path):
+  cfg_file = write_config(tmp_path, tiny_vit_npz, **{"train.total_steps": 400})
+  wd = tmp_path / "wd"
+  proc = subprocess.Popen(launch_cmd(cfg_file, str(wd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=subprocess_env())
+  for line in proc.stdout:  # the load report: start-up is under way, training not begun
+    if line.startswith("loaded "):
+      break
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("ftjax: error: interrupted by Ctrl-C") and "Traceback" not in err, err[-3000:]
+  assert checkpoint.committed_steps(wd / "checkpoints") == []
+
+
 def test_ctrl_c_saves_exits_130_and_a_second_one_quits(tiny_vit_npz, tmp_path, monkeypatch):
   # A first Ctrl-C saves at the end of the step and exits 130; the handler is then the
   # default again (a second Ctrl-C quits at once), and restored when the run returns.

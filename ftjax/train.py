@@ -1418,6 +1418,16 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
              "early_stopping": early.state_dict() if early else None, "eval_pending": eval_pending}
     ckpt.save(step, view, metrics=flat_metrics or None, extra=extra)
 
+  def saving_first(what: str, fn, *args):
+    """``fn(*args)``; if it raises, the trained steps are saved first (the state is whole
+    between steps).  One process only: a save is collective, and the others are not failing."""
+    try:
+      return fn(*args)
+    except Exception:
+      if last_saved != step and step > 0 and jax.process_count() == 1:
+        _save_before_raising(lambda: (save(step), ckpt.wait()), step, what)
+      raise
+
   def record_eval(step, summaries) -> bool:
     """Writes an evaluation's rows and feeds early stopping; True: stop now."""
     for split, s in summaries.items():
@@ -1458,7 +1468,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
     if sigterm.agreed(sync=True):  # during start-up: nothing new to save
       raise _preempted(step, wd, sigterm)
     while training and step < total:
-      batch = first_batch if first_batch is not None else runner.put_batch(next(it))
+      batch = (first_batch if first_batch is not None
+               else runner.put_batch(saving_first("reading the training data", next, it)))
       first_batch = None
       new_phase = optim.phase_at(step, cfg.optim)
       if new_phase != phase:
@@ -1486,8 +1497,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
         m = distributed.host_tree(runner.view(m))
         skipped = _check_numerics(runner.view(state), trainable, t.on_nan, t.max_consecutive_skips,
                                   last_saved)
-        writer.write(step, "train", {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                                     "skipped_steps": skipped})
+        saving_first("writing metrics.jsonl", writer.write, step, "train",
+                     {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "skipped_steps": skipped})
         progress.update(step, loss=float(m["loss"]))
       evaluated = False
       if (t.eval_every and step % t.eval_every == 0) or step == total:
@@ -1529,15 +1540,15 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
   return summaries
 
 
-def _save_before_raising(save: Callable[[], Any], step: int) -> None:
-  """Saves ``step`` on the way out of a failed evaluation; the evaluation's error stays the one raised."""
+def _save_before_raising(save: Callable[[], Any], step: int, what: str = "evaluation") -> None:
+  """Saves ``step`` on the way out of a failed ``what``; that error stays the one raised."""
   try:
     save()
-  except Exception as e:  # noqa: BLE001 -- reported, then the evaluation's error is raised
-    print(f"ftjax: warning: step {step} could not be saved before the evaluation's error: "
+  except Exception as e:  # noqa: BLE001 -- reported, then the first error is raised
+    print(f"ftjax: warning: step {step} could not be saved before the error ({what}): "
           f"{type(e).__name__}: {' '.join(str(e).split())[:200]}", file=sys.stderr, flush=True)
   else:
-    print(f"evaluation failed at step {step}: step {step} saved first; rerun to resume from it",
+    print(f"{what} failed at step {step}: step {step} saved first; rerun to resume from it",
           file=sys.stderr, flush=True)
 
 

@@ -171,6 +171,27 @@ def test_sigterm_saves_exits_75_and_resume_recomputes_nothing(tiny_vit_npz, tmp_
   assert logged == list(range(1, saved[-1] + 3))
 
 
+def test_a_data_error_mid_run_saves_the_trained_steps_first(tiny_vit_npz, tmp_path, monkeypatch, capsys):
+  # The training folder vanished after step 3 (no example reads): the three trained steps
+  # are saved before the error ends the run, and a rerun resumes from them.
+  from ftjax.errors import DataError
+  real = train._train_iterator
+
+  def failing(run, start_step):
+    it = real(run, start_step)
+    for _ in range(3):
+      yield next(it)
+    it.close()
+    raise DataError("no example reads", where="folder[train]")
+
+  monkeypatch.setattr(train, "_train_iterator", failing)
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 6, "train.eval_every": 0, "train.checkpoint_every": 0})
+  with pytest.raises(DataError, match="no example reads"):
+    train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints") == [3]
+  assert "reading the training data failed at step 3: step 3 saved first; rerun to resume from it" in capsys.readouterr().err
+
+
 def test_a_ctrl_c_python_swallowed_during_start_up_still_stops_the_run(tiny_vit_npz, tmp_path, monkeypatch):
   # A Ctrl-C whose KeyboardInterrupt was raised inside a garbage-collection callback (jax
   # registers one) is lost to Python; cli.catch_signals_early records it, and the run

@@ -1562,20 +1562,26 @@ def _lookup_metric(summaries: dict, name: str) -> float:
 
 
 def _finish(run: _Run, summaries: dict) -> None:
+  """Prints the results, then draws the plots: a plot that fails (a full disk, a class name
+  matplotlib cannot draw) is a warning, not a lost result (the run is saved and evaluated)."""
   wd = run.workdir
-  if run.config.train.plots and writes_workdir():
-    rows = metrics_lib.read_metrics(wd / "metrics.jsonl")
-    metrics_lib.plot_learning_curves(rows, wd / "learning_curves.png")
-    for split, s in summaries.items():
-      if "confusion" in s:
-        metrics_lib.plot_confusion(s["confusion"], run.eval_sets[split.removeprefix("ema_")].class_names,
-                                   wd / f"confusion_{split}.png")
   for split, s in summaries.items():
-    print(f"final {split}: top1 {100 * s['top1']:.2f}%  top5 {100 * s['top5']:.2f}%  "
-          f"loss {s['loss']:.4f}  ({s['n']} examples)", flush=True)
+    top5 = f"top5 {100 * s['top5']:.2f}%  " if run.num_classes > 5 else ""  # else 100% by definition
+    print(f"final {split}: top1 {100 * s['top1']:.2f}%  {top5}loss {s['loss']:.4f}  ({s['n']} examples)",
+          flush=True)
   t = run.config.train
   written = ["checkpoints/", "metrics.jsonl", "config.json"] + (["TensorBoard events"] if t.tensorboard else [])
-  if t.plots:
-    written += ["learning_curves.png"] + [f"confusion_{split}.png" for split, s in summaries.items()
-                                          if "confusion" in s]
+  if t.plots and writes_workdir():
+    try:
+      rows = metrics_lib.read_metrics(wd / "metrics.jsonl")
+      metrics_lib.plot_learning_curves(rows, wd / "learning_curves.png")
+      written.append("learning_curves.png")
+      for split, s in summaries.items():
+        if "confusion" in s:
+          metrics_lib.plot_confusion(s["confusion"], run.eval_sets[split.removeprefix("ema_")].class_names,
+                                     wd / f"confusion_{split}.png")
+          written.append(f"confusion_{split}.png")
+    except Exception as e:  # noqa: BLE001 -- the results above stand; the plots are extras
+      print(f"ftjax: warning: plots not written ({wd}): {type(e).__name__}: {' '.join(str(e).split())[:200]}",
+            file=sys.stderr, flush=True)
   print(f"workdir {wd}: {' '.join(written)}", flush=True)

@@ -171,6 +171,30 @@ def test_sigterm_saves_exits_75_and_resume_recomputes_nothing(tiny_vit_npz, tmp_
   assert logged == list(range(1, saved[-1] + 3))
 
 
+def test_a_plot_that_fails_is_a_warning_after_the_results(tmp_path, monkeypatch, capsys):
+  # A full disk, or a class name matplotlib cannot draw (a non-UTF-8 folder name), while
+  # drawing the plots: the results are printed first and the run ends normally.
+  import types
+  from ftjax import metrics as metrics_lib
+
+  def full_disk(*args, **kwargs):
+    raise OSError(27, "File too large")
+
+  monkeypatch.setattr(metrics_lib, "plot_confusion", full_disk)
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "kind": "train", "loss": 1.0}) + "\n")
+  cfg = tiny_config("unused.npz", **{"train.plots": True})
+  run = types.SimpleNamespace(workdir=tmp_path, config=cfg, num_classes=3,
+                              eval_sets={"test": types.SimpleNamespace(class_names=["a", "b", "c"])})
+  summary = {"top1": 0.5, "top5": 1.0, "loss": 0.7, "n": 4, "confusion": np.eye(3, dtype=int)}
+  train._finish(run, {"test": summary})
+  out, err = capsys.readouterr()
+  assert out.splitlines() == [  # top5 of 3 classes is 100% by definition: not shown
+      "final test: top1 50.00%  loss 0.7000  (4 examples)",
+      f"workdir {tmp_path}: checkpoints/ metrics.jsonl config.json learning_curves.png"]
+  assert err == f"ftjax: warning: plots not written ({tmp_path}): OSError: [Errno 27] File too large\n"
+  assert (tmp_path / "learning_curves.png").is_file()
+
+
 def test_a_data_error_mid_run_saves_the_trained_steps_first(tiny_vit_npz, tmp_path, monkeypatch, capsys):
   # The training folder vanished after step 3 (no example reads): the three trained steps
   # are saved before the error ends the run, and a rerun resumes from them.

@@ -1520,7 +1520,8 @@ def _run_loop(run: _Run, ckpt: Checkpointer, params, batch_stats, make_tx, opts:
       if stopped_early:
         break
       hit("after", step)
-      if sigterm.agreed(sync=step % t.log_every == 0):
+      # The last step is saved and evaluated: what is left (the results, the plots) finishes.
+      if step < total and sigterm.agreed(sync=step % t.log_every == 0):
         if last_saved != step:
           save(step)
         ckpt.wait()

@@ -246,6 +246,23 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tiny_vit_npz, tmp_path)
   assert checkpoint.committed_steps(wd / "checkpoints") == []
 
 
+@pytest.mark.slow  # a whole run with an evaluation: 12 s or more on 2 slow cores; CI runs it (-m slow)
+def test_sigterm_after_the_last_step_lets_the_run_finish(tiny_vit_npz, tmp_path, monkeypatch, capsys):
+  # The last step is saved and evaluated when SIGTERM comes: the run prints its results and
+  # returns (it exited 75, and a rerun evaluated again).
+  def hook(*specs):
+    def hit(moment, step):
+      if (moment, step) == ("after", 4):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return hit
+
+  monkeypatch.setattr(train, "fault_hook", hook)
+  cfg = tiny_config(tiny_vit_npz, **{"train.total_steps": 4, "train.eval_every": 0, "train.checkpoint_every": 0})
+  summaries = train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+  assert summaries["test"]["n"] == 360 and "final test: top1" in capsys.readouterr().out
+  assert checkpoint.committed_steps(tmp_path / "wd" / "checkpoints") == [4]
+
+
 def test_ctrl_c_saves_exits_130_and_a_second_one_quits(tiny_vit_npz, tmp_path, monkeypatch):
   # A first Ctrl-C saves at the end of the step and exits 130; the handler is then the
   # default again (a second Ctrl-C quits at once), and restored when the run returns.

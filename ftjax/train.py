@@ -436,14 +436,19 @@ def _check_workdir(workdir: str) -> Path:
 
 
 def _make_workdir(wd: Path) -> None:
-  try:
-    wd.mkdir(parents=True, exist_ok=True)
-    probe = wd / f".write_test_{os.getpid()}"
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    raise ConfigError("workdir is not writable", where=str(wd), value=e.strerror,
-                      hint="choose another --workdir") from None
+  """Makes the workdir and checks that it, and a checkpoints/ directory already in it, take
+  files: before training, not at the first save, when the steps trained would be lost."""
+  for d in (wd, wd / "checkpoints"):
+    if d != wd and not d.is_dir():
+      continue
+    try:
+      d.mkdir(parents=True, exist_ok=True)
+      probe = d / f".write_test_{os.getpid()}"
+      probe.write_text("")
+      probe.unlink()
+    except OSError as e:
+      raise ConfigError("workdir is not writable", where=str(d), value=e.strerror,
+                        hint="choose another --workdir") from None
 
 
 def _read_stored_config(path: Path) -> dict:

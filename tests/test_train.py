@@ -171,6 +171,26 @@ def test_sigterm_saves_exits_75_and_resume_recomputes_nothing(tiny_vit_npz, tmp_
   assert logged == list(range(1, saved[-1] + 3))
 
 
+def test_an_unwritable_checkpoint_directory_is_refused_before_training(tmp_path, monkeypatch):
+  # Found at the first save, it cost every step trained until then. (Root writes anywhere:
+  # the refusal is simulated.)
+  from ftjax.errors import ConfigError
+  (tmp_path / "wd" / "checkpoints").mkdir(parents=True)
+  write_text = Path.write_text
+
+  def refuse(self, *args, **kwargs):
+    if self.parent.name == "checkpoints":
+      raise PermissionError(13, "Permission denied")
+    return write_text(self, *args, **kwargs)
+
+  monkeypatch.setattr(Path, "write_text", refuse)
+  with pytest.raises(ConfigError, match=r"^ftjax: error: workdir is not writable \(.*/wd/checkpoints\): "
+                                        r"Permission denied; choose another --workdir$"):
+    train._make_workdir(tmp_path / "wd")
+  train._make_workdir(tmp_path / "other")  # a new workdir has no checkpoints/ to probe yet
+  assert sorted(p.name for p in (tmp_path / "other").iterdir()) == []
+
+
 def test_a_plot_that_fails_is_a_warning_after_the_results(tmp_path, monkeypatch, capsys):
   # A full disk, or a class name matplotlib cannot draw (a non-UTF-8 folder name), while
   # drawing the plots: the results are printed first and the run ends normally.

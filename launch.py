@@ -164,6 +164,8 @@ def run():
   """``main`` under absl, with a Ctrl-C or SIGTERM outside the training loop (or a second
   Ctrl-C in it) as one line and the signal's exit code (cli.catch_signals_early)."""
   cli.catch_signals_early()
+  if not os.environ.get("FTJAX_TRACEBACK"):
+    cli.drop_closed_event_loop_noise()
   try:
     app.run(main, flags_parser=_parse)
   except (KeyboardInterrupt, cli.Terminated) as e:

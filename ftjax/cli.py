@@ -318,3 +318,20 @@ def catch_signals_early() -> None:
 
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, handle)
+
+
+def drop_closed_event_loop_noise() -> None:
+  """Drops "Event loop is closed" from the unraisable-exception hook, passes on the rest.
+
+  A checkpoint write that fails in orbax (a full disk) leaves tensorstore calling back
+  into its closed event loop: hundreds of tracebacks on stderr above the run's one-line
+  error, which says what happened (``FTJAX_TRACEBACK=1`` shows them).
+  """
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    default(unraisable)
+
+  sys.unraisablehook = hook

@@ -274,3 +274,24 @@ def test_the_tools_bad_command_line_is_one_line(tool, argv, message, capsys):
   err = capsys.readouterr().err
   assert err.startswith(f"ftjax: error: bad command line (python -m ftjax.{tool}): {message}")
   assert err.endswith("; see --help\n") and err.count("\n") == 1
+
+
+def test_closed_event_loop_noise_is_dropped_and_other_unraisables_pass(monkeypatch, capsys):
+  # A checkpoint write failing on a full disk: orbax's tensorstore callbacks into its closed
+  # event loop printed some 200 tracebacks above the run's one-line error.
+  from ftjax import cli
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  cli.drop_closed_event_loop_noise()
+
+  class Raises:
+    def __init__(self, message):
+      self.message = message
+
+    def __del__(self):
+      raise RuntimeError(self.message)
+
+  Raises("Event loop is closed")
+  assert capsys.readouterr().err == ""
+  Raises("something else")
+  err = capsys.readouterr().err
+  assert "RuntimeError: something else" in err and "Event loop" not in err

@@ -465,11 +465,13 @@ PEAK_FLOPS: dict[str, float] = {
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
     "H100": 989e12,  # "NVIDIA H100 80GB HBM3" (SXM)
+    "H200 NVL": 835e12,  # before "H200": the first name found in the kind wins
     "H200": 989e12,
     "A100": 312e12,
     "L40S": 362e12,
     "L40": 181e12,
     "L4": 121e12,
+    "TPU v4 lite": 138e12,  # v4i
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,  # v5e
     "TPU v5e": 197e12,
@@ -494,6 +496,9 @@ def device_peak_flops(device=None, dtype: str = "bfloat16") -> float | None:
   >>> import types
   >>> device_peak_flops(types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite"))
   197000000000000.0
+  >>> [device_peak_flops(types.SimpleNamespace(platform="gpu", device_kind=k)) / 1e12
+  ...  for k in ("NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe")]
+  [989.0, 835.0, 989.0, 756.0]
   >>> device_peak_flops(types.SimpleNamespace(platform="gpu", device_kind="NVIDIA A100-SXM4-80GB"), "float32")
   156000000000000.0
   """

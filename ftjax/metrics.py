@@ -436,6 +436,9 @@ def plot_confusion(matrix, class_names: Sequence[str] | None, path: str | os.Pat
     raise ConfigError("class names do not match the confusion matrix", where="plot_confusion",
                       value=f"{len(class_names)} names for {k} classes")
   names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+  # A folder name that is not UTF-8 reaches python with surrogate escapes, which matplotlib
+  # cannot draw: shown escaped.
+  names = [str(n).encode("utf-8", "backslashreplace").decode() for n in names]
   fraction = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
   side = min(4 + 0.4 * k, 20)
   fig = Figure(figsize=(side + 1.5, side), layout="constrained")

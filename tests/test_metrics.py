@@ -374,6 +374,9 @@ def test_plots_are_valid_png_files(tmp_path):
   matrix = [[5, 1, 0], [2, 7, 1], [0, 0, 9]]
   metrics.plot_confusion(matrix, ["cat", "dog", "eel"], tmp_path / "confusion.png")
   assert_png(tmp_path / "confusion.png", (400, 400))
+  # A folder named b"b\xff" (not UTF-8) reaches python as "b\udcff": drawn escaped (it crashed).
+  metrics.plot_confusion(matrix, ["cat", os.fsdecode(b"b\xff"), "eel"], tmp_path / "escaped.png")
+  assert_png(tmp_path / "escaped.png", (400, 400))
   metrics.plot_confusion(np.eye(60, dtype=int), None, tmp_path / "big.png")
   assert_png(tmp_path / "big.png", (1000, 1000))
   with pytest.raises(ConfigError, match="2 names for 3 classes"):

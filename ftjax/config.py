@@ -251,7 +251,7 @@ def validate(config) -> None:
   if config.model.num_classes is not None and config.model.num_classes <= 0:
     raise ConfigError("model.num_classes must be positive", where="model.num_classes",
                       value=config.model.num_classes)
-  if t.ema_decay < 0 or t.ema_decay >= 1:
+  if not 0 <= t.ema_decay < 1:  # this form refuses NaN too (NaN passed `if ema_decay:`)
     raise ConfigError("train.ema_decay must be in [0, 1)", where="train.ema_decay", value=t.ema_decay)
   if config.data.seed != 0:
     # data.seed is train_iterator's default for research code; a trainer's run would

@@ -240,3 +240,16 @@ def test_a_data_seed_the_trainer_would_ignore_is_refused():
   assert str(e.value) == ("ftjax: error: data.seed is not read by the trainer (data.seed): 7; the "
                           "top-level seed orders and augments the data: set --config.seed")
   assert e.value.exit_code == 2
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    # NaN passed `if ema_decay:` and crashed at compile time.
+    ("train.ema_decay", float("nan"), r"train.ema_decay must be in \[0, 1\) \(train.ema_decay\): nan$"),
+    ("train.ema_decay", 1.0, r"train.ema_decay must be in \[0, 1\) \(train.ema_decay\): 1.0$"),
+])
+def test_validate_refuses_out_of_range_values(key, value, expected):
+  c = config_lib.default_config()
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(ConfigError, match=expected):
+    config_lib.validate(c)

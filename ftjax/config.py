@@ -232,6 +232,9 @@ def validate(config) -> None:
   t = config.train
   if t.total_steps <= 0:
     raise ConfigError("train.total_steps must be positive", where="train.total_steps", value=t.total_steps)
+  if t.total_steps >= 2**31:  # the step counter is int32 on the device
+    raise ConfigError("train.total_steps is too large", where="train.total_steps", value=t.total_steps,
+                      hint=f"at most {2**31 - 1:,} (the step counter is int32)")
   for key in ("batch_size", "eval_batch_size"):
     if t[key] <= 0:
       raise ConfigError(f"train.{key} must be positive", where=f"train.{key}", value=t[key])

@@ -246,10 +246,13 @@ def test_a_data_seed_the_trainer_would_ignore_is_refused():
     # NaN passed `if ema_decay:` and crashed at compile time.
     ("train.ema_decay", float("nan"), r"train.ema_decay must be in \[0, 1\) \(train.ema_decay\): nan$"),
     ("train.ema_decay", 1.0, r"train.ema_decay must be in \[0, 1\) \(train.ema_decay\): 1.0$"),
+    # The int32 step counter overflowed with a traceback.
+    ("train.total_steps", 2**31, r"train.total_steps is too large \(train.total_steps\): 2147483648; "
+     r"at most 2,147,483,647 \(the step counter is int32\)$"),
 ])
 def test_validate_refuses_out_of_range_values(key, value, expected):
   c = config_lib.default_config()
-  section, name = key.split(".")
-  c[section][name] = value
+  *section, name = key.split(".")
+  (c[section[0]] if section else c)[name] = value
   with pytest.raises(ConfigError, match=expected):
     config_lib.validate(c)

@@ -125,6 +125,11 @@ IN_PROCESS = [
      "one of ['xla', 'cudnn', 'auto']", 2),
     ("label smoothing out of range", C(**{"train.label_smoothing": 1.5}),
      "ftjax: error: train.label_smoothing must be in [0, 1) (train.label_smoothing): 1.5", 2),
+    ("EMA decay NaN", C(**{"train.ema_decay": float("nan")}),
+     "ftjax: error: train.ema_decay must be in [0, 1) (train.ema_decay): nan", 2),
+    ("total steps beyond int32", C(**{"train.total_steps": 3_000_000_000}),
+     "ftjax: error: train.total_steps is too large (train.total_steps): 3000000000; at most "
+     "2,147,483,647 (the step counter is int32)", 2),
     ("hand-built config, misspelled key", lambda tmp, npz: (
         _hand_built(npz, lambda d: d["train"].__setitem__("batch_sizee", 8)), str(tmp / "wd")),
      "ftjax: error: unknown config key (train.batch_sizee); did you mean train.batch_size?", 2),

@@ -256,6 +256,9 @@ def validate(config) -> None:
                       value=config.model.num_classes)
   if not 0 <= t.ema_decay < 1:  # this form refuses NaN too (NaN passed `if ema_decay:`)
     raise ConfigError("train.ema_decay must be in [0, 1)", where="train.ema_decay", value=t.ema_decay)
+  if not 0 <= config.seed < 2**63:
+    # The loader refused a negative seed, but only after the workdir was written; jax takes an int64.
+    raise ConfigError("seed must be in [0, 2**63)", where="seed", value=config.seed)
   if config.data.seed != 0:
     # data.seed is train_iterator's default for research code; a trainer's run would
     # silently ignore it.

@@ -249,6 +249,9 @@ def test_a_data_seed_the_trainer_would_ignore_is_refused():
     # The int32 step counter overflowed with a traceback.
     ("train.total_steps", 2**31, r"train.total_steps is too large \(train.total_steps\): 2147483648; "
      r"at most 2,147,483,647 \(the step counter is int32\)$"),
+    # The loader refused a negative seed, after the workdir was written; jax's key overflowed on 2**63.
+    ("seed", -1, r"seed must be in \[0, 2\*\*63\) \(seed\): -1$"),
+    ("seed", 2**63, r"seed must be in \[0, 2\*\*63\) \(seed\): 9223372036854775808$"),
 ])
 def test_validate_refuses_out_of_range_values(key, value, expected):
   c = config_lib.default_config()

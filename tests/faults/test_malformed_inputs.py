@@ -130,6 +130,8 @@ IN_PROCESS = [
     ("total steps beyond int32", C(**{"train.total_steps": 3_000_000_000}),
      "ftjax: error: train.total_steps is too large (train.total_steps): 3000000000; at most "
      "2,147,483,647 (the step counter is int32)", 2),
+    ("negative seed", C(**{"seed": -1}),
+     "ftjax: error: seed must be in [0, 2**63) (seed): -1", 2),
     ("hand-built config, misspelled key", lambda tmp, npz: (
         _hand_built(npz, lambda d: d["train"].__setitem__("batch_sizee", 8)), str(tmp / "wd")),
      "ftjax: error: unknown config key (train.batch_sizee); did you mean train.batch_size?", 2),

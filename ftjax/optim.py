@@ -594,10 +594,20 @@ def _steps(cfg: dict, steps_key: str, epochs_key: str, steps_per_epoch, where: s
   """A length (or list of them) given in steps or in epochs, as steps."""
   epochs = cfg.get(epochs_key)
   if epochs is None or (isinstance(epochs, (list, tuple)) and not epochs):
-    return cfg[steps_key]
+    steps = cfg[steps_key]
+    for n in steps if isinstance(steps, (list, tuple)) else [steps]:
+      if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ConfigError(f"{steps_key} must be whole numbers of steps >= 0",
+                          where=f"{where}.{steps_key}", value=repr(steps))
+    return steps
   if cfg[steps_key]:
     raise ConfigError(f"give {steps_key} or {epochs_key}, not both", where=f"{where}.{epochs_key}",
                       value=repr(epochs))
+  # NaN and inf reached int(round(...)) below: a ValueError or OverflowError traceback.
+  for e in epochs if isinstance(epochs, (list, tuple)) else [epochs]:
+    if not _is_real(e) or not (e >= 0 and math.isfinite(e)):
+      raise ConfigError(f"{epochs_key} must be finite numbers of epochs >= 0",
+                        where=f"{where}.{epochs_key}", value=repr(epochs))
   if not steps_per_epoch:
     raise ConfigError("a length in epochs needs steps_per_epoch", where=f"{where}.{epochs_key}",
                       value=repr(epochs), hint="the trainer passes it; or give it in steps")
@@ -614,9 +624,6 @@ def _schedule(cfg: dict, *, peak: float, total_steps: int, steps_per_epoch=None,
     raise ConfigError("unknown learning-rate schedule", where=f"{where}.name", value=repr(name),
                       hint=_close(name, SCHEDULES))
   warmup = _steps(cfg, "warmup_steps", "warmup_epochs", steps_per_epoch, where)
-  if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
-    raise ConfigError("warm-up must be a non-negative number of steps", where=f"{where}.warmup_steps",
-                      value=repr(warmup))
   if warmup >= total_steps:
     raise ConfigError("warm-up as long as the run", where=f"{where}.warmup_steps", value=warmup,
                       hint=f"the run has {total_steps} steps")

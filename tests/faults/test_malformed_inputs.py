@@ -144,6 +144,9 @@ IN_PROCESS = [
      "ftjax.config.default_config()", 2),
     ("warm-up longer than the run", C(**{"optim.schedule.warmup_steps": 10}),
      'ftjax: error: warm-up as long as the run (optim.schedule.warmup_steps): 10; the run has 6 steps', 2),
+    ("warm-up of NaN epochs", C(**{"optim.schedule.warmup_epochs": float("nan")}),
+     "ftjax: error: warmup_epochs must be finite numbers of epochs >= 0 (optim.schedule.warmup_epochs): nan",
+     2),
     ("rule matching no parameter", C(**{"optim.param_groups": [("nomatch/.*", None), (".*", {})]}),
      "ftjax: error: param group matches no parameter (param group #0): 'nomatch/.*'; paths look like "
      "'Transformer/encoder_norm/bias'", 2),

@@ -283,9 +283,14 @@ def _groups(opts: dict) -> list[_Group | None]:
     # kwargs belong to the global optimizer (momentum means nothing to adamw).
     kwargs = {} if "name" in spec else dict(opts["kwargs"])
     kwargs.update(_mapping(spec.get("kwargs"), f"{where}.kwargs", "{'momentum': 0.9}"))
+    lr_mult = _nonnegative(spec.get("lr_mult", 1.0), f"{where}.lr_mult")
+    # Each is finite, the product need not be: the plan showed peak_lr inf.
+    if not math.isfinite(float(opts["lr"]) * lr_mult):
+      raise ConfigError("learning rate x lr_mult is not finite", where=f"{where}.lr_mult",
+                        value=f"{opts['lr']!r} x {lr_mult!r}", hint="lower lr_mult or optim.lr")
     groups.append(_Group(
         rule=rule[0],
-        lr_mult=_nonnegative(spec.get("lr_mult", 1.0), f"{where}.lr_mult"),
+        lr_mult=lr_mult,
         wd_mult=_nonnegative(spec.get("wd_mult", 1.0), f"{where}.wd_mult"),
         schedule=_merge(opts["schedule"], _mapping(spec.get("schedule"), f"{where}.schedule"),
                         f"{where}.schedule"),
@@ -357,7 +362,11 @@ def layer_decay_multipliers(params, family: str, decay: float):
   decay = _positive(decay, "optim.layer_decay", "layer_decay must be positive")
   depths = layer_depths(params, family)
   top = max(jax.tree.leaves(depths))
-  return jax.tree.map(lambda d: decay ** (top - d), depths)
+  try:
+    return jax.tree.map(lambda d: decay ** (top - d), depths)
+  except OverflowError:  # a layer_decay > 1 to a high power
+    raise ConfigError("layer_decay ** depth is not finite", where="optim.layer_decay", value=repr(decay),
+                      hint="0.65-0.9 is usual") from None
 
 
 def gradual_unfreezing(family: str, *, depth: int | None = None, every: int,
@@ -536,10 +545,14 @@ def _leaf_table(params, opts: dict, *, family: str | None = None,
     group = groups[gi]
     wd_rule = default_wd[path] if user_wd[path] is _UNSET else user_wd[path]
     wd_rule = _nonnegative(wd_rule, f"optim.wd_rules ({path})")
+    lr_mult = 0.0 if group is None else group.lr_mult * decay_of.get(path, 1.0)
+    if not math.isfinite(float(opts["lr"]) * lr_mult):  # a layer_decay > 1 to a high power
+      raise ConfigError("learning rate x lr_mult x layer decay is not finite", where="optim.layer_decay",
+                        value=f"{opts['layer_decay']!r} at {path}", hint="0.65-0.9 is usual")
     table[path] = _Leaf(
         group=None if group is None else gi,
         depth=depth_of.get(path),
-        lr_mult=0.0 if group is None else group.lr_mult * decay_of.get(path, 1.0),
+        lr_mult=lr_mult,
         wd=0.0 if group is None else float(opts["weight_decay"]) * group.wd_mult * wd_rule,
         phase=starts.index(step_of.get(path, 0)) if step_of.get(path, 0) else 0,
         size=_size(leaf))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -750,6 +751,10 @@ def test_schedules(schedule, expected):
     ({"param_groups": [(".*", {"lr_mult": float("inf")})]}, {},
      "must be a finite non-negative number (optim.param_groups #0.lr_mult): inf"),
     ({"layer_decay": float("inf")}, {"family": "vit"}, "layer_decay must be positive (optim.layer_decay): inf"),
+    # each finite, the product not: the plan showed peak_lr inf
+    ({"lr": 10.0, "param_groups": [("head/.*", {"lr_mult": 1e308}), (".*", None)]}, {},
+     "learning rate x lr_mult is not finite (optim.param_groups #0.lr_mult): 10.0 x 1e+308; "
+     "lower lr_mult or optim.lr"),
     ({"unfreeze": [(10, "body/.*")], "param_groups": [("body/.*", None), (".*", {})]}, {},
      "unfreeze rule matches a parameter its param group freezes for good"),
     ({"lrr": 0.1}, {}, "unknown optimizer key (optim.lrr): 0.1; did you mean lr?"),
@@ -773,6 +778,20 @@ def test_config_errors_are_one_line_config_errors(config, kwargs, fragment):
     optim.make_optimizer(small_tree(), config, total_steps=100, **kwargs)
   message = str(info.value)
   assert fragment in message and "\n" not in message and info.value.exit_code == 2, message
+
+
+@pytest.mark.parametrize("config,expected", [
+    # decay ** depth overflowed a float: an OverflowError traceback
+    ({"layer_decay": 1e300}, "layer_decay ** depth is not finite (optim.layer_decay): 1e+300; 0.65-0.9 is usual"),
+    # each finite, the product not: the plan showed peak_lr inf
+    ({"lr": 1e300, "layer_decay": 1e10}, "learning rate x lr_mult x layer decay is not finite "
+     "(optim.layer_decay): 10000000000.0 at Transformer/encoderblock_0/w; 0.65-0.9 is usual"),
+])
+def test_a_layer_decay_overflowing_the_rate_is_refused(config, expected):
+  params = {"cls": np.zeros((1, 1, 4), np.float32), "head": {"kernel": np.zeros((4, 2), np.float32)},
+            "Transformer": {"encoderblock_0": {"w": np.zeros(4, np.float32)}}}
+  with pytest.raises(ConfigError, match=re.escape(expected)):
+    optim.fine_tuning_plan(params, config, family="vit", total_steps=10)
 
 
 def test_numpy_scalars_are_numbers():

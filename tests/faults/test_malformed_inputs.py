@@ -150,6 +150,10 @@ IN_PROCESS = [
     ("rule matching no parameter", C(**{"optim.param_groups": [("nomatch/.*", None), (".*", {})]}),
      "ftjax: error: param group matches no parameter (param group #0): 'nomatch/.*'; paths look like "
      "'Transformer/encoder_norm/bias'", 2),
+    ("learning rate x lr_mult overflows",
+     C(**{"optim.lr": 10.0, "optim.param_groups": [("head/.*", {"lr_mult": 1e308}), (".*", None)]}),
+     "ftjax: error: learning rate x lr_mult is not finite (optim.param_groups #0.lr_mult): 10.0 x 1e+308; "
+     "lower lr_mult or optim.lr", 2),
     ("parameter no rule covers", C(**{"optim.param_groups": [("head/.*", {})]}),
      "ftjax: error: parameter covered by no param group (Transformer/encoder_norm/bias, "
      "Transformer/encoder_norm/scale, Transformer/encoderblock_0/LayerNorm_0/bias, "

@@ -329,6 +329,19 @@ def test_checkpoint_of_another_variant_fails_naming_the_key():
     E.convert_pth("lite0", {k: v for k, v in state.items() if k != "_fc.bias"})
 
 
+@pytest.mark.parametrize("arch,expected", [
+    # Out of range, either trained to NaN and exited 0.
+    ({"bn_momentum": 1.5}, "BatchNorm momentum must be in [0, 1) (bn_momentum): 1.5; flax's convention"),
+    ({"bn_momentum": float("nan")}, "BatchNorm momentum must be in [0, 1) (bn_momentum): nan"),
+    ({"bn_eps": -1.0},
+     "BatchNorm epsilon must be a finite positive number (bn_eps): -1.0; 1e-3 (TensorFlow)"),
+    ({"bn_eps": float("inf")}, "BatchNorm epsilon must be a finite positive number (bn_eps): inf"),
+])
+def test_batchnorm_options_out_of_range_are_refused(arch, expected):
+  with pytest.raises(ConfigError, match=re.escape(expected)):
+    E.create_model(arch, 3)
+
+
 def test_bad_options_and_sources_are_one_line_errors(monkeypatch):
   with pytest.raises(ConfigError, match="unknown EfficientNet-Lite variant.*'lite9'"):
     E.create_model({"variant": "lite9"}, 3)

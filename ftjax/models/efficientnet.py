@@ -386,6 +386,16 @@ def create_model(arch: Mapping[str, Any], num_classes: int, dtype: Any = None) -
   for key in ("dropout_rate", "droppath_rate"):
     if arch.get(key) is not None and not 0.0 <= float(arch[key]) < 1.0:
       raise ConfigError("rate must be in [0, 1)", where=key, value=arch[key])
+  # Either out of range trained to NaN and exited 0 (ResNet refuses such a momentum too).
+  m = arch.get("bn_momentum", 0.99)
+  if isinstance(m, bool) or not isinstance(m, (int, float, np.number)) or not 0 <= m < 1:
+    raise ConfigError("BatchNorm momentum must be in [0, 1)", where="bn_momentum", value=repr(m),
+                      hint="flax's convention: the old statistics' weight, 0.99 for TensorFlow's")
+  eps = arch.get("bn_eps", 1e-3)
+  if (isinstance(eps, bool) or not isinstance(eps, (int, float, np.number))
+      or not (eps > 0 and math.isfinite(eps))):
+    raise ConfigError("BatchNorm epsilon must be a finite positive number", where="bn_eps", value=repr(eps),
+                      hint="1e-3 (TensorFlow) or 1e-5 (PyTorch)")
   return EfficientNetLite(num_classes=num_classes, dtype=dtype, **arch)
 
 

@@ -580,6 +580,25 @@ def test_arrays_source_numbers_classes_over_every_split(tmp_path):
     fd.build(c, split="train")
 
 
+@pytest.mark.parametrize("arrays,expected", [
+    # zero-size images reached the loader's resize: a ZeroDivisionError
+    (dict(train_images=np.zeros((4, 0, 0), np.uint8)),
+     "images have zero height or width ({path}/train): (4, 0, 0); images must be [N, H, W] or "
+     "[N, H, W, C] with H, W >= 1"),
+    # a scalar did not iterate: a TypeError traceback
+    (dict(class_names=np.array("abc")),
+     "class_names must be a 1-D array, one name per class ({path}:class_names): shape (); "
+     "e.g. np.array(['cat', 'dog'])"),
+])
+def test_malformed_arrays_file_is_a_data_error(tmp_path, arrays, expected):
+  path = str(tmp_path / "a.npz")
+  np.savez(path, **{"train_images": np.zeros((4, 2, 2), np.uint8), "train_labels": np.array([0, 1, 0, 1]),
+                    **arrays})
+  with pytest.raises(DataError) as e:
+    fd.build(_config(source="arrays", path=path), split="train")
+  assert str(e.value) == "ftjax: error: " + expected.format(path=path)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_arrays_file_is_a_data_error(tmp_path, damage):
   path = tmp_path / "a.npz"

@@ -42,7 +42,11 @@ def _load_npz(path: str, split: str, num_classes: int | None) -> Dataset:
         raise DataError("arrays file lacks the split", where=path, value=repr(split),
                         hint=f"expected {split}_images and {split}_labels; it has {', '.join(sorted(keys))}")
       if "class_names" in keys:
-        names = [str(n) for n in f["class_names"]]
+        names = f["class_names"]
+        if names.ndim != 1:  # a scalar did not iterate: a TypeError traceback
+          raise DataError("class_names must be a 1-D array, one name per class", where=f"{path}:class_names",
+                          value=f"shape {names.shape}", hint="e.g. np.array(['cat', 'dog'])")
+        names = [str(n) for n in names]
       else:
         if num_classes is None:
           tops = [f[k].max() for k in sorted(keys) if k.endswith("_labels") and f[k].size

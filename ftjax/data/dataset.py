@@ -165,6 +165,9 @@ def from_arrays(images, labels, class_names: Sequence[str] | None = None, *,
   if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
     raise DataError("images must be [N, H, W] or [N, H, W, C] with C in 1, 3, 4", where=name,
                     value=images.shape)
+  if 0 in images.shape[1:3]:  # the loader's resize divided by it: a ZeroDivisionError
+    raise DataError("images have zero height or width", where=name, value=images.shape,
+                    hint="images must be [N, H, W] or [N, H, W, C] with H, W >= 1")
   if labels.shape != (len(images),):
     raise DataError("labels must be [N] for N images", where=name,
                     value=f"{labels.shape} labels for {len(images)} images")

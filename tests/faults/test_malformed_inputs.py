@@ -56,6 +56,15 @@ def _folder(tmp: Path, corrupt: bool) -> str:
   return str(root)
 
 
+def _arrays(tmp: Path, **arrays) -> str:
+  """An arrays .npz of two classes, with ``arrays`` over its members."""
+  path = tmp / "arrays.npz"
+  images, labels = np.zeros((4, 8, 8), np.uint8), np.array([0, 1, 0, 1])
+  np.savez(path, **{"train_images": images, "train_labels": labels, "test_images": images,
+                    "test_labels": labels, **arrays})
+  return str(path)
+
+
 def _stored_run(tmp: Path, stored: str) -> str:
   """A workdir holding a run: its config.json and a step (refused before the step is read)."""
   wd = tmp / "wd"
@@ -264,6 +273,14 @@ IN_PROCESS = [
      "ftjax: error: tfds dataset is not prepared ({tmp}/tfds/mnist/3.0.1): mnist; prepare it with: "
      "pip install 'ftjax[prepare]' && tfds build mnist --data_dir={tmp}/tfds "
      "--file_format=array_record", 3),
+    ("zero-size images", D(**{"data.source": lambda tmp: "arrays", "data.path": lambda tmp: _arrays(
+        tmp, train_images=np.zeros((4, 0, 0), np.uint8))}),
+     "ftjax: error: images have zero height or width ({tmp}/arrays.npz/train): (4, 0, 0); images must be "
+     "[N, H, W] or [N, H, W, C] with H, W >= 1", 3),
+    ("scalar class names", D(**{"data.source": lambda tmp: "arrays", "data.path": lambda tmp: _arrays(
+        tmp, class_names=np.array("abc"))}),
+     "ftjax: error: class_names must be a 1-D array, one name per class ({tmp}/arrays.npz:class_names): "
+     "shape (); e.g. np.array(['cat', 'dog'])", 3),
     ("too few examples for per_class", C(**{"data.per_class": 10_000}),
      "ftjax: error: too few examples for per_class (digits/train class '0'): 143 < 10000; lower "
      "config.data.per_class", 3),

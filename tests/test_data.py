@@ -599,6 +599,23 @@ def test_malformed_arrays_file_is_a_data_error(tmp_path, arrays, expected):
   assert str(e.value) == "ftjax: error: " + expected.format(path=path)
 
 
+@pytest.mark.parametrize("labels,names,expected", [
+    ([0, 0, 0], None, "1 class, '0'"),
+    ([0, 0, 0], np.array(["cat"]), "1 class, 'cat'"),
+])
+def test_one_class_is_not_a_classifiers_data(tmp_path, labels, names, expected):
+  # Trained on, one class went to loss 0 and exited 0.
+  path = str(tmp_path / "a.npz")
+  np.savez(path, train_images=np.zeros((3, 2, 2), np.uint8), train_labels=np.array(labels),
+           **({} if names is None else {"class_names": names}))
+  ds = fd.build(_config(source="arrays", path=path), split="train")
+  with pytest.raises(DataError) as e:
+    fd.check_classifiable(ds)
+  assert str(e.value) == (f"ftjax: error: a classifier needs at least 2 classes ({path}/train): {expected}; "
+                          "give the data a second class (a class folder, a label)")
+  fd.check_classifiable(fd.from_arrays(np.zeros((2, 2, 2), np.uint8), [0, 1]))  # two: fine
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_arrays_file_is_a_data_error(tmp_path, damage):
   path = tmp_path / "a.npz"

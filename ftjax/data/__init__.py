@@ -18,9 +18,9 @@ TensorFlow (``ftjax.data.tfds_source``). Preparing a tfds dataset needs TensorFl
 
 from ftjax.data.build import build
 from ftjax.data.config import default_config
-from ftjax.data.dataset import Dataset, empty_classes, from_arrays, take_per_class
+from ftjax.data.dataset import Dataset, check_classifiable, empty_classes, from_arrays, take_per_class
 from ftjax.data.loader import eval_iterator, train_iterator
 from ftjax.data.mix import mixup_cutmix
 
-__all__ = ["Dataset", "build", "default_config", "empty_classes", "eval_iterator", "from_arrays",
-           "mixup_cutmix", "take_per_class", "train_iterator"]
+__all__ = ["Dataset", "build", "check_classifiable", "default_config", "empty_classes", "eval_iterator",
+           "from_arrays", "mixup_cutmix", "take_per_class", "train_iterator"]

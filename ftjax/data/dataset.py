@@ -227,3 +227,21 @@ def check_num_classes(ds: Dataset, expected: int | None) -> None:
     raise DataError("class count disagrees with the config", where=ds.name,
                     value=f"data has {ds.num_classes}, config.data.num_classes is {expected}",
                     hint="fix num_classes or the data (class folders, dataset name)")
+
+
+def check_classifiable(ds: Dataset) -> None:
+  """DataError when ``ds`` has fewer than 2 classes: a classifier has nothing to tell apart.
+
+  A one-class set reads fine (for features or prediction); trained on, it went to loss 0 and
+  exited 0, having learnt nothing.
+
+  >>> check_classifiable(from_arrays(np.zeros((2, 2, 2), np.uint8), [0, 0], ["cat"]))
+  Traceback (most recent call last):
+  ...
+  ftjax.errors.DataError: ftjax: error: a classifier needs at least 2 classes (arrays): 1 class, 'cat'; \
+give the data a second class (a class folder, a label)
+  """
+  if ds.num_classes < 2:
+    raise DataError("a classifier needs at least 2 classes", where=ds.name,
+                    value=f"{ds.num_classes} class, " + ", ".join(map(repr, ds.class_names)),
+                    hint="give the data a second class (a class folder, a label)")

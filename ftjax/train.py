@@ -797,6 +797,7 @@ def _build(config, workdir: Path) -> tuple[_Run, dict]:
   warnings = []
   train_ds = data_lib.build(config.data, split=config.data.train_split)
   eval_sets = {s: data_lib.build(config.data, split=s) for s in config.data.eval_splits}
+  data_lib.check_classifiable(train_ds)  # one class trains to loss 0 and learns nothing
   num_classes = train_ds.num_classes
   if config.model.num_classes is not None and config.model.num_classes != num_classes:
     raise DataError("class count disagrees with the data", where="model.num_classes",

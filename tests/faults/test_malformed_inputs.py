@@ -281,6 +281,10 @@ IN_PROCESS = [
         tmp, class_names=np.array("abc"))}),
      "ftjax: error: class_names must be a 1-D array, one name per class ({tmp}/arrays.npz:class_names): "
      "shape (); e.g. np.array(['cat', 'dog'])", 3),
+    ("a single class", D(**{"data.source": lambda tmp: "arrays", "data.path": lambda tmp: _arrays(
+        tmp, train_labels=np.zeros(4, np.int64), test_labels=np.zeros(4, np.int64))}),
+     "ftjax: error: a classifier needs at least 2 classes ({tmp}/arrays.npz/train): 1 class, '0'; give the "
+     "data a second class (a class folder, a label)", 3),
     ("too few examples for per_class", C(**{"data.per_class": 10_000}),
      "ftjax: error: too few examples for per_class (digits/train class '0'): 143 < 10000; lower "
      "config.data.per_class", 3),

@@ -214,13 +214,37 @@ def test_per_group_optimizer_and_schedule():
   updates, state = tx.update(grads, state, params)
   # The head runs adam at a constant 0.1: first step -0.1 * g / (|g| + eps).
   ref = optax.adam(0.1, b1=0.5)
-  ref_u, _ = ref.update(params["head"], ref.init(params["head"]), params["head"])
   ref_u, _ = ref.update(grads["head"], ref.init(params["head"]), params["head"])
   np.testing.assert_array_equal(updates["head"]["kernel"], ref_u["kernel"])
   # The others run sgd with warm-up: step 0 has lr 0.
   assert not np.any(updates["body"]["kernel"])
   assert float_count(state.inner_states["g0"]) == 2 * (12 + 3)  # adam mu + nu, head only
   assert float_count(state.inner_states["g1"]) == 16 + 4 + 16 + 4  # sgd trace
+
+
+def _clip_config(**extra):
+  return dict({"name": "sgd", "kwargs": {}, "lr": 1.0, "schedule": {"name": "constant"},
+               "grad_clip_norm": 1.0}, **extra)
+
+
+def test_grad_clip_norm_scales_the_gradient_to_the_norm():
+  # |[3, 4]| = 5 > 1: SGD at lr 1 steps by -[3, 4] / 5.
+  params = {"w": np.zeros(2, np.float32)}
+  tx = optim.make_optimizer(params, _clip_config(), total_steps=10)
+  updates, _ = tx.update({"w": np.array([3.0, 4.0], np.float32)}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], [-0.6, -0.8], rtol=1e-6)
+
+
+def test_frozen_gradients_stay_out_of_the_clip_norm():
+  # A huge frozen gradient in the norm would shrink the trainable step to ~0.
+  params = {"head": {"w": np.zeros(2, np.float32)}, "body": {"w": np.zeros(2, np.float32)}}
+  grads = {"head": {"w": np.array([3.0, 4.0], np.float32)},
+           "body": {"w": np.full(2, 1e6, np.float32)}}
+  tx = optim.make_optimizer(params, _clip_config(param_groups=[("head/.*", {}), (".*", None)]),
+                            total_steps=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["head"]["w"], [-0.6, -0.8], rtol=1e-6)
+  np.testing.assert_array_equal(updates["body"]["w"], [0.0, 0.0])
 
 
 # ----------------------------------------------------------------------------- layer decay
@@ -671,6 +695,16 @@ def test_gradual_unfreezing_of_a_vit_by_two_blocks():
   assert "unfreezing at steps [10, 20, 30]" in str(plan)
 
 
+def test_gradual_unfreezing_default_depths_of_efficientnet_and_resnet():
+  # EfficientNet: stages 6..0 then the stem; ResNet: stages 4..1 then the stem.
+  eff = optim.gradual_unfreezing("efficientnet", every=10)
+  assert eff == [(10 * (j + 1), f"stage{6 - j}/.*") for j in range(7)] + [(80, "stem/.*")]
+  res = optim.gradual_unfreezing("resnet", every=10)
+  assert [step for step, _ in res] == [10, 20, 30, 40, 50]
+  assert [rx for _, rx in res[:4]] == ["stage4/.*", "stage3/.*", "stage2/.*", "stage1/.*"]
+  assert "stem/.*" in res[-1][1].split("|")
+
+
 # ----------------------------------------------------------------------------- schedules
 
 
@@ -689,6 +723,13 @@ def test_schedules(schedule, expected):
   fn = optim.make_schedule(config, total_steps=110, steps_per_epoch=5)
   for step, value in expected.items():
     np.testing.assert_allclose(float(fn(step)), value, rtol=1e-6, atol=1e-7, err_msg=str(step))
+
+
+def test_warmup_epochs_round_to_the_nearest_step():
+  # 0.26 epochs of 10 steps is 2.6 steps: 3 warm-up steps (truncating would give 2).
+  fn = optim.make_schedule({"lr": 1.0, "schedule": {"name": "constant", "warmup_epochs": 0.26}},
+                           total_steps=100, steps_per_epoch=10)
+  np.testing.assert_allclose([float(fn(t)) for t in (1, 2, 3)], [1 / 3, 2 / 3, 1.0], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- errors and plan
@@ -747,6 +788,11 @@ def test_schedules(schedule, expected):
     ({"unfreeze": [(10, "bdy/.*")]}, {}, "unfreeze rule matches no parameter"),
     # inf passed the checks, compiled, and ended in a NaN loss after the workdir was written
     ({"lr": float("inf")}, {}, "must be a finite non-negative number (optim.lr): inf"),
+    # True is an int to Python, not a learning rate
+    ({"lr": True}, {}, "must be a finite non-negative number (optim.lr): True"),
+    # a boundary at the last step never takes effect
+    ({"schedule": {"name": "step", "boundaries": [100]}}, {},
+     "step decay needs increasing boundaries inside the run"),
     ({"weight_decay": float("inf")}, {}, "must be a finite non-negative number (optim.weight_decay): inf"),
     ({"param_groups": [(".*", {"lr_mult": float("inf")})]}, {},
      "must be a finite non-negative number (optim.param_groups #0.lr_mult): inf"),

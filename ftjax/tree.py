@@ -53,6 +53,10 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 
   >>> unflatten({"a/b": 1, "a/c": 2, "d": 3})
   {'a': {'b': 1, 'c': 2}, 'd': 3}
+  >>> unflatten({"a": 1, "a/b": 2})
+  Traceback (most recent call last):
+  ...
+  ValueError: path 'a/b' goes through a leaf at 'a'
   """
   out: dict = {}
   for path, leaf in flat.items():
@@ -114,6 +118,8 @@ def rule_tree(tree, rules: Rules, *, what: str = "rule", default: Any = ...,
 
   >>> rule_tree({"a": 0, "b": 0}, [("a", 1)], default=0)
   {'a': 1, 'b': 0}
+  >>> rule_tree({"head": {"kernel": 0, "kernel_scale": 0}}, [("head/kernel", "t"), (".*", "f")])
+  {'head': {'kernel': 't', 'kernel_scale': 'f'}}
   >>> rule_tree({"a": 0}, [("a", 1), ("c", 2)])
   Traceback (most recent call last):
   ...
@@ -161,6 +167,8 @@ def select(tree, regex: str) -> list[str]:
   """Sorted paths of ``tree`` fully matching ``regex``.
 
   >>> select({"a": {"kernel": 0, "bias": 0}}, ".*/kernel")
+  ['a/kernel']
+  >>> select({"a": {"kernel": 0}, "ba": {"kernel": 0}}, "a/kernel")
   ['a/kernel']
   """
   rx = re.compile(regex)

@@ -302,6 +302,19 @@ def test_early_stopping_stops_where_the_history_says():
                         (4, {"loss": 2.5})]) == 4
 
 
+def test_early_stopping_nan_first_min_delta_in_min_mode_and_restart_at_an_eval_step():
+  # A NaN first evaluation is no best: a NaN best would make every later value "worse".
+  es = metrics.EarlyStopping("top1", "max", 2)
+  assert es.update(1, float("nan")) is False and es.update(2, 0.5) is False
+  assert (es.best, es.best_step, es.bad_evals) == (0.5, 2, 0)
+  # "min" mode needs a drop of more than min_delta: 0.95 is no improvement on 1.0.
+  es = metrics.EarlyStopping("loss", "min", 1, min_delta=0.1)
+  assert es.update(1, 1.0) is False and es.update(2, 0.95) is True
+  # A phase starting at an evaluation's step (200) resets patience at the next one (300).
+  es = metrics.EarlyStopping("top1", "max", 2, restarts=(200,))
+  assert [es.update(s, v) for s, v in [(100, 0.7), (200, 0.6), (300, 0.6)]] == [False, False, False]
+
+
 def test_early_stopping_resumes_to_the_same_step():
   history = [(s, v) for s, v in zip(range(10, 110, 10), [5, 4, 3, 3.5, 2.9, 3, 3, 2.95, 3, 1])]
   uninterrupted = stop_step(metrics.EarlyStopping("loss", "min", 3), history)

@@ -85,6 +85,39 @@ def test_targets_regex_selects_and_bad_targets_fail(base):
       lora.merge({**params, "lora": unflatten({**adapters, **damage})}, only_q)
 
 
+def test_init_bounds_keys_and_spec_checks():
+  # PEFT's init: a uniform in +-1/sqrt(in) (so its max nears the bound), b zeros; each
+  # adapter its own key.
+  params = {"block0": {"query": {"kernel": np.zeros((64, 16), np.float32)},
+                       "key": {"kernel": np.zeros((64, 16), np.float32)}}}
+  spec = lora.LoraSpec(8, targets=r"block0/.*/kernel")
+  assert spec.targets == (r"block0/.*/kernel",)  # a lone string is one regex, not its characters
+  adapters = flatten(lora.add_lora(params, spec, jax.random.key(0))["lora"])
+  q, k = (np.asarray(adapters[f"block0/{name}/kernel/a"]) for name in ("query", "key"))
+  for a in (q, k):
+    assert a.shape == (64, 8) and 0.9 / 8 < np.abs(a).max() <= 1 / 8
+  assert not np.array_equal(q, k)
+  assert all(not np.any(adapters[f"block0/{name}/kernel/b"]) for name in ("query", "key"))
+  with pytest.raises(ConfigError, match="LoRA alpha must be positive"):
+    lora.LoraSpec(2, alpha=0)
+  with pytest.raises(ConfigError, match="already hold LoRA adapters"):
+    lora.add_lora(lora.add_lora(params, spec, jax.random.key(0)), spec, jax.random.key(1))
+
+
+def test_merge_of_bfloat16_kernels_rounds_the_float32_sum_once():
+  # Scale 2: 1 + (2**-8 + 2**-17) rounds up to 1 + 2**-7 in bfloat16; rounding the update
+  # to bfloat16 first (2**-8) and then the sum (a tie, to even) would give 1.
+  w = np.array([[1.0, 2.0, -3.0], [0.5, 1.0, 4.0]], jnp.bfloat16)
+  a = np.array([[1.0], [0.5]], np.float32)
+  b = np.array([[2.0 ** -9 + 2.0 ** -18, 0.25, -1.0]], np.float32)
+  merged = lora.merge({"d": {"kernel": w}, "lora": {"d": {"kernel": {"a": a, "b": b}}}},
+                      lora.LoraSpec(1, alpha=2.0, targets=("d/kernel",)))["d"]["kernel"]
+  expected = (w.astype(np.float64) + 2.0 * a.astype(np.float64) @ b).astype(np.float32)
+  assert merged.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(merged), expected.astype(jnp.bfloat16))
+  assert float(merged[0, 0]) == 1.0 + 2.0 ** -7
+
+
 def test_starts_equal_to_the_base_model(base):
   model, params = base
   lm = lora.LoraModel(model, lora.LoraSpec(rank=4, alpha=8))

@@ -12,7 +12,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -488,6 +490,86 @@ def test_nan_skip_policy_leaves_state_bit_identical(tiny_vit_npz, tmp_path):
   with pytest.raises(Exception, match="too many consecutive"):
     train._check_numerics(s2, train.trainable_paths(mask), "skip", max_skips=1)
   assert train._check_numerics(s2, train.trainable_paths(mask), "skip", max_skips=5) == 1
+
+
+class _TinyNet(nn.Module):
+  """Flatten, (BatchNorm,) Dense 8, tanh, Dense: a train step that compiles in a moment."""
+  num_classes: int
+  batch_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = x.reshape(x.shape[0], -1)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train)(x)
+    return nn.Dense(self.num_classes, name="head")(jnp.tanh(nn.Dense(8)(x)))
+
+
+def _tiny_setup(num_classes, batch_norm=False):
+  """A _TinyNet's state under SGD at lr 0.1 (all trainable), and ``step(opts)``: a jitted train_step."""
+  from ftjax import optim
+  model = _TinyNet(num_classes, batch_norm)
+  variables = model.init(jax.random.key(0), np.zeros((1, 4, 4, 3), np.float32))
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  cfg = {"name": "sgd", "kwargs": {}, "lr": 0.1, "schedule": {"name": "constant"},
+         "weight_decay": 0.0}
+  tx = optim.make_optimizer(params, cfg, total_steps=10)
+  state = train.initial_state(params, stats, tx, 0, ema=False)
+  trainable = train.trainable_paths(optim.trainable_mask(params, cfg))
+  step = lambda opts: jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                                trainable=trainable, opts=opts))
+  return model, state, step
+
+
+def _batch(n, classes, seed=0, nan=False):
+  image = np.random.default_rng(seed).normal(size=(n, 4, 4, 3)).astype(np.float32)
+  return {"image": np.full_like(image, np.nan) if nan else image,
+          "label": (np.arange(n) % classes).astype(np.int32)}
+
+
+def test_accumulated_gradients_are_averaged_over_the_micro_batches():
+  # 4 micro-batches of 2 make the same SGD step as one batch of 8 (no dropout, no BatchNorm).
+  batch = _batch(8, 5)
+  _, state, step = _tiny_setup(5)
+  one, accum = step(train.StepOptions(num_classes=5)), step(train.StepOptions(num_classes=5, accum_steps=4))
+  want, mw = one(state, batch)
+  got, mg = accum(state, batch)
+  assert not np.allclose(flatten(want.params)["head/kernel"], flatten(state.params)["head/kernel"])
+  np.testing.assert_allclose(float(mg["loss"]), float(mw["loss"]), rtol=1e-6)
+  for path, x in flatten(want.params).items():
+    np.testing.assert_allclose(flatten(got.params)[path], x, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_label_smoothing_reaches_the_loss_and_consecutive_skips_reset():
+  import optax
+  model, state, step = _tiny_setup(5)
+  step = step(train.StepOptions(num_classes=5, label_smoothing=0.1))
+  good, bad = _batch(4, 5), _batch(4, 5, nan=True)
+  logits = model.apply({"params": state.params}, good["image"])
+  want = optax.softmax_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(good["label"], 5), 0.1))
+  s, m = step(state, good)
+  np.testing.assert_allclose(float(m["loss"]), float(want.mean()), rtol=1e-6)
+  # good, bad, good: the run of skips ends; then bad, bad: it is 2 long.
+  s, _ = step(s, bad)
+  assert (int(s.skipped), int(s.consecutive_skips)) == (1, 1)
+  s, _ = step(s, good)
+  assert (int(s.skipped), int(s.consecutive_skips)) == (1, 0)
+  s, _ = step(step(s, bad)[0], bad)
+  assert (int(s.skipped), int(s.consecutive_skips)) == (3, 2)
+
+
+def test_a_skipped_step_keeps_the_batchnorm_statistics():
+  # A NaN batch moves the running statistics to NaN: the skipped step must not keep them.
+  _, state, step = _tiny_setup(3, batch_norm=True)
+  step = step(train.StepOptions(num_classes=3, update_batch_stats=True))
+  before = {p: np.array(v) for p, v in flatten(state.batch_stats).items()}
+  s1, _ = step(state, _batch(4, 3))
+  s2, m2 = step(s1, _batch(4, 3, nan=True))
+  assert not bool(m2["finite"]) and int(s2.skipped) == 1
+  after_good = flatten(s1.batch_stats)
+  assert all(not np.array_equal(before[p], after_good[p]) for p in before)  # the good step moved them
+  for path, x in flatten(s2.batch_stats).items():
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(after_good[path]), err_msg=path)
 
 
 # The CLI's one-line errors (unknown keys, bad values, class counts, missing folders, unwritable

@@ -686,6 +686,21 @@ def test_epochs_are_permutations_and_hosts_split_the_global_batch():
     _train(ds, c, global_batch=10, process_count=3)
 
 
+def test_each_epoch_augments_an_example_afresh():
+  # Batch = the whole dataset: step e is epoch e. The augmentation seed holds the epoch, so
+  # example i gets another crop and flip in epoch 1 than in epoch 0.
+  n = 8
+  images = np.random.default_rng(0).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+  c = _config(augment__flip=True)  # random_resized_crop is on by default
+  batches = fd.train_iterator(fd.from_arrays(images, np.arange(n)), c, global_batch=n,
+                              image_size=8, mean=MEAN, std=STD, seed=0).batches
+  epoch = [batches(e) for e in range(2)]
+  order = [batches.examples(e) for e in range(2)]
+  assert [o[0].tolist() for o in order] == [[0] * n, [1] * n]
+  pixels = [{int(i): b["image"][k] for k, i in enumerate(o[1])} for b, o in zip(epoch, order)]
+  assert all(not np.array_equal(pixels[0][i], pixels[1][i]) for i in range(n))
+
+
 def test_device_prefetch_gives_the_same_batches():
   c = _config(source="digits", per_class=3)
   ds = fd.build(c, split="train")
@@ -758,6 +773,32 @@ def test_transforms():
   outs = {flip.apply(im.resize((40, 40)), np.random.default_rng(s)).tobytes() for s in range(8)}
   assert outs == {np.asarray(im.resize((40, 40))).tobytes(),
                   np.asarray(im.resize((40, 40)))[:, ::-1].tobytes()}
+
+
+def test_flip_probability_is_one_half():
+  # The flip is the only draw here: seeds 0..999 flip 500 +- 70 images (4.4 sigma).
+  im = Image.fromarray(np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3))
+  flip = transforms.Preprocess(image_size=4, crop_fraction=1.0, flip=True)
+  flipped = sum(not np.array_equal(flip.apply(im, np.random.default_rng(s)), np.asarray(im))
+                for s in range(1000))
+  assert 430 <= flipped <= 570, flipped
+
+
+def test_inception_aspect_ratio_is_log_uniform():
+  # Log-uniform in (3/4, 4/3): the median of log(w / h) is 0 (uniform ratios: log(25/24) = 0.041).
+  rng = np.random.default_rng(0)
+  boxes = [transforms.inception_box(rng, 1000, 1000, (0.25, 0.25), (3 / 4, 4 / 3)) for _ in range(4000)]
+  logs = [np.log((r - l) / (b - t)) for l, t, r, b in boxes]
+  assert abs(np.median(logs)) < 0.015 and max(map(abs, logs)) <= np.log(4 / 3) + 0.01
+
+
+@pytest.mark.parametrize("width, height, box", [(10, 100, (0.0, 43.0, 10.0, 56.0)),
+                                                (100, 10, (43.0, 0.0, 56.0, 10.0))])
+def test_inception_box_falls_back_to_the_centred_crop_torchvision_takes(width, height, box):
+  # No crop of the whole area fits a 1:10 image: torchvision's RandomResizedCrop then takes
+  # the full short side and round(short / 0.75 or * 4/3) = 13 of the long one, centred.
+  assert transforms.inception_box(np.random.default_rng(0), width, height, (1, 1),
+                                  (3 / 4, 4 / 3)) == box
 
 
 def test_randaugment_ops_scale_with_magnitude():

@@ -328,6 +328,14 @@ def copy_from_step_2(p: Path, item: str) -> None:
   shutil.copytree(p.parent / "2" / item, p / item)
 
 
+def link_to_a_moved_copy(p: Path) -> None:
+  """The largest data file moved out of the checkpoint, a symbolic link to it in its place."""
+  f = largest_data_file(p)
+  outside = p.parent.parent / "moved_out"
+  shutil.move(f, outside)
+  f.symlink_to(outside)
+
+
 DAMAGES = {  # name: (damage to step 3, the reason the warning must give)
     "truncated data file": (
         lambda p: truncate(largest_data_file(p), largest_data_file(p).stat().st_size // 2),
@@ -358,6 +366,12 @@ DAMAGES = {  # name: (damage to step 3, the reason the warning must give)
         lambda p: (edit_manifest(p, lambda m: m["body"]["extra"].update(data_position=0)),
                    redo_file_list(p)),
         r"manifest sha256 mismatch"),
+    "manifest of another format, resealed": (
+        lambda p: reseal_manifest(p, lambda b: b.update(format="ftjax-checkpoint/0")),
+        r"manifest format 'ftjax-checkpoint/0', expected 'ftjax-checkpoint/1'"),
+    # The same bytes, but a step is plain files: a link could point anywhere.
+    "data file linked from outside": (link_to_a_moved_copy,
+                                      r"symbolic link in checkpoint: state/.*/d/\w+"),
     "manifest of step 2, file list redone": (
         lambda p: (copy_from_step_2(p, "manifest"), redo_file_list(p)),
         r"manifest says step 2"),
@@ -480,6 +494,8 @@ def test_a_different_fingerprint_is_a_config_error(three_steps):
   # A key the checkpoint did not record (it joined the fingerprint later) is not compared.
   newer = Checkpointer(three_steps, fingerprint={"arch": "tiny", "data.split_seed": 3})
   assert newer.restore_latest(small_state(0))[0] == 3
+  with pytest.raises(ConfigError, match=r"config differs .*'tiny' in step 2, now 'base'"):
+    c.restore(2, small_state(0))  # a step asked for by number is checked too
 
 
 def test_a_template_of_another_model_is_refused(three_steps):
@@ -491,6 +507,11 @@ def test_a_template_of_another_model_is_refused(three_steps):
   assert str(err.value) == ("ftjax: error: checkpoint does not fit the state (params/w): "
                             "stored float32[8192], expected float32[10]; "
                             "was it written by another model or config?")
+  other = small_state(0)  # the right shape, another dtype: no silent cast
+  other["params"]["b"] = jnp.zeros(16, jnp.bfloat16)
+  with pytest.raises(CheckpointError, match=r"does not fit the state \(params/b\): "
+                                            r"stored float32\[16\], expected bfloat16\[16\]"):
+    c.restore_latest(other)
   other = small_state(0)
   other["params"]["extra"] = np.zeros(1, np.float32)
   del other["step"]

@@ -535,7 +535,7 @@ def test_accumulated_gradients_are_averaged_over_the_micro_batches():
   want, mw = one(state, batch)
   got, mg = accum(state, batch)
   assert not np.allclose(flatten(want.params)["head/kernel"], flatten(state.params)["head/kernel"])
-  np.testing.assert_allclose(float(mg["loss"]), float(mw["loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(mg["loss"]), float(mw["loss"]), rtol=1e-5)
   for path, x in flatten(want.params).items():
     np.testing.assert_allclose(flatten(got.params)[path], x, rtol=1e-5, atol=1e-6, err_msg=path)
 
@@ -548,7 +548,7 @@ def test_label_smoothing_reaches_the_loss_and_consecutive_skips_reset():
   logits = model.apply({"params": state.params}, good["image"])
   want = optax.softmax_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(good["label"], 5), 0.1))
   s, m = step(state, good)
-  np.testing.assert_allclose(float(m["loss"]), float(want.mean()), rtol=1e-6)
+  np.testing.assert_allclose(float(m["loss"]), float(want.mean()), rtol=1e-5)
   # good, bad, good: the run of skips ends; then bad, bad: it is 2 long.
   s, _ = step(s, bad)
   assert (int(s.skipped), int(s.consecutive_skips)) == (1, 1)

@@ -205,7 +205,8 @@ def _with_base(model, **changes):
   from ftjax import lora
 
   if isinstance(model, lora.LoraModel):
-    return lora.LoraModel(_with_base(model.model, **changes), model.spec)
+    base = _with_base(model.model, **changes)
+    return model if base is model.model else lora.LoraModel(base, model.spec)
   changes = {k: v for k, v in changes.items() if hasattr(model, k) and getattr(model, k) != v}
   return model.clone(**changes) if changes else model
 

@@ -885,11 +885,24 @@ def _label_schedule(plan: _LabelPlan, opts: dict, total_steps: int, steps_per_ep
   return base
 
 
-def _highest_lr(schedule, steps: int) -> float:
-  """The highest rate ``schedule`` takes over counts 0 .. steps - 1 (0 for no step)."""
+def _highest_lr(schedule, steps: int, every_step_up_to: int = 2**20) -> float:
+  """The highest rate ``schedule`` takes over counts 0 .. steps - 1 (0 for no step).
+
+  Every count of a run up to ``every_step_up_to`` steps; beyond, the first half of that
+  many counts and as many spread over the rest (a schedule's peak is a warm-up's end).
+
+  >>> _highest_lr(lambda t: jnp.minimum(t, 1000 - t) / 500, 1000)
+  1.0
+  >>> round(_highest_lr(lambda t: t / (2**31 - 2), 2**31 - 1), 6)  # the last count is sampled
+  1.0
+  """
   if steps <= 0:
     return 0.0
-  return float(jnp.max(jax.jit(jax.vmap(schedule))(jnp.arange(steps))))
+  counts = np.arange(steps)
+  if steps > every_step_up_to:
+    half = every_step_up_to // 2
+    counts = np.concatenate([np.arange(half), np.linspace(half, steps - 1, half).astype(np.int64)])
+  return float(jnp.max(jax.jit(jax.vmap(schedule))(jnp.asarray(counts, jnp.int32))))
 
 
 def _label_transform(plan: _LabelPlan, opts: dict, total_steps: int, steps_per_epoch):

@@ -383,6 +383,7 @@ def test_unsupported_exports_are_config_errors(tmp_path):
       export.export(variables, _meta("vit", VIT_ARCH, 32), out, "timm")
 
 
+@pytest.mark.slow  # 15 s or more on 2 slow cores (the default run neared 15 min); CI runs it (-m slow)
 def test_lora_run_is_merged_on_read_and_exports_the_adapted_function(tmp_path):
   """A run checkpoint holding LoRA adapters: read_run merges them (with the stored spec) and the
   transformers model computes what the unmerged LoRA model computes."""

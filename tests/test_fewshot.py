@@ -159,6 +159,7 @@ def test_evaluator_on_digits_equals_the_function_on_extracted_features(vit):
   assert got["fewshot_5shot"] > 0.2
 
 
+@pytest.mark.slow  # 15 s or more on 2 slow cores (the default run neared 15 min); CI runs it (-m slow)
 def test_cli_on_a_trained_run(tiny_vit_npz, tmp_path, capsys):
   import json
   import sys

@@ -329,6 +329,7 @@ def test_head_replacement_is_reported_and_zero(tiny_vit_npz):
   assert report.num_classes == 3 and report.class_names is None
 
 
+@pytest.mark.slow  # 15 s or more on 2 slow cores (the default run neared 15 min); CI runs it (-m slow)
 def test_ftjax_workdir_is_a_source(tiny_vit_npz, tmp_path):
   """A trained run's workdir loads back as a model with the run's head and preprocessing."""
   import sys

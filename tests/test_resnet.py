@@ -497,6 +497,7 @@ def test_timm_mean_and_std_follow_timms_pretrained_cfg_for_every_tag():
     np.testing.assert_allclose(std, cfg.std, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # 15 s or more on 2 slow cores (the default run neared 15 min); CI runs it (-m slow)
 def test_bn_momentum_reaches_every_batchnorm_and_is_checked():
   # model.bn_momentum (flax's convention) was refused for ResNets as an unknown arch key.
   model, _ = models.create("resnet", {"variant": "resnet18", "bn_momentum": 0.5}, num_classes=3, image_size=32)

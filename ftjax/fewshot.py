@@ -223,6 +223,7 @@ class FewshotEvaluator:
   def __init__(self, train_ds: data_lib.Dataset, test_ds: data_lib.Dataset, data_config, *,
                shots: Sequence[int] = SHOTS, l2_reg: float = L2_REG, seed: int = 0,
                batch_size: int = 64):
+    data_lib.check_classifiable(train_ds)  # one class: every probe is "right", 100% by definition
     if test_ds.num_classes != train_ds.num_classes:
       raise DataError("few-shot train and test sets differ in classes", where=test_ds.name,
                       value=f"{test_ds.num_classes} vs {train_ds.num_classes}")

@@ -107,6 +107,13 @@ def test_shots_must_be_positive_integers(tmp_path, capsys, shots):
         "k shots train the probe on k examples of every class\n")
 
 
+def test_a_one_class_pool_is_refused():
+  one = data_lib.from_arrays(np.zeros((6, 2, 2), np.uint8), [0] * 6, ["cat"])
+  with pytest.raises(DataError, match=r"^ftjax: error: a classifier needs at least 2 classes \(arrays\): "
+                                      r"1 class, 'cat'"):
+    fewshot.FewshotEvaluator(one, one, data_lib.default_config(), shots=(1,))
+
+
 @pytest.fixture(scope="module")
 def vit():
   model, _ = models.create("vit", {"variant": "test"}, num_classes=10, image_size=32)

@@ -910,6 +910,9 @@ def _plan(run: _Run, params) -> None:
   if (t.keep_best or t.early_stopping_patience) and lower_is_better == (t.best_mode == "max"):
     run.warnings.append(f"train.best_metric {t.best_metric} with best_mode {t.best_mode!r}: the "
                         f"{'highest' if t.best_mode == 'max' else 'lowest'} {key} counts as best")
+  if cfg.data.train_split in cfg.data.eval_splits:
+    run.warnings.append(f"data.eval_splits holds the training split {cfg.data.train_split!r}: its accuracy "
+                        "is not held out, and early stopping and the best checkpoint rank by it if first")
   if cfg.model.dtype == "float16":
     run.warnings.append("model.dtype float16 runs without loss scaling: gradients under about 6e-8 "
                         "flush to zero in the backward pass; bfloat16 (A100, H100, TPU) has float32's range")

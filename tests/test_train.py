@@ -390,6 +390,11 @@ def test_keep_best_keeps_the_best_evaluated_step(tiny_vit_npz, tmp_path, capsys,
   assert run.warnings == [
       "model.dtype float16 runs without loss scaling: gradients under about 6e-8 flush to zero in the "
       "backward pass; bfloat16 (A100, H100, TPU) has float32's range"]
+  run, _ = train.prepare(tiny_config(tiny_vit_npz, **{"data.eval_splits": ["test", "train"]}),
+                         str(tmp_path / "w5"))
+  assert run.warnings == [
+      "data.eval_splits holds the training split 'train': its accuracy is not held out, and early stopping "
+      "and the best checkpoint rank by it if first"]
   with pytest.raises(ConfigError, match=r"early stopping watches a split that is not evaluated "
                                         r"\(train.best_metric\): 'top1'"):
     train.prepare(tiny_config(tiny_vit_npz, **{"data.eval_splits": [],

@@ -1301,6 +1301,7 @@ def test_settings_that_cannot_work_fail_before_the_workdir(tiny_vit_npz, tmp_pat
   assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.slow  # three runs: 30 s on 2 slow cores; CI runs it (-m slow)
 def test_step_flops_count_the_models_work_once(tiny_vit_npz, tmp_path, capsys):
   # The micro-batches run in a scan (a while loop in the program): its body counts once per trip.
   # Rematerialised blocks compute their forward twice: model FLOPs (MFU) count it once.
